@@ -1,0 +1,196 @@
+"""``Timeline``: what happened (or would happen) in one pipeline step, one event per action.
+
+The simulator and the runtime both produce a Timeline, so predicted and measured runs are
+measured, drawn and compared by the same functions. Times are in whatever unit the producer
+used (cost units for the simulator unless given in seconds, seconds for the runtime); the
+``time_unit`` field says which.
+
+Bubble fractions, always labelled:
+- ``of_step``: idle share of the step, total idle / (ranks x makespan); (p-1)/(m+p-1) for
+  GPipe/1F1B with uniform costs.
+- ``vs_ideal``: idle time relative to ideal compute, total idle / total busy; (p-1)/m for
+  GPipe/1F1B with uniform costs (the lesson's and Megatron's figure). Always
+  vs_ideal = of_step / (1 - of_step).
+
+Activation memory is in stage-micro-batch units: one micro-batch's activations for one full
+stage (a chunk of a rank with v chunks is 1/v). A forward allocates its units when it starts; the
+backward that finishes with them (B, or W when the backward is split) frees them when it ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stagewise.schedules.ir import Op
+
+__all__ = ["Bubble", "Event", "RankStats", "Timeline"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One action's run: ``op`` of ``microbatch`` through ``stage`` on ``rank``, [start, end)."""
+
+    rank: int
+    stage: int
+    op: Op
+    microbatch: int
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}{self.op.value}{self.microbatch}"
+
+
+@dataclass(frozen=True)
+class Bubble:
+    """Bubble fraction both ways (see the module docstring)."""
+
+    of_step: float
+    vs_ideal: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.of_step:.2%} of the step idle; "
+            f"{self.vs_ideal:.2%} relative to ideal compute"
+        )
+
+
+@dataclass(frozen=True)
+class RankStats:
+    """Busy and idle time and peak live activations of one rank."""
+
+    rank: int
+    busy: float
+    idle: float
+    peak_activations: float
+    peak_activation_bytes: float | None
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The events of one step and the sizes needed to read them.
+
+    Attributes:
+        events: one per action, in any order.
+        num_ranks, num_stages, num_microbatches, num_chunks: the schedule's sizes.
+        schedule_name: which schedule ran.
+        source: ``"simulated"`` or ``"measured"``.
+        time_unit: ``"cost"`` (simulator cost units) or ``"s"``.
+        activation_bytes: bytes one micro-batch's activations take through each stage,
+            when known (per stage, len num_stages).
+        splits_backward: whether the W op frees activations (split backward).
+    """
+
+    events: tuple[Event, ...]
+    num_ranks: int
+    num_stages: int
+    num_microbatches: int
+    num_chunks: int
+    schedule_name: str
+    source: str = "simulated"
+    time_unit: str = "cost"
+    activation_bytes: tuple[float, ...] | None = None
+    _by_rank: tuple[tuple[Event, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_rank: list[list[Event]] = [[] for _ in range(self.num_ranks)]
+        for event in self.events:
+            by_rank[event.rank].append(event)
+        for row in by_rank:
+            row.sort(key=lambda e: (e.start, e.end))
+        object.__setattr__(self, "_by_rank", tuple(tuple(row) for row in by_rank))
+
+    # --- time ------------------------------------------------------------------------------
+
+    def rank_events(self, rank: int) -> tuple[Event, ...]:
+        """Events of ``rank`` sorted by start time."""
+        return self._by_rank[rank]
+
+    @property
+    def start(self) -> float:
+        return min((e.start for e in self.events), default=0.0)
+
+    @property
+    def makespan(self) -> float:
+        """Time from the first action's start to the last action's end."""
+        return max((e.end for e in self.events), default=0.0) - self.start
+
+    def busy(self, rank: int) -> float:
+        """Total compute time of ``rank``."""
+        return sum(e.duration for e in self._by_rank[rank])
+
+    def idle(self, rank: int) -> float:
+        """Time ``rank`` spends not computing within the step."""
+        return self.makespan - self.busy(rank)
+
+    def bubble(self) -> Bubble:
+        """The bubble fraction of the step, both ways."""
+        total = self.num_ranks * self.makespan
+        busy = sum(self.busy(r) for r in range(self.num_ranks))
+        idle = total - busy
+        return Bubble(
+            of_step=idle / total if total else 0.0,
+            vs_ideal=idle / busy if busy else 0.0,
+        )
+
+    # --- memory ----------------------------------------------------------------------------
+
+    def live_activations(self, rank: int, in_bytes: bool = False) -> list[tuple[float, float]]:
+        """Live activations of ``rank`` over time as (time, level) steps, starting at 0.
+
+        Levels are stage-micro-batch units, or bytes when ``in_bytes`` (needs
+        ``activation_bytes``).
+        """
+        if in_bytes and self.activation_bytes is None:
+            raise ValueError("this timeline has no activation sizes; pass activation_bytes")
+        splits = any(e.op is Op.W for e in self.events)
+        freeing = Op.W if splits else Op.B
+        changes: list[tuple[float, int, float]] = []
+        for e in self._by_rank[rank]:
+            size = self._size(e.stage, in_bytes)
+            if e.op is Op.F:
+                changes.append((e.start, 1, size))
+            elif e.op is freeing:
+                changes.append((e.end, 0, -size))
+        changes.sort()  # at equal times frees (0) come before allocations (1)
+        level, steps = 0.0, [(self.start, 0.0)]
+        for time, _, delta in changes:
+            level += delta
+            steps.append((time, level))
+        return steps
+
+    def _size(self, stage: int, in_bytes: bool) -> float:
+        if in_bytes:
+            assert self.activation_bytes is not None
+            return self.activation_bytes[stage]
+        return 1.0 / self.num_chunks
+
+    def peak_activations(self, rank: int, in_bytes: bool = False) -> float:
+        """Largest live activation level of ``rank`` during the step."""
+        return max(level for _, level in self.live_activations(rank, in_bytes))
+
+    def rank_stats(self) -> list[RankStats]:
+        """Busy, idle and peak activations of every rank."""
+        makespan = self.makespan
+        stats = []
+        for rank in range(self.num_ranks):
+            busy = self.busy(rank)
+            stats.append(
+                RankStats(
+                    rank=rank,
+                    busy=busy,
+                    idle=makespan - busy,
+                    peak_activations=self.peak_activations(rank),
+                    peak_activation_bytes=(
+                        self.peak_activations(rank, in_bytes=True)
+                        if self.activation_bytes is not None
+                        else None
+                    ),
+                )
+            )
+        return stats
