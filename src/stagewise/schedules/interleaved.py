@@ -87,7 +87,7 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, num_chunks: int = 2)
         num_microbatches=num_microbatches,
         num_chunks=num_chunks,
     )
-    from stagewise.schedules.validate import check, is_valid
+    from stagewise.schedules.validate import is_valid
 
     schedule = _build(num_ranks, num_microbatches, num_chunks)
     if not is_valid(schedule):
@@ -104,5 +104,4 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, num_chunks: int = 2)
             f"interleaved-1f1b cannot run m={num_microbatches} micro-batches on p={num_ranks} "
             f"ranks with v={num_chunks} chunks without deadlock: {hint}"
         )
-    check(schedule)
     return schedule

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 from stagewise.errors import ScheduleError
 
@@ -42,9 +43,12 @@ class Op(str, Enum):
 _ACTION_RE = re.compile(r"^\s*(\d+)\s*([FBIW])\s*(\d+)\s*$")
 
 
-@dataclass(frozen=True, order=True)
-class Action:
-    """One compute step: ``op`` on ``microbatch`` through ``stage``."""
+class Action(NamedTuple):
+    """One compute step: ``op`` on ``microbatch`` through ``stage``.
+
+    Immutable and ordered by (stage, op, microbatch); a named tuple because schedules for large
+    pipelines hold hundreds of thousands of actions.
+    """
 
     stage: int
     op: Op
@@ -99,6 +103,10 @@ class Schedule:
     placement: tuple[int, ...]
     actions: tuple[tuple[Action, ...], ...]
     _stages_of: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+    # Results derived once from the immutable rows (the validator's execution order).
+    _derived: dict[str, object] = field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1 or self.num_stages < 1 or self.num_microbatches < 1:

@@ -9,7 +9,7 @@ simulator, which computes times along the same order.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 
 from stagewise.errors import ScheduleError
 from stagewise.schedules.ir import Action, Op, Schedule
@@ -28,9 +28,11 @@ def check(schedule: Schedule) -> None:
     rows in order with blocking receives never deadlocks. Errors name the rank, the position,
     the action and what it waits for, followed by the schedule table.
     """
-    _check_placement(schedule)
+    if schedule._derived.get("checked"):
+        return
     _check_complete(schedule)
     execution_order(schedule)
+    schedule._derived["checked"] = True
 
 
 def is_valid(schedule: Schedule) -> bool:
@@ -46,73 +48,80 @@ def _fail(schedule: Schedule, message: str) -> ScheduleError:
     return ScheduleError(f"schedule {schedule.name!r}: {message}\n{schedule.table()}")
 
 
-def _check_placement(schedule: Schedule) -> None:
-    for rank, row in enumerate(schedule.actions):
-        for position, action in enumerate(row):
-            if not 0 <= action.stage < schedule.num_stages:
-                raise _fail(
-                    schedule,
-                    f"rank {rank}, position {position}: action {action} names stage "
-                    f"{action.stage}, outside 0..{schedule.num_stages - 1}",
-                )
-            if not 0 <= action.microbatch < schedule.num_microbatches:
-                raise _fail(
-                    schedule,
-                    f"rank {rank}, position {position}: action {action} names micro-batch "
-                    f"{action.microbatch}, outside 0..{schedule.num_microbatches - 1}",
-                )
-            owner = schedule.rank_of(action.stage)
-            if owner != rank:
-                raise _fail(
-                    schedule,
-                    f"rank {rank}, position {position}: action {action} belongs to stage "
-                    f"{action.stage}, which rank {owner} holds: move it to rank {owner}'s row",
-                )
+def _misplaced(schedule: Schedule, rank: int, position: int, action: Action) -> ScheduleError:
+    where = f"rank {rank}, position {position}: action {action}"
+    if not 0 <= action.stage < schedule.num_stages:
+        return _fail(
+            schedule,
+            f"{where} names stage {action.stage}, outside 0..{schedule.num_stages - 1}",
+        )
+    if not 0 <= action.microbatch < schedule.num_microbatches:
+        return _fail(
+            schedule,
+            f"{where} names micro-batch {action.microbatch}, outside "
+            f"0..{schedule.num_microbatches - 1}",
+        )
+    owner = schedule.rank_of(action.stage)
+    return _fail(
+        schedule,
+        f"{where} belongs to stage {action.stage}, which rank {owner} holds: move it to rank "
+        f"{owner}'s row",
+    )
 
 
 def _check_complete(schedule: Schedule) -> None:
-    counts = Counter(
-        (action.stage, action.microbatch, action.op)
-        for row in schedule.actions
-        for action in row
-    )
-    for (stage, microbatch, op), count in counts.items():
-        if count > 1:
-            raise _fail(
-                schedule,
-                f"action {stage}{op.value}{microbatch} appears {count} times on rank "
-                f"{schedule.rank_of(stage)}: each must appear exactly once",
-            )
-    for stage in range(schedule.num_stages):
-        rank = schedule.rank_of(stage)
-        for j in range(schedule.num_microbatches):
-            has = {op: counts[(stage, j, op)] for op in Op}
-            if not has[Op.F]:
+    """Every action in range and on its stage's rank; each (stage, micro-batch) complete."""
+    num_stages, m, placement = schedule.num_stages, schedule.num_microbatches, schedule.placement
+    seen: list[list[Op] | None] = [None] * (num_stages * m)
+    for rank, row in enumerate(schedule.actions):
+        for position, action in enumerate(row):
+            stage, j = action.stage, action.microbatch
+            if not (0 <= stage < num_stages and 0 <= j < m and placement[stage] == rank):
+                raise _misplaced(schedule, rank, position, action)
+            ops = seen[stage * m + j]
+            if ops is None:
+                seen[stage * m + j] = [action.op]
+            elif action.op in ops:
                 raise _fail(
                     schedule,
-                    f"stage {stage} micro-batch {j} has no forward: add {stage}F{j} to rank "
-                    f"{rank}'s row",
+                    f"rank {rank}, position {position}: action {action} appears more than "
+                    "once: each must appear exactly once",
                 )
-            split = has[Op.I] or has[Op.W]
-            if has[Op.B] and split:
-                raise _fail(
-                    schedule,
-                    f"stage {stage} micro-batch {j} has both a full backward {stage}B{j} and a "
-                    f"split one ({stage}I{j}/{stage}W{j}): keep one of the two",
-                )
-            if not has[Op.B] and not split:
-                raise _fail(
-                    schedule,
-                    f"stage {stage} micro-batch {j} has no backward: add {stage}B{j} (or "
-                    f"{stage}I{j} and {stage}W{j}) to rank {rank}'s row",
-                )
-            if split and not (has[Op.I] and has[Op.W]):
-                lacking = f"{stage}I{j}" if not has[Op.I] else f"{stage}W{j}"
-                raise _fail(
-                    schedule,
-                    f"stage {stage} micro-batch {j} splits its backward but lacks {lacking}: "
-                    f"add it to rank {rank}'s row",
-                )
+            else:
+                ops.append(action.op)
+    for index, ops in enumerate(seen):
+        if ops is not None and len(ops) == 2 and Op.F in ops and Op.B in ops:
+            continue
+        stage, j = divmod(index, m)
+        _explain_incomplete(schedule, stage, j, schedule.rank_of(stage), set(ops or ()))
+
+
+def _explain_incomplete(schedule: Schedule, stage: int, j: int, rank: int, has: set[Op]) -> None:
+    if Op.F not in has:
+        raise _fail(
+            schedule,
+            f"stage {stage} micro-batch {j} has no forward: add {stage}F{j} to rank {rank}'s row",
+        )
+    split = Op.I in has or Op.W in has
+    if Op.B in has and split:
+        raise _fail(
+            schedule,
+            f"stage {stage} micro-batch {j} has both a full backward {stage}B{j} and a split "
+            f"one ({stage}I{j}/{stage}W{j}): keep one of the two",
+        )
+    if not split and Op.B not in has:
+        raise _fail(
+            schedule,
+            f"stage {stage} micro-batch {j} has no backward: add {stage}B{j} (or {stage}I{j} "
+            f"and {stage}W{j}) to rank {rank}'s row",
+        )
+    if split and not (Op.I in has and Op.W in has):
+        lacking = f"{stage}I{j}" if Op.I not in has else f"{stage}W{j}"
+        raise _fail(
+            schedule,
+            f"stage {stage} micro-batch {j} splits its backward but lacks {lacking}: add it to "
+            f"rank {rank}'s row",
+        )
 
 
 def _needs(action: Action, num_stages: int) -> tuple[tuple[int, int], ...]:
@@ -127,57 +136,71 @@ def _needs(action: Action, num_stages: int) -> tuple[tuple[int, int], ...]:
     return ((_FWD, stage),)
 
 
-def _gives(op: Op) -> tuple[int, ...]:
-    if op is Op.F:
-        return (_FWD,)
-    if op is Op.B:
-        return (_GRAD, _WGT)
-    if op is Op.I:
-        return (_GRAD,)
-    return (_WGT,)
-
-
 def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     """One order in which the ranks can run their rows, as (rank, action) pairs.
 
     Every action appears after everything it depends on and after the actions before it on its
-    own rank, so the list is a valid sequential execution of the whole pipeline.
+    own rank, so the list is a valid sequential execution of the whole pipeline. The result is
+    computed once per schedule and reused.
 
     Raises:
         ScheduleError: the rows deadlock; names each stuck rank, its position, its action and
             the action it waits for.
     """
+    cached = schedule._derived.get("execution_order")
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    # Completion flags live in one flat array: index kind * S * m + stage * m + microbatch.
     num_stages, m = schedule.num_stages, schedule.num_microbatches
-    done: set[tuple[int, int, int]] = set()
-    waiting: dict[tuple[int, int, int], list[int]] = {}
+    block = num_stages * m
+    grad_base, weight_base = block, 2 * block
+    last = num_stages - 1
+    done = bytearray(3 * block)
+    waiting: dict[int, list[int]] = {}
     position = [0] * schedule.num_ranks
     ready = deque(range(schedule.num_ranks))
     order: list[tuple[int, Action]] = []
+    append = order.append
+    op_f, op_b = Op.F, Op.B
     while ready:
         rank = ready.popleft()
         row = schedule.actions[rank]
-        while position[rank] < len(row):
-            action = row[position[rank]]
-            j = action.microbatch
-            missing = next(
-                ((kind, s, j) for kind, s in _needs(action, num_stages) if (kind, s, j) not in done),
-                None,
-            )
-            if missing is not None:
+        k = position[rank]
+        while k < len(row):
+            action = row[k]
+            op, here = action.op, action.stage * m + action.microbatch
+            if op is op_f:
+                missing = here - m if action.stage and not done[here - m] else -1
+                gives: tuple[int, ...] = (here,)
+            elif op is Op.W:
+                missing = grad_base + here if not done[grad_base + here] else -1
+                gives = (weight_base + here,)
+            else:
+                if not done[here]:
+                    missing = here
+                elif action.stage < last and not done[grad_base + here + m]:
+                    missing = grad_base + here + m
+                else:
+                    missing = -1
+                gives = (grad_base + here, weight_base + here) if op is op_b else (grad_base + here,)
+            if missing >= 0:
                 waiting.setdefault(missing, []).append(rank)
                 break
-            for kind in _gives(action.op):
-                key = (kind, action.stage, j)
-                done.add(key)
-                ready.extend(waiting.pop(key, ()))
-            order.append((rank, action))
-            position[rank] += 1
+            for key in gives:
+                done[key] = 1
+                woken = waiting.pop(key, None)
+                if woken:
+                    ready.extend(woken)
+            append((rank, action))
+            k += 1
+        position[rank] = k
     if len(order) != schedule.num_actions:
-        raise _deadlock(schedule, position, m)
+        raise _deadlock(schedule, position)
+    schedule._derived["execution_order"] = order
     return order
 
 
-def _deadlock(schedule: Schedule, position: list[int], m: int) -> ScheduleError:
+def _deadlock(schedule: Schedule, position: list[int]) -> ScheduleError:
     where = {a: (r, k) for r, row in enumerate(schedule.actions) for k, a in enumerate(row)}
     names = {_FWD: "F", _GRAD: "B/I", _WGT: "W"}
     lines = []

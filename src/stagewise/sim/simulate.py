@@ -41,40 +41,48 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
             f"costs describe {costs.num_stages} stages but schedule {schedule.name!r} has "
             f"{schedule.num_stages}: give one cost per (virtual) stage"
         )
-    last = schedule.num_stages - 1
+    # Flat arrays indexed stage * m + microbatch: when each forward / input-grad finished.
+    m, last = schedule.num_microbatches, schedule.num_stages - 1
     placement = schedule.placement
     hop = [
         link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
         for s in range(schedule.num_stages)
     ]
-    forward_end: dict[tuple[int, int], float] = {}
-    grad_end: dict[tuple[int, int], float] = {}
+    durations = {op: [costs.duration(s, op) for s in range(costs.num_stages)] for op in Op}
+    forward_end = [0.0] * (schedule.num_stages * m)
+    grad_end = [0.0] * (schedule.num_stages * m)
     free_at = [0.0] * schedule.num_ranks
     events = []
+    op_f, op_w = Op.F, Op.W
     for rank, action in execution_order(schedule):
         stage, op, j = action.stage, action.op, action.microbatch
+        here = stage * m + j
         ready = free_at[rank]
-        if op is Op.F:
+        if op is op_f:
             if stage > 0:
-                t = forward_end[(stage - 1, j)]
+                t = forward_end[here - m]
                 if placement[stage - 1] != rank:
                     t += hop[stage - 1]
-                ready = max(ready, t)
-        elif op is Op.W:
-            ready = max(ready, grad_end[(stage, j)])
+                if t > ready:
+                    ready = t
+        elif op is op_w:
+            if grad_end[here] > ready:
+                ready = grad_end[here]
         else:
-            ready = max(ready, forward_end[(stage, j)])
+            if forward_end[here] > ready:
+                ready = forward_end[here]
             if stage < last:
-                t = grad_end[(stage + 1, j)]
+                t = grad_end[here + m]
                 if placement[stage + 1] != rank:
                     t += hop[stage]
-                ready = max(ready, t)
-        end = ready + costs.duration(stage, op)
+                if t > ready:
+                    ready = t
+        end = ready + durations[op][stage]
         free_at[rank] = end
-        if op is Op.F:
-            forward_end[(stage, j)] = end
-        elif op is not Op.W:
-            grad_end[(stage, j)] = end
+        if op is op_f:
+            forward_end[here] = end
+        elif op is not op_w:
+            grad_end[here] = end
         events.append(Event(rank, stage, op, j, ready, end))
     return Timeline(
         events=tuple(events),

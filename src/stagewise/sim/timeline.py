@@ -20,15 +20,18 @@ backward that finishes with them (B, or W when the backward is split) frees them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from stagewise.schedules.ir import Op
 
 __all__ = ["Bubble", "Event", "RankStats", "Timeline"]
 
 
-@dataclass(frozen=True)
-class Event:
-    """One action's run: ``op`` of ``microbatch`` through ``stage`` on ``rank``, [start, end)."""
+class Event(NamedTuple):
+    """One action's run: ``op`` of ``microbatch`` through ``stage`` on ``rank``, [start, end).
+
+    A named tuple: the simulator makes hundreds of thousands of them.
+    """
 
     rank: int
     stage: int
@@ -96,6 +99,9 @@ class Timeline:
     time_unit: str = "cost"
     activation_bytes: tuple[float, ...] | None = None
     _by_rank: tuple[tuple[Event, ...], ...] = field(init=False, repr=False, compare=False)
+    _busy: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _span: tuple[float, float] = field(init=False, repr=False, compare=False)
+    _splits: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_rank: list[list[Event]] = [[] for _ in range(self.num_ranks)]
@@ -103,7 +109,13 @@ class Timeline:
             by_rank[event.rank].append(event)
         for row in by_rank:
             row.sort(key=lambda e: (e.start, e.end))
+        busy = tuple(sum(e.end - e.start for e in row) for row in by_rank)
+        first = min((row[0].start for row in by_rank if row), default=0.0)
+        last = max((e.end for e in self.events), default=0.0)
         object.__setattr__(self, "_by_rank", tuple(tuple(row) for row in by_rank))
+        object.__setattr__(self, "_busy", busy)
+        object.__setattr__(self, "_span", (first, last))
+        object.__setattr__(self, "_splits", any(e.op is Op.W for e in self.events))
 
     # --- time ------------------------------------------------------------------------------
 
@@ -113,16 +125,17 @@ class Timeline:
 
     @property
     def start(self) -> float:
-        return min((e.start for e in self.events), default=0.0)
+        """Time the first action starts."""
+        return self._span[0]
 
     @property
     def makespan(self) -> float:
         """Time from the first action's start to the last action's end."""
-        return max((e.end for e in self.events), default=0.0) - self.start
+        return self._span[1] - self._span[0]
 
     def busy(self, rank: int) -> float:
         """Total compute time of ``rank``."""
-        return sum(e.duration for e in self._by_rank[rank])
+        return self._busy[rank]
 
     def idle(self, rank: int) -> float:
         """Time ``rank`` spends not computing within the step."""
@@ -131,7 +144,7 @@ class Timeline:
     def bubble(self) -> Bubble:
         """The bubble fraction of the step, both ways."""
         total = self.num_ranks * self.makespan
-        busy = sum(self.busy(r) for r in range(self.num_ranks))
+        busy = sum(self._busy)
         idle = total - busy
         return Bubble(
             of_step=idle / total if total else 0.0,
@@ -148,8 +161,7 @@ class Timeline:
         """
         if in_bytes and self.activation_bytes is None:
             raise ValueError("this timeline has no activation sizes; pass activation_bytes")
-        splits = any(e.op is Op.W for e in self.events)
-        freeing = Op.W if splits else Op.B
+        freeing = Op.W if self._splits else Op.B
         changes: list[tuple[float, int, float]] = []
         for e in self._by_rank[rank]:
             size = self._size(e.stage, in_bytes)

@@ -1,0 +1,5 @@
+"""The ``stagewise`` command line."""
+
+from stagewise.cli.main import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,279 @@
+"""The pipeline Gantt chart: ranks as rows, one box per action, idle time left empty.
+
+The figure from the GPipe and Megatron-LM papers: rank 0 at the top, time to the right,
+forward boxes light, backward boxes darker, input-grad (I) and weight-grad (W) in their own
+colours, the micro-batch number inside each box that is wide enough for it. With virtual
+stages (v chunks per rank) each chunk gets its own shade of the op's colour: chunk 0 full,
+later chunks paler. The title names the schedule, its sizes, and both bubble figures.
+
+All boxes are one PolyCollection, so big schedules (p=16, m=64, v=4) draw quickly; labels that
+would not fit their box are not drawn at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stagewise.schedules.ir import Op
+from stagewise.sim.timeline import Timeline
+from stagewise.viz._common import (
+    OP_COLOURS,
+    OP_NAMES,
+    chunk_numbers,
+    display_time,
+    image_path,
+    new_figure,
+    save_figure,
+    shade,
+    text_colour,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["compare_timelines", "plot_timeline"]
+
+DPI = 100.0
+BOX_HEIGHT = 0.8  # share of a rank's row a box fills
+LEFT, RIGHT, TOP = 0.85, 0.3, 0.75  # margins in inches
+AXIS_LABELS = 0.6  # inches under the axes for tick labels and the axis label
+LEGEND_ROW = 0.3  # inches per legend row
+PANEL_GAP = 0.35  # extra inches between stacked panels (compare_timelines)
+MIN_FONT, MAX_FONT = 5.0, 9.0  # points, box labels
+DIGIT_WIDTH = 0.64  # width of a digit in em (DejaVu Sans)
+
+
+@dataclass(frozen=True)
+class _Size:
+    """A panel's size in inches."""
+
+    width: float
+    height: float
+
+
+def plot_timeline(
+    timeline: Timeline, path: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Draw ``timeline`` as a pipeline Gantt chart and write it to ``path`` (PNG or SVG).
+
+    Args:
+        timeline: a simulated or measured Timeline.
+        path: output file; the suffix (``.png`` or ``.svg``) picks the format.
+        title: first title line; default names the schedule and its sizes. The second line
+            always gives both bubble figures and the makespan.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ConfigError: the suffix is not ``.png`` or ``.svg``.
+
+    Example:
+        >>> from stagewise.schedules import build
+        >>> from stagewise.sim import simulate
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "1f1b.png"
+        >>> plot_timeline(simulate(build("1f1b", num_ranks=2, num_microbatches=3)), out).exists()
+        True
+    """
+    out = image_path(path)
+    panel = _panel_size(timeline)
+    legend = _legend_entries(timeline)
+    bottom = AXIS_LABELS + LEGEND_ROW * _legend_rows(legend) + 0.15
+    figure = new_figure(LEFT + panel.width + RIGHT, TOP + panel.height + bottom, DPI)
+    axes = _add_axes(figure, LEFT, bottom, panel)
+    _draw(axes, timeline, panel, _span(timeline))
+    heading = title if title is not None else _default_title(timeline)
+    figure.suptitle(f"{heading}\n{_figures_line(timeline)}", y=1 - 0.08 / figure.get_figheight())
+    _add_legend(figure, legend)
+    return save_figure(figure, out)
+
+
+def compare_timelines(
+    predicted: Timeline, measured: Timeline, path: str | os.PathLike[str]
+) -> Path:
+    """Draw ``predicted`` over ``measured`` as two Gantt charts and write them to ``path``.
+
+    When both timelines use the same time unit they share one time axis, so a slower measured
+    step shows as a longer row. Each panel's title gives its own bubble figures.
+
+    Raises:
+        ConfigError: the suffix is not ``.png`` or ``.svg``.
+    """
+    out = image_path(path)
+    timelines = (predicted, measured)
+    sizes = [_panel_size(t) for t in timelines]
+    width = max(size.width for size in sizes)
+    legend = _legend_entries(predicted, measured)
+    bottom = AXIS_LABELS + LEGEND_ROW * _legend_rows(legend) + 0.15
+    heights = [size.height for size in sizes]
+    total = TOP + sum(heights) + (AXIS_LABELS + TOP) + bottom
+    figure = new_figure(LEFT + width + RIGHT, total, DPI)
+    shared = predicted.time_unit == measured.time_unit
+    span = max(_span(t) for t in timelines) if shared else None
+    lower = bottom
+    for timeline, height in zip(reversed(timelines), reversed(heights), strict=True):
+        panel = _Size(width, height)
+        axes = _add_axes(figure, LEFT, lower, panel)
+        _draw(axes, timeline, panel, span if span is not None else _span(timeline))
+        axes.set_title(
+            f"{timeline.source}: {_default_title(timeline)}\n{_figures_line(timeline)}",
+            fontsize=10,
+        )
+        lower += height + AXIS_LABELS + TOP
+    _add_legend(figure, legend)
+    return save_figure(figure, out)
+
+
+# --- layout ----------------------------------------------------------------------------------
+
+
+def _span(timeline: Timeline) -> float:
+    """Length of the time axis, in display units."""
+    factor, _ = display_time(timeline)
+    return timeline.makespan * factor or 1.0
+
+
+def _panel_size(timeline: Timeline) -> _Size:
+    """Axes size: about 22 px per shortest action across the step, clamped to 7..22 in wide."""
+    durations = sorted(e.duration for e in timeline.events if e.duration > 0)
+    shortest = durations[len(durations) // 10] if durations else 1.0
+    slots = timeline.makespan / shortest if timeline.makespan else 1.0
+    width = min(max(slots * 22 / DPI, 7.0), 22.0)
+    height = min(max(0.42 * timeline.num_ranks, 1.6), 12.0)
+    return _Size(width, height)
+
+
+def _add_axes(figure: Figure, left: float, bottom: float, panel: _Size) -> Axes:
+    width, height = figure.get_figwidth(), figure.get_figheight()
+    return figure.add_axes(
+        (left / width, bottom / height, panel.width / width, panel.height / height)
+    )
+
+
+def _default_title(timeline: Timeline) -> str:
+    sizes = f"{timeline.num_ranks} ranks, {timeline.num_microbatches} micro-batches"
+    if timeline.num_chunks > 1:
+        sizes += f", {timeline.num_chunks} chunks per rank"
+    return f"{timeline.schedule_name}: {sizes} ({timeline.source})"
+
+
+def _figures_line(timeline: Timeline) -> str:
+    bubble = timeline.bubble()
+    factor, label = display_time(timeline)
+    unit = label.removeprefix("time (").removesuffix(")")
+    return (
+        f"bubble {bubble.of_step:.1%} of step, {bubble.vs_ideal:.1%} vs ideal compute; "
+        f"makespan {timeline.makespan * factor:.4g} {unit}"
+    )
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def _draw(axes: Axes, timeline: Timeline, panel: _Size, span: float) -> None:
+    """Boxes, labels and axes of one Gantt panel ``panel`` inches big, ``span`` units wide."""
+    from matplotlib.collections import PolyCollection
+
+    factor, axis_label = display_time(timeline)
+    origin = timeline.start
+    chunks = chunk_numbers(timeline)
+    px_per_unit = panel.width * DPI / span
+    row_px = panel.height * DPI / max(timeline.num_ranks, 1) * BOX_HEIGHT
+    font = _label_font(timeline, factor, px_per_unit, row_px)
+    half = BOX_HEIGHT / 2
+    boxes, faces = [], []
+    thinnest = float("inf")
+    for event in timeline.events:
+        left = (event.start - origin) * factor
+        right = (event.end - origin) * factor
+        top, low = event.rank - half, event.rank + half
+        boxes.append(((left, top), (right, top), (right, low), (left, low)))
+        face = shade(OP_COLOURS[event.op], chunks[(event.rank, event.stage)], timeline.num_chunks)
+        faces.append(face)
+        width_px = (right - left) * px_per_unit
+        thinnest = min(thinnest, width_px)
+        text = str(event.microbatch)
+        if width_px >= _text_px(text, font) + 2:
+            axes.text(
+                (left + right) / 2, event.rank, text, ha="center", va="center",
+                fontsize=font, color=text_colour(face), gid=f"label-{event.label}",
+            )  # fmt: skip
+    edge = 0.6 if thinnest >= 4 else 0.0
+    collection = PolyCollection(boxes, facecolors=faces, edgecolors="#333333", linewidths=edge)
+    collection.set_gid("boxes")
+    axes.add_collection(collection)
+    _style_axes(axes, timeline, span, axis_label)
+
+
+def _label_font(timeline: Timeline, factor: float, px_per_unit: float, row_px: float) -> float:
+    """Label size in points: fits the row height and, if possible, most boxes' widths."""
+    by_height = row_px * 0.55 * 72 / DPI
+    durations = sorted(e.duration for e in timeline.events)
+    if not durations:
+        return MAX_FONT
+    typical_px = durations[len(durations) // 10] * factor * px_per_unit
+    digits = len(str(max(timeline.num_microbatches - 1, 0)))
+    by_width = (typical_px - 3) / (digits * DIGIT_WIDTH) * 72 / DPI
+    return max(MIN_FONT, min(MAX_FONT, by_height, by_width))
+
+
+def _text_px(text: str, font: float) -> float:
+    return len(text) * DIGIT_WIDTH * font * DPI / 72
+
+
+def _style_axes(axes: Axes, timeline: Timeline, span: float, axis_label: str) -> None:
+    ranks = range(timeline.num_ranks)
+    axes.set_xlim(0, span)
+    axes.set_ylim(timeline.num_ranks - 0.5, -0.5)  # rank 0 at the top
+    axes.set_yticks(list(ranks), [f"rank {r}" for r in ranks])
+    axes.tick_params(axis="y", length=0)
+    for boundary in range(1, timeline.num_ranks):
+        axes.axhline(boundary - 0.5, color="#dddddd", linewidth=0.6, zorder=0)
+    axes.set_xlabel(axis_label)
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+
+
+# --- legend ----------------------------------------------------------------------------------
+
+
+def _legend_entries(*timelines: Timeline) -> list[tuple[str, tuple[float, float, float]]]:
+    """(label, colour) per op present, one per chunk shade when there are few enough."""
+    ops = [op for op in Op if any(e.op is op for t in timelines for e in t.events)]
+    num_chunks = max(t.num_chunks for t in timelines)
+    per_chunk = 1 < num_chunks and len(ops) * num_chunks <= 12
+    entries = []
+    for op in ops:
+        for chunk in range(num_chunks if per_chunk else 1):
+            label = OP_NAMES[op] + (f", chunk {chunk}" if per_chunk else "")
+            entries.append((label, shade(OP_COLOURS[op], chunk, num_chunks)))
+    return entries
+
+
+def _legend_columns(entries: list[tuple[str, tuple[float, float, float]]]) -> int:
+    return max(1, min(len(entries), 4))
+
+
+def _legend_rows(entries: list[tuple[str, tuple[float, float, float]]]) -> int:
+    columns = _legend_columns(entries)
+    return -(-len(entries) // columns)
+
+
+def _add_legend(figure: Figure, entries: list[tuple[str, tuple[float, float, float]]]) -> None:
+    from matplotlib.patches import Patch
+
+    if not entries:
+        return
+    handles = [
+        Patch(facecolor=colour, edgecolor="#333333", linewidth=0.6, label=label)
+        for label, colour in entries
+    ]
+    figure.legend(
+        handles=handles, loc="lower center", ncol=_legend_columns(entries), frameon=False,
+        fontsize=9, bbox_to_anchor=(0.5, 0.1 / figure.get_figheight()),
+    )  # fmt: skip
