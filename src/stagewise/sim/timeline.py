@@ -161,13 +161,12 @@ class Timeline:
         """
         if in_bytes and self.activation_bytes is None:
             raise ValueError("this timeline has no activation sizes; pass activation_bytes")
-        freeing = Op.W if self._splits else Op.B
         changes: list[tuple[float, int, float]] = []
         for e in self._by_rank[rank]:
             size = self._size(e.stage, in_bytes)
             if e.op is Op.F:
                 changes.append((e.start, 1, size))
-            elif e.op is freeing:
+            elif e.op is Op.B or e.op is Op.W:  # B, or W when split: never both
                 changes.append((e.end, 0, -size))
         changes.sort()  # at equal times frees (0) come before allocations (1)
         level, steps = 0.0, [(self.start, 0.0)]
