@@ -23,6 +23,7 @@ __all__ = [
     "OP_NAMES",
     "SUPPORTED_SUFFIXES",
     "chunk_numbers",
+    "collapse_steps",
     "display_time",
     "image_path",
     "new_figure",
@@ -84,6 +85,21 @@ def chunk_numbers(timeline: Timeline) -> dict[tuple[int, int], int]:
         for rank, held in stages.items()
         for chunk, stage in enumerate(sorted(held))
     }
+
+
+def collapse_steps(steps: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(time, level) steps with one entry per time: the level after every change at that time.
+
+    A backward that frees at the instant a forward allocates is a momentary dip, not a level
+    anyone sees; pictures and counters show only where the level settles.
+    """
+    collapsed: list[tuple[float, float]] = []
+    for time, level in steps:
+        if collapsed and collapsed[-1][0] == time:
+            collapsed[-1] = (time, level)
+        else:
+            collapsed.append((time, level))
+    return collapsed
 
 
 def _rgb(colour: str) -> tuple[float, float, float]:

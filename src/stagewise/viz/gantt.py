@@ -182,48 +182,60 @@ def _draw(axes: Axes, timeline: Timeline, panel: _Size, span: float) -> None:
     factor, axis_label = display_time(timeline)
     origin = timeline.start
     chunks = chunk_numbers(timeline)
-    px_per_unit = panel.width * DPI / span
-    row_px = panel.height * DPI / max(timeline.num_ranks, 1) * BOX_HEIGHT
-    font = _label_font(timeline, factor, px_per_unit, row_px)
+    events = sorted(timeline.events, key=lambda e: (e.rank, e.start))
     half = BOX_HEIGHT / 2
     boxes, faces = [], []
-    thinnest = float("inf")
-    for event in timeline.events:
-        left = (event.start - origin) * factor
-        right = (event.end - origin) * factor
+    for event in events:
+        left, right = (event.start - origin) * factor, (event.end - origin) * factor
         top, low = event.rank - half, event.rank + half
         boxes.append(((left, top), (right, top), (right, low), (left, low)))
-        face = shade(OP_COLOURS[event.op], chunks[(event.rank, event.stage)], timeline.num_chunks)
-        faces.append(face)
-        width_px = (right - left) * px_per_unit
-        thinnest = min(thinnest, width_px)
-        text = str(event.microbatch)
-        if width_px >= _text_px(text, font) + 2:
-            axes.text(
-                (left + right) / 2, event.rank, text, ha="center", va="center",
-                fontsize=font, color=text_colour(face), gid=f"label-{event.label}",
-            )  # fmt: skip
-    edge = 0.6 if thinnest >= 4 else 0.0
+        faces.append(
+            shade(OP_COLOURS[event.op], chunks[(event.rank, event.stage)], timeline.num_chunks)
+        )
+    px_per_unit = panel.width * DPI / span
+    widths = [event.duration * factor * px_per_unit for event in events]
+    edge = 0.6 if min(widths, default=0.0) >= 4 else 0.0
     collection = PolyCollection(boxes, facecolors=faces, edgecolors="#333333", linewidths=edge)
     collection.set_gid("boxes")
     axes.add_collection(collection)
+    row_px = panel.height * DPI / max(timeline.num_ranks, 1) * BOX_HEIGHT
+    digits = len(str(max(timeline.num_microbatches - 1, 0)))
+    font = _label_font(widths, digits, row_px)
+    if font is not None:
+        need = _label_px(digits, font)
+        for event, box, face, width in zip(events, boxes, faces, widths, strict=True):
+            if width >= need:
+                axes.text(
+                    (box[0][0] + box[1][0]) / 2, event.rank, str(event.microbatch),
+                    ha="center", va="center", fontsize=font, color=text_colour(face),
+                    gid=f"label-{event.label}",
+                )  # fmt: skip
     _style_axes(axes, timeline, span, axis_label)
 
 
-def _label_font(timeline: Timeline, factor: float, px_per_unit: float, row_px: float) -> float:
-    """Label size in points: fits the row height and, if possible, most boxes' widths."""
+def _label_font(widths: list[float], digits: int, row_px: float) -> float | None:
+    """Label size in points: the largest that still labels every box the smallest size would.
+
+    Every box is judged by the widest micro-batch number (``digits`` digits), so boxes of one
+    width are all labelled or all left blank. None when no box can hold a label.
+    """
     by_height = row_px * 0.55 * 72 / DPI
-    durations = sorted(e.duration for e in timeline.events)
-    if not durations:
-        return MAX_FONT
-    typical_px = durations[len(durations) // 10] * factor * px_per_unit
-    digits = len(str(max(timeline.num_microbatches - 1, 0)))
-    by_width = (typical_px - 3) / (digits * DIGIT_WIDTH) * 72 / DPI
-    return max(MIN_FONT, min(MAX_FONT, by_height, by_width))
+    if by_height < MIN_FONT:
+        return None
+    most = sum(width >= _label_px(digits, MIN_FONT) for width in widths)
+    if most == 0:
+        return None
+    font = MIN_FONT
+    while font + 0.5 <= min(MAX_FONT, by_height):
+        if sum(width >= _label_px(digits, font + 0.5) for width in widths) < most:
+            break
+        font += 0.5
+    return font
 
 
-def _text_px(text: str, font: float) -> float:
-    return len(text) * DIGIT_WIDTH * font * DPI / 72
+def _label_px(digits: int, font: float) -> float:
+    """Width in pixels a label of ``digits`` digits at ``font`` points needs, padding included."""
+    return digits * DIGIT_WIDTH * font * DPI / 72 + 3
 
 
 def _style_axes(axes: Axes, timeline: Timeline, span: float, axis_label: str) -> None:
@@ -246,7 +258,7 @@ def _legend_entries(*timelines: Timeline) -> list[tuple[str, tuple[float, float,
     """(label, colour) per op present, one per chunk shade when there are few enough."""
     ops = [op for op in Op if any(e.op is op for t in timelines for e in t.events)]
     num_chunks = max(t.num_chunks for t in timelines)
-    per_chunk = 1 < num_chunks and len(ops) * num_chunks <= 12
+    per_chunk = num_chunks > 1 and len(ops) * num_chunks <= 12
     entries = []
     for op in ops:
         for chunk in range(num_chunks if per_chunk else 1):
