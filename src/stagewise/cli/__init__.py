@@ -1,5 +1,5 @@
-"""The ``stagewise`` command line."""
+"""The ``stagewise`` command line; ``cli(argv) -> int`` runs it in-process."""
 
-from stagewise.cli.main import cli, main
+from stagewise.cli.main import cli
 
-__all__ = ["cli", "main"]
+__all__ = ["cli"]

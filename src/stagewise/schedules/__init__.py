@@ -27,3 +27,6 @@ __all__ = [
     "parse_action",
     "register",
 ]
+
+# Registers looped-bfs, zb-h1, zb-h2, zb-v and dualpipev (issue 5).
+import stagewise.schedules._register_zb  # noqa: F401

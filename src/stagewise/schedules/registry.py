@@ -106,7 +106,9 @@ def build(
         )
     for label, value in (("p", num_ranks), ("m", num_microbatches), ("v", chunks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ScheduleError(f"{name}: {label} must be a positive integer, got {value!r}")
+            raise ScheduleError(
+                f"{name}: {label} must be a positive integer, got {value!r}: pass {label} >= 1"
+            )
     schedule = generator.make(num_ranks, num_microbatches, chunks)
     check(schedule)
     return schedule

@@ -86,7 +86,6 @@ class Timeline:
         time_unit: ``"cost"`` (simulator cost units) or ``"s"``.
         activation_bytes: bytes one micro-batch's activations take through each stage,
             when known (per stage, len num_stages).
-        splits_backward: whether the W op frees activations (split backward).
     """
 
     events: tuple[Event, ...]
@@ -101,7 +100,6 @@ class Timeline:
     _by_rank: tuple[tuple[Event, ...], ...] = field(init=False, repr=False, compare=False)
     _busy: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _span: tuple[float, float] = field(init=False, repr=False, compare=False)
-    _splits: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_rank: list[list[Event]] = [[] for _ in range(self.num_ranks)]
@@ -115,7 +113,6 @@ class Timeline:
         object.__setattr__(self, "_by_rank", tuple(tuple(row) for row in by_rank))
         object.__setattr__(self, "_busy", busy)
         object.__setattr__(self, "_span", (first, last))
-        object.__setattr__(self, "_splits", any(e.op is Op.W for e in self.events))
 
     # --- time ------------------------------------------------------------------------------
 

@@ -1,0 +1,76 @@
+"""``stagewise compare``: every registered schedule side by side for the same p, m, v, costs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from stagewise.cli._common import add_cost_options, costs_from_args, link_from_args, print_json
+from stagewise.cli._report import fmt_fraction, timeline_summary
+from stagewise.errors import ScheduleError
+from stagewise.schedules import build, get, names
+from stagewise.sim import simulate
+
+__all__ = ["add_parser", "compare", "run"]
+
+
+def add_parser(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "compare",
+        help="every registered schedule side by side",
+        description="Simulate every registered schedule for the same sizes and costs.",
+    )
+    parser.add_argument("-p", "--ranks", type=int, required=True, help="pipeline ranks p")
+    parser.add_argument("-m", "--microbatches", type=int, required=True, help="micro-batches m")
+    parser.add_argument("-v", "--chunks", type=int, default=2,
+                        help="chunks per rank for schedules that take any v (default 2)")
+    add_cost_options(parser)
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.set_defaults(run=run)
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One summary per registered schedule; schedules that cannot run these sizes say why."""
+    if args.ranks < 1 or args.microbatches < 1 or args.chunks < 1:
+        raise ScheduleError(
+            f"p, m and v must be positive integers, got p={args.ranks}, m={args.microbatches}, "
+            f"v={args.chunks}"
+        )
+    rows = []
+    for name in names():
+        generator = get(name)
+        chunks = generator.fixed_chunks or args.chunks
+        try:
+            schedule = build(name, num_ranks=args.ranks, num_microbatches=args.microbatches,
+                             num_chunks=chunks)
+        except ScheduleError as err:
+            rows.append({"schedule": name, "error": str(err).splitlines()[0]})
+            continue
+        timeline = simulate(schedule, costs_from_args(args, schedule), link_from_args(args))
+        rows.append(timeline_summary(schedule, timeline))
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = compare(args)
+    if args.json:
+        print_json(rows)
+        return 0
+    print(f"p={args.ranks} ranks, m={args.microbatches} micro-batches; costs per whole stage: "
+          f"forward {args.forward}, backward {args.backward}")
+    header = f"{'schedule':<18}{'v':>3}{'makespan':>10}{'of step':>9}{'vs ideal':>10}  peak act./rank"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if "error" in row:
+            print(f"{row['schedule']:<18}  cannot run: {row['error']}")
+            continue
+        peaks = " ".join(f"{r['peak_activations']:g}" for r in row["per_rank"])
+        print(
+            f"{row['schedule']:<18}{row['chunks']:>3}{row['makespan']:>10.4g}"
+            f"{fmt_fraction(row['bubble']['of_step']):>9}"
+            f"{fmt_fraction(row['bubble']['vs_ideal']):>10}  {peaks}"
+        )
+    print("of step: idle share of the step; vs ideal: idle time relative to ideal compute; "
+          "activations in stage-micro-batches")
+    return 0

@@ -1,0 +1,89 @@
+"""``stagewise simulate``: one schedule through the event simulator, as text, JSON or pictures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from stagewise.cli._common import (
+    add_cost_options,
+    add_schedule_options,
+    costs_from_args,
+    link_from_args,
+    print_json,
+    schedule_from_args,
+)
+from stagewise.cli._report import fmt_fraction, timeline_summary
+from stagewise.sim import simulate
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "simulate",
+        help="simulate one schedule: makespan, bubble, idle and activations per rank",
+        description="Simulate one step of a schedule with the given per-stage costs.",
+    )
+    add_schedule_options(parser)
+    add_cost_options(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--plot", metavar="OUT.png", help="write the timeline (PNG or SVG)")
+    parser.add_argument("--memory-plot", metavar="OUT.png",
+                        help="write live activations over time per rank (PNG or SVG)")
+    parser.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
+    parser.add_argument("--csv", metavar="OUT.csv", help="write the schedule as CSV")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    schedule = schedule_from_args(args)
+    timeline = simulate(schedule, costs_from_args(args, schedule), link_from_args(args))
+    summary = timeline_summary(schedule, timeline)
+    written = _write_outputs(args, schedule, timeline)
+    if args.json:
+        summary["files"] = written
+        print_json(summary)
+        return 0
+    print(
+        f"{schedule.name}: p={schedule.num_ranks} ranks, m={schedule.num_microbatches} "
+        f"micro-batches, v={schedule.num_chunks} chunk(s) per rank, "
+        f"{schedule.num_stages} stages"
+    )
+    print(f"makespan {timeline.makespan:g}")
+    print(
+        f"bubble: {fmt_fraction(summary['bubble']['of_step'])} of the step, "
+        f"{fmt_fraction(summary['bubble']['vs_ideal'])} relative to ideal compute"
+    )
+    print(f"{'rank':>4} {'busy':>10} {'idle':>10} {'peak act.':>10}")
+    for row in summary["per_rank"]:
+        extra = f"  ({row['peak_activation_bytes']:.4g} B)" if "peak_activation_bytes" in row else ""
+        print(
+            f"{row['rank']:>4} {row['busy']:>10.4g} {row['idle']:>10.4g} "
+            f"{row['peak_activations']:>10.4g}{extra}"
+        )
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, schedule: Any, timeline: Any) -> list[str]:
+    written = []
+    for target in (args.csv, args.plot, args.memory_plot, args.trace):
+        if target:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+    if args.csv:
+        schedule.save_csv(args.csv)
+        written.append(args.csv)
+    if args.plot or args.memory_plot or args.trace:
+        from stagewise import viz
+
+        if args.plot:
+            written.append(str(viz.plot_timeline(timeline, args.plot)))
+        if args.memory_plot:
+            in_bytes = timeline.activation_bytes is not None
+            written.append(str(viz.plot_memory(timeline, args.memory_plot, in_bytes=in_bytes)))
+        if args.trace:
+            written.append(str(viz.write_chrome_trace(timeline, args.trace)))
+    return written

@@ -1,0 +1,121 @@
+"""The event simulator and the Timeline measures, against timelines worked out by hand."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from stagewise.errors import ConfigError
+from stagewise.schedules import Op, Schedule, build, parse_action
+from stagewise.sim import Costs, Event, Link, Timeline, simulate
+
+
+def two_stage_costs(**extra: object) -> Costs:
+    # Stage 0: F=1, B=2; stage 1 (a heavy last stage, e.g. the LM head): F=2, B=4.
+    return Costs.per_stage(forward=[1, 2], backward=[2, 4], **extra)  # type: ignore[arg-type]
+
+
+def spans(timeline: Timeline) -> dict[str, tuple[float, float]]:
+    return {e.label: (e.start, e.end) for e in timeline.events}
+
+
+def test_lesson_example_one_f_one_b() -> None:
+    timeline = simulate(build("1f1b", num_ranks=4, num_microbatches=8))
+    # (m + p - 1) slots of forward 1 + backward 2.
+    assert timeline.makespan == pytest.approx(11 * 3)
+    bubble = timeline.bubble()
+    assert bubble.of_step == pytest.approx(3 / 11)
+    assert bubble.vs_ideal == pytest.approx(3 / 8)
+    assert [timeline.busy(r) for r in range(4)] == [24.0] * 4
+
+
+def test_interleaving_halves_the_ideal_relative_bubble() -> None:
+    plain = simulate(build("1f1b", num_ranks=4, num_microbatches=8)).bubble()
+    two = simulate(build("interleaved-1f1b", num_ranks=4, num_microbatches=8, num_chunks=2))
+    assert two.bubble().vs_ideal == pytest.approx(plain.vs_ideal / 2)
+    assert two.makespan == pytest.approx(8 * 3 + 3 * 3 / 2)
+
+
+def test_heavy_last_stage_by_hand() -> None:
+    schedule = build("1f1b", num_ranks=2, num_microbatches=2)
+    timeline = simulate(schedule, two_stage_costs())
+    assert spans(timeline) == {
+        "0F0": (0, 1), "0F1": (1, 2), "1F0": (1, 3), "1B0": (3, 7),
+        "1F1": (7, 9), "1B1": (9, 13), "0B0": (7, 9), "0B1": (13, 15),
+    }
+    assert timeline.makespan == 15
+    bubble = timeline.bubble()
+    assert bubble.of_step == pytest.approx(12 / 30)
+    assert bubble.vs_ideal == pytest.approx(12 / 18)
+
+
+def test_latency_and_bandwidth_delay_cross_rank_dependencies() -> None:
+    schedule = build("1f1b", num_ranks=2, num_microbatches=2)
+    timeline = simulate(schedule, two_stage_costs(), Link(latency=0.5))
+    assert spans(timeline)["1F0"] == (1.5, 3.5)
+    assert spans(timeline)["0B0"] == (8.0, 10.0)
+    assert timeline.makespan == 16.0
+    # 100 bytes at 100 bytes per unit add one unit per hop on top of the latency.
+    costs = two_stage_costs(send_bytes=[100, 100])
+    slow = simulate(schedule, costs, Link(latency=0.5, bandwidth=100))
+    assert spans(slow)["1F0"] == (2.5, 4.5)
+
+
+def test_same_rank_neighbours_pay_no_transfer() -> None:
+    # V placement: rank 0 holds stages 0 and 3, rank 1 holds 1 and 2; 1 -> 2 stays on rank 1.
+    schedule = Schedule(
+        name="v", num_ranks=2, num_stages=4, num_microbatches=1, placement=(0, 1, 1, 0),
+        actions=(
+            tuple(parse_action(a) for a in "0F0 3F0 3B0 0B0".split()),
+            tuple(parse_action(a) for a in "1F0 2F0 2B0 1B0".split()),
+        ),
+    )
+    costs = Costs.per_stage(forward=[1] * 4, backward=[1] * 4)
+    timeline = simulate(schedule, costs, Link(latency=10))
+    times = spans(timeline)
+    assert times["2F0"][0] == times["1F0"][1]  # local hand-off
+    assert times["1F0"][0] == 1 + 10  # crossed from rank 0
+
+
+def test_memory_in_units_and_bytes() -> None:
+    schedule = build("gpipe", num_ranks=2, num_microbatches=3)
+    costs = Costs.uniform(schedule, activation_bytes=1000)
+    timeline = simulate(schedule, costs)
+    assert [timeline.peak_activations(r) for r in range(2)] == [3, 3]
+    assert timeline.peak_activations(0, in_bytes=True) == 3000
+    levels = [level for _, level in timeline.live_activations(1)]
+    assert levels == [0, 1, 2, 3, 2, 1, 0]
+
+
+def test_split_backward_frees_activations_at_w() -> None:
+    schedule = Schedule.from_csv("0F0,0F1,0B0,0B1\n1F0,1I0,1F1,1I1,1W0,1W1\n")
+    costs = Costs.per_stage(forward=[1, 1], backward=[2, 2], weight=[1, 1])
+    timeline = simulate(schedule, costs)
+    times = spans(timeline)
+    assert times["1I0"] == (2, 3)  # I = B - W = 1
+    assert times["1W0"] == (5, 6)
+    assert times["1W1"] == (6, 7)
+    # Both micro-batches stay alive on rank 1 until the deferred W's run; rank 0 frees at B.
+    assert timeline.peak_activations(1) == 2
+    assert [level for _, level in timeline.live_activations(1)][-3:] == [2, 1, 0]
+    assert timeline.live_activations(0)[-1][1] == 0
+
+
+def test_bubble_definitions_are_related() -> None:
+    events = (Event(0, 0, Op.F, 0, 0, 1), Event(1, 1, Op.F, 0, 1, 4))
+    timeline = Timeline(events, num_ranks=2, num_stages=2, num_microbatches=1, num_chunks=1,
+                        schedule_name="hand")
+    bubble = timeline.bubble()
+    assert Fraction(bubble.of_step).limit_denominator() == Fraction(4, 8)
+    assert bubble.vs_ideal == pytest.approx(bubble.of_step / (1 - bubble.of_step))
+
+
+def test_cost_errors() -> None:
+    schedule = build("1f1b", num_ranks=2, num_microbatches=2)
+    with pytest.raises(ConfigError, match="exceeds the whole backward"):
+        Costs.per_stage(forward=[1, 1], backward=[2, 2], weight=[3, 1])
+    with pytest.raises(ConfigError, match="one cost per"):
+        simulate(schedule, Costs.per_stage(forward=[1], backward=[2]))
+    with pytest.raises(ConfigError, match="latency"):
+        Link(latency=-1)
