@@ -15,8 +15,17 @@ from stagewise.errors import StagewiseError
 
 __all__ = ["cli", "main"]
 
-# Verb name -> module under stagewise.cli that defines add_parser() and run().
-VERBS = ("bubble", "simulate", "show", "compare", "train", "plan")
+# Verb name -> module under stagewise.cli that defines add_parser() and run(), and a summary
+# shown by `stagewise -h`. Only the module of the verb being run is imported, so `stagewise
+# bubble` starts without importing torch.
+VERBS = {
+    "bubble": "closed-form and simulated bubble fractions and peak activations",
+    "simulate": "simulate one schedule: makespan, bubble, idle and activations per rank",
+    "show": "print a schedule's actions per rank (and write it as CSV)",
+    "compare": "every registered schedule side by side",
+    "train": "train a small GPT on local ranks with any schedule (or under torchrun)",
+    "plan": "plan tensor x pipeline x data parallelism for a model on a cluster",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,13 +35,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"stagewise: error: {message} (see stagewise {self.prog.split()[-1]} -h)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv`` given, only the verb it names is fully loaded."""
     parser = _Parser(
         prog="stagewise",
         description="Pipeline-parallel schedules: simulate, compare, draw, train and plan.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    for verb in VERBS:
+    chosen = next((a for a in argv or () if not a.startswith("-")), None)
+    for verb, summary in VERBS.items():
+        if chosen in VERBS and verb != chosen:
+            verbs.add_parser(verb, help=summary)
+            continue
         module = importlib.import_module(f"stagewise.cli.{verb}")
         module.add_parser(verbs)
     return parser
@@ -40,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` in-process and return its exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
         code: int = args.run(args)

@@ -168,9 +168,10 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
         k = position[rank]
         while k < len(row):
             action = row[k]
-            op, here = action.op, action.stage * m + action.microbatch
+            stage, op, j = action
+            here = stage * m + j
             if op is op_f:
-                missing = here - m if action.stage and not done[here - m] else -1
+                missing = here - m if stage and not done[here - m] else -1
                 gives: tuple[int, ...] = (here,)
             elif op is Op.W:
                 missing = grad_base + here if not done[grad_base + here] else -1
@@ -178,7 +179,7 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
             else:
                 if not done[here]:
                     missing = here
-                elif action.stage < last and not done[grad_base + here + m]:
+                elif stage < last and not done[grad_base + here + m]:
                     missing = grad_base + here + m
                 else:
                     missing = -1

@@ -54,8 +54,8 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
     free_at = [0.0] * schedule.num_ranks
     events = []
     op_f, op_w = Op.F, Op.W
-    for rank, action in execution_order(schedule):
-        stage, op, j = action.stage, action.op, action.microbatch
+    make_event = tuple.__new__  # Event(...) without the NamedTuple constructor's overhead
+    for rank, (stage, op, j) in execution_order(schedule):
         here = stage * m + j
         ready = free_at[rank]
         if op is op_f:
@@ -83,7 +83,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
             forward_end[here] = end
         elif op is not op_w:
             grad_end[here] = end
-        events.append(Event(rank, stage, op, j, ready, end))
+        events.append(make_event(Event, (rank, stage, op, j, ready, end)))
     return Timeline(
         events=tuple(events),
         num_ranks=schedule.num_ranks,

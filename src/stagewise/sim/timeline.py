@@ -20,6 +20,7 @@ backward that finishes with them (B, or W when the backward is split) frees them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
 from stagewise.schedules.ir import Op
@@ -105,8 +106,9 @@ class Timeline:
         by_rank: list[list[Event]] = [[] for _ in range(self.num_ranks)]
         for event in self.events:
             by_rank[event.rank].append(event)
+        by_time = itemgetter(4, 5)  # (start, end)
         for row in by_rank:
-            row.sort(key=lambda e: (e.start, e.end))
+            row.sort(key=by_time)
         busy = tuple(sum(e.end - e.start for e in row) for row in by_rank)
         first = min((row[0].start for row in by_rank if row), default=0.0)
         last = max((e.end for e in self.events), default=0.0)

@@ -1,0 +1,131 @@
+"""The schedule verbs, run in-process through cli([...]) -> int."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagewise.cli import cli
+from stagewise.schedules import Schedule, names
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+    assert cli([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bubble_json_gives_both_definitions(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_json(capsys, "bubble", "-s", "1f1b", "-p", "4", "-m", "8")
+    assert isinstance(result, dict)
+    for source in ("closed_form", "simulated"):
+        assert result[source]["bubble"]["vs_ideal"] == pytest.approx(3 / 8)
+        assert result[source]["bubble"]["of_step"] == pytest.approx(3 / 11)
+        assert result[source]["peak_activations"] == [4, 3, 2, 1]
+
+
+def test_simulate_json_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_json(capsys, "simulate", "-s", "interleaved-1f1b", "-p", "4", "-m", "8",
+                      "-v", "2", "--forward", "1", "--backward", "2")
+    assert isinstance(result, dict)
+    assert (result["schedule"], result["ranks"], result["stages"], result["microbatches"],
+            result["chunks"]) == ("interleaved-1f1b", 4, 8, 8, 2)
+    assert result["makespan"] == pytest.approx(28.5)
+    assert result["bubble"]["vs_ideal"] == pytest.approx(3 / 16)
+    assert [r["rank"] for r in result["per_rank"]] == [0, 1, 2, 3]
+    assert result["per_rank"][0]["peak_activations"] == pytest.approx(5.5)
+    assert result["per_rank"][0]["busy"] + result["per_rank"][0]["idle"] == pytest.approx(28.5)
+
+
+def test_simulate_per_stage_costs_and_latency(capsys: pytest.CaptureFixture[str]) -> None:
+    # Same hand-worked case as test_sim: heavy last stage, latency 0.5 -> makespan 16.
+    result = run_json(capsys, "simulate", "-s", "1f1b", "-p", "2", "-m", "2",
+                      "--forward", "1,2", "--backward", "2,4", "--latency", "0.5")
+    assert isinstance(result, dict)
+    assert result["makespan"] == pytest.approx(16)
+
+
+def test_simulate_human_output_labels_the_bubble(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["simulate", "-s", "gpipe", "-p", "4", "-m", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "27.27% of the step, 37.50% relative to ideal compute" in out
+
+
+def test_show_writes_csv_that_round_trips(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "s.csv"
+    assert cli(["show", "-s", "1f1b", "-p", "3", "-m", "4", "--csv", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "rank  0: 0F0 0F1 0F2 0B0 0F3 0B1 0B2 0B3" in out
+    assert "in time" in out
+    loaded = Schedule.load_csv(target)
+    assert str(loaded.actions[2][1]) == "2B0"
+    # The file is accepted wherever a schedule name is.
+    result = run_json(capsys, "simulate", "--schedule-file", str(target))
+    assert isinstance(result, dict)
+    assert result["makespan"] == pytest.approx((4 + 3 - 1) * 3)
+
+
+def test_compare_lists_every_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = run_json(capsys, "compare", "-p", "4", "-m", "8")
+    assert isinstance(rows, list)
+    assert [row["schedule"] for row in rows] == names()
+    by_name = {row["schedule"]: row for row in rows}
+    assert by_name["gpipe"]["bubble"]["vs_ideal"] == pytest.approx(3 / 8)
+    assert by_name["interleaved-1f1b"]["bubble"]["vs_ideal"] == pytest.approx(3 / 16)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bubble", "-p", "0", "-m", "8"], "p must be a positive integer, got 0"),
+        (["simulate", "-p", "4", "-m", "-2"], "m must be a positive integer"),
+        (["simulate", "-s", "gpipe", "-p", "4", "-m", "8", "-v", "2"], "exactly 1 chunk"),
+        (["simulate", "-s", "interleaved-1f1b", "-p", "4", "-m", "8", "-v", "0"], "v must be"),
+        (["simulate", "-s", "nope", "-p", "4", "-m", "8"], "choose one of gpipe"),
+        (["simulate", "-p", "4", "-m", "eight"], "invalid int value"),
+        (["simulate", "-p", "2", "-m", "2", "--forward", "1,2,3"], "has 3 values"),
+        (["simulate", "-p", "2", "-m", "2", "--weight", "5"], "exceeds the whole backward"),
+        (["show"], "pass -p RANKS and -m MICROBATCHES"),
+        (["compare", "-p", "0", "-m", "4"], "positive integers"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv: list[str], message: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("0F0,0F1,0B0\n1F0,1B0,1F1,1B1\n", "stage 0 micro-batch 1 has no backward: add 0B1"),
+        ("0F0,0B0\n1F0,1X0\n", "line 2"),
+        ("0F0,0B0,0F1,0B1\n1F0,1F1,1B0,1B1\n", "deadlock"),
+    ],
+)
+def test_bad_schedule_file(tmp_path: Path, content: str, message: str,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    assert cli(["simulate", "--schedule-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_schedule_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["show", "--schedule-file", "/nonexistent/s.csv"]) == 2
+    assert "cannot read schedule file" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "stagewise", "bubble", "-p", "2", "-m", "2"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "33.33%" in done.stdout  # (p-1)/(m+p-1) = 1/3 of the step
