@@ -116,13 +116,13 @@ def compare_timelines(
     shared = predicted.time_unit == measured.time_unit
     span = max(_span(t) for t in timelines) if shared else None
     lower = bottom
-    for timeline, height in zip(reversed(timelines), reversed(heights), strict=True):
+    roles = ("measured", "predicted")  # drawn bottom up
+    for role, timeline, height in zip(roles, reversed(timelines), reversed(heights), strict=True):
         panel = _Size(width, height)
         axes = _add_axes(figure, LEFT, lower, panel)
         _draw(axes, timeline, panel, span if span is not None else _span(timeline))
         axes.set_title(
-            f"{timeline.source}: {_default_title(timeline)}\n{_figures_line(timeline)}",
-            fontsize=10,
+            f"{role} \u2013 {_default_title(timeline)}\n{_figures_line(timeline)}", fontsize=10
         )
         lower += height + AXIS_LABELS + TOP
     _add_legend(figure, legend)
@@ -156,10 +156,17 @@ def _add_axes(figure: Figure, left: float, bottom: float, panel: _Size) -> Axes:
 
 
 def _default_title(timeline: Timeline) -> str:
-    sizes = f"{timeline.num_ranks} ranks, {timeline.num_microbatches} micro-batches"
+    sizes = (
+        f"{_count(timeline.num_ranks, 'rank')}, "
+        f"{_count(timeline.num_microbatches, 'micro-batch', 'micro-batches')}"
+    )
     if timeline.num_chunks > 1:
         sizes += f", {timeline.num_chunks} chunks per rank"
     return f"{timeline.schedule_name}: {sizes} ({timeline.source})"
+
+
+def _count(number: int, one: str, many: str | None = None) -> str:
+    return f"{number} {one if number == 1 else many or one + 's'}"
 
 
 def _figures_line(timeline: Timeline) -> str:
