@@ -24,6 +24,7 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "chunk_numbers",
     "collapse_steps",
+    "describe",
     "display_time",
     "image_path",
     "new_figure",
@@ -70,6 +71,21 @@ def display_time(timeline: Timeline) -> tuple[float, str]:
             return 1e3, "time (ms)"
         return 1.0, "time (s)"
     return 1.0, f"time ({timeline.time_unit} units)"
+
+
+def describe(timeline: Timeline) -> str:
+    """``"1f1b: 4 ranks, 8 micro-batches (simulated)"``: the schedule, its sizes, the source."""
+    sizes = [
+        _count(timeline.num_ranks, "rank", "ranks"),
+        _count(timeline.num_microbatches, "micro-batch", "micro-batches"),
+    ]
+    if timeline.num_chunks > 1:
+        sizes.append(f"{timeline.num_chunks} chunks per rank")
+    return f"{timeline.schedule_name}: {', '.join(sizes)} ({timeline.source})"
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def chunk_numbers(timeline: Timeline) -> dict[tuple[int, int], int]:

@@ -23,6 +23,7 @@ from stagewise.viz._common import (
     OP_COLOURS,
     OP_NAMES,
     chunk_numbers,
+    describe,
     display_time,
     image_path,
     new_figure,
@@ -87,7 +88,7 @@ def plot_timeline(
     figure = new_figure(LEFT + panel.width + RIGHT, TOP + panel.height + bottom, DPI)
     axes = _add_axes(figure, LEFT, bottom, panel)
     _draw(axes, timeline, panel, _span(timeline))
-    heading = title if title is not None else _default_title(timeline)
+    heading = title if title is not None else describe(timeline)
     figure.suptitle(f"{heading}\n{_figures_line(timeline)}", y=1 - 0.08 / figure.get_figheight())
     _add_legend(figure, legend)
     return save_figure(figure, out)
@@ -122,7 +123,7 @@ def compare_timelines(
         axes = _add_axes(figure, LEFT, lower, panel)
         _draw(axes, timeline, panel, span if span is not None else _span(timeline))
         axes.set_title(
-            f"{role} \u2013 {_default_title(timeline)}\n{_figures_line(timeline)}", fontsize=10
+            f"{role} \u2013 {describe(timeline)}\n{_figures_line(timeline)}", fontsize=10
         )
         lower += height + AXIS_LABELS + TOP
     _add_legend(figure, legend)
@@ -153,20 +154,6 @@ def _add_axes(figure: Figure, left: float, bottom: float, panel: _Size) -> Axes:
     return figure.add_axes(
         (left / width, bottom / height, panel.width / width, panel.height / height)
     )
-
-
-def _default_title(timeline: Timeline) -> str:
-    sizes = (
-        f"{_count(timeline.num_ranks, 'rank')}, "
-        f"{_count(timeline.num_microbatches, 'micro-batch', 'micro-batches')}"
-    )
-    if timeline.num_chunks > 1:
-        sizes += f", {timeline.num_chunks} chunks per rank"
-    return f"{timeline.schedule_name}: {sizes} ({timeline.source})"
-
-
-def _count(number: int, one: str, many: str | None = None) -> str:
-    return f"{number} {one if number == 1 else many or one + 's'}"
 
 
 def _figures_line(timeline: Timeline) -> str:

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 
 from stagewise.errors import ConfigError
 from stagewise.sim.timeline import Timeline
-from stagewise.viz._common import collapse_steps, display_time, image_path, new_figure, save_figure
+from stagewise.viz._common import (
+    collapse_steps,
+    describe,
+    display_time,
+    image_path,
+    new_figure,
+    save_figure,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -82,11 +89,7 @@ def plot_memory(timeline: Timeline, path: str | os.PathLike[str], in_bytes: bool
     last.set_ylim(0, highest * 1.3 or 1.0)
     if panels:
         figure.supylabel(f"live activations ({unit})", fontsize=10)
-    figure.suptitle(
-        f"live activations per rank: {timeline.schedule_name}, {timeline.num_ranks} ranks, "
-        f"{timeline.num_microbatches} micro-batches ({timeline.source})",
-        fontsize=11,
-    )
+    figure.suptitle(f"live activations per rank: {describe(timeline)}", fontsize=11)
     return save_figure(figure, out)
 
 
