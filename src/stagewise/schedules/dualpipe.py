@@ -88,7 +88,7 @@ def dualpipe_v(num_ranks: int, num_microbatches: int) -> Schedule:
 
     Example:
         >>> print(dualpipe_v(1, 2).table())
-        rank  0: 0F0 1F0 0F1 1B0 1F1 0B0 1I1 0I1 1W1 0W1
+        rank  0: 0F0 1F0 0F1 1B0 1F1 0B0 1B1 0I1 0W1
     """
     require_positive("dualpipev", num_ranks=num_ranks, num_microbatches=num_microbatches)
     if num_microbatches < 2 * num_ranks:
