@@ -115,13 +115,17 @@ def test_split_backward_ops_get_their_own_colours(tmp_path: Path) -> None:
 
 
 def svg_boxes(path: Path) -> list[tuple[float, float, float]]:
-    """(left, right, top) of every box in the SVG's ``boxes`` group, in SVG points."""
+    """(left, right, top) of every box in the SVG's ``boxes`` group, in SVG points.
+
+    The boxes are drawn as one compound path per colour: one ``M ... z`` subpath per box.
+    """
     group = next(g for g in ET.parse(path).getroot().iter(f"{SVG}g") if g.get("id") == "boxes")
     boxes = []
-    for element in group:
-        numbers = [float(x) for x in re.findall(r"-?\d+\.?\d*", element.get("d", ""))]
-        xs, ys = numbers[0::2], numbers[1::2]
-        boxes.append((min(xs), max(xs), min(ys)))
+    for element in group.iter(f"{SVG}path"):
+        for subpath in element.get("d", "").split("M")[1:]:
+            numbers = [float(x) for x in re.findall(r"-?\d+(?:\.\d*)?", subpath)]
+            xs, ys = numbers[0::2], numbers[1::2]
+            boxes.append((min(xs), max(xs), min(ys)))
     return boxes
 
 

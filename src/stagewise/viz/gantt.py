@@ -6,19 +6,20 @@ colours, the micro-batch number inside each box that is wide enough for it. With
 stages (v chunks per rank) each chunk gets its own shade of the op's colour: chunk 0 full,
 later chunks paler. The title names the schedule, its sizes, and both bubble figures.
 
-All boxes are one PolyCollection, so big schedules (p=16, m=64, v=4) draw quickly; labels that
-would not fit their box are not drawn at all.
+All boxes are one collection holding one compound path per colour, so even p=64, m=512, v=4
+(262,144 boxes) draws in about two seconds; labels that would not fit their box are not drawn.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stagewise.schedules.ir import Op
-from stagewise.sim.timeline import Timeline
+from stagewise.sim.timeline import Event, Timeline
 from stagewise.viz._common import (
     OP_COLOURS,
     OP_NAMES,
@@ -171,40 +172,67 @@ def _figures_line(timeline: Timeline) -> str:
 
 def _draw(axes: Axes, timeline: Timeline, panel: _Size, span: float) -> None:
     """Boxes, labels and axes of one Gantt panel ``panel`` inches big, ``span`` units wide."""
-    from matplotlib.collections import PolyCollection
-
     factor, axis_label = display_time(timeline)
     origin = timeline.start
     chunks = chunk_numbers(timeline)
-    events = sorted(timeline.events, key=lambda e: (e.rank, e.start))
-    half = BOX_HEIGHT / 2
-    boxes, faces = [], []
-    for event in events:
-        left, right = (event.start - origin) * factor, (event.end - origin) * factor
-        top, low = event.rank - half, event.rank + half
-        boxes.append(((left, top), (right, top), (right, low), (left, low)))
-        faces.append(
-            shade(OP_COLOURS[event.op], chunks[(event.rank, event.stage)], timeline.num_chunks)
-        )
+    shades = {
+        (op, chunk): shade(OP_COLOURS[op], chunk, timeline.num_chunks)
+        for op in Op
+        for chunk in range(max(chunks.values(), default=0) + 1)
+    }
+    events = timeline.events
+    faces = [shades[(event.op, chunks[(event.rank, event.stage)])] for event in events]
     px_per_unit = panel.width * DPI / span
     widths = [event.duration * factor * px_per_unit for event in events]
     edge = 0.6 if min(widths, default=0.0) >= 4 else 0.0
-    collection = PolyCollection(boxes, facecolors=faces, edgecolors="#333333", linewidths=edge)
-    collection.set_gid("boxes")
-    axes.add_collection(collection)
+    _add_boxes(axes, events, faces, origin, factor, edge)
     row_px = panel.height * DPI / max(timeline.num_ranks, 1) * BOX_HEIGHT
     digits = len(str(max(timeline.num_microbatches - 1, 0)))
     font = _label_font(widths, digits, row_px)
     if font is not None:
         need = _label_px(digits, font)
-        for event, box, face, width in zip(events, boxes, faces, widths, strict=True):
+        for event, face, width in zip(events, faces, widths, strict=True):
             if width >= need:
+                middle = ((event.start + event.end) / 2 - origin) * factor
                 axes.text(
-                    (box[0][0] + box[1][0]) / 2, event.rank, str(event.microbatch),
-                    ha="center", va="center", fontsize=font, color=text_colour(face),
-                    gid=f"label-{event.label}",
+                    middle, event.rank, str(event.microbatch), ha="center", va="center",
+                    fontsize=font, color=text_colour(face), gid=f"label-{event.label}",
                 )  # fmt: skip
     _style_axes(axes, timeline, span, axis_label)
+
+
+def _add_boxes(
+    axes: Axes,
+    events: Sequence[Event],
+    faces: Sequence[tuple[float, float, float]],
+    origin: float,
+    factor: float,
+    edge: float,
+) -> None:
+    """All boxes as one collection holding one compound path per colour (fast for 100k boxes)."""
+    import numpy as np
+    from matplotlib.collections import PathCollection
+    from matplotlib.path import Path as MplPath
+
+    groups: dict[tuple[float, float, float], list[Event]] = {}
+    for event, face in zip(events, faces, strict=True):
+        groups.setdefault(face, []).append(event)
+    corner = [MplPath.MOVETO, MplPath.LINETO, MplPath.LINETO, MplPath.LINETO, MplPath.CLOSEPOLY]
+    paths = []
+    for members in groups.values():
+        left = np.array([(e.start - origin) * factor for e in members])
+        right = np.array([(e.end - origin) * factor for e in members])
+        top = np.array([e.rank for e in members], dtype=float) - BOX_HEIGHT / 2
+        low = top + BOX_HEIGHT
+        xs = np.stack([left, right, right, left, left], axis=1)
+        ys = np.stack([top, top, low, low, top], axis=1)
+        vertices = np.stack([xs, ys], axis=2).reshape(-1, 2)
+        paths.append(MplPath(vertices, np.tile(corner, len(members))))
+    collection = PathCollection(
+        paths, facecolors=list(groups), edgecolors="#333333", linewidths=edge
+    )
+    collection.set_gid("boxes")
+    axes.add_collection(collection)
 
 
 def _label_font(widths: list[float], digits: int, row_px: float) -> float | None:
