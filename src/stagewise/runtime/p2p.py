@@ -1,0 +1,210 @@
+"""Point-to-point transfers of one step: a mailbox that receives ahead, an outbox that sends.
+
+Every tensor travels as two messages: a small header (dtype and shape) and the payload. Shapes
+are therefore learnt per message, so a sequence length (or micro-batch size) that changes from
+one step to the next just works.
+
+Receiving: for each peer, a background thread walks the lowered list of messages that peer will
+send, in the peer's order. It posts the header receive, then at once the payload receive, and
+files the tensor in the mailbox. Transfers thus run while the main thread computes; the main
+thread only blocks when it needs a tensor that has not arrived, and then for at most the
+timeout, looking at the failure board while it waits.
+
+Sending: ``isend`` of header and payload; a background thread waits for the sends to finish
+(bounded by the timeout) and drops the tensors.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from stagewise.errors import ConfigError
+from stagewise.runtime.failure import FailureBoard, PeerFailure, StepTimeout
+from stagewise.runtime.lowering import Message
+
+__all__ = ["Mailbox", "Outbox", "decode_header", "encode_header"]
+
+_MAX_DIMS = 8
+_HEADER_SIZE = 2 + _MAX_DIMS
+_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+
+
+def encode_header(tensor: torch.Tensor) -> torch.Tensor:
+    """The header describing ``tensor``: ``[dtype code, ndim, dim0, ..., 0 ...]`` (int64)."""
+    if tensor.dtype not in _DTYPES:
+        raise ConfigError(
+            f"cannot send a {tensor.dtype} tensor between stages: use one of "
+            f"{', '.join(str(d) for d in _DTYPES)}"
+        )
+    if tensor.dim() > _MAX_DIMS:
+        raise ConfigError(
+            f"a stage output has {tensor.dim()} dimensions; at most {_MAX_DIMS} can be sent: "
+            "reshape it inside the stage"
+        )
+    values = [_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+    values += [0] * (_HEADER_SIZE - len(values))
+    return torch.tensor(values, dtype=torch.int64, device=tensor.device)
+
+
+def decode_header(header: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+    """Inverse of :func:`encode_header`: ``(dtype, shape)``."""
+    values = [int(v) for v in header.tolist()]
+    return _DTYPES[values[0]], tuple(values[2 : 2 + values[1]])
+
+
+class Mailbox:
+    """Receives one step's incoming tensors ahead of need; see the module docstring.
+
+    Args:
+        receives: per peer rank (group rank), the messages it sends here, in its order.
+        group: the process group (None: the default group).
+        device: where received tensors are put.
+        num_stages, num_microbatches: the schedule's sizes (for message tags).
+        timeout: seconds any single transfer may take.
+    """
+
+    def __init__(
+        self,
+        receives: dict[int, tuple[Message, ...]],
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        num_stages: int,
+        num_microbatches: int,
+        timeout: float,
+    ) -> None:
+        self._group = group
+        self._device = device
+        self._sizes = (num_stages, num_microbatches)
+        self._timeout = timedelta(seconds=timeout)
+        self._ready: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._failed: str | None = None
+        self._cond = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._receive_all, args=(peer, messages), daemon=True)
+            for peer, messages in receives.items()
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _receive_all(self, peer: int, messages: tuple[Message, ...]) -> None:
+        message = None
+        try:
+            for message in messages:
+                tag = message.tag(*self._sizes)
+                header = torch.empty(_HEADER_SIZE, dtype=torch.int64, device=self._device)
+                self._recv(header, peer, tag)
+                dtype, shape = decode_header(header)
+                payload = torch.empty(shape, dtype=dtype, device=self._device)
+                self._recv(payload, peer, tag + 1)
+                with self._cond:
+                    self._ready[message.key] = payload
+                    self._cond.notify_all()
+        except Exception as err:  # noqa: BLE001 - reported to the main thread
+            assert message is not None
+            text = " ".join(str(err).split())[:300]
+            with self._cond:
+                self._failed = (
+                    f"receiving the {message.describe()} from rank {peer} failed: {text}"
+                )
+                self._cond.notify_all()
+
+    def _recv(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        work = dist.irecv(tensor, group=self._group, group_src=peer, tag=tag)
+        assert work is not None
+        work.wait(self._timeout)
+
+    def take(
+        self, key: tuple[int, int, int], what: str, deadline: float, board: FailureBoard
+    ) -> torch.Tensor:
+        """Wait (until ``deadline``, a ``time.monotonic()`` value) for the tensor ``key``.
+
+        Raises:
+            PeerFailure: another rank posted a failure, or the transfer broke.
+            StepTimeout: the deadline passed.
+        """
+        while True:
+            with self._cond:
+                if key in self._ready:
+                    return self._ready.pop(key)
+                if self._failed is not None:
+                    raise PeerFailure(self._failed)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StepTimeout(f"waited past the timeout for the {what}")
+                self._cond.wait(min(remaining, 0.05))
+            posted = board.check()
+            if posted is not None:
+                raise PeerFailure(f"stopped while waiting for the {what}: {posted}")
+
+    def close(self, deadline: float) -> None:
+        """Wait for the receive threads (they are done once every tensor was taken)."""
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class Outbox:
+    """Sends tensors without blocking; a background thread waits for the sends to finish."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        num_stages: int,
+        num_microbatches: int,
+        timeout: float,
+    ) -> None:
+        self._group = group
+        self._sizes = (num_stages, num_microbatches)
+        self._timeout = timedelta(seconds=timeout)
+        self._pending: queue.Queue[tuple[list[dist.Work], Message] | None] = queue.Queue()
+        self._failed: str | None = None
+        self._thread = threading.Thread(target=self._wait_all, daemon=True)
+        self._thread.start()
+
+    def send(self, tensor: torch.Tensor, message: Message) -> None:
+        """Send ``tensor`` as ``message`` (header, then payload)."""
+        if self._failed is not None:
+            raise PeerFailure(self._failed)
+        payload = tensor.detach().contiguous()
+        tag = message.tag(*self._sizes)
+        works = []
+        for part, offset in ((encode_header(payload), 0), (payload, 1)):
+            work = dist.isend(part, group=self._group, group_dst=message.dst, tag=tag + offset)
+            assert work is not None
+            works.append(work)
+        self._pending.put((works, message))
+
+    def _wait_all(self) -> None:
+        while (item := self._pending.get()) is not None:
+            works, message = item
+            try:
+                for work in works:
+                    work.wait(self._timeout)
+            except Exception as err:  # noqa: BLE001 - reported to the main thread
+                text = " ".join(str(err).split())[:300]
+                self._failed = f"sending the {message.describe()} to rank {message.dst} failed: {text}"
+
+    def close(self, deadline: float) -> None:
+        """Wait until every send finished; raise if one failed or the deadline passed."""
+        self._pending.put(None)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            raise StepTimeout("sends to the next ranks did not finish within the timeout")
+        if self._failed is not None:
+            raise PeerFailure(self._failed)

@@ -1,0 +1,306 @@
+"""``Pipeline``: one interpreter that runs any validated schedule on real tensors.
+
+Each rank walks its own row of the schedule. Communication comes from the placement (see
+``lowering``): a forward whose next stage lives elsewhere sends its output; a backward (B or I)
+whose previous stage lives elsewhere sends the input gradient; consecutive stages on the same
+rank hand tensors over directly. The four ops:
+
+- ``F``: run the stage on its input (a fresh leaf, so the input gradient can be read later); on
+  the last stage also compute the loss, weighted by the micro-batch's share of the batch.
+- ``B``: full backward: parameter gradients accumulate into ``.grad``; the input gradient goes
+  to the previous stage.
+- ``I``: input gradient only, graph kept (see ``split_backward``).
+- ``W``: the weight gradients deferred by ``I``.
+
+The step's loss is the weighted mean over micro-batches, so every ``.grad`` equals what one
+process running the whole batch with a mean loss computes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from stagewise.errors import ConfigError, RuntimeFailure
+from stagewise.runtime.failure import FailureBoard, NonFiniteLoss, PeerFailure
+from stagewise.runtime.lowering import Kind, lower
+from stagewise.runtime.microbatch import loss_weights, split_batch
+from stagewise.runtime.p2p import Mailbox, Outbox
+from stagewise.runtime.saved import SavedBytes
+from stagewise.runtime.split_backward import WeightGrad, backward_input
+from stagewise.schedules.ir import Action, Op, Schedule
+from stagewise.schedules.validate import check
+from stagewise.sim.timeline import Event
+
+__all__ = ["LossFn", "Pipeline"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_OP_NAMES = {Op.F: "forward", Op.B: "backward", Op.I: "input-grad", Op.W: "weight-grad"}
+
+
+def describe(action: Action) -> str:
+    """``1F3 (forward of stage 1, micro-batch 3)``."""
+    return f"{action} ({_OP_NAMES[action.op]} of stage {action.stage}, micro-batch {action.microbatch})"
+
+
+class Pipeline:
+    """Run one rank's share of a pipeline schedule.
+
+    Args:
+        schedule: any valid schedule (``stagewise.schedules.build(...)`` or a loaded CSV).
+        stages: ``{stage index: module}`` for exactly the stages this rank holds.
+        loss_fn: ``loss_fn(output, target) -> scalar``, a mean over the micro-batch's rows;
+            needed on the rank holding the last stage.
+        group: the pipeline's process group (group rank r runs row r); default group if None.
+        timeout: seconds any single wait for another rank may take.
+        check_finite: raise :class:`NonFiniteLoss` when a micro-batch's loss is NaN or inf.
+        store: a store every rank reaches (the one they met through) used to stop all ranks at
+            the first failure; None to rely on the timeout and closed connections.
+        count_saved: count bytes saved for backward per forward (see :attr:`saved_bytes`).
+        on_action: called with each action just before it runs (progress reporting).
+
+    Raises:
+        ScheduleError: the schedule is invalid.
+        ConfigError: the stages do not match the schedule's placement for this rank, or the
+            group does not have one rank per schedule row.
+
+    Example (on each rank, after ``torch.distributed.init_process_group``)::
+
+        sched = stagewise.schedules.build("1f1b", num_ranks=2, num_microbatches=4)
+        pipe = stagewise.Pipeline(sched, {rank: my_stage}, loss_fn=nn.functional.cross_entropy)
+        loss = pipe.step(inputs, targets)   # the mean loss on the last rank, else None
+        optimizer.step()
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        stages: Mapping[int, nn.Module],
+        loss_fn: LossFn | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+        timeout: float = 300.0,
+        check_finite: bool = False,
+        store: dist.Store | None = None,
+        count_saved: bool = False,
+        on_action: Callable[[Action], None] | None = None,
+    ) -> None:
+        check(schedule)
+        self.schedule = schedule
+        self.group = group
+        self.rank = dist.get_rank(group)
+        world = dist.get_world_size(group)
+        if world != schedule.num_ranks:
+            raise ConfigError(
+                f"schedule {schedule.name!r} has {schedule.num_ranks} ranks but the process "
+                f"group has {world}: build the schedule with num_ranks={world}"
+            )
+        mine = set(schedule.stages_of(self.rank))
+        if set(stages) != mine:
+            raise ConfigError(
+                f"rank {self.rank} holds stages {sorted(mine)} in schedule {schedule.name!r} "
+                f"but was given stages {sorted(stages)}: pass exactly those stages"
+            )
+        if schedule.num_stages - 1 in mine and loss_fn is None:
+            raise ConfigError(f"rank {self.rank} holds the last stage: pass loss_fn")
+        self.stages = dict(stages)
+        self.loss_fn = loss_fn
+        self.timeout = timeout
+        self.check_finite = check_finite
+        self.count_saved = count_saved
+        self.on_action = on_action
+        self.device = _device_of(self.stages.values())
+        self._board = FailureBoard(store)
+        self._plan = lower(schedule, self.rank)
+        self._params = {
+            s: [p for p in m.parameters() if p.requires_grad] for s, m in self.stages.items()
+        }
+        self.events: list[Event] = []
+        self.saved_bytes: dict[tuple[int, int], int] = {}
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def step(
+        self, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Run one step of the schedule: forward and backward of every micro-batch.
+
+        Args:
+            inputs: the whole batch; read on the rank holding stage 0.
+            targets: the whole batch's targets; read on the rank holding the last stage.
+
+        Returns:
+            The mean loss over the batch on the rank holding the last stage, else None.
+
+        Raises:
+            RuntimeFailure: an action failed here (message: rank, action, error), another rank
+                failed (:class:`PeerFailure`), or a wait ran past the timeout.
+        """
+        run = _Step(self, inputs, targets)
+        return run.execute()
+
+    def post_failure(self, text: str) -> None:
+        """Tell the other ranks this rank failed (done by :meth:`step` on its own errors)."""
+        self._board.post(text)
+
+
+class _Step:
+    """The state of one step on one rank; discarded at its end."""
+
+    def __init__(
+        self, pipe: Pipeline, inputs: torch.Tensor | None, targets: torch.Tensor | None
+    ) -> None:
+        self.pipe = pipe
+        schedule = pipe.schedule
+        self.m = schedule.num_microbatches
+        self.last = schedule.num_stages - 1
+        self.inputs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.weights: list[float] = []
+        if 0 in pipe.stages:
+            if inputs is None:
+                raise ConfigError(f"rank {pipe.rank} holds stage 0: pass the inputs to step()")
+            self.inputs = split_batch(inputs.to(pipe.device), self.m, "inputs")
+        if self.last in pipe.stages:
+            if targets is None:
+                raise ConfigError(
+                    f"rank {pipe.rank} holds the last stage: pass the targets to step()"
+                )
+            self.targets = split_batch(targets.to(pipe.device), self.m, "targets")
+            self.weights = loss_weights(self.targets)
+        self.stage_inputs: dict[tuple[int, int], torch.Tensor | None] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.deferred: dict[tuple[int, int], WeightGrad] = {}
+        self.local: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.loss: torch.Tensor | None = None
+
+    def execute(self) -> torch.Tensor | None:
+        pipe = self.pipe
+        sizes = (pipe.schedule.num_stages, self.m)
+        pipe.events = []
+        pipe.saved_bytes = {}
+        self.mailbox = Mailbox(
+            pipe._plan.receives, pipe.group, pipe.device, *sizes, timeout=pipe.timeout
+        )
+        self.outbox = Outbox(pipe.group, *sizes, timeout=pipe.timeout)
+        sync = pipe.device.type == "cuda"
+        action = None
+        try:
+            for index, action in enumerate(pipe.schedule.actions[pipe.rank]):
+                if pipe.on_action is not None:
+                    pipe.on_action(action)
+                start = time.perf_counter()
+                result = self.run(action)
+                message = pipe._plan.sends[index]
+                if message is not None:
+                    assert result is not None
+                    self.outbox.send(result, message)
+                elif result is not None:
+                    self.local[(_kind(action), action.stage, action.microbatch)] = result
+                if sync:
+                    torch.cuda.synchronize(pipe.device)
+                pipe.events.append(
+                    Event(pipe.rank, action.stage, action.op, action.microbatch, start,
+                          time.perf_counter())
+                )
+            action = None
+            deadline = time.monotonic() + pipe.timeout
+            self.outbox.close(deadline)
+            self.mailbox.close(deadline)
+        except PeerFailure as err:
+            where = "at the end of the step" if action is None else f"at {describe(action)}"
+            raise PeerFailure(f"rank {pipe.rank} {where}: {err}") from None
+        except Exception as err:
+            where = "at the end of the step" if action is None else f"at {describe(action)}"
+            text = f"rank {pipe.rank} failed {where}: {type(err).__name__}: {err}"
+            text = " ".join(text.split())
+            pipe.post_failure(text)
+            kind = type(err) if isinstance(err, RuntimeFailure) else RuntimeFailure
+            raise kind(text) from err
+        assert not self.outputs and not self.deferred, "schedule left work undone"
+        return self.loss
+
+    # --- the ops -------------------------------------------------------------------------------
+
+    def run(self, action: Action) -> torch.Tensor | None:
+        """Run one action; return the tensor it hands to a neighbour stage, if any."""
+        if action.op is Op.F:
+            return self.forward(action.stage, action.microbatch)
+        if action.op is Op.W:
+            self.deferred.pop((action.stage, action.microbatch)).run()
+            return None
+        return self.backward(action.stage, action.microbatch, split=action.op is Op.I)
+
+    def receive(self, kind: Kind, stage: int, j: int) -> torch.Tensor:
+        """The tensor ``stage`` produced for micro-batch ``j``, local or from another rank."""
+        key = (int(kind), stage, j)
+        if key in self.local:
+            return self.local.pop(key)
+        what = ("activation" if kind is Kind.ACTIVATION else "gradient") + (
+            f" of stage {stage}, micro-batch {j} from rank {self.pipe.schedule.rank_of(stage)}"
+        )
+        deadline = time.monotonic() + self.pipe.timeout
+        return self.mailbox.take(key, what, deadline, self.pipe._board)
+
+    def forward(self, stage: int, j: int) -> torch.Tensor | None:
+        pipe = self.pipe
+        if stage == 0:
+            x: torch.Tensor | None = self.inputs[j]
+            leaf = None
+        else:
+            received = self.receive(Kind.ACTIVATION, stage - 1, j)
+            x = leaf = received.detach().requires_grad_(received.is_floating_point())
+        module = pipe.stages[stage]
+        if pipe.count_saved:
+            with SavedBytes(module.parameters()) as saved:
+                out = module(x)
+            pipe.saved_bytes[(stage, j)] = saved.nbytes
+        else:
+            out = module(x)
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(
+                f"stage {stage} returned {type(out).__name__}; a stage must return one tensor"
+            )
+        self.stage_inputs[(stage, j)] = leaf
+        if stage == self.last:
+            assert pipe.loss_fn is not None
+            loss = pipe.loss_fn(out, self.targets[j])
+            if pipe.check_finite and not bool(torch.isfinite(loss.detach()).all()):
+                raise NonFiniteLoss(f"the loss of micro-batch {j} is {loss.item()}")
+            scaled = loss * self.weights[j]
+            self.loss = scaled.detach() if self.loss is None else self.loss + scaled.detach()
+            self.outputs[(stage, j)] = scaled
+            return None
+        self.outputs[(stage, j)] = out
+        return out.detach()
+
+    def backward(self, stage: int, j: int, split: bool) -> torch.Tensor | None:
+        out = self.outputs.pop((stage, j))
+        leaf = self.stage_inputs.pop((stage, j))
+        grad_out = None if stage == self.last else self.receive(Kind.GRADIENT, stage + 1, j)
+        if split:
+            grad_in, weight = backward_input(out, grad_out, leaf, self.pipe._params[stage])
+            self.deferred[(stage, j)] = weight
+        else:
+            torch.autograd.backward(out, grad_out)
+            grad_in = None
+            if leaf is not None:
+                grad_in = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        return grad_in if stage > 0 else None
+
+
+def _kind(action: Action) -> Kind:
+    return Kind.ACTIVATION if action.op is Op.F else Kind.GRADIENT
+
+
+def _device_of(modules: Iterable[nn.Module]) -> torch.device:
+    """The device of the first parameter or buffer of the stages (cpu if none)."""
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            return torch.device(tensor.device)
+    return torch.device("cpu")
