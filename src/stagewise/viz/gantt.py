@@ -84,8 +84,8 @@ def plot_timeline(
     """
     out = image_path(path)
     panel = _panel_size(timeline)
-    legend = _legend_entries(timeline)
-    bottom = AXIS_LABELS + LEGEND_ROW * _legend_rows(legend) + 0.15
+    legend = _legend(timeline)
+    bottom = _legend_height(legend)
     figure = new_figure(LEFT + panel.width + RIGHT, TOP + panel.height + bottom, DPI)
     axes = _add_axes(figure, LEFT, bottom, panel)
     _draw(axes, timeline, panel, _span(timeline))
@@ -110,8 +110,8 @@ def compare_timelines(
     timelines = (predicted, measured)
     sizes = [_panel_size(t) for t in timelines]
     width = max(size.width for size in sizes)
-    legend = _legend_entries(predicted, measured)
-    bottom = AXIS_LABELS + LEGEND_ROW * _legend_rows(legend) + 0.15
+    legend = _legend(predicted, measured)
+    bottom = _legend_height(legend)
     heights = [size.height for size in sizes]
     total = TOP + sum(heights) + (AXIS_LABELS + TOP) + bottom
     figure = new_figure(LEFT + width + RIGHT, total, DPI)
@@ -276,38 +276,51 @@ def _style_axes(axes: Axes, timeline: Timeline, span: float, axis_label: str) ->
 # --- legend ----------------------------------------------------------------------------------
 
 
-def _legend_entries(*timelines: Timeline) -> list[tuple[str, tuple[float, float, float]]]:
-    """(label, colour) per op present, one per chunk shade when there are few enough."""
+@dataclass(frozen=True)
+class _Legend:
+    """Legend swatches, ``rows`` high, filled column by column (one op's chunks together)."""
+
+    entries: tuple[tuple[str, tuple[float, float, float]], ...]
+    rows: int
+
+    @property
+    def columns(self) -> int:
+        return max(1, -(-len(self.entries) // self.rows))
+
+
+def _legend(*timelines: Timeline) -> _Legend:
+    """A swatch per op present; per chunk shade too when that makes at most 12 swatches."""
     ops = [op for op in Op if any(e.op is op for t in timelines for e in t.events)]
     num_chunks = max(t.num_chunks for t in timelines)
-    per_chunk = num_chunks > 1 and len(ops) * num_chunks <= 12
-    entries = []
-    for op in ops:
-        for chunk in range(num_chunks if per_chunk else 1):
-            label = OP_NAMES[op] + (f", chunk {chunk}" if per_chunk else "")
-            entries.append((label, shade(OP_COLOURS[op], chunk, num_chunks)))
-    return entries
+    shades = num_chunks if num_chunks > 1 and len(ops) * num_chunks <= 12 else 1
+    entries = tuple(
+        (
+            OP_NAMES[op] + (f", chunk {chunk}" if shades > 1 else ""),
+            shade(OP_COLOURS[op], chunk, num_chunks),
+        )
+        for op in ops
+        for chunk in range(shades)
+    )
+    if shades == 1:
+        return _Legend(entries, 1 if len(entries) <= 4 else 2)
+    return _Legend(entries, 2 if shades % 2 == 0 else shades)
 
 
-def _legend_columns(entries: list[tuple[str, tuple[float, float, float]]]) -> int:
-    return max(1, min(len(entries), 4))
+def _legend_height(legend: _Legend) -> float:
+    """Inches under the axes for tick labels, axis label and legend."""
+    return AXIS_LABELS + LEGEND_ROW * (legend.rows if legend.entries else 0) + 0.15
 
 
-def _legend_rows(entries: list[tuple[str, tuple[float, float, float]]]) -> int:
-    columns = _legend_columns(entries)
-    return -(-len(entries) // columns)
-
-
-def _add_legend(figure: Figure, entries: list[tuple[str, tuple[float, float, float]]]) -> None:
+def _add_legend(figure: Figure, legend: _Legend) -> None:
     from matplotlib.patches import Patch
 
-    if not entries:
+    if not legend.entries:
         return
     handles = [
         Patch(facecolor=colour, edgecolor="#333333", linewidth=0.6, label=label)
-        for label, colour in entries
+        for label, colour in legend.entries
     ]
     figure.legend(
-        handles=handles, loc="lower center", ncol=_legend_columns(entries), frameon=False,
+        handles=handles, loc="lower center", ncol=legend.columns, frameon=False,
         fontsize=9, bbox_to_anchor=(0.5, 0.1 / figure.get_figheight()),
     )  # fmt: skip
