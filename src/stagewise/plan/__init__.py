@@ -1,0 +1,51 @@
+"""The 3D-parallelism planner: which TP x PP x DP split fits, how fast it runs, how to launch it.
+
+Data in, data out: a model (:func:`get_model`, :func:`model_from_hf_config`), a cluster
+(:func:`get_gpu`, :class:`Cluster`) and a training run (:class:`TrainingSpec`) go in;
+:func:`evaluate` predicts one :class:`ParallelConfig`, :func:`search` ranks them all, and the
+exporters turn a :class:`Plan` into launch arguments. Pure Python: importing this package
+imports neither torch nor matplotlib.
+"""
+
+from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
+from stagewise.plan.evaluate import Plan, check_config, evaluate, lower_bound_step_time
+from stagewise.plan.flops import MODEL_FLOPS_NAME, hardware_flops_per_token, model_flops_per_token
+from stagewise.plan.hardware import Cluster, GpuSpec, catalog_gpus, get_gpu
+from stagewise.plan.layer import LayerSetup, LayerTime, block_time
+from stagewise.plan.layer_time import layer_time
+from stagewise.plan.memory import MemoryBreakdown, layer_activation_bytes
+from stagewise.plan.models import ModelSpec, catalog_models, get_model, model_from_hf_config
+from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
+from stagewise.plan.steptime import StepTime
+
+__all__ = [
+    "DEFAULT_CONSTANTS",
+    "MODEL_FLOPS_NAME",
+    "Cluster",
+    "Constants",
+    "GpuSpec",
+    "LayerSetup",
+    "LayerTime",
+    "MemoryBreakdown",
+    "ModelSpec",
+    "ParallelConfig",
+    "PipelineCache",
+    "Plan",
+    "StepTime",
+    "TrainingSpec",
+    "block_time",
+    "catalog_gpus",
+    "catalog_models",
+    "check_config",
+    "evaluate",
+    "get_gpu",
+    "get_model",
+    "hardware_flops_per_token",
+    "layer_activation_bytes",
+    "layer_time",
+    "lower_bound_step_time",
+    "model_flops_per_token",
+    "model_from_hf_config",
+    "split_layers",
+]

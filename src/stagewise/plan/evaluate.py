@@ -1,0 +1,199 @@
+"""Evaluate one plan: check it, size its memory, time its step, derive throughput and MFU.
+
+``evaluate(model, cluster, training, config)`` returns a :class:`Plan` with the memory
+breakdown of the most loaded GPU, the step-time breakdown and the figures users compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from stagewise.errors import PlanError
+from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
+from stagewise.plan.flops import (
+    hardware_flops_per_token,
+    lower_bound_flops_per_token,
+    model_flops_per_token,
+)
+from stagewise.plan.hardware import Cluster
+from stagewise.plan.memory import GIB, MemoryBreakdown
+from stagewise.plan.models import ModelSpec
+from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.rank import RankSizes, rank_memory, rank_sizes
+from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
+from stagewise.plan.steptime import StepTime, step_time
+from stagewise.schedules import get
+
+__all__ = ["Plan", "check_config", "evaluate", "lower_bound_step_time"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A parallel configuration with its predicted memory and speed."""
+
+    model: ModelSpec
+    cluster: Cluster
+    training: TrainingSpec
+    config: ParallelConfig
+    num_microbatches: int
+    layers: tuple[int, ...]
+    memory: MemoryBreakdown
+    time: StepTime
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.cluster.gpu.memory_gib * GIB
+
+    @property
+    def reason(self) -> str | None:
+        """Why the plan does not fit (None when it does)."""
+        if self.fits:
+            return None
+        parts = self.memory.in_gib()
+        total = parts.pop("total")
+        biggest = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+        listing = ", ".join(f"{name} {value:.1f}" for name, value in biggest)
+        return (
+            f"needs {total:.1f} GiB on pipeline rank {self.memory.rank} ({listing}) but "
+            f"{self.cluster.gpu.name} has {self.cluster.gpu.memory_gib:g} GiB"
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.training.global_batch * self.training.seq
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.time.step_s
+
+    @property
+    def model_flops(self) -> float:
+        """Model FLOPs of one step (see :data:`stagewise.plan.flops.MODEL_FLOPS_NAME`)."""
+        return model_flops_per_token(self.model, self.training.seq) * self.tokens_per_step
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        """Model TFLOP/s per GPU."""
+        return self.model_flops / self.time.step_s / self.cluster.num_gpus / 1e12
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation against the GPU's dense BF16 peak."""
+        return self.tflops_per_gpu * 1e12 / self.cluster.gpu.peak_flops
+
+    @property
+    def hfu(self) -> float:
+        """Hardware FLOPs utilisation: recomputation counted."""
+        flops = hardware_flops_per_token(self.model, self.training.seq, self.config.recompute)
+        rate = flops * self.tokens_per_step / self.time.step_s / self.cluster.num_gpus
+        return rate / self.cluster.gpu.peak_flops
+
+    def run_hours(self, tokens: float) -> float:
+        """Wall-clock hours to train on ``tokens`` tokens."""
+        return tokens / self.tokens_per_s / 3600.0
+
+    def run_cost(self, tokens: float, price_per_gpu_hour: float) -> float:
+        """Cost of training on ``tokens`` tokens at ``price_per_gpu_hour``."""
+        return self.run_hours(tokens) * self.cluster.num_gpus * price_per_gpu_hour
+
+
+def check_config(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, config: ParallelConfig
+) -> None:
+    """Raise PlanError (naming the values and the fix) when ``config`` cannot run."""
+    t, n = config.tp, cluster.num_gpus
+    if config.num_gpus != n:
+        raise PlanError(
+            f"tp x pp x dp = {t} x {config.pp} x {config.dp} = {config.num_gpus} but the "
+            f"cluster has {n} GPUs: make the product equal {n}"
+        )
+    if model.heads % t or model.kv_heads % t:
+        raise PlanError(
+            f"TP={t} does not divide {model.name}'s {model.heads} attention heads and "
+            f"{model.kv_heads} key/value heads: choose a TP that divides {model.kv_heads}"
+        )
+    if model.ffn % t:
+        raise PlanError(f"TP={t} does not divide the MLP width {model.ffn}: choose another TP")
+    if t > cluster.gpus_per_node:
+        raise PlanError(
+            f"TP={t} spans nodes of {cluster.gpus_per_node} GPUs: keep TP <= "
+            f"{cluster.gpus_per_node} and use PP across nodes"
+        )
+    config.num_microbatches(training)
+    if config.pp * config.vp > model.layers:
+        raise PlanError(
+            f"pp x vp = {config.pp} x {config.vp} exceeds {model.layers} layers: lower pp or vp"
+        )
+    generator = get(config.schedule)
+    if generator.fixed_chunks is not None and config.vp != generator.fixed_chunks:
+        raise PlanError(
+            f"schedule {config.schedule} runs {generator.fixed_chunks} chunk(s) per rank, "
+            f"got vp={config.vp}: pick interleaved-1f1b for vp > 1"
+        )
+
+
+def evaluate(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    constants: Constants = DEFAULT_CONSTANTS,
+    cache: PipelineCache | None = None,
+) -> Plan:
+    """Predict memory and step time of ``config``.
+
+    Raises:
+        PlanError: the configuration cannot run (see :func:`check_config`).
+        ScheduleError: the schedule cannot be built for these sizes.
+
+    Example:
+        >>> from stagewise.plan import Cluster, get_gpu, get_model
+        >>> plan = evaluate(get_model("llama-2-7b"), Cluster(get_gpu("h100"), 1, 8),
+        ...                 TrainingSpec(seq=4096, global_batch=32),
+        ...                 ParallelConfig(tp=2, pp=2, dp=2, micro_batch_size=1))
+        >>> plan.fits, plan.num_microbatches
+        (True, 16)
+    """
+    check_config(model, cluster, training, config)
+    if config.tp == 1 and config.sequence_parallel:
+        config = replace(config, sequence_parallel=False)
+    cache = cache or PipelineCache()
+    m = config.num_microbatches(training)
+    layers = split_layers(model.layers, config.pp * config.vp)
+    schedule = cache.schedule(config.schedule, config.pp, m, config.vp)
+    sizes = rank_sizes(model, training, config, layers, schedule.placement)
+    memory = _most_loaded(model, training, config, layers, sizes, cache, m, constants)
+    time = step_time(model, cluster, training, config, layers, sizes, schedule, cache, constants)
+    return Plan(model, cluster, training, config, m, layers, memory, time)
+
+
+def _most_loaded(
+    model: ModelSpec,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    layers: tuple[int, ...],
+    sizes: list[RankSizes],
+    cache: PipelineCache,
+    m: int,
+    constants: Constants,
+) -> MemoryBreakdown:
+    p = config.pp
+    most = max(sum(layers[s] for s in size.stages) for size in sizes)
+    ranks = {0, p - 1} | {
+        size.rank for size in sizes if sum(layers[s] for s in size.stages) == most
+    }
+    best: MemoryBreakdown | None = None
+    for rank in sorted(ranks):
+        memory = rank_memory(model, training, config, sizes[rank], cache, m, constants)
+        if best is None or memory.total > best.total:
+            best = memory
+    assert best is not None
+    return best
+
+
+def lower_bound_step_time(model: ModelSpec, cluster: Cluster, training: TrainingSpec) -> float:
+    """Seconds a step needs at least: its fewest FLOPs at every GPU's dense peak, nothing else."""
+    tokens = training.global_batch * training.seq
+    flops = lower_bound_flops_per_token(model, training.seq) * tokens
+    return flops / (cluster.num_gpus * cluster.gpu.peak_flops)
+

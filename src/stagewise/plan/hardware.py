@@ -1,0 +1,118 @@
+"""GPUs and clusters: the catalog of accelerators and the nodes x GPUs-per-node a plan runs on.
+
+Bandwidths are per GPU and per direction, in bytes per second once loaded: ``nvlink`` inside a
+node, ``network`` (InfiniBand or RoCE) between nodes. Peaks are dense (no sparsity) BF16 tensor
+core figures from the vendors' datasheets, cited in ``source``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from stagewise.errors import PlanError
+
+__all__ = ["Cluster", "GpuSpec", "catalog_gpus", "get_gpu"]
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One accelerator.
+
+    Attributes:
+        name: catalog name (``"H100-SXM5-80GB"``).
+        peak_flops: dense BF16 peak, FLOP/s.
+        memory_gib: device memory, GiB.
+        hbm_bandwidth: memory bandwidth, bytes/s.
+        nvlink_bandwidth: intra-node bandwidth per GPU each way, bytes/s.
+        network_bandwidth: inter-node bandwidth per GPU each way, bytes/s.
+        gpus_per_node: GPUs in the vendor's reference node.
+        source: where the figures come from.
+    """
+
+    name: str
+    peak_flops: float
+    memory_gib: float
+    hbm_bandwidth: float
+    nvlink_bandwidth: float
+    network_bandwidth: float
+    gpus_per_node: int = 8
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for label in ("peak_flops", "memory_gib", "hbm_bandwidth", "nvlink_bandwidth",
+                      "network_bandwidth"):
+            if getattr(self, label) <= 0:
+                raise PlanError(f"gpu {self.name}: {label} must be > 0, got {getattr(self, label)}")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``nodes`` machines of ``gpus_per_node`` identical GPUs."""
+
+    gpu: GpuSpec
+    nodes: int
+    gpus_per_node: int
+
+    def __post_init__(self) -> None:
+        for label in ("nodes", "gpus_per_node"):
+            value = getattr(self, label)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(f"cluster: {label} must be a positive integer, got {value!r}")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @classmethod
+    def of_gpus(cls, gpu: GpuSpec, num_gpus: int, gpus_per_node: int | None = None) -> Cluster:
+        """A cluster of ``num_gpus`` GPUs in nodes of ``gpus_per_node`` (default the GPU's)."""
+        per_node = gpus_per_node or gpu.gpus_per_node
+        if num_gpus <= per_node:
+            return cls(gpu, 1, num_gpus)
+        if num_gpus % per_node:
+            raise PlanError(
+                f"--gpus {num_gpus} is not a multiple of {per_node} GPUs per node: give "
+                f"--nodes and --gpus-per-node instead"
+            )
+        return cls(gpu, num_gpus // per_node, per_node)
+
+
+def _catalog() -> dict[str, dict[str, Any]]:
+    text = resources.files("stagewise.plan").joinpath("data/gpus.json").read_text()
+    data: dict[str, dict[str, Any]] = json.loads(text)
+    data.pop("_comment", None)
+    return data
+
+
+def catalog_gpus() -> list[str]:
+    """Names of the GPUs in the catalog."""
+    return sorted(_catalog())
+
+
+def get_gpu(name: str) -> GpuSpec:
+    """The catalog GPU ``name`` or one of its aliases (case-insensitive).
+
+    Raises:
+        PlanError: unknown name; the message lists the catalog.
+
+    Example:
+        >>> get_gpu("h100").memory_gib
+        79.6
+    """
+    key = name.lower()
+    for full, entry in _catalog().items():
+        if key == full.lower() or key in entry.get("aliases", []):
+            return GpuSpec(
+                name=full,
+                peak_flops=entry["peak_tflops"] * 1e12,
+                memory_gib=entry["memory_gib"],
+                hbm_bandwidth=entry["hbm_tb_s"] * 1e12,
+                nvlink_bandwidth=entry["nvlink_gb_s"] * 1e9,
+                network_bandwidth=entry["network_gb_s"] * 1e9,
+                gpus_per_node=entry.get("gpus_per_node", 8),
+                source=entry.get("source", ""),
+            )
+    raise PlanError(f"unknown GPU {name!r}: choose one of {', '.join(catalog_gpus())}")

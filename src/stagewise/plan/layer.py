@@ -1,0 +1,211 @@
+"""Time of one transformer block on one GPU of a TP group: GEMMs, attention, element-wise, TP.
+
+Every kernel is timed from first principles and the global constants (``constants.py``):
+
+- GEMM M x N x K: ``max(2(M+d)(N+d)(K+d) / (peak·eff), bytes / (HBM·eff_hbm)) + launch``,
+  d = ``tile_overhead``. Thin TP slices (N or K = h/t, f/t) and short token counts
+  (M = b·s) pay the padding, so their efficiency falls; tiny ones become memory-bound.
+- Attention core: ``flash`` runs the causal half of the 4·b·s²·h/t FLOPs at
+  ``flash_efficiency`` of the GEMM rate (backward 2.5x the forward FLOPs: it recomputes the
+  scores); ``unfused`` runs two batched GEMMs with K or N = head_dim plus softmax (and
+  dropout) kernels over the b·(a/t)·s² scores, bandwidth-bound.
+- Element-wise kernels (norms, residual adds with dropout, activation, rotary) move bytes at
+  ``hbm_efficiency`` of HBM bandwidth; the backward moves twice the forward's bytes. Without
+  sequence parallelism the norms and residuals are replicated on every TP rank.
+- TP collectives: without sequence parallelism two all-reduces of the b·s·h activation in the
+  forward and two in the backward; with it, all-gathers and reduce-scatters of the same total
+  volume, plus two more all-gathers in the backward: the sharded inputs are gathered again
+  for the weight-gradient GEMMs. Megatron overlaps those with the input-gradient GEMMs, but
+  they compete for SMs and HBM; the model counts them as exposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stagewise.plan.comm import all_gather_time, all_reduce_time
+from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
+from stagewise.plan.hardware import GpuSpec
+from stagewise.plan.models import ModelSpec
+
+__all__ = ["LayerSetup", "LayerTime", "block_time", "gemm_time"]
+
+BYTES = 2  # bf16 activations and weights
+
+
+def gemm_time(
+    m: float, n: float, k: float, gpu: GpuSpec, c: Constants, batch: int = 1
+) -> float:
+    """Seconds of ``batch`` GEMMs of (m x k) @ (k x n) in one kernel."""
+    d = c.tile_overhead
+    compute = batch * 2.0 * (m + d) * (n + d) * (k + d) / (gpu.peak_flops * c.matmul_efficiency)
+    memory = batch * BYTES * (m * k + k * n + m * n) / (gpu.hbm_bandwidth * c.hbm_efficiency)
+    return max(compute, memory) + c.kernel_overhead_s
+
+
+def _elementwise(num_bytes: float, kernels: int, gpu: GpuSpec, c: Constants) -> float:
+    return num_bytes / (gpu.hbm_bandwidth * c.hbm_efficiency) + kernels * c.kernel_overhead_s
+
+
+@dataclass(frozen=True)
+class LayerSetup:
+    """How one block runs: the TP slice, the micro-batch, and the recipe."""
+
+    tp: int
+    micro_batch_size: int
+    seq: int
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    attention: str = "flash"
+    dropout: bool = False
+    lora_rank: int | None = None
+    tp_bandwidth: float | None = None  # bytes/s each way; None: the GPU's NVLink
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """Seconds of one block's forward and backward on one GPU, by part.
+
+    ``backward`` includes ``recompute`` (the forward work recomputation repeats);
+    ``weight_grad`` is the part of the backward that computes weight gradients (the W op of
+    split-backward schedules).
+    """
+
+    forward_gemm: float
+    forward_attention: float
+    forward_elementwise: float
+    forward_tp_comm: float
+    backward_gemm: float
+    backward_attention: float
+    backward_elementwise: float
+    backward_tp_comm: float
+    recompute: float
+    weight_grad: float
+
+    @property
+    def forward(self) -> float:
+        return (
+            self.forward_gemm + self.forward_attention + self.forward_elementwise
+            + self.forward_tp_comm
+        )
+
+    @property
+    def backward(self) -> float:
+        return (
+            self.backward_gemm + self.backward_attention + self.backward_elementwise
+            + self.backward_tp_comm + self.recompute
+        )
+
+    @property
+    def tp_comm(self) -> float:
+        return self.forward_tp_comm + self.backward_tp_comm
+
+
+def _gemm_shapes(model: ModelSpec, tokens: int, tp: int) -> list[tuple[float, float, float]]:
+    """(M, N, K) of the block's forward GEMMs on one TP rank."""
+    h, f = model.hidden, model.ffn
+    return [
+        (tokens, (h + 2 * model.kv_dim) / tp, h),  # fused QKV
+        (tokens, h, h / tp),  # attention output projection
+        (tokens, (model.mlp_matrices - 1) * f / tp, h),  # up (and gate, fused)
+        (tokens, h, f / tp),  # down
+    ]
+
+
+def _gemms(
+    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
+) -> tuple[float, float, float]:
+    """(forward, input-gradient, weight-gradient) GEMM seconds, LoRA adapters included."""
+    tokens = setup.micro_batch_size * setup.seq
+    forward = dgrad = wgrad = 0.0
+    for m, n, k in _gemm_shapes(model, tokens, setup.tp):
+        forward += gemm_time(m, n, k, gpu, c)
+        dgrad += gemm_time(m, k, n, gpu, c)
+        if setup.lora_rank is None:
+            wgrad += gemm_time(k, n, m, gpu, c)
+            continue
+        r = setup.lora_rank
+        for am, an, ak in ((m, r, k), (m, n, r)):  # x A, then (x A) B
+            forward += gemm_time(am, an, ak, gpu, c)
+            dgrad += gemm_time(am, ak, an, gpu, c)
+            wgrad += gemm_time(ak, an, am, gpu, c)
+    return forward, dgrad, wgrad
+
+
+def _attention(
+    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
+) -> tuple[float, float]:
+    """(forward, backward) seconds of the attention core (scores, softmax, scores x V)."""
+    b, s, t = setup.micro_batch_size, setup.seq, setup.tp
+    heads = model.heads / t
+    if setup.attention == "flash":
+        flops = 4.0 * b * s * s * model.hidden / t * 0.5
+        rate = gpu.peak_flops * c.matmul_efficiency * c.flash_efficiency
+        return flops / rate + c.kernel_overhead_s, 2.5 * flops / rate + 2 * c.kernel_overhead_s
+    dh, batch = model.head_dim, max(1, round(b * heads))
+    scores = gemm_time(s, s, dh, gpu, c, batch) + gemm_time(s, dh, s, gpu, c, batch)
+    elements = b * heads * s * s
+    forward_bytes = elements * (4 + (5 if setup.dropout else 0))
+    backward_bytes = elements * (6 + (5 if setup.dropout else 0))
+    kernels = 2 if setup.dropout else 1
+    forward = scores + _elementwise(forward_bytes, kernels, gpu, c)
+    backward = 2 * scores + _elementwise(backward_bytes, kernels, gpu, c)
+    return forward, backward
+
+
+def _elementwise_forward(model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants) -> float:
+    tokens = setup.micro_batch_size * setup.seq
+    h, t = model.hidden, setup.tp
+    shard = t if setup.sequence_parallel else 1
+    replicated = tokens * h / shard * (2 * 4 + 2 * (7 if setup.dropout else 6))
+    sliced = tokens * model.ffn / t * (6 if model.mlp == "swiglu" else 4)
+    kernels = 5
+    if model.position == "rope":
+        sliced += 4 * tokens * (h + model.kv_dim) / t
+        kernels += 1
+    return _elementwise(replicated + sliced, kernels, gpu, c)
+
+
+def _tp_comm(
+    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
+) -> tuple[float, float]:
+    """Seconds of the TP collectives of one (forward, backward)."""
+    t = setup.tp
+    if t == 1:
+        return 0.0, 0.0
+    size = BYTES * setup.micro_batch_size * setup.seq * model.hidden
+    bandwidth = setup.tp_bandwidth or gpu.nvlink_bandwidth
+    if setup.sequence_parallel:
+        gather = all_gather_time(size, t, bandwidth, c)
+        return 4 * gather, 6 * gather
+    reduce = all_reduce_time(size, t, bandwidth, c)
+    return 2 * reduce, 2 * reduce
+
+
+def block_time(
+    model: ModelSpec, gpu: GpuSpec, setup: LayerSetup, c: Constants = DEFAULT_CONSTANTS
+) -> LayerTime:
+    """Time of one transformer block's forward and backward on one GPU of its TP group."""
+    gemm_f, gemm_d, gemm_w = _gemms(model, setup, gpu, c)
+    attn_f, attn_b = _attention(model, setup, gpu, c)
+    elem_f = _elementwise_forward(model, setup, gpu, c)
+    comm_f, comm_b = _tp_comm(model, setup, gpu, c)
+    forward = gemm_f + attn_f + elem_f + comm_f
+    if setup.recompute == "full":
+        recompute = forward
+    elif setup.recompute == "selective" and setup.attention == "unfused":
+        recompute = attn_f
+    else:
+        recompute = 0.0
+    return LayerTime(
+        forward_gemm=gemm_f,
+        forward_attention=attn_f,
+        forward_elementwise=elem_f,
+        forward_tp_comm=comm_f,
+        backward_gemm=gemm_d + gemm_w,
+        backward_attention=attn_b,
+        backward_elementwise=2 * elem_f,
+        backward_tp_comm=comm_b,
+        recompute=recompute,
+        weight_grad=gemm_w,
+    )

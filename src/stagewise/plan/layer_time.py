@@ -1,0 +1,86 @@
+"""``layer_time``: the planner's prediction for one transformer block, to compare with a GPU."""
+
+from __future__ import annotations
+
+from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
+from stagewise.plan.hardware import GpuSpec, get_gpu
+from stagewise.plan.layer import LayerSetup, block_time
+from stagewise.plan.models import ModelSpec, get_model
+
+__all__ = ["layer_time"]
+
+
+def layer_time(
+    model: ModelSpec | str,
+    gpu: GpuSpec | str,
+    tp: int,
+    micro_batch_size: int,
+    seq: int,
+    *,
+    include_comm: bool = True,
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+    attention: str = "flash",
+    constants: Constants = DEFAULT_CONSTANTS,
+) -> tuple[float, float]:
+    """Predicted (forward_s, backward_s) of ONE transformer block on ONE GPU of a TP group.
+
+    What is timed: the block's TP slice on one GPU, i.e. the block with heads/tp query heads,
+    kv_heads/tp key/value heads and ffn/tp MLP width (hidden size unchanged), for one
+    micro-batch of ``micro_batch_size`` x ``seq`` tokens, in BF16:
+
+    - forward_s: the GEMMs (fused QKV, attention output, MLP up/gate, MLP down), the attention
+      core (``flash``: causal fused kernel; ``unfused``: score GEMMs + softmax), the
+      element-wise kernels (two norms, two residual adds, the activation, rotary embedding
+      for RoPE models, dropout when the model uses it) and, when ``include_comm`` and
+      ``tp > 1``, the TP collectives of the forward on NVLink (two all-reduces of the
+      b x s x h bf16 activation; with ``sequence_parallel`` two all-gathers and two
+      reduce-scatters, norms and residuals then sharded).
+    - backward_s: input- and weight-gradient GEMMs, the attention backward, element-wise
+      backward (twice the forward's bytes), the same TP collectives as the forward when
+      ``include_comm``, plus what ``recompute`` repeats (``full``: the whole forward;
+      ``selective``: the attention core, nothing with flash attention).
+
+    Not included: embedding, output head and loss, optimizer, pipeline transfers, DP
+    reduction, the pipeline bubble, Python/framework overhead between kernels beyond a fixed
+    per-kernel launch cost. With ``include_comm=False`` this is what one GPU measures when it
+    runs the sliced block alone (no process group).
+
+    Args:
+        model: a :class:`ModelSpec` or a catalog name (``"llama-2-70b"``).
+        gpu: a :class:`GpuSpec` or a catalog name/alias (``"h100"``).
+        tp: tensor-parallel size; must divide the model's kv_heads and ffn.
+        micro_batch_size: sequences per micro-batch.
+        seq: sequence length.
+        include_comm: add the TP collectives (0 for tp == 1).
+        recompute: ``none``, ``selective`` or ``full`` (adds recomputation to backward_s).
+        sequence_parallel: Megatron sequence parallelism.
+        attention: ``flash`` or ``unfused``.
+        constants: the planner's global constants.
+
+    Example:
+        >>> fwd, bwd = layer_time("llama-2-70b", "h100", tp=8, micro_batch_size=1, seq=4096)
+        >>> 0 < fwd < bwd
+        True
+    """
+    spec = get_model(model) if isinstance(model, str) else model
+    device = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    setup = LayerSetup(
+        tp=tp,
+        micro_batch_size=micro_batch_size,
+        seq=seq,
+        recompute=recompute,
+        sequence_parallel=sequence_parallel and tp > 1,
+        attention=attention,
+        dropout=spec.dropout,
+        tp_bandwidth=device.nvlink_bandwidth,
+    )
+    block = block_time(spec, device, setup, constants)
+    comm_f = block.forward_tp_comm if include_comm else 0.0
+    comm_b = block.backward_tp_comm if include_comm else 0.0
+    forward = block.forward - block.forward_tp_comm + comm_f
+    recompute_comm = block.forward_tp_comm if recompute == "full" else 0.0
+    backward = block.backward - block.backward_tp_comm - recompute_comm
+    if include_comm:
+        backward += comm_b + recompute_comm
+    return forward, backward

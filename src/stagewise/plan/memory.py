@@ -1,0 +1,138 @@
+"""Memory per GPU: model states, activations (Korthikanti et al. 2022) and the rest.
+
+Activations of one block for one micro-batch on one GPU of a TP group of t, in bytes
+(b micro-batch, s sequence, h hidden, a heads, f MLP width, k the key/value width):
+
+- replicated over TP unless sequence parallelism shards them: the two norms' inputs and
+  outputs (8·s·b·h) and the two dropout masks (2·s·b·h, when the model uses dropout);
+- sharded over TP: Q (2·s·b·h), K and V (4·s·b·k), the attention output (2·s·b·h), the MLP
+  (4·s·b·f for GELU: its input and output; 6·s·b·f for SwiGLU: gate, up and their product);
+- the attention core: unfused, the softmax output (2·a·s²·b) and with dropout its mask and
+  output (3·a·s²·b); fused (flash) only the fp32 log-sum-exp (4·a·s·b).
+
+For a GPT block (k = h, f = 4h, dropout, unfused) this is Korthikanti's
+s·b·h·(10 + 24/t + 5·a·s/(h·t)), and s·b·h·34/t with sequence parallelism and selective
+recomputation (which drops the attention core). Full recomputation keeps only each block's
+input (2·s·b·h, sharded with sequence parallelism) and rebuilds one block at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stagewise.plan.models import ModelSpec
+from stagewise.plan.spec import ParallelConfig, TrainingSpec
+
+__all__ = [
+    "GIB",
+    "MemoryBreakdown",
+    "layer_activation_bytes",
+    "layer_state_bytes_per_param",
+]
+
+GIB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on one GPU (the most loaded one of the plan), by part.
+
+    Attributes:
+        weights: parameters held (bf16; LoRA: frozen base plus adapters).
+        gradients: gradient buffers (fp32 main grads by default).
+        optimizer: Adam state and fp32 master weights (sharded over DP when distributed).
+        activations: stored activations of the micro-batches in flight at the peak, from the
+            schedule's timeline (embedding and final-norm outputs included on their stages).
+        logits: the last stage's output logits and their fp32 softmax for one micro-batch.
+        recompute_buffer: one block's full activations while full recomputation rebuilds it.
+        comm_buffers: pipeline send/receive buffers and the sequence-parallel gather buffer.
+        reserved: CUDA context, library workspaces and fragmentation (a constant).
+        rank: the pipeline rank these figures belong to.
+    """
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    recompute_buffer: float
+    comm_buffers: float
+    reserved: float
+    rank: int = 0
+
+    @property
+    def total(self) -> float:
+        return (
+            self.weights + self.gradients + self.optimizer + self.activations + self.logits
+            + self.recompute_buffer + self.comm_buffers + self.reserved
+        )
+
+    @property
+    def model_states(self) -> float:
+        """Weights, gradients and optimizer state."""
+        return self.weights + self.gradients + self.optimizer
+
+    def in_gib(self) -> dict[str, float]:
+        """Every part and the total, in GiB."""
+        parts = {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "logits": self.logits,
+            "recompute_buffer": self.recompute_buffer,
+            "comm_buffers": self.comm_buffers,
+            "reserved": self.reserved,
+            "total": self.total,
+        }
+        return {name: value / GIB for name, value in parts.items()}
+
+
+def layer_activation_bytes(
+    model: ModelSpec,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    recompute: str | None = None,
+) -> float:
+    """Bytes one block stores for one micro-batch on one GPU (see the module docstring).
+
+    Example:
+        >>> from stagewise.plan.models import get_model
+        >>> gpt = get_model("gpt-22b")
+        >>> run = TrainingSpec(seq=2048, global_batch=4, attention="unfused")
+        >>> cfg = ParallelConfig(tp=8, pp=1, dp=1, micro_batch_size=4)
+        >>> sbh = 2048 * 4 * 6144
+        >>> layer_activation_bytes(gpt, run, cfg) / sbh == 10 + 24 / 8 + 5 * 64 * 2048 / (6144 * 8)
+        True
+    """
+    mode = config.recompute if recompute is None else recompute
+    b, s, t = config.micro_batch_size, training.seq, config.tp
+    h, f = model.hidden, model.ffn
+    sbh = s * b * h
+    shard = t if config.sequence_parallel else 1
+    if mode == "full":
+        return 2.0 * sbh / shard
+    dropout = training.uses_dropout(model)
+    replicated = (8 + (2 if dropout else 0)) * sbh
+    mlp = (6 if model.mlp == "swiglu" else 4) * s * b * f
+    sliced = 2 * sbh + 4 * s * b * model.kv_dim + 2 * sbh + mlp
+    if training.attention == "flash":
+        core = 4.0 * model.heads * s * b
+    elif mode == "selective":
+        core = 0.0
+    else:
+        core = (2 + (3 if dropout else 0)) * model.heads * s * s * b
+    return replicated / shard + (sliced + core) / t
+
+
+def layer_state_bytes_per_param(
+    training: TrainingSpec, config: ParallelConfig
+) -> tuple[float, float, float]:
+    """(weight, gradient, optimizer) bytes per trainable parameter on one GPU.
+
+    bf16 weights (2), fp32 main gradients (``grad_bytes``, 4), and Adam's fp32 master weights,
+    first and second moments (12), the latter divided by dp with the distributed optimizer:
+    Megatron's 18 bytes, or 6 + 12/d (Megatron-LM ``docs/distrib_optimizer.md``).
+    """
+    optimizer = 12.0 / (config.dp if config.distributed_optimizer else 1)
+    return 2.0, float(training.grad_bytes), optimizer

@@ -1,0 +1,240 @@
+"""Model shapes: the transformer a plan trains, from the catalog, a Hugging Face config or flags.
+
+A :class:`ModelSpec` is a decoder-only transformer described by the numbers the memory and
+time models need: layers, hidden size, attention heads (query and key/value heads, so grouped
+query attention is covered), the MLP kind (``swiglu``: three matrices, or ``gelu``: two), the
+vocabulary, whether input and output embeddings are tied, and whether linear layers carry biases
+and dropout is used. Parameter counts here are exact for Llama- and GPT-2-style blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from stagewise.errors import PlanError
+
+__all__ = ["ModelSpec", "catalog_models", "get_model", "model_from_hf_config"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer.
+
+    Attributes:
+        name: catalog or file name.
+        layers: transformer blocks (L).
+        hidden: model width (h).
+        heads: query heads (a).
+        kv_heads: key/value heads (equal to ``heads`` without grouped-query attention).
+        ffn: MLP inner width (f).
+        vocab: vocabulary size before any padding (V).
+        mlp: ``"swiglu"`` (gate, up, down) or ``"gelu"`` (up, down).
+        norm: ``"rmsnorm"`` (weight only) or ``"layernorm"`` (weight and bias).
+        tied_embeddings: output head shares the input embedding matrix.
+        position: ``"rope"`` (no parameters) or ``"learned"`` (a max_seq x h table).
+        bias: linear layers carry biases (GPT-2 style).
+        dropout: the model trains with dropout (masks are stored for backward).
+        max_seq: longest sequence the model was built for (learned positions need it).
+    """
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    tied_embeddings: bool = False
+    position: str = "rope"
+    bias: bool = False
+    dropout: bool = False
+    max_seq: int = 4096
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for label in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_seq"):
+            value = getattr(self, label)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(
+                    f"model {self.name}: {label} must be a positive integer, got {value!r}"
+                )
+        if self.hidden % self.heads:
+            raise PlanError(
+                f"model {self.name}: hidden {self.hidden} is not a multiple of heads {self.heads}"
+            )
+        if self.heads % self.kv_heads:
+            raise PlanError(
+                f"model {self.name}: heads {self.heads} is not a multiple of kv_heads "
+                f"{self.kv_heads} (grouped-query attention shares each key/value head)"
+            )
+        if self.mlp not in ("swiglu", "gelu"):
+            raise PlanError(f"model {self.name}: mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise PlanError(
+                f"model {self.name}: norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"
+            )
+        if self.position not in ("rope", "learned"):
+            raise PlanError(
+                f"model {self.name}: position must be 'rope' or 'learned', got {self.position!r}"
+            )
+
+    # --- shapes ----------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, h / a."""
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and of the value) projection: kv_heads x head_dim."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices in the MLP: 3 for SwiGLU, 2 for GELU."""
+        return 3 if self.mlp == "swiglu" else 2
+
+    def padded_vocab(self, tp: int = 1, multiple: int = 128) -> int:
+        """Vocabulary padded to a multiple of ``multiple * tp`` (Megatron's rule)."""
+        step = multiple * tp
+        return -(-self.vocab // step) * step
+
+    # --- parameters ------------------------------------------------------------------------
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one block's matrix multiplies: Q, K, V, output, and the MLP."""
+        h = self.hidden
+        attention = 2 * h * h + 2 * h * self.kv_dim
+        return attention + self.mlp_matrices * h * self.ffn
+
+    @property
+    def layer_params(self) -> int:
+        """All parameters of one block: matrices, biases and the two norms."""
+        h = self.hidden
+        norms = 2 * h * (2 if self.norm == "layernorm" else 1)
+        biases = 0
+        if self.bias:
+            biases = (h + 2 * self.kv_dim) + h + (self.mlp_matrices - 1) * self.ffn + h
+        return self.layer_matmul_params + norms + biases
+
+    def embedding_params(self, tp: int = 1) -> int:
+        """Input embedding (padded vocabulary) plus learned positions, if any."""
+        positions = self.max_seq * self.hidden if self.position == "learned" else 0
+        return self.padded_vocab(tp) * self.hidden + positions
+
+    def head_params(self, tp: int = 1) -> int:
+        """Final norm plus the output projection (0 extra matrix when tied: shared)."""
+        norm = self.hidden * (2 if self.norm == "layernorm" else 1)
+        return norm + (0 if self.tied_embeddings else self.padded_vocab(tp) * self.hidden)
+
+    @property
+    def num_params(self) -> int:
+        """Total parameters (unpadded vocabulary), as a model card counts them."""
+        positions = self.max_seq * self.hidden if self.position == "learned" else 0
+        embed = self.vocab * self.hidden
+        norm = self.hidden * (2 if self.norm == "layernorm" else 1)
+        head = 0 if self.tied_embeddings else embed
+        return self.layers * self.layer_params + embed + positions + norm + head
+
+
+def _catalog() -> dict[str, dict[str, Any]]:
+    text = resources.files("stagewise.plan").joinpath("data/models.json").read_text()
+    data: dict[str, dict[str, Any]] = json.loads(text)
+    data.pop("_comment", None)
+    return data
+
+
+def catalog_models() -> list[str]:
+    """Names of the models in the catalog."""
+    return sorted(_catalog())
+
+
+def get_model(name: str) -> ModelSpec:
+    """The catalog model ``name`` (case-insensitive).
+
+    Raises:
+        PlanError: unknown name; the message lists the catalog.
+
+    Example:
+        >>> get_model("llama-2-70b").kv_heads
+        8
+    """
+    catalog = _catalog()
+    key = name.lower()
+    if key not in catalog:
+        raise PlanError(
+            f"unknown model {name!r}: choose one of {', '.join(sorted(catalog))} "
+            "or pass --model-config config.json"
+        )
+    return ModelSpec(name=key, **catalog[key])
+
+
+def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = None) -> ModelSpec:
+    """Read a Hugging Face ``config.json`` (``llama``/``mistral`` or ``gpt2`` model types).
+
+    Raises:
+        PlanError: unreadable file, unsupported model type or missing fields.
+    """
+    if isinstance(path, dict):
+        config, label = path, name or "config"
+    else:
+        try:
+            config = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise PlanError(f"cannot read model config {str(path)!r}: {err}") from None
+        label = name or Path(path).parent.name or Path(path).stem
+    kind = config.get("model_type", "")
+    try:
+        if kind in ("llama", "mistral"):
+            heads = int(config["num_attention_heads"])
+            act = config.get("hidden_act", "silu")
+            return ModelSpec(
+                name=label,
+                layers=int(config["num_hidden_layers"]),
+                hidden=int(config["hidden_size"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                ffn=int(config["intermediate_size"]),
+                vocab=int(config["vocab_size"]),
+                mlp="swiglu" if act in ("silu", "swish") else "gelu",
+                norm="rmsnorm",
+                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                position="rope",
+                bias=bool(config.get("attention_bias", False)),
+                dropout=float(config.get("attention_dropout", 0.0) or 0.0) > 0,
+                max_seq=int(config.get("max_position_embeddings", 4096)),
+                source=f"Hugging Face config ({kind})",
+            )
+        if kind == "gpt2":
+            hidden = int(config["n_embd"])
+            return ModelSpec(
+                name=label,
+                layers=int(config["n_layer"]),
+                hidden=hidden,
+                heads=int(config["n_head"]),
+                kv_heads=int(config["n_head"]),
+                ffn=int(config.get("n_inner") or 4 * hidden),
+                vocab=int(config["vocab_size"]),
+                mlp="gelu",
+                norm="layernorm",
+                tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+                position="learned",
+                bias=True,
+                dropout=float(config.get("resid_pdrop", 0.1) or 0.0) > 0,
+                max_seq=int(config.get("n_positions", 1024)),
+                source="Hugging Face config (gpt2)",
+            )
+    except KeyError as err:
+        raise PlanError(f"model config {label!r} lacks field {err} for type {kind!r}") from None
+    raise PlanError(
+        f"model config {label!r} has model_type {kind!r}: supported are llama, mistral "
+        "and gpt2; describe other models with --layers/--hidden/... flags"
+    )

@@ -1,0 +1,135 @@
+"""Per-stage costs and sizes of a plan: layers, the embedding, the head, and stage boundaries.
+
+Ranks are laid out as Megatron-LM does: TP innermost, then DP, then PP, so pipeline rank r's
+first GPU is r x t x d and a stage boundary crosses nodes when the two ranks' GPUs lie in
+different nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stagewise.plan.comm import all_gather_time, all_reduce_time, p2p_time
+from stagewise.plan.constants import Constants
+from stagewise.plan.hardware import Cluster
+from stagewise.plan.layer import BYTES, LayerSetup, LayerTime, gemm_time
+from stagewise.plan.models import ModelSpec
+from stagewise.plan.spec import ParallelConfig, TrainingSpec
+
+__all__ = ["EdgeTime", "edge_times", "hop_times", "node_of_rank", "stage_costs"]
+
+
+@dataclass(frozen=True)
+class EdgeTime:
+    """Forward, backward and weight-gradient seconds of the embedding or of the head."""
+
+    forward: float
+    backward: float
+    weight: float
+
+
+def edge_times(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    setup: LayerSetup,
+    c: Constants,
+) -> tuple[EdgeTime, EdgeTime]:
+    """(embedding, head) costs for one micro-batch on one GPU of the TP group.
+
+    The head is the final norm, the vocabulary-parallel output GEMM and the fp32 cross-entropy
+    over b·s x V/t logits; with TP the head's input is gathered (sequence parallel) or its
+    gradient all-reduced, and the embedding's output all-reduced (or reduce-scattered).
+    """
+    gpu, t = cluster.gpu, config.tp
+    tokens = config.micro_batch_size * training.seq
+    vocab = model.padded_vocab(t) / t
+    hbm = gpu.hbm_bandwidth * c.hbm_efficiency
+    size = BYTES * tokens * model.hidden
+    shard = t if config.sequence_parallel else 1
+    bandwidth = setup.tp_bandwidth or gpu.nvlink_bandwidth
+    lora = training.mode == "lora"
+    if config.sequence_parallel:
+        tp_in = tp_back = tp_embed = all_gather_time(size, t, bandwidth, c)
+    else:
+        tp_in, tp_back = 0.0, all_reduce_time(size, t, bandwidth, c)
+        tp_embed = all_reduce_time(size, t, bandwidth, c)
+    head_gemm = gemm_time(tokens, vocab, model.hidden, gpu, c)
+    head_dgrad = gemm_time(tokens, model.hidden, vocab, gpu, c)
+    head_wgrad = 0.0 if lora else gemm_time(model.hidden, vocab, tokens, gpu, c)
+    loss_bytes = tokens * vocab * (2 + 4 + 4)  # read bf16 logits, write fp32 softmax, read back
+    norm_bytes = 4.0 * tokens * model.hidden / shard
+    head = EdgeTime(
+        forward=head_gemm + tp_in + (loss_bytes + norm_bytes) / hbm + 3 * c.kernel_overhead_s,
+        backward=head_dgrad + head_wgrad + tp_back + (loss_bytes + 2 * norm_bytes) / hbm
+        + 3 * c.kernel_overhead_s,
+        weight=head_wgrad,
+    )
+    lookup = 2.0 * size / hbm + c.kernel_overhead_s
+    embed = EdgeTime(
+        forward=lookup + tp_embed,
+        backward=(0.0 if lora else 2.0 * lookup) + tp_embed,
+        weight=0.0 if lora else 2.0 * lookup,
+    )
+    return embed, head
+
+
+def node_of_rank(cluster: Cluster, config: ParallelConfig, rank: int) -> int:
+    """Node holding the first GPU of pipeline rank ``rank``."""
+    return rank * config.tp * config.dp // cluster.gpus_per_node
+
+
+def hop_times(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    placement: tuple[int, ...],
+    c: Constants,
+) -> list[float]:
+    """Seconds to send one micro-batch's activation (or its gradient) over each stage boundary.
+
+    Each GPU of the TP group sends its 1/t share of the b·s·h activation (Megatron's scatter/
+    gather; with sequence parallelism the tensor is already sharded) over its own NIC when the
+    boundary crosses nodes, over NVLink otherwise; without sequence parallelism the receiver
+    all-gathers the shares over NVLink. The last stage sends nothing.
+    """
+    t = config.tp
+    size = BYTES * config.micro_batch_size * training.seq * model.hidden
+    gpu = cluster.gpu
+    regather = 0.0
+    if not config.sequence_parallel:
+        regather = all_gather_time(size, t, gpu.nvlink_bandwidth, c)
+    hops = []
+    for stage in range(len(placement)):
+        if stage == len(placement) - 1 or placement[stage] == placement[stage + 1]:
+            hops.append(0.0)
+            continue
+        crosses = node_of_rank(cluster, config, placement[stage]) != node_of_rank(
+            cluster, config, placement[stage + 1]
+        )
+        bandwidth = gpu.network_bandwidth if crosses else gpu.nvlink_bandwidth
+        hops.append(p2p_time(size / t, bandwidth, c) + regather)
+    return hops
+
+
+def stage_costs(
+    layers: tuple[int, ...],
+    block: LayerTime,
+    embed: EdgeTime,
+    head: EdgeTime,
+) -> tuple[list[float], list[float], list[float]]:
+    """(forward, backward, weight-gradient) seconds of one micro-batch through each stage."""
+    last = len(layers) - 1
+    forward, backward, weight = [], [], []
+    for stage, count in enumerate(layers):
+        f, b, w = count * block.forward, count * block.backward, count * block.weight_grad
+        if stage == 0:
+            f, b, w = f + embed.forward, b + embed.backward, w + embed.weight
+        if stage == last:
+            f, b, w = f + head.forward, b + head.backward, w + head.weight
+        forward.append(f)
+        backward.append(b)
+        weight.append(w)
+    return forward, backward, weight

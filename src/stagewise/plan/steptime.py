@@ -1,0 +1,154 @@
+"""Step time: the simulated pipeline, then the data-parallel reduction and the optimizer step.
+
+step = pipeline makespan (stagewise simulator: compute, TP collectives inside each stage's
+cost, point-to-point transfers between stages, the bubble) + the exposed part of the DP
+gradient reduction + the optimizer step (+ the tied-embedding gradient sync across the first
+and last stage). With ``dp_overlap`` each stage's gradients start reducing when its last
+backward ends (one reduction stream per rank, stages in the order they finish), so only what
+runs past the end of the pipeline is exposed; without it the whole reduction is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stagewise.plan.comm import all_gather_time, all_reduce_time, group_bandwidth
+from stagewise.plan.constants import Constants
+from stagewise.plan.hardware import Cluster
+from stagewise.plan.layer import BYTES, LayerSetup, LayerTime, block_time
+from stagewise.plan.models import ModelSpec
+from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.rank import RankSizes
+from stagewise.plan.spec import ParallelConfig, TrainingSpec
+from stagewise.plan.stages import edge_times, hop_times, node_of_rank, stage_costs
+from stagewise.schedules import Schedule
+from stagewise.sim import Bubble
+
+__all__ = ["StepTime", "step_time"]
+
+ADAM_BYTES_PER_PARAM = 34.0  # fp32 grad, master, m, v read; master, m, v, bf16 weight written; norm
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step, by part (they add up to ``step_s``).
+
+    Attributes:
+        step_s: the whole step.
+        compute_s: compute of the busiest pipeline rank (GEMMs, attention, element-wise,
+            recomputation).
+        tp_comm_s: TP collectives on that rank.
+        bubble_s: that rank's idle time inside the pipeline (fill, drain, waiting for
+            transfers and for slower stages).
+        dp_exposed_s: DP gradient reduction (and parameter gather) not hidden by compute.
+        optimizer_s: the optimizer step.
+        embedding_sync_s: all-reduce of the tied embedding's gradient between first and last
+            stage.
+        dp_total_s: the whole DP reduction, hidden or not.
+        pp_p2p_s: one micro-batch's transfers over every stage boundary, forward and
+            backward (inside ``bubble_s`` where they delay work).
+        bubble: the simulated bubble fraction, both ways.
+        block: one block's forward/backward breakdown.
+    """
+
+    step_s: float
+    compute_s: float
+    tp_comm_s: float
+    bubble_s: float
+    dp_exposed_s: float
+    optimizer_s: float
+    embedding_sync_s: float
+    dp_total_s: float
+    pp_p2p_s: float
+    bubble: Bubble
+    block: LayerTime
+
+
+def _dp_reduce(
+    cluster: Cluster, config: ParallelConfig, training: TrainingSpec, trainable: float,
+    c: Constants,
+) -> tuple[float, float]:
+    """(gradient reduction, parameter gather) seconds over the DP group of one GPU."""
+    if config.dp == 1:
+        return 0.0, 0.0
+    bandwidth = group_bandwidth(cluster, config.dp, config.tp)
+    grads = trainable * training.grad_bytes
+    if config.distributed_optimizer:
+        gather = all_gather_time(trainable * BYTES, config.dp, bandwidth, c)
+        return all_gather_time(grads, config.dp, bandwidth, c), gather
+    return all_reduce_time(grads, config.dp, bandwidth, c), 0.0
+
+
+def step_time(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    layers: tuple[int, ...],
+    sizes: list[RankSizes],
+    schedule: Schedule,
+    cache: PipelineCache,
+    c: Constants,
+) -> StepTime:
+    """Predict one step of ``config`` (see the module docstring)."""
+    gpu = cluster.gpu
+    setup = LayerSetup(
+        tp=config.tp,
+        micro_batch_size=config.micro_batch_size,
+        seq=training.seq,
+        recompute=config.recompute,
+        sequence_parallel=config.sequence_parallel,
+        attention=training.attention,
+        dropout=training.uses_dropout(model),
+        lora_rank=training.lora_rank if training.mode == "lora" else None,
+        tp_bandwidth=group_bandwidth(cluster, config.tp, 1),
+    )
+    block = block_time(model, gpu, setup, c)
+    embed, head = edge_times(model, cluster, training, config, setup, c)
+    forward, backward, weight = stage_costs(layers, block, embed, head)
+    hops = hop_times(model, cluster, training, config, schedule.placement, c)
+    m = schedule.num_microbatches
+    run = cache.run(config.schedule, config.pp, m, config.vp, forward, backward, weight, hops)
+
+    tail = (0.0, 0.0)  # (exposed DP, optimizer) of the rank that finishes last
+    dp_total = 0.0
+    hbm = gpu.hbm_bandwidth * c.hbm_efficiency
+    for size in sizes:
+        reduce_s, gather_s = _dp_reduce(cluster, config, training, size.trainable, c)
+        dp_total = max(dp_total, reduce_s + gather_s)
+        if training.dp_overlap:
+            total_layers = sum(layers[s] for s in size.stages) or 1
+            free = 0.0
+            for stage in sorted(size.stages, key=lambda s: run.stage_done[s]):
+                share = layers[stage] / total_layers
+                free = max(free, run.stage_done[stage]) + reduce_s * share
+            exposed = max(0.0, free - run.makespan)
+        else:
+            exposed = reduce_s
+        state = size.trainable / (config.dp if config.distributed_optimizer else 1)
+        optimizer = ADAM_BYTES_PER_PARAM * state / hbm + 10 * c.kernel_overhead_s
+        if exposed + gather_s + optimizer > sum(tail):
+            tail = (exposed + gather_s, optimizer)
+    embedding_sync = 0.0
+    if model.tied_embeddings and config.pp > 1 and training.mode == "full":
+        crosses = node_of_rank(cluster, config, 0) != node_of_rank(cluster, config, config.pp - 1)
+        bandwidth = gpu.network_bandwidth if crosses else gpu.nvlink_bandwidth
+        grads = model.padded_vocab(config.tp) * model.hidden / config.tp * training.grad_bytes
+        embedding_sync = all_reduce_time(grads, 2, bandwidth, c)
+
+    busiest = max(range(config.pp), key=lambda r: run.busy[r])
+    tp_per_block = block.tp_comm + (block.forward_tp_comm if config.recompute == "full" else 0.0)
+    tp_comm = m * tp_per_block * sum(layers[s] for s in sizes[busiest].stages)
+    return StepTime(
+        step_s=run.makespan + sum(tail) + embedding_sync,
+        compute_s=run.busy[busiest] - tp_comm,
+        tp_comm_s=tp_comm,
+        bubble_s=run.makespan - run.busy[busiest],
+        dp_exposed_s=tail[0],
+        optimizer_s=tail[1],
+        embedding_sync_s=embedding_sync,
+        dp_total_s=dp_total,
+        pp_p2p_s=2.0 * sum(hops),
+        bubble=run.bubble,
+        block=block,
+    )
