@@ -14,8 +14,9 @@ rank keeps at most p micro-batches alive (freed at W), 1F1B's peak (its rank 0).
 forwards (every forward it can run before the first I reaches it), then steps of I, W, F with
 the W deferred by 2r steps, and the deferred W's last. Rank r then idles (p - 1 - r)(F + I - 2W)
 between its first forward and its last W (rank 0's (p - 1)(F + I - 2W) is the paper's figure),
-none at all when F = I = W, for about twice the memory (2p - 1 micro-batches on every rank). The step, which waits for the
-slowest rank, still pays the fill: the last rank cannot start before (p - 1) F.
+none at all when F = I = W, for about twice the memory (2p - 1 micro-batches on every rank).
+The step, which waits for the slowest rank, still pays the fill: the last rank cannot start
+before (p - 1) F.
 
 Both work for every m >= 1 (warm-ups and deferrals are capped at m). The orders are those of
 the paper's figures; torch.distributed.pipelining's ``ScheduleInterleavedZeroBubble`` with one
