@@ -90,6 +90,7 @@ def test_compare_lists_every_schedule(capsys: pytest.CaptureFixture[str]) -> Non
         (["simulate", "-p", "2", "-m", "2", "--forward", "1,2,3"], "has 3 values"),
         (["simulate", "-p", "2", "-m", "2", "--weight", "5"], "exceeds the whole backward"),
         (["show"], "pass -p RANKS and -m MICROBATCHES"),
+        (["simulate", "-p", "2", "-m", "2", "--plot", "x.jpg"], "write a .png or .svg file"),
         (["compare", "-p", "0", "-m", "4"], "positive integers"),
     ],
 )
@@ -129,3 +130,14 @@ def test_python_dash_m_entry_point() -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "33.33%" in done.stdout  # (p-1)/(m+p-1) = 1/3 of the step
+
+
+def test_simulate_writes_pictures_and_trace(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    plot, memory, trace = tmp_path / "t.png", tmp_path / "sub" / "m.svg", tmp_path / "t.json"
+    assert cli(["simulate", "-s", "1f1b", "-p", "2", "-m", "3", "--plot", str(plot),
+                "--memory-plot", str(memory), "--trace", str(trace)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in memory.read_text()
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert sum(1 for e in events if e.get("ph") == "X") == 2 * 2 * 3

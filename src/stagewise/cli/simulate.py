@@ -15,6 +15,7 @@ from stagewise.cli._common import (
     schedule_from_args,
 )
 from stagewise.cli._report import fmt_fraction, timeline_summary
+from stagewise.errors import ConfigError
 from stagewise.sim import simulate
 
 __all__ = ["add_parser", "run"]
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_outputs(args: argparse.Namespace, schedule: Any, timeline: Any) -> list[str]:
     written = []
+    for option, target in (("--plot", args.plot), ("--memory-plot", args.memory_plot)):
+        if target and Path(target).suffix.lower() not in (".png", ".svg"):
+            raise ConfigError(f"{option} {target}: write a .png or .svg file")
     for target in (args.csv, args.plot, args.memory_plot, args.trace):
         if target:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
