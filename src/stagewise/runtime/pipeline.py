@@ -194,8 +194,9 @@ class _Step:
             for index, action in enumerate(pipe.schedule.actions[pipe.rank]):
                 if pipe.on_action is not None:
                     pipe.on_action(action)
+                received = self.fetch(action)  # waiting for a neighbour is not compute time
                 start = time.perf_counter()
-                result = self.run(action)
+                result = self.run(action, received)
                 message = pipe._plan.sends[index]
                 if message is not None:
                     assert result is not None
@@ -227,14 +228,24 @@ class _Step:
 
     # --- the ops -------------------------------------------------------------------------------
 
-    def run(self, action: Action) -> torch.Tensor | None:
+    def fetch(self, action: Action) -> torch.Tensor | None:
+        """The tensor ``action`` needs from a neighbour stage (waiting for it), if any."""
+        stage, j = action.stage, action.microbatch
+        if action.op is Op.F and stage > 0:
+            return self.receive(Kind.ACTIVATION, stage - 1, j)
+        if action.op.is_backward and stage < self.last:
+            return self.receive(Kind.GRADIENT, stage + 1, j)
+        return None
+
+    def run(self, action: Action, received: torch.Tensor | None) -> torch.Tensor | None:
         """Run one action; return the tensor it hands to a neighbour stage, if any."""
         if action.op is Op.F:
-            return self.forward(action.stage, action.microbatch)
+            return self.forward(action.stage, action.microbatch, received)
         if action.op is Op.W:
             self.deferred.pop((action.stage, action.microbatch)).run()
             return None
-        return self.backward(action.stage, action.microbatch, split=action.op is Op.I)
+        split = action.op is Op.I
+        return self.backward(action.stage, action.microbatch, received, split)
 
     def receive(self, kind: Kind, stage: int, j: int) -> torch.Tensor:
         """The tensor ``stage`` produced for micro-batch ``j``, local or from another rank."""
@@ -247,13 +258,12 @@ class _Step:
         deadline = time.monotonic() + self.pipe.timeout
         return self.mailbox.take(key, what, deadline, self.pipe._board)
 
-    def forward(self, stage: int, j: int) -> torch.Tensor | None:
+    def forward(self, stage: int, j: int, received: torch.Tensor | None) -> torch.Tensor | None:
         pipe = self.pipe
-        if stage == 0:
+        if received is None:
             x: torch.Tensor | None = self.inputs[j]
             leaf = None
         else:
-            received = self.receive(Kind.ACTIVATION, stage - 1, j)
             x = leaf = received.detach().requires_grad_(received.is_floating_point())
         module = pipe.stages[stage]
         if pipe.count_saved:
@@ -279,10 +289,11 @@ class _Step:
         self.outputs[(stage, j)] = out
         return out.detach()
 
-    def backward(self, stage: int, j: int, split: bool) -> torch.Tensor | None:
+    def backward(
+        self, stage: int, j: int, grad_out: torch.Tensor | None, split: bool
+    ) -> torch.Tensor | None:
         out = self.outputs.pop((stage, j))
         leaf = self.stage_inputs.pop((stage, j))
-        grad_out = None if stage == self.last else self.receive(Kind.GRADIENT, stage + 1, j)
         if split:
             grad_in, weight = backward_input(out, grad_out, leaf, self.pipe._params[stage])
             self.deferred[(stage, j)] = weight

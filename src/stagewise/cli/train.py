@@ -1,0 +1,182 @@
+"""``stagewise train``: train a tiny GPT with any schedule on local ranks (or under torchrun).
+
+Locally it spawns one process per rank (gloo, CPU, nothing to set up). Started by torchrun, the
+same command joins the group torchrun describes and rank 0 prints the report::
+
+    torchrun --nnodes 2 --nproc-per-node 2 ... -m stagewise train
+
+At the end it prints the measured bubble beside the simulator's prediction from the measured
+per-stage costs, activation memory per rank measured and predicted, and writes the real run's
+timeline (PNG), a Chrome trace and a memory plot to ``--out``. Exit codes: 0 ok, 1 the run
+failed (the first error's rank and action are printed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from stagewise.cli._common import add_schedule_options, print_json, schedule_from_args
+from stagewise.errors import ConfigError, RuntimeFailure
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "train",
+        help="train a tiny GPT through a pipeline schedule on local ranks (or torchrun)",
+        description="Train a small GPT-style model on generated data with a pipeline schedule; "
+        "compare the measured run with the simulator's prediction.",
+    )
+    add_schedule_options(parser)
+    parser.set_defaults(ranks=None, microbatches=8)
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    parser.add_argument("--dim", type=int, default=64, help="model width")
+    parser.add_argument("--layers", type=int, default=6, help="transformer blocks")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--partition", choices=("even", "params", "time"), default="params",
+                        help="how layers are cut into stages (default params)")
+    parser.add_argument("--check-finite", action="store_true",
+                        help="stop every rank at the first NaN or infinite loss")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds any wait for another rank may take (default 60)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", metavar="DIR", default="stagewise-train",
+                        help="where the timeline, trace and memory plot go")
+    parser.add_argument("--no-plots", action="store_true", help="write no files")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stagewise.runtime.launch import in_torchrun
+
+    torchrun = in_torchrun()
+    if args.ranks is None:
+        args.ranks = int(os.environ["WORLD_SIZE"]) if torchrun else 4
+    config = _config(args)
+    if not args.json and (not torchrun or os.environ.get("RANK") == "0"):
+        _print_header(config)
+    try:
+        report = _train_torchrun(config, args) if torchrun else _train_local(config, args)
+    except RuntimeFailure as err:
+        print(f"stagewise: training failed: {err}", file=sys.stderr)
+        return 1
+    if report is None:
+        return 0  # a torchrun rank other than 0
+    written = [] if args.no_plots else _write_files(report, Path(args.out))
+    if args.json:
+        payload = report.as_json()
+        payload["files"] = written
+        print_json(payload)
+    else:
+        _print_report(report, written)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from stagewise.runtime.demo import TrainConfig
+    from stagewise.runtime.tiny_gpt import GPTConfig
+
+    for name in ("steps", "batch_size", "seq_len", "dim", "layers", "threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    heads = 4 if args.dim % 4 == 0 else 1
+    return TrainConfig(
+        schedule=schedule_from_args(args),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        model=GPTConfig(seq_len=args.seq_len, dim=args.dim, heads=heads, layers=args.layers),
+        lr=args.lr,
+        partition=args.partition,
+        check_finite=args.check_finite,
+        timeout=args.timeout,
+        seed=args.seed,
+        progress=not args.json,
+    )
+
+
+def _train_local(config: Any, args: argparse.Namespace) -> Any:
+    from stagewise.runtime.demo import train_rank
+    from stagewise.runtime.launch import launch
+
+    limit = args.timeout + 30.0 + config.steps * 10.0
+    results = launch(
+        train_rank, config.schedule.num_ranks, (config,), timeout=limit,
+        grace=min(args.timeout, 10.0), threads=args.threads,
+    )
+    return results[0]
+
+
+def _train_torchrun(config: Any, args: argparse.Namespace) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    from stagewise.runtime.demo import train_rank
+    from stagewise.runtime.launch import torchrun_context
+
+    torch.set_num_threads(args.threads)
+    context = torchrun_context("gloo", timeout=args.timeout)
+    try:
+        return train_rank(context, config)
+    finally:
+        dist.destroy_process_group()
+
+
+def _print_header(config: Any) -> None:
+    s, model = config.schedule, config.model
+    print(
+        f"training a tiny GPT ({model.layers} blocks, width {model.dim}, vocab {model.vocab}) "
+        f"with {s.name}: {s.num_ranks} ranks, {s.num_stages} stages, "
+        f"{s.num_microbatches} micro-batches, {config.batch_size} x {model.seq_len} tokens "
+        f"per step, {config.steps} steps",
+        flush=True,
+    )
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.2f} MiB"
+
+
+def _print_report(report: Any, written: list[str]) -> None:
+    losses, steps = report.losses, report.step_seconds
+    print(f"loss: {losses[0]:.4f} at step 1 -> {losses[-1]:.4f} at step {len(losses)}")
+    ordered = sorted(steps[1:])
+    print(f"step time: median {ordered[len(ordered) // 2]:.3f} s "
+          f"(with the optimizer), {report.tokens_per_second:,.0f} tokens/s")
+    gap = report.measured_step / report.predicted_step - 1 if report.predicted_step else 0.0
+    print(f"pipeline step (first action to last): measured {report.measured_step * 1e3:.1f} ms, "
+          f"predicted {report.predicted_step * 1e3:.1f} ms from measured per-stage costs "
+          f"({gap:+.1%})")
+    for key, label in (("of_step", "idle share of the step"),
+                       ("vs_ideal", "relative to ideal compute")):
+        print(f"bubble, {label}: measured {report.measured_bubble[key]:.1%}, "
+              f"predicted {report.predicted_bubble[key]:.1%}")
+    print("activation memory per rank (bytes saved for backward, peak): measured / predicted")
+    for rank, (measured, predicted) in enumerate(
+        zip(report.measured_activation_bytes, report.predicted_activation_bytes, strict=True)
+    ):
+        print(f"  rank {rank}: {_mib(measured)} / {_mib(predicted)}")
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _write_files(report: Any, folder: Path) -> list[str]:
+    from stagewise.viz import compare_timelines, plot_memory, plot_timeline, write_chrome_trace
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [
+        plot_timeline(report.timeline, folder / "timeline.png",
+                      title=f"measured run of {report.schedule}"),
+        compare_timelines(report.predicted, report.timeline, folder / "predicted-vs-measured.png"),
+        plot_memory(report.timeline, folder / "memory.png", in_bytes=True),
+        write_chrome_trace(report.timeline, folder / "trace.json"),
+    ]
+    return [str(p) for p in paths]

@@ -1,0 +1,211 @@
+"""The training demo behind ``stagewise train``: a tiny GPT on generated data, any schedule.
+
+:func:`train_rank` runs on every rank (launched locally or by torchrun). It trains, times every
+action, counts the bytes saved for backward, and gathers everything on rank 0, which builds a
+:class:`TrainReport`: losses, step times, tokens/s, the measured bubble beside the simulator's
+prediction from the measured per-stage costs, and activation memory measured and predicted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stagewise.errors import ConfigError
+from stagewise.runtime.launch import RankContext
+from stagewise.runtime.measure import measured_costs, measured_timeline, peak_saved_bytes
+from stagewise.runtime.partition import partition, stages_for_rank
+from stagewise.runtime.pipeline import Pipeline
+from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.schedules.ir import Schedule
+from stagewise.sim.simulate import simulate
+from stagewise.sim.timeline import Event, Timeline
+
+__all__ = ["TrainConfig", "TrainReport", "train_rank"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the demo trains and how.
+
+    Attributes:
+        schedule: the schedule every rank runs.
+        steps: optimizer steps.
+        batch_size: sequences per step (split into the schedule's micro-batches).
+        model: the tiny GPT's sizes.
+        lr: AdamW learning rate.
+        partition: how layers are cut into stages (``even``, ``params``, ``time``).
+        check_finite: stop at a NaN or infinite loss.
+        timeout: seconds any wait for another rank may take.
+        seed: model and data seed.
+        progress: show a progress bar and a line per step (on the last stage's rank).
+    """
+
+    schedule: Schedule
+    steps: int = 30
+    batch_size: int = 16
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(layers=6))
+    lr: float = 3e-3
+    partition: str = "params"
+    check_finite: bool = False
+    timeout: float = 60.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 2:
+            raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
+        if self.batch_size < self.schedule.num_microbatches:
+            raise ConfigError(
+                f"batch size {self.batch_size} is smaller than the {self.schedule.num_microbatches}"
+                " micro-batches: raise --batch-size or lower --microbatches"
+            )
+
+
+@dataclass
+class TrainReport:
+    """Everything the demo measured (rank 0 builds it; ``asdict`` gives the --json output)."""
+
+    schedule: str
+    num_ranks: int
+    num_stages: int
+    num_microbatches: int
+    steps: int
+    tokens_per_step: int
+    losses: list[float]
+    step_seconds: list[float]
+    tokens_per_second: float
+    measured_step: float
+    predicted_step: float
+    measured_bubble: dict[str, float]
+    predicted_bubble: dict[str, float]
+    measured_activation_bytes: list[int]
+    predicted_activation_bytes: list[float]
+    stage_costs: dict[str, list[float]]
+    timeline: Timeline = field(repr=False)
+    predicted: Timeline = field(repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        """The report without the timelines, for ``--json``."""
+        data = asdict(self)
+        data.pop("timeline")
+        data.pop("predicted")
+        return data
+
+
+def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
+    """Train on this rank; rank 0 returns the report, the others None."""
+    schedule = config.schedule
+    if context.world_size != schedule.num_ranks:
+        raise ConfigError(
+            f"schedule {schedule.name!r} needs {schedule.num_ranks} ranks but "
+            f"{context.world_size} were started: start {schedule.num_ranks} processes"
+        )
+    torch.manual_seed(config.seed)
+    layers = gpt_layers(config.model, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    sample, _ = make_batch(config.model, config.batch_size // schedule.num_microbatches, generator)
+    stages = partition(layers, schedule.num_stages, config.partition, sample)
+    mine = stages_for_rank(schedule, stages, context.rank)
+    pipe = Pipeline(
+        schedule, mine, lm_loss, timeout=config.timeout, check_finite=config.check_finite,
+        store=context.store, count_saved=True, on_action=context.report_action,
+    )
+    params = [p for module in mine.values() for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    shows = config.progress and schedule.num_stages - 1 in mine
+    bar = _progress_bar(config.steps) if shows else None
+    tokens = config.batch_size * config.model.seq_len
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    recorded: list[tuple[list[Event], dict[tuple[int, int], int]]] = []
+    for step in range(config.steps):
+        start = time.perf_counter()
+        inputs, targets = make_batch(config.model, config.batch_size, generator)
+        loss = pipe.step(inputs, targets)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - start)
+        if step > 0:
+            recorded.append((list(pipe.events), dict(pipe.saved_bytes)))
+        if loss is not None:
+            losses.append(float(loss))
+            if bar is not None:
+                seconds = step_seconds[-1]
+                bar.set_postfix_str(f"loss {losses[-1]:.3f}  {seconds * 1e3:.0f} ms  "
+                                    f"{tokens / seconds:,.0f} tok/s")
+                bar.write(f"step {step + 1:>4}  loss {losses[-1]:7.4f}  step {seconds:.3f} s  "
+                          f"{tokens / seconds:9,.0f} tokens/s")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    mine_data = (context.rank, losses, step_seconds, recorded)
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, mine_data)
+    if context.rank != 0:
+        return None
+    return _report(config, gathered, tokens)
+
+
+def _progress_bar(steps: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="training", unit="step", file=sys.stderr, leave=False)
+
+
+def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainReport:
+    schedule = config.schedule
+    losses = next(g[1] for g in gathered if g[1])
+    # Step time as the slowest rank saw it, per step.
+    step_seconds = [max(g[2][i] for g in gathered) for i in range(config.steps)]
+    timelines, saved_per_step = [], []
+    for step in range(config.steps - 1):
+        events = [e for g in gathered for e in g[3][step][0]]
+        saved: dict[tuple[int, int], int] = {}
+        for g in gathered:
+            saved.update(g[3][step][1])
+        timelines.append(measured_timeline(schedule, events, saved))
+        saved_per_step.append(saved)
+    # The step of median length stands for the run (pictures, bubble, memory).
+    order = sorted(range(len(timelines)), key=lambda i: timelines[i].makespan)
+    typical = order[len(order) // 2]
+    timeline, saved = timelines[typical], saved_per_step[typical]
+    costs = measured_costs(timelines)
+    predicted = replace(simulate(schedule, costs), time_unit="s")
+    measured_bubble, predicted_bubble = timeline.bubble(), predicted.bubble()
+    return TrainReport(
+        schedule=schedule.name,
+        num_ranks=schedule.num_ranks,
+        num_stages=schedule.num_stages,
+        num_microbatches=schedule.num_microbatches,
+        steps=config.steps,
+        tokens_per_step=tokens,
+        losses=losses,
+        step_seconds=step_seconds,
+        tokens_per_second=tokens / statistics.median(step_seconds[1:]),
+        measured_step=statistics.median(t.makespan for t in timelines),
+        predicted_step=predicted.makespan,
+        measured_bubble={"of_step": measured_bubble.of_step, "vs_ideal": measured_bubble.vs_ideal},
+        predicted_bubble={
+            "of_step": predicted_bubble.of_step, "vs_ideal": predicted_bubble.vs_ideal
+        },
+        measured_activation_bytes=[
+            peak_saved_bytes(timeline, saved, r) for r in range(schedule.num_ranks)
+        ],
+        predicted_activation_bytes=[
+            predicted.peak_activations(r, in_bytes=True) for r in range(schedule.num_ranks)
+        ],
+        stage_costs={
+            "forward": list(costs.forward),
+            "backward": list(costs.backward),
+            "weight": list(costs.weight),
+        },
+        timeline=timeline,
+        predicted=predicted,
+    )
