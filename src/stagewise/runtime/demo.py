@@ -20,7 +20,7 @@ import torch.distributed as dist
 from stagewise.errors import ConfigError
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.measure import measured_costs, measured_timeline, peak_saved_bytes
-from stagewise.runtime.partition import partition, stages_for_rank
+from stagewise.runtime.partition import balance, partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules.ir import Schedule
@@ -59,6 +59,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # The model has an embedding, the blocks and a head: fail here, before any rank starts.
+        balance([1.0] * (self.model.layers + 2), self.schedule.num_stages)
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
         if self.batch_size < self.schedule.num_microbatches:

@@ -1,0 +1,102 @@
+"""``stagewise train``: the demo runs, reports, writes pictures, fails cleanly, runs under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagewise.cli import cli
+
+pytest.importorskip("torch")
+
+SMALL = ["--layers", "2", "--dim", "32", "--seq-len", "16", "--batch-size", "8"]
+
+
+@pytest.mark.timeout(120)
+def test_train_json_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli(["train", "-p", "2", "-m", "4", "--steps", "8", "--json", "--out", str(tmp_path),
+                *SMALL])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schedule"] == "1f1b" and report["num_ranks"] == 2
+    losses = report["losses"]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert len(report["step_seconds"]) == 8 and report["tokens_per_second"] > 0
+    for key in ("of_step", "vs_ideal"):
+        assert 0 <= report["measured_bubble"][key] and 0 <= report["predicted_bubble"][key]
+    # Bytes saved for backward were counted on every rank and predicted from the same sizes.
+    assert all(b > 0 for b in report["measured_activation_bytes"])
+    assert len(report["predicted_activation_bytes"]) == 2
+    names = sorted(Path(p).name for p in report["files"])
+    assert names == ["memory.png", "predicted-vs-measured.png", "timeline.png", "trace.json"]
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert trace["traceEvents"]
+    assert (tmp_path / "timeline.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(120)
+def test_train_split_backward_schedule_prints_the_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli(["train", "-s", "zb-h1", "-p", "2", "-m", "4", "--steps", "3", "--no-plots",
+                *SMALL])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "with zb-h1: 2 ranks" in out
+    assert "bubble, idle share of the step: measured" in out and "predicted" in out
+    assert "rank 1:" in out and "MiB" in out
+
+
+@pytest.mark.timeout(120)
+def test_nan_with_check_finite_exits_1_naming_rank_and_action(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # An infinite learning rate turns every weight into inf/NaN after the first step.
+    code = cli(["train", "-p", "2", "-m", "2", "--steps", "3", "--lr", "inf", "--check-finite",
+                "--no-plots", "--json", "--timeout", "20", *SMALL])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "training failed: rank 1 failed at 1F0" in err and "NonFiniteLoss" in err
+
+
+def test_impossible_split_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli(["train", "-s", "interleaved-1f1b", "-p", "4", "-m", "4", "--layers", "1",
+                "--no-plots"])
+    assert code == 2
+    assert "cannot cut 3 layers into 8 stages" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.timeout(180)
+def test_same_command_runs_under_torchrun_on_two_nodes(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node in (0, 1):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+            "--nproc-per-node", "2", "--node-rank", str(node), "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "-m", "stagewise", "train", "-m", "4", "--steps", "3",
+            "--json", "--no-plots", "--timeout", "60", *SMALL,
+        ]
+        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=tmp_path))
+    outputs = [node.communicate(timeout=160) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-2000:]
+    out = outputs[0][0]
+    report = json.loads(out[out.index("{"):])
+    assert report["num_ranks"] == 4 and len(report["losses"]) == 3
+    assert outputs[1][0].strip() == ""  # only global rank 0 prints
