@@ -15,10 +15,9 @@ import pytest
 pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runtime_workers import echo_rank, faulty_rank  # noqa: E402
-
-from stagewise.errors import RuntimeFailure  # noqa: E402
-from stagewise.runtime import launch  # noqa: E402
+from runtime_workers import echo_rank, faulty_rank
+from stagewise.errors import RuntimeFailure
+from stagewise.runtime import launch
 
 
 @pytest.mark.timeout(60)

@@ -54,7 +54,10 @@ def results() -> dict[int, list[dict[str, list[str]]]]:
     return {}
 
 
-def _run(results: dict[int, list[dict[str, list[str]]]], num_ranks: int) -> list[dict[str, list[str]]]:
+Results = dict[int, list[dict[str, list[str]]]]
+
+
+def _run(results: Results, num_ranks: int) -> list[dict[str, list[str]]]:
     if num_ranks not in results:
         results[num_ranks] = launch(
             check_rank, num_ranks, (CASES[num_ranks],), timeout=150, threads=1

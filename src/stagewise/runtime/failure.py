@@ -9,6 +9,7 @@ process exits and its connections close.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch.distributed as dist
@@ -53,10 +54,9 @@ class FailureBoard:
         """Leave ``text`` for the others (the first post wins; errors here are ignored)."""
         if self._store is None:
             return
-        try:
+        # A broken store must not hide the real error.
+        with contextlib.suppress(Exception):
             self._store.compare_set(self._key, "", text)
-        except Exception:  # noqa: BLE001 - a broken store must not hide the real error
-            pass
 
     def check(self, force: bool = False) -> str | None:
         """The posted failure, or None; looks at the store at most every poll interval."""
@@ -70,6 +70,6 @@ class FailureBoard:
             if not self._store.check([self._key]):
                 return None
             text = self._store.get(self._key).decode()
-        except Exception:  # noqa: BLE001 - the store going away means a peer went away
+        except Exception:
             return "the store the ranks share is gone (a rank or the launcher exited)"
         return text or None

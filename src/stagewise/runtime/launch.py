@@ -12,6 +12,7 @@ the process group torchrun describes in the environment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -102,14 +103,12 @@ def _worker(
         )
         value = fn(context, *args)
         outcome = _Outcome(rank, True, value, False, time.time())
-    except BaseException as err:  # noqa: BLE001 - everything goes back to the launcher
+    except BaseException as err:
         text = str(err) if isinstance(err, RuntimeFailure) else _error_text(rank, err)
         peer = isinstance(err, PeerFailure)
         if not peer:
-            try:
+            with contextlib.suppress(Exception):
                 store.compare_set("stagewise/failure", "", text)
-            except Exception:  # noqa: BLE001
-                pass
         _write(folder, _Outcome(rank, False, text, peer, time.time()))
         # Exit at once: closing the sockets wakes any peer still waiting on this rank.
         os._exit(1)

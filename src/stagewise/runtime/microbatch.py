@@ -9,7 +9,9 @@ from stagewise.errors import ConfigError
 __all__ = ["loss_weights", "split_batch"]
 
 
-def split_batch(batch: torch.Tensor, num_microbatches: int, what: str = "batch") -> list[torch.Tensor]:
+def split_batch(
+    batch: torch.Tensor, num_microbatches: int, what: str = "batch"
+) -> list[torch.Tensor]:
     """Split ``batch`` along dimension 0 into ``num_microbatches`` nearly equal parts.
 
     Raises:

@@ -116,7 +116,7 @@ class Mailbox:
                 with self._cond:
                     self._ready[message.key] = payload
                     self._cond.notify_all()
-        except Exception as err:  # noqa: BLE001 - reported to the main thread
+        except Exception as err:
             assert message is not None
             text = " ".join(str(err).split())[:300]
             with self._cond:
@@ -196,9 +196,10 @@ class Outbox:
             try:
                 for work in works:
                     work.wait(self._timeout)
-            except Exception as err:  # noqa: BLE001 - reported to the main thread
+            except Exception as err:
                 text = " ".join(str(err).split())[:300]
-                self._failed = f"sending the {message.describe()} to rank {message.dst} failed: {text}"
+                where = f"the {message.describe()} to rank {message.dst}"
+                self._failed = f"sending {where} failed: {text}"
 
     def close(self, deadline: float) -> None:
         """Wait until every send finished; raise if one failed or the deadline passed."""

@@ -45,7 +45,8 @@ _OP_NAMES = {Op.F: "forward", Op.B: "backward", Op.I: "input-grad", Op.W: "weigh
 
 def describe(action: Action) -> str:
     """``1F3 (forward of stage 1, micro-batch 3)``."""
-    return f"{action} ({_OP_NAMES[action.op]} of stage {action.stage}, micro-batch {action.microbatch})"
+    what = _OP_NAMES[action.op]
+    return f"{action} ({what} of stage {action.stage}, micro-batch {action.microbatch})"
 
 
 class Pipeline:

@@ -19,7 +19,7 @@ compute and W is the whole backward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +47,11 @@ class WeightGrad:
         """Compute the weight gradients, add them into ``.grad``, and drop the graph."""
         for part in self.parts:
             results = torch.autograd.grad(
-                part.outputs, part.params, part.grads, allow_unused=True, retain_graph=True
+                part.outputs,  # type: ignore[arg-type]  # tensors and edges mix fine at runtime
+                part.params,
+                part.grads,
+                allow_unused=True,
+                retain_graph=True,
             )
             with torch.no_grad():
                 for param, grad in zip(part.params, results, strict=True):
@@ -87,7 +91,11 @@ def backward_input(
         # Nothing flows back to the input: W is the whole backward.
         return None, whole
     assert stage_input is not None
-    by_node = {n: p for p in wanted if (n := _leaf_node(p)) is not None}
+    by_node: dict[Node, torch.Tensor] = {}
+    for param in wanted:
+        node = _leaf_node(param)
+        if node is not None:
+            by_node[node] = param
     forks = _fork_nodes(root, input_node, set(by_node))
     captured: dict[Node, tuple[torch.Tensor | None, ...]] = {}
     handles = [fork.register_prehook(_recorder(captured, fork)) for fork in forks or ()]
@@ -116,7 +124,7 @@ def backward_input(
 
 def _recorder(
     captured: dict[Node, tuple[torch.Tensor | None, ...]], node: Node
-) -> object:
+) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
     def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
         captured[node] = tuple(grad_outputs)
 
@@ -154,9 +162,9 @@ def _fork_nodes(
         if not reaches_input[node]:
             continue
         mine: set[Node] = set()
-        for child, _ in node.next_functions:
-            if child is not None and not reaches_input[child]:
-                mine |= params_below[child]
+        for below_node, _ in node.next_functions:
+            if below_node is not None and not reaches_input[below_node]:
+                mine |= params_below[below_node]
         for param in mine:
             if owner.setdefault(param, node) is not node:
                 return None

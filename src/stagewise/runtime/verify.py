@@ -9,7 +9,7 @@ this one process on the whole batch. The tests and ``stagewise train --verify`` 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,7 +36,9 @@ class Case:
     schedule: Schedule
     batch_size: int
     seq_lens: tuple[int, ...] = (8, 6)
-    config: GPTConfig = GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=6)
+    config: GPTConfig = field(
+        default_factory=lambda: GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=6)
+    )
 
 
 def check_rank(
@@ -91,7 +93,8 @@ def _check_case(context: RankContext, case: Case, timeout: float) -> list[str]:
             compared += _close(loss, ref_loss.detach(), f"{label} loss", problems)
         for stage, module in mine.items():
             ref_module = reference[_first_layer(stages, stage) : _first_layer(stages, stage + 1)]
-            for (name, p), q in zip(module.named_parameters(), ref_module.parameters(), strict=True):
+            pairs = zip(module.named_parameters(), ref_module.parameters(), strict=True)
+            for (name, p), q in pairs:
                 if p.grad is None or q.grad is None:
                     problems.append(f"{label}: stage {stage} {name} has no gradient")
                     continue
