@@ -142,3 +142,15 @@ def test_auto_is_registered_and_valid() -> None:
     schedule = build("auto", num_ranks=4, num_microbatches=8, num_chunks=2)
     check(schedule)
     assert peak(schedule, Costs.uniform(schedule, 1.0, 2.0, 1.0)) <= 4
+
+
+def test_local_search_reaches_the_bound_where_zb_v_does_not() -> None:
+    # V placement, last stage 1.5x: rank 0 holds stages 0 and 7 and is the busiest. ZB-V
+    # (4 units) leaves a tail on rank 3; DualPipeV reaches the bound but needs 4.5 units.
+    costs = costs_for(4, 2, last=1.5)
+    vee = (0, 1, 2, 3, 3, 2, 1, 0)
+    assert best_named(4, 8, costs, None, 4, vee) == 30.75
+    result = search_schedule(4, 8, costs, memory_limit=4, placement="v", max_variants=0,
+                             max_moves=400)
+    assert result.makespan == result.lower_bound == 30.0
+    assert peak(result.schedule, costs) <= 4

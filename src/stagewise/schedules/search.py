@@ -66,6 +66,7 @@ class _Policy:
     deep_first: bool = True  # among ready F (or I), the later stage first
     weight_slack: float | None = 0.0  # W only if it ends by next I/F + slack * W; None: eager
     cap: Callable[[int, int], float] | None = None  # (rank, p) -> admitted micro-batches cap
+    feed_busiest: bool = False  # first the action whose consumer rank has the most work left
 
 
 def lower_bound(placement: tuple[int, ...], num_microbatches: int, costs: Costs) -> float:
@@ -125,6 +126,9 @@ class _Builder:
         self.freed_mb: list[dict[int, int]] = [{} for _ in range(p)]
         self.free_at = [0.0] * p
         self.rows: list[list[Action]] = [[] for _ in range(p)]
+        self.remaining = [0.0] * p  # compute time each rank has still to do
+        for stage, rank in enumerate(placement):
+            self.remaining[rank] += m * (costs.forward[stage] + costs.backward[stage])
 
     def _cap(self, rank: int) -> int:
         chunks = self.limit_chunks
@@ -168,43 +172,54 @@ class _Builder:
 
     # --- one decision ----------------------------------------------------------------------
 
+    def _candidates(self, rank: int) -> list[tuple[float, tuple[float, ...], Action]]:
+        """Known I and admissible F of ``rank``: (ready time, priority key, action)."""
+        found = []
+        order = self.stages_of[rank][::-1] if self.policy.deep_first else self.stages_of[rank]
+        for position, s in enumerate(order):
+            t = self._input_ready(s)
+            if t is not None:
+                consumer = self.placement[s - 1] if s > 0 else rank
+                found.append((t, self._key(Op.I, consumer, position),
+                              Action(s, Op.I, self.i_next[s])))
+            t = self._forward_ready(s)
+            if t is not None and self._admits(rank, s):
+                consumer = self.placement[s + 1] if s + 1 < self.num_stages else rank
+                found.append((t, self._key(Op.F, consumer, position),
+                              Action(s, Op.F, self.f_next[s])))
+        return found
+
+    def _key(self, op: Op, consumer: int, position: int) -> tuple[float, ...]:
+        kind = 0 if (op is Op.I) == self.policy.input_first else 1
+        if self.policy.feed_busiest:  # feed the rank with the most work left first
+            return (-self.remaining[consumer], kind, position)
+        return (kind, position)
+
     def _choose(self, rank: int, now: float) -> tuple[Action, float] | None:
         """The action ``rank`` starts at ``now`` or later, and its start; None if none known."""
-        order = self.stages_of[rank][::-1] if self.policy.deep_first else self.stages_of[rank]
-        inputs = [(t, s) for s in order if (t := self._input_ready(s)) is not None]
-        forwards = [(t, s) for s in order if (t := self._forward_ready(s)) is not None
-                    and self._admits(rank, s)]
-        first, second = (inputs, forwards) if self.policy.input_first else (forwards, inputs)
-        for group, op in ((first, Op.I if first is inputs else Op.F),
-                          (second, Op.I if second is inputs else Op.F)):
-            for t, s in group:
-                if t <= now + _EPS:
-                    j = self.i_next[s] if op is Op.I else self.f_next[s]
-                    return Action(s, op, j), now
-        upcoming = min((t for t, _ in inputs + forwards), default=None)
+        candidates = self._candidates(rank)
+        ready = [(key, a) for t, key, a in candidates if t <= now + _EPS]
+        if ready:
+            return min(ready)[1], now
+        upcoming = min((t for t, _, _ in candidates), default=None)
         if self.weights[rank]:
             s, j = self.weights[rank][0]
             w = self.costs.weight[s]
             slack = self.policy.weight_slack
-            blocked = not forwards and any(self._forward_ready(x) is not None
-                                           for x in self.stages_of[rank])
+            blocked = not any(a.op is Op.F for _, _, a in candidates) and any(
+                self._forward_ready(x) is not None for x in self.stages_of[rank])
             if (upcoming is None or slack is None or blocked
                     or now + w <= upcoming + slack * w + _EPS):
                 return Action(s, Op.W, j), max(now, self.i_end[(s, j)])
         if upcoming is None:
             return None
-        for group, op in ((first, Op.I if first is inputs else Op.F),
-                          (second, Op.I if second is inputs else Op.F)):
-            for t, s in group:
-                if t <= upcoming + _EPS:
-                    j = self.i_next[s] if op is Op.I else self.f_next[s]
-                    return Action(s, op, j), upcoming
-        return None  # pragma: no cover - upcoming comes from one of the groups
+        return min((key, a) for t, key, a in candidates if t <= upcoming + _EPS)[1], upcoming
 
     def _commit(self, rank: int, action: Action, start: float) -> None:
         s, j = action.stage, action.microbatch
         end = start + self.costs.duration(s, action.op)
         self.free_at[rank] = end
+        self.remaining[rank] -= end - start
         self.rows[rank].append(action)
         if action.op is Op.F:
             self.f_next[s] += 1
@@ -255,21 +270,32 @@ class _Builder:
         )
 
 
-def _policies(num_ranks: int) -> list[_Policy]:
+def _policies() -> list[_Policy]:
+    """The fixed variants, the ones that most often won on a grid of sizes and costs first.
+
+    (I first, later chunk first, eager or half-slack W, no cap or a 2p - 1 cap won most of 192
+    cases of p in {4, 8}, m in {8, 16}, v in {1, 2}, heavy last stage or not, three memory
+    limits, with and without latency; every variant won at least once.)
+    """
     caps: list[Callable[[int, int], float] | None] = [
         None,
-        lambda r, p: p - r,
-        lambda r, p: p,
-        lambda r, p: 2 * (p - r) - 1,
         lambda r, p: 2 * p - 1,
+        lambda r, p: p,
+        lambda r, p: p - r,
+        lambda r, p: 2 * (p - r) - 1,
     ]
-    policies = []
-    for cap in caps:
-        for slack in (0.0, 0.5, None):
-            for input_first in (True, False):
-                for deep_first in (True, False):
-                    policies.append(_Policy(input_first, deep_first, slack, cap))
-    return policies
+    slacks: list[float | None] = [None, 0.5, 0.0]
+    policies = [
+        (not input_first, not deep_first, feed_busiest, c, k,
+         _Policy(input_first, deep_first, slack, caps[c], feed_busiest))
+        for feed_busiest in (False, True)
+        for c in range(len(caps))
+        for k, slack in enumerate(slacks)
+        for input_first in (True, False)
+        for deep_first in (True, False)
+    ]
+    policies.sort(key=lambda entry: entry[:5])
+    return [entry[5] for entry in policies]
 
 
 def _random_policy(rng: random.Random) -> _Policy:
@@ -280,6 +306,7 @@ def _random_policy(rng: random.Random) -> _Policy:
         deep_first=rng.random() < 0.5,
         weight_slack=None if rng.random() < 0.15 else rng.uniform(0.0, 1.5),
         cap=lambda r, p: max(1.0, cap_base * p - cap_slope * r),
+        feed_busiest=rng.random() < 0.5,
     )
 
 
@@ -305,20 +332,21 @@ def _named(num_ranks: int, num_microbatches: int, placement: tuple[int, ...]) ->
 
 
 def _evaluate(schedule: Schedule, costs: Costs, link: Link,
-              limit: float | None) -> tuple[float, float] | None:
-    """(makespan, sum of the ranks' finishing times), or None above the memory limit.
+              limit: float | None) -> tuple[float, float, int] | None:
+    """(makespan, sum of the ranks' finishing times, last rank), None above the memory limit.
 
     The second figure breaks ties: of two equally long schedules, the one whose ranks finish
-    earlier has more room to shorten, which lets the local search cross plateaus.
+    earlier has more room to shorten, which lets the local search cross plateaus. The last
+    rank to finish is where the local search moves most often.
     """
     timeline = simulate(schedule, costs, link)
     if limit is not None:
         peak = max(timeline.peak_activations(r) for r in range(schedule.num_ranks))
         if peak > limit + _EPS:
             return None
-    finish = sum(max((e.end for e in timeline.rank_events(r)), default=0.0)
-                 for r in range(schedule.num_ranks))
-    return timeline.makespan, finish
+    ends = [max((e.end for e in timeline.rank_events(r)), default=0.0)
+            for r in range(schedule.num_ranks)]
+    return timeline.makespan, sum(ends), ends.index(max(ends))
 
 
 def fill_bound(placement: tuple[int, ...], num_microbatches: int, costs: Costs,
@@ -346,9 +374,12 @@ def fill_bound(placement: tuple[int, ...], num_microbatches: int, costs: Costs,
     return max(h + b for h, b in zip(head, busy, strict=True))
 
 
-def _moved(schedule: Schedule, rng: random.Random) -> Schedule | None:
-    """A neighbour of ``schedule``: two adjacent actions of one rank swapped, or a W moved."""
-    rank = rng.randrange(schedule.num_ranks)
+def _moved(schedule: Schedule, rng: random.Random, focus: int) -> Schedule | None:
+    """A neighbour of ``schedule``: two adjacent actions of one rank swapped, or a W moved.
+
+    Half of the moves are on rank ``focus`` (the one that finishes last).
+    """
+    rank = focus if rng.random() < 0.5 else rng.randrange(schedule.num_ranks)
     row = list(schedule.actions[rank])
     if len(row) < 2:
         return None
@@ -376,6 +407,7 @@ def search_schedule(
     placement: str | None = None,
     time_budget_s: float = 2.0,
     max_variants: int | None = None,
+    max_moves: int | None = None,
     seed: int = 0,
 ) -> SearchResult:
     """Find a schedule for these costs that fits ``memory_limit``, as fast as possible.
@@ -396,8 +428,11 @@ def search_schedule(
         time_budget_s: wall-clock budget. The named schedules and the first few fixed variants
             always run; the rest stop at the budget (about 60 % for list scheduling, the rest
             for local search).
-        max_variants: when given, ignore the clock: run every fixed variant, this many random
-            variants and this many local-search moves, so the result is reproducible.
+        max_variants: when given, the list-scheduling phase ignores the clock: every fixed
+            variant and this many random ones run.
+        max_moves: when given, the local search ignores the clock and tries this many moves
+            (default: as many as the budget allows, or ``max_variants`` moves when that is
+            given). Give both for a result that does not depend on the machine's speed.
         seed: seed of the random variants and moves.
 
     Returns:
@@ -427,8 +462,7 @@ def search_schedule(
     v = costs.num_stages // num_ranks
     limit_chunks = 10**9 if memory_limit is None else int(memory_limit * v + _EPS)
     clock = time.monotonic()
-    timed = max_variants is None
-    best: list[tuple[tuple[float, float], Schedule]] = []
+    best: list[tuple[tuple[float, float, int], Schedule]] = []
 
     def consider(schedule: Schedule | None, label: str, sideways: bool = False) -> None:
         """Keep ``schedule`` if it beats the best; ``sideways`` also keeps equal ones."""
@@ -441,7 +475,7 @@ def search_schedule(
         if score is None:
             return
         if best:
-            makespan, finish = best[0][0]
+            makespan, finish, _ = best[0][0]
             if score[0] > makespan + _EPS:
                 return
             if score[0] > makespan - _EPS and score[1] > finish - _EPS and not (
@@ -456,9 +490,10 @@ def search_schedule(
     for layout in layouts:
         for schedule in _named(num_ranks, num_microbatches, layout):
             consider(schedule, f"auto:{schedule.name}")
-    fixed = [(layout, policy) for policy in _policies(num_ranks) for layout in layouts]
+    fixed = [(layout, policy) for policy in _policies() for layout in layouts]
     for k, (layout, policy) in enumerate(fixed):
-        if timed and k >= _MIN_FIXED and time.monotonic() - clock > 0.6 * time_budget_s:
+        if (max_variants is None and k >= _MIN_FIXED
+                and time.monotonic() - clock > 0.6 * time_budget_s):
             break
         consider(build_with(layout, policy), "auto")
     rng = random.Random(seed)
@@ -467,10 +502,12 @@ def search_schedule(
             time.monotonic() - clock < 0.6 * time_budget_s):
         consider(build_with(layouts[tried % len(layouts)], _random_policy(rng)), "auto")
         tried += 1
+    if max_moves is None and max_variants is not None:
+        max_moves = max_variants
     moves = 0
-    while best and ((moves < max_variants) if max_variants is not None else (
+    while best and ((moves < max_moves) if max_moves is not None else (
             time.monotonic() - clock < time_budget_s)):
-        consider(_moved(best[0][1], rng), "auto", sideways=True)
+        consider(_moved(best[0][1], rng, best[0][0][2]), "auto", sideways=True)
         moves += 1
     if not best:
         raise ConfigError(
