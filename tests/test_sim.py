@@ -67,8 +67,8 @@ def test_same_rank_neighbours_pay_no_transfer() -> None:
     schedule = Schedule(
         name="v", num_ranks=2, num_stages=4, num_microbatches=1, placement=(0, 1, 1, 0),
         actions=(
-            tuple(parse_action(a) for a in "0F0 3F0 3B0 0B0".split()),
-            tuple(parse_action(a) for a in "1F0 2F0 2B0 1B0".split()),
+            tuple(parse_action(a) for a in ["0F0", "3F0", "3B0", "0B0"]),
+            tuple(parse_action(a) for a in ["1F0", "2F0", "2B0", "1B0"]),
         ),
     )
     costs = Costs.per_stage(forward=[1] * 4, backward=[1] * 4)

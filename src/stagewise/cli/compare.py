@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"p={args.ranks} ranks, m={args.microbatches} micro-batches; costs per whole stage: "
           f"forward {args.forward}, backward {args.backward}")
-    header = f"{'schedule':<18}{'v':>3}{'makespan':>10}{'of step':>9}{'vs ideal':>10}  peak act./rank"
+    header = (f"{'schedule':<18}{'v':>3}{'makespan':>10}{'of step':>9}{'vs ideal':>10}"
+              "  peak act./rank")
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"{'rank':>4} {'busy':>10} {'idle':>10} {'peak act.':>10}")
     for row in summary["per_rank"]:
-        extra = f"  ({row['peak_activation_bytes']:.4g} B)" if "peak_activation_bytes" in row else ""
+        peak_bytes = row.get("peak_activation_bytes")
+        extra = f"  ({peak_bytes:.4g} B)" if peak_bytes is not None else ""
         print(
             f"{row['rank']:>4} {row['busy']:>10.4g} {row['idle']:>10.4g} "
             f"{row['peak_activations']:>10.4g}{extra}"

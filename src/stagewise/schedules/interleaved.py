@@ -78,8 +78,8 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, num_chunks: int = 2)
             (the message names the nearest m that works).
 
     Example:
-        >>> interleaved_1f1b(2, 2, 2).actions[0]
-        (Action(0F0), Action(0F1), Action(2F0), Action(2F1), Action(2B0), Action(2B1), Action(0B0), Action(0B1))
+        >>> " ".join(str(a) for a in interleaved_1f1b(2, 2, 2).actions[0])
+        '0F0 0F1 2F0 2F1 2B0 2B1 0B0 0B1'
     """
     require_positive(
         "interleaved-1f1b",

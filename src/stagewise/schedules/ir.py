@@ -220,7 +220,9 @@ class Schedule:
         try:
             text = file.read_text()
         except OSError as err:
-            raise ScheduleError(f"cannot read schedule file {str(file)!r}: {err.strerror}") from None
+            raise ScheduleError(
+                f"cannot read schedule file {str(file)!r}: {err.strerror}"
+            ) from None
         return cls.from_csv(text, name=file.name)
 
     @classmethod

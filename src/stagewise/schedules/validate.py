@@ -183,7 +183,9 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
                     missing = grad_base + here + m
                 else:
                     missing = -1
-                gives = (grad_base + here, weight_base + here) if op is op_b else (grad_base + here,)
+                gives = (
+                    (grad_base + here, weight_base + here) if op is op_b else (grad_base + here,)
+                )
             if missing >= 0:
                 waiting.setdefault(missing, []).append(rank)
                 break
