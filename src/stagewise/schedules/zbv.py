@@ -15,9 +15,10 @@ W (weight gradient). Rank r's row, in phases (the order of torch.distributed.pip
 6. p - r times: I of chunk 0 and the oldest deferred W of chunk 0;
 7. the remaining W of chunk 1, then of chunk 0.
 
-With F = I = W per chunk the pipeline has no bubble besides the (p - 1) F-long fill, and every
-rank's live activations peak at 2p chunks = p stage-micro-batch units (a chunk is half a rank's
-share), the same on every rank and the same as rank 0 of 1F1B. The phases need m >= 2p - 1
+With F = I and F/2 <= W <= F the only bubble is the fill, p - 1 chunk forwards on every rank
+(see :mod:`stagewise.sim.closed_form_zb`), and every rank's live activations peak at 2p chunks
+= p stage-micro-batch units (a chunk is half a rank's share): the same on every rank, and the
+same as rank 0 of 1F1B. The phases need m >= 2p - 1
 micro-batches to fill; for fewer the phases run for 2p - 1 and the actions of micro-batches that
 do not exist are left out (still a valid, if bubblier, schedule), so any m >= 1 works.
 """
