@@ -6,7 +6,9 @@ breakdown of the most loaded GPU, the step-time breakdown and the figures users 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from stagewise.errors import PlanError
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
@@ -29,7 +31,11 @@ __all__ = ["Plan", "check_config", "evaluate", "lower_bound_step_time"]
 
 @dataclass(frozen=True)
 class Plan:
-    """A parallel configuration with its predicted memory and speed."""
+    """A parallel configuration with its predicted memory and speed.
+
+    The step time is computed when first read (a search times only the plans that fit, and
+    the others when a picture or a listing asks for them).
+    """
 
     model: ModelSpec
     cluster: Cluster
@@ -38,7 +44,12 @@ class Plan:
     num_microbatches: int
     layers: tuple[int, ...]
     memory: MemoryBreakdown
-    time: StepTime
+    estimate: Callable[[], StepTime] = field(repr=False, compare=False)
+
+    @cached_property
+    def time(self) -> StepTime:
+        """The step-time breakdown."""
+        return self.estimate()
 
     @property
     def fits(self) -> bool:
@@ -163,8 +174,13 @@ def evaluate(
     schedule = cache.schedule(config.schedule, config.pp, m, config.vp)
     sizes = rank_sizes(model, training, config, layers, schedule.placement)
     memory = _most_loaded(model, training, config, layers, sizes, cache, m, constants)
-    time = step_time(model, cluster, training, config, layers, sizes, schedule, cache, constants)
-    return Plan(model, cluster, training, config, m, layers, memory, time)
+
+    def estimate() -> StepTime:
+        return step_time(
+            model, cluster, training, config, layers, sizes, schedule, cache, constants
+        )
+
+    return Plan(model, cluster, training, config, m, layers, memory, estimate)
 
 
 def _most_loaded(

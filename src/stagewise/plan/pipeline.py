@@ -4,9 +4,18 @@
 activation memory from its :class:`~stagewise.sim.Timeline`, and runs
 :func:`stagewise.sim.simulate` with the plan's per-stage costs. A search evaluates thousands of
 plans that share a few pipeline shapes, so simulations are cached by (schedule, p, m, v, cost
-ratios): the costs are divided by the mean stage forward and rounded to two decimals
-(hops to three), then the result is scaled back. One cache lives for one search; nothing is
-kept between calls.
+ratios): each stage's forward divided by the mean stage forward, the backward/forward and
+weight/backward ratios of the whole pipeline, all snapped to an 8 % geometric grid, and each
+boundary's transfer time in steps of 2 % of a mean forward. Only the idle time of each rank
+is taken from the cached simulation; each rank's busy time is summed exactly from the plan's
+own costs, so the rounding touches the bubble alone. One cache lives for one search;
+nothing is kept between calls.
+
+Peak activation memory depends only on the order of each rank's actions, not on the costs.
+For every rank the cache keeps, from the unit-cost timeline, the count of live micro-batches
+of each of its stages at every change point (``Timeline.live_activations`` with one stage
+weighted at a time), pruned to the points no other point dominates; a plan's peak bytes is
+the largest weighted sum over them, exactly what ``peak_activations(in_bytes=True)`` returns.
 
 Point-to-point costs differ per stage boundary (inside a node or across nodes), so each
 boundary's transfer time in seconds is passed as ``send_bytes`` with a link of unit bandwidth.
@@ -14,6 +23,7 @@ boundary's transfer time in seconds is passed as ``send_bytes`` with a link of u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -45,8 +55,8 @@ class PipelineCache:
 
     def __init__(self) -> None:
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
-        self._rank_timelines: dict[tuple[str, int, int, int, int], Timeline] = {}
-        self._runs: dict[tuple[object, ...], PipelineRun] = {}
+        self._live: dict[tuple[str, int, int, int], list[list[tuple[float, ...]]]] = {}
+        self._runs: dict[tuple[object, ...], _UnitRun] = {}
         self.simulations = 0
 
     def schedule(self, name: str, p: int, m: int, v: int) -> Schedule:
@@ -56,26 +66,27 @@ class PipelineCache:
             self._schedules[key] = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
         return self._schedules[key]
 
-    def _rank_timeline(self, name: str, p: int, m: int, v: int, rank: int) -> Timeline:
-        """Unit-cost timeline of ``rank``'s events only (its memory depends on nothing else)."""
-        key = (name, p, m, v, rank)
-        if key not in self._rank_timelines:
-            full = simulate(self.schedule(name, p, m, v))
-            for r in range(p):
-                self._rank_timelines[(name, p, m, v, r)] = replace(
-                    full, events=full.rank_events(r)
-                )
-        return self._rank_timelines[key]
+    def _live_points(self, name: str, p: int, m: int, v: int, rank: int) -> list[tuple[float, ...]]:
+        key = (name, p, m, v)
+        if key not in self._live:
+            schedule = self.schedule(name, p, m, v)
+            full = simulate(schedule)
+            self._live[key] = [
+                _live_counts(full, r, schedule.stages_of(r)) for r in range(p)
+            ]
+        return self._live[key][rank]
 
     def peak_activation_bytes(
         self, name: str, p: int, m: int, v: int, rank: int, stage_bytes: Sequence[float]
     ) -> float:
         """Peak live activation bytes of ``rank`` given one micro-batch's bytes per stage."""
-        timeline = replace(
-            self._rank_timeline(name, p, m, v, rank),
-            activation_bytes=tuple(float(x) for x in stage_bytes),
+        stages = self.schedule(name, p, m, v).stages_of(rank)
+        weights = [stage_bytes[s] for s in stages]
+        return max(
+            (sum(c * w for c, w in zip(point, weights, strict=True))
+             for point in self._live_points(name, p, m, v, rank)),
+            default=0.0,
         )
-        return timeline.peak_activations(rank, in_bytes=True)
 
     def run(
         self,
@@ -90,20 +101,28 @@ class PipelineCache:
     ) -> PipelineRun:
         """Simulate one step with per-stage costs and per-boundary transfer times (seconds)."""
         ref = sum(forward) / len(forward)
-
-        def norm(values: Sequence[float], digits: int) -> tuple[float, ...]:
-            return tuple(round(x / ref, digits) for x in values)
-
-        f, b, w, h = norm(forward, 2), norm(backward, 2), norm(weight, 2), norm(hops, 3)
-        w = tuple(min(wi, bi) for wi, bi in zip(w, b, strict=True))
-        key = (name, p, m, v, f, b, w, h)
+        f = _grid(forward, ref)
+        ratio_b = _grid([sum(backward) / sum(forward)], 1.0)[0]
+        ratio_w = 0.5
+        if self.schedule(name, p, m, v).splits_backward:  # else W never runs on its own
+            ratio_w = _grid([sum(weight) / sum(backward)], 1.0)[0]
+        h = tuple(round(x / ref / HOP_STEP) * HOP_STEP for x in hops)
+        key = (name, p, m, v, f, ratio_b, ratio_w, h)
         if key not in self._runs:
-            self._runs[key] = self._simulate(name, p, m, v, f, b, w, h)
+            b = tuple(x * ratio_b for x in f)
+            self._runs[key] = self._simulate(name, p, m, v, f, b, tuple(x * ratio_w for x in b), h)
         unit = self._runs[key]
+        schedule = self.schedule(name, p, m, v)
+        busy = tuple(
+            m * sum(forward[s] + backward[s] for s in schedule.stages_of(r)) for r in range(p)
+        )
+        makespan = max(busy[r] + unit.idle[r] * ref for r in range(p))
+        total = p * makespan
+        idle = total - sum(busy)
         return PipelineRun(
-            makespan=unit.makespan * ref,
-            busy=tuple(x * ref for x in unit.busy),
-            bubble=unit.bubble,
+            makespan=makespan,
+            busy=busy,
+            bubble=Bubble(of_step=idle / total, vs_ideal=idle / sum(busy)),
             stage_done=tuple(x * ref for x in unit.stage_done),
         )
 
@@ -117,7 +136,7 @@ class PipelineCache:
         b: tuple[float, ...],
         w: tuple[float, ...],
         h: tuple[float, ...],
-    ) -> PipelineRun:
+    ) -> _UnitRun:
         self.simulations += 1
         schedule = self.schedule(name, p, m, v)
         costs = Costs.per_stage(forward=f, backward=b, weight=w, send_bytes=h)
@@ -126,9 +145,40 @@ class PipelineCache:
         for event in timeline.events:
             if event.op is not Op.F:
                 done[event.stage] = max(done[event.stage], event.end - timeline.start)
-        return PipelineRun(
-            makespan=timeline.makespan,
-            busy=tuple(timeline.busy(r) for r in range(p)),
-            bubble=timeline.bubble(),
+        return _UnitRun(
+            idle=tuple(timeline.idle(r) for r in range(p)),
             stage_done=tuple(done),
         )
+
+
+@dataclass(frozen=True)
+class _UnitRun:
+    idle: tuple[float, ...]
+    stage_done: tuple[float, ...]
+
+
+GRID = math.log(1.08)
+HOP_STEP = 0.02  # transfer times in steps of 2 % of a mean stage forward
+
+
+def _grid(values: Sequence[float], ref: float) -> tuple[float, ...]:
+    """Each value / ref, snapped to an 8 % geometric grid (0 stays 0)."""
+    return tuple(
+        math.exp(round(math.log(x / ref) / GRID) * GRID) if x > 0 else 0.0 for x in values
+    )
+
+
+def _live_counts(timeline: Timeline, rank: int, stages: Sequence[int]) -> list[tuple[float, ...]]:
+    """Live micro-batches of each of ``stages`` at every change point, undominated points only."""
+    timeline = replace(timeline, events=timeline.rank_events(rank))  # this rank's events only
+    columns = []
+    for stage in stages:
+        indicator = tuple(1.0 if s == stage else 0.0 for s in range(timeline.num_stages))
+        steps = replace(timeline, activation_bytes=indicator).live_activations(rank, in_bytes=True)
+        columns.append([level for _, level in steps])
+    points = sorted(set(zip(*columns, strict=True)), reverse=True)
+    kept: list[tuple[float, ...]] = []
+    for point in points:
+        if not any(all(k >= x for k, x in zip(other, point, strict=True)) for other in kept):
+            kept.append(point)
+    return kept

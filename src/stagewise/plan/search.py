@@ -1,0 +1,210 @@
+"""Search every valid split of a cluster and rank the plans that fit by step time.
+
+Valid means: TP divides the query and key/value heads and the MLP width and stays inside a
+node; PP is at most the number of layers (uneven splits allowed); DP fills the rest;
+micro-batches m = G / (DP x micro-batch size) is whole; interleaved schedules take v chunks
+per rank when the layers split evenly into PP x v stages. Knobs given in ``fixed`` are held.
+GPipe and the ``auto`` schedule are searched only when asked for (GPipe has 1F1B's bubble
+and more memory; ``auto`` runs its own schedule search per shape, seconds each). With flash
+attention, selective recomputation (of the attention core) equals no recomputation, so only
+``none`` and ``full`` are searched unless ``selective`` is asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from stagewise.errors import PlanError, StagewiseError
+from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
+from stagewise.plan.evaluate import Plan, evaluate
+from stagewise.plan.hardware import Cluster
+from stagewise.plan.models import ModelSpec
+from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.spec import RECOMPUTE_MODES, ParallelConfig, TrainingSpec
+from stagewise.schedules import get, names
+
+__all__ = ["SearchResult", "candidates", "search"]
+
+KNOBS = (
+    "tp", "pp", "dp", "vp", "micro_batch_size", "recompute", "sequence_parallel",
+    "distributed_optimizer", "schedule",
+)
+MAX_MICRO_BATCH = 16
+MAX_CHUNKS = 8
+# Searched only when asked for: gpipe is 1F1B's bubble with more memory; auto runs a schedule
+# search of its own for every (p, m), which costs seconds each.
+NOT_SEARCHED = ("gpipe", "auto")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Ranked plans: those that fit, fastest first, then those that do not, smallest first.
+
+    Attributes:
+        plans: every evaluated plan, ranked.
+        skipped: (configuration, reason) for combinations that could not be built.
+        seconds: wall-clock time of the search.
+        simulations: distinct pipeline simulations run.
+    """
+
+    plans: list[Plan]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    simulations: int = 0
+
+    @property
+    def fitting(self) -> list[Plan]:
+        return [plan for plan in self.plans if plan.fits]
+
+    @property
+    def best(self) -> Plan | None:
+        fitting = self.fitting
+        return fitting[0] if fitting else None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _schedule_options(
+    model: ModelSpec, pp: int, fixed: dict[str, Any]
+) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [(fixed.get("schedule", "1f1b"), fixed.get("vp", 1))]
+    wanted = [fixed["schedule"]] if "schedule" in fixed else [
+        n for n in names() if n not in NOT_SEARCHED
+    ]
+    options: list[tuple[str, int]] = []
+    for name in wanted:
+        generator = get(name)
+        if generator.fixed_chunks is not None:
+            chunks = [generator.fixed_chunks]
+        elif "vp" in fixed:
+            chunks = [fixed["vp"]]
+        else:
+            chunks = [
+                v for v in range(2, MAX_CHUNKS + 1)
+                if pp * v <= model.layers and model.layers % (pp * v) == 0
+            ]
+        options.extend(
+            (name, v) for v in chunks
+            if ("vp" not in fixed or v == fixed["vp"]) and pp * v <= model.layers
+        )
+    return options
+
+
+def candidates(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, fixed: dict[str, Any] | None = None
+) -> Iterator[ParallelConfig]:
+    """Every valid configuration, holding the knobs in ``fixed`` (names as in ParallelConfig)."""
+    fixed = dict(fixed or {})
+    unknown = set(fixed) - set(KNOBS)
+    if unknown:
+        raise PlanError(f"unknown knobs {sorted(unknown)}: use {', '.join(KNOBS)}")
+    n = cluster.num_gpus
+    tps = [fixed["tp"]] if "tp" in fixed else [
+        t for t in _divisors(cluster.gpus_per_node)
+        if model.kv_heads % t == 0 and model.heads % t == 0 and model.ffn % t == 0
+    ]
+    flash = training.attention == "flash"
+    modes = [fixed["recompute"]] if "recompute" in fixed else [
+        r for r in RECOMPUTE_MODES if not (flash and r == "selective")
+    ]
+    for tp in tps:
+        if n % tp:
+            continue
+        pps = [fixed["pp"]] if "pp" in fixed else [
+            p for p in _divisors(n // tp) if p <= model.layers
+        ]
+        for pp in pps:
+            if (n // tp) % pp:
+                continue
+            dp = n // (tp * pp)
+            if "dp" in fixed and fixed["dp"] != dp:
+                continue
+            if training.global_batch % dp:
+                continue
+            per_replica = training.global_batch // dp
+            mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else [
+                b for b in _divisors(per_replica) if b <= MAX_MICRO_BATCH
+            ]
+            sps = [fixed["sequence_parallel"]] if "sequence_parallel" in fixed else (
+                [False, True] if tp > 1 else [False]
+            )
+            dopts = [fixed["distributed_optimizer"]] if "distributed_optimizer" in fixed else (
+                [False, True] if dp > 1 else [False]
+            )
+            for schedule, vp in _schedule_options(model, pp, fixed):
+                for mbs in mbss:
+                    for recompute in modes:
+                        for sp in sps:
+                            for dopt in dopts:
+                                yield ParallelConfig(
+                                    tp=tp, pp=pp, dp=dp, vp=vp, micro_batch_size=mbs,
+                                    recompute=recompute, sequence_parallel=sp and tp > 1,
+                                    distributed_optimizer=dopt, schedule=schedule,
+                                )
+
+
+def search(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    fixed: dict[str, Any] | None = None,
+    constants: Constants = DEFAULT_CONSTANTS,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """Evaluate every candidate and rank them.
+
+    Args:
+        model, cluster, training: what to plan.
+        fixed: knobs to hold (``{"tp": 8, "pp": 1}``).
+        constants: the planner's global constants.
+        progress: called as ``progress(done, total)`` now and then.
+
+    Raises:
+        PlanError: no valid configuration at all (the message says why).
+
+    Example:
+        >>> from stagewise.plan import get_gpu, get_model
+        >>> result = search(get_model("llama-2-7b"), Cluster(get_gpu("h100"), 1, 8),
+        ...                 TrainingSpec(seq=4096, global_batch=16), {"tp": 2, "pp": 2})
+        >>> result.best.config.tp
+        2
+    """
+    start = time.perf_counter()
+    configs = list(candidates(model, cluster, training, fixed))
+    if not configs:
+        raise PlanError(_nothing_valid(model, cluster, training, fixed or {}))
+    cache = PipelineCache()
+    plans: list[Plan] = []
+    skipped: list[tuple[str, str]] = []
+    step = max(1, len(configs) // 100)
+    for i, config in enumerate(configs):
+        try:
+            plans.append(evaluate(model, cluster, training, config, constants, cache))
+        except StagewiseError as err:
+            skipped.append((config.describe(), str(err)))
+        if progress and (i % step == 0 or i == len(configs) - 1):
+            progress(i + 1, len(configs))
+    plans.sort(key=lambda p: (not p.fits, p.time.step_s if p.fits else p.memory.total))
+    return SearchResult(plans, skipped, time.perf_counter() - start, cache.simulations)
+
+
+def _nothing_valid(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, fixed: dict[str, Any]
+) -> str:
+    n = cluster.num_gpus
+    if "tp" in fixed and n % fixed["tp"]:
+        return f"TP={fixed['tp']} does not divide the {n} GPUs"
+    return (
+        f"no configuration of {n} GPUs fits the constraints for global batch "
+        f"{training.global_batch} with {fixed or 'no fixed knobs'}: the data-parallel size "
+        f"must divide the global batch and TP must divide {model.kv_heads} key/value heads; "
+        "change --global-batch or the fixed knobs"
+    )
