@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stagewise.errors import ConfigError
 from stagewise.schedules import Schedule, build, check, names
@@ -154,3 +156,32 @@ def test_local_search_reaches_the_bound_where_zb_v_does_not() -> None:
                              max_moves=400)
     assert result.makespan == result.lower_bound == 30.0
     assert peak(result.schedule, costs) <= 4
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    p=st.integers(2, 4),
+    m=st.integers(1, 8),
+    v=st.sampled_from([1, 2]),
+    forward=st.lists(st.sampled_from([0.5, 1.0, 1.5]), min_size=8, max_size=8),
+    weight_share=st.sampled_from([0.25, 0.5, 0.75]),
+    latency=st.sampled_from([0.0, 0.1]),
+    limit_factor=st.sampled_from([1.0, 1.5, 2.0]),
+)
+def test_never_worse_than_named_for_random_costs(
+    p: int, m: int, v: int, forward: list[float], weight_share: float, latency: float,
+    limit_factor: float,
+) -> None:
+    n = p * v
+    costs = Costs.per_stage(forward[:n], [2 * f for f in forward[:n]],
+                            [2 * f * weight_share for f in forward[:n]])
+    link, limit = Link(latency), limit_factor * p
+    result = search_schedule(p, m, costs, link, memory_limit=limit, max_variants=0,
+                             max_moves=0)
+    check(result.schedule)
+    assert peak(result.schedule, costs, link) <= limit + 1e-9
+    named = best_named(p, m, costs, link, limit, result.schedule.placement)
+    assert result.makespan <= named + 1e-9
+    # both bounds are bounds: no schedule beats them
+    assert result.lower_bound <= fill_bound(result.schedule.placement, m, costs, link)
+    assert fill_bound(result.schedule.placement, m, costs, link) <= result.makespan + 1e-9
