@@ -27,7 +27,8 @@ METHODS = ("even", "params", "time")
 def balance(weights: Sequence[float], num_stages: int) -> list[int]:
     """Sizes of ``num_stages`` contiguous groups of ``weights`` minimising the heaviest group.
 
-    Exact (dynamic programming over cut points); every group holds at least one layer.
+    Exact for the heaviest group (dynamic programming over cut points); among equally heavy
+    cuts it prefers even ones. Every group holds at least one layer.
 
     Raises:
         ConfigError: fewer layers than stages.
@@ -45,15 +46,19 @@ def balance(weights: Sequence[float], num_stages: int) -> list[int]:
     prefix = [0.0]
     for w in weights:
         prefix.append(prefix[-1] + float(w))
-    inf = float("inf")
-    # best[k][i]: lightest heaviest-group for the first i layers in k groups; cut[k][i]: last cut.
+    inf = (float("inf"), float("inf"))
+    # best[k][i]: (heaviest group, sum of squared group weights) for the first i layers in k
+    # groups, smallest first; the second term prefers even groups among equally heavy cuts.
+    # cut[k][i]: where the last group starts. Ties go to later cuts (earlier stages fuller).
     best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
     cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
+    best[0][0] = (0.0, 0.0)
     for k in range(1, num_stages + 1):
         for i in range(k, n - (num_stages - k) + 1):
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                group = prefix[i] - prefix[j]
+                heaviest, squares = best[k - 1][j]
+                value = (max(heaviest, group), squares + group * group)
                 if value <= best[k][i]:
                     best[k][i], cut[k][i] = value, j
     sizes, i = [], n

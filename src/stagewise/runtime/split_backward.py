@@ -109,8 +109,8 @@ def backward_input(
     if input_grad is None:
         input_grad = torch.zeros_like(stage_input)
     if forks is None:
-        # A parameter is used at two depths (shared weights): W re-runs the whole backward on
-        # the retained graph, still exact, only slower.
+        # A parameter used at two depths (shared weights), or an output independent of the
+        # input: W re-runs the whole backward on the retained graph, still exact, only slower.
         return input_grad, whole
     parts = []
     for fork, fork_params in forks.items():
@@ -144,7 +144,8 @@ def _fork_nodes(
     """Fork nodes mapped to the parameter nodes each one alone leads to.
 
     A fork node lies on the path to the input and has a child leading only to parameters.
-    Returns None when some parameter is reached from two fork nodes (a weight used twice).
+    Returns None when some parameter is reached from two fork nodes (a weight used twice) or
+    the output does not depend on the input; W then re-runs the whole backward.
     """
     order = _post_order(root)
     reaches_input: dict[Node, bool] = {}
@@ -156,6 +157,8 @@ def _fork_nodes(
         for child in children:
             below |= params_below[child]
         params_below[node] = frozenset(below)
+    if not reaches_input[root]:
+        return None  # the output does not depend on the input: W is the whole backward
     forks: dict[Node, list[Node]] = {}
     owner: dict[Node, Node] = {}
     for node in order:
