@@ -66,7 +66,8 @@ def test_params_split_isolates_a_heavy_head() -> None:
 
 
 def test_time_split_needs_a_sample_and_measures_every_layer() -> None:
-    layers = [nn.Linear(8, 8), nn.Sequential(*[nn.Linear(8, 8) for _ in range(30)]), nn.Linear(8, 8)]
+    heavy = nn.Sequential(*[nn.Linear(8, 8) for _ in range(30)])
+    layers = [nn.Linear(8, 8), heavy, nn.Linear(8, 8)]
     with pytest.raises(ConfigError, match="sample"):
         layer_weights(layers, "time")
     times = layer_weights(layers, "time", sample=torch.randn(64, 8))
