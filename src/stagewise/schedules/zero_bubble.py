@@ -18,9 +18,10 @@ none at all when F = I = W, for about twice the memory (2p - 1 micro-batches on 
 The step, which waits for the slowest rank, still pays the fill: the last rank cannot start
 before (p - 1) F.
 
-Both work for every m >= 1 (warm-ups and deferrals are capped at m). The orders are those of
-the paper's figures; torch.distributed.pipelining's ``ScheduleInterleavedZeroBubble`` with one
-chunk per rank gives ZB-H1's.
+Both work for every m >= 1 (warm-ups and deferrals are capped at m); ZB-H2 needs m >= 2p - 1
+to fill its longer warm-up, and with fewer micro-batches it is slower than ZB-H1. The orders
+are those of the paper's figures; torch.distributed.pipelining's
+``ScheduleInterleavedZeroBubble`` with one chunk per rank gives ZB-H1's.
 """
 
 from __future__ import annotations
