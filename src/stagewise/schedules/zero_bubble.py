@@ -19,9 +19,9 @@ The step, which waits for the slowest rank, still pays the fill: the last rank c
 before (p - 1) F.
 
 Both work for every m >= 1 (warm-ups and deferrals are capped at m); ZB-H2 needs m >= 2p - 1
-to fill its longer warm-up, and with fewer micro-batches it is slower than ZB-H1. The orders
-are those of the paper's figures; torch.distributed.pipelining's
-``ScheduleInterleavedZeroBubble`` with one chunk per rank gives ZB-H1's.
+to fill its longer warm-up, and with fewer micro-batches it is slower than ZB-H1. The rules
+(warm-up lengths, W deferrals) are chosen so that the simulator reproduces the paper's bubble
+formulas; see :mod:`stagewise.sim.closed_form_zb` for the exact conditions.
 """
 
 from __future__ import annotations
