@@ -32,8 +32,9 @@ class Constants:
         collective_latency_s: time per ring step of a collective (synchronisation, small
             message latency).
         p2p_latency_s: fixed time of one pipeline send/receive between nodes.
-        reserved_gib: memory the run cannot use: CUDA context, cuBLAS/NCCL workspaces and
-            allocator fragmentation.
+        reserved_gib: memory the run cannot use: CUDA context, cuBLAS and NCCL workspaces.
+        fragmentation: share of device memory lost to the caching allocator's fragmentation
+            and short-lived peaks; a plan must leave it free.
     """
 
     matmul_efficiency: float = 0.80
@@ -44,7 +45,8 @@ class Constants:
     link_efficiency: float = 0.80
     collective_latency_s: float = 8e-6
     p2p_latency_s: float = 20e-6
-    reserved_gib: float = 2.0
+    reserved_gib: float = 1.0
+    fragmentation: float = 0.05
 
 
 DEFAULT_CONSTANTS = Constants()

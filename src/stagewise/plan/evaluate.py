@@ -80,7 +80,8 @@ class Plan:
     @property
     def model_flops(self) -> float:
         """Model FLOPs of one step (see :data:`stagewise.plan.flops.MODEL_FLOPS_NAME`)."""
-        return model_flops_per_token(self.model, self.training.seq) * self.tokens_per_step
+        per_token = model_flops_per_token(self.model, self.training.seq, self.training.mode)
+        return per_token * self.tokens_per_step
 
     @property
     def tflops_per_gpu(self) -> float:
@@ -95,7 +96,9 @@ class Plan:
     @property
     def hfu(self) -> float:
         """Hardware FLOPs utilisation: recomputation counted."""
-        flops = hardware_flops_per_token(self.model, self.training.seq, self.config.recompute)
+        flops = hardware_flops_per_token(
+            self.model, self.training.seq, self.config.recompute, self.training.mode
+        )
         rate = flops * self.tokens_per_step / self.time.step_s / self.cluster.num_gpus
         return rate / self.cluster.gpu.peak_flops
 
@@ -173,7 +176,9 @@ def evaluate(
     layers = split_layers(model.layers, config.pp * config.vp)
     schedule = cache.schedule(config.schedule, config.pp, m, config.vp)
     sizes = rank_sizes(model, training, config, layers, schedule.placement)
-    memory = _most_loaded(model, training, config, layers, sizes, cache, m, constants)
+    memory = _most_loaded(
+        model, training, config, layers, sizes, cache, m, constants, cluster.gpu.memory_gib
+    )
 
     def estimate() -> StepTime:
         return step_time(
@@ -192,6 +197,7 @@ def _most_loaded(
     cache: PipelineCache,
     m: int,
     constants: Constants,
+    memory_gib: float,
 ) -> MemoryBreakdown:
     p = config.pp
     most = max(sum(layers[s] for s in size.stages) for size in sizes)
@@ -200,7 +206,9 @@ def _most_loaded(
     }
     best: MemoryBreakdown | None = None
     for rank in sorted(ranks):
-        memory = rank_memory(model, training, config, sizes[rank], cache, m, constants)
+        memory = rank_memory(
+            model, training, config, sizes[rank], cache, m, constants, memory_gib
+        )
         if best is None or memory.total > best.total:
             best = memory
     assert best is not None
@@ -210,6 +218,6 @@ def _most_loaded(
 def lower_bound_step_time(model: ModelSpec, cluster: Cluster, training: TrainingSpec) -> float:
     """Seconds a step needs at least: its fewest FLOPs at every GPU's dense peak, nothing else."""
     tokens = training.global_batch * training.seq
-    flops = lower_bound_flops_per_token(model, training.seq) * tokens
+    flops = lower_bound_flops_per_token(model, training.seq, training.mode) * tokens
     return flops / (cluster.num_gpus * cluster.gpu.peak_flops)
 

@@ -5,7 +5,9 @@ query attention and SwiGLU: per token, forward = 2 x (matmul weights of all bloc
 + 4·L·s·h (attention scores and scores x values over the full, non-causal s x s square)
 + 2·h·V (the output head); a training step is 3x forward (backward is twice the forward).
 For GPT shapes (12h² weights per block, f = 4h) this is exactly
-72·B·L·s·h²·(1 + s/6h + V/12hL) per step.
+72·B·L·s·h²·(1 + s/6h + V/12hL) per step. LoRA fine-tuning computes no weight gradients of the
+frozen base, so its step is 2x forward (forward and input gradients; the adapters' own FLOPs,
+under 1 % at ranks up to 64, are left out).
 
 Hardware FLOPs (HFU) add what recomputation runs again: the whole forward of every block for
 ``full``, the attention scores and scores x values for ``selective`` (Korthikanti eq. 8 for full).
@@ -24,7 +26,8 @@ __all__ = [
 
 MODEL_FLOPS_NAME = (
     "model FLOPs, Korthikanti et al. 2022 eq. 7 generalised: "
-    "3 x (2·matmul weights + 4·L·s·h non-causal attention + 2·h·V head) per token"
+    "3 x (2·matmul weights + 4·L·s·h non-causal attention + 2·h·V head) per token "
+    "(2 x for LoRA: no weight gradients of the frozen base)"
 )
 
 
@@ -36,7 +39,12 @@ def _forward_per_token(model: ModelSpec, seq: int, causal: bool = False) -> tupl
     return blocks, head
 
 
-def model_flops_per_token(model: ModelSpec, seq: int) -> float:
+def _passes(mode: str) -> float:
+    """Forward-pass equivalents per training step: 3 (forward, two backward GEMMs), 2 (LoRA)."""
+    return 2.0 if mode == "lora" else 3.0
+
+
+def model_flops_per_token(model: ModelSpec, seq: int, mode: str = "full") -> float:
     """Model FLOPs of one training token (forward + backward), see the module docstring.
 
     Example:
@@ -47,10 +55,12 @@ def model_flops_per_token(model: ModelSpec, seq: int) -> float:
         1.0
     """
     blocks, head = _forward_per_token(model, seq)
-    return 3.0 * (blocks + head)
+    return _passes(mode) * (blocks + head)
 
 
-def hardware_flops_per_token(model: ModelSpec, seq: int, recompute: str) -> float:
+def hardware_flops_per_token(
+    model: ModelSpec, seq: int, recompute: str, mode: str = "full"
+) -> float:
     """FLOPs the GPUs actually run per token, recomputation included (HFU numerator)."""
     blocks, head = _forward_per_token(model, seq)
     extra = 0.0
@@ -58,10 +68,10 @@ def hardware_flops_per_token(model: ModelSpec, seq: int, recompute: str) -> floa
         extra = blocks
     elif recompute == "selective":
         extra = model.layers * 4.0 * seq * model.hidden
-    return 3.0 * (blocks + head) + extra
+    return _passes(mode) * (blocks + head) + extra
 
 
-def lower_bound_flops_per_token(model: ModelSpec, seq: int) -> float:
+def lower_bound_flops_per_token(model: ModelSpec, seq: int, mode: str = "full") -> float:
     """The fewest FLOPs training can do per token: matmuls, causal attention, no recompute."""
     blocks, head = _forward_per_token(model, seq, causal=True)
-    return 3.0 * (blocks + head)
+    return _passes(mode) * (blocks + head)

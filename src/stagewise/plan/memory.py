@@ -46,7 +46,9 @@ class MemoryBreakdown:
         logits: the last stage's output logits and their fp32 softmax for one micro-batch.
         recompute_buffer: one block's full activations while full recomputation rebuilds it.
         comm_buffers: pipeline send/receive buffers and the sequence-parallel gather buffer.
-        reserved: CUDA context, library workspaces and fragmentation (a constant).
+        reserved: CUDA context and library workspaces, plus the share of device memory
+            left free for allocator fragmentation (constants ``reserved_gib``,
+            ``fragmentation``).
         rank: the pipeline rank these figures belong to.
     """
 

@@ -114,6 +114,7 @@ def rank_memory(
     cache: PipelineCache,
     num_microbatches: int,
     c: Constants,
+    memory_gib: float,
 ) -> MemoryBreakdown:
     """Memory of one GPU of pipeline rank ``sizes.rank`` at its activation peak."""
     weight_b, grad_b, optim_b = layer_state_bytes_per_param(training, config)
@@ -143,6 +144,6 @@ def rank_memory(
         logits=logits,
         recompute_buffer=recompute_buffer,
         comm_buffers=comm,
-        reserved=c.reserved_gib * GIB,
+        reserved=(c.reserved_gib + c.fragmentation * memory_gib) * GIB,
         rank=sizes.rank,
     )

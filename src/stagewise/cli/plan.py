@@ -1,0 +1,280 @@
+"""``stagewise plan``: which TP x PP x DP split fits, how fast it runs, and how to launch it.
+
+Searches every valid configuration (or evaluates the one the knobs fix), prints the
+recommendation with its memory and step-time breakdown, the ranked top plans, the best plan
+of every TP x PP layout side by side, and, when nothing fits, what would. ``--json`` prints one
+object with a ``plans`` list; ``--megatron``/``--torchtitan`` add launch arguments; ``--plot``
+draws step time against memory for every candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from stagewise.errors import PlanError
+from stagewise.plan import Cluster, ModelSpec, TrainingSpec, get_gpu, get_model
+from stagewise.plan.advice import check_claim, what_would_fit
+from stagewise.plan.export import export_notes, megatron_command, torchtitan_toml
+from stagewise.plan.models import model_from_hf_config
+from stagewise.plan.report import best_per_layout, describe_plan, plan_to_dict, table
+from stagewise.plan.search import SearchResult, search
+from stagewise.plan.spec import RECOMPUTE_MODES
+
+__all__ = ["add_parser", "run"]
+
+PROGRESS_FROM = 2000  # candidates; smaller searches finish too fast to need a progress line
+
+
+def add_parser(verbs: Any) -> None:
+    parser = verbs.add_parser(
+        "plan",
+        help="3D-parallelism planner: memory, step time and launch arguments",
+        description=(
+            "Search TP x PP x DP (virtual stages, micro-batch size, recomputation, sequence "
+            "parallelism, distributed optimizer, schedule) for a model on a cluster; fix any "
+            "knob to evaluate one configuration."
+        ),
+    )
+    what = parser.add_argument_group("model")
+    which = what.add_mutually_exclusive_group()
+    which.add_argument("--model", help="catalog model, e.g. llama-2-70b")
+    which.add_argument("--model-config", metavar="CONFIG.json",
+                       help="a Hugging Face config.json (llama, mistral or gpt2 model types)")
+    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
+        what.add_argument(f"--{flag}", type=int, help=f"model from flags: {flag}")
+    what.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",
+                      help="model from flags: MLP kind")
+    what.add_argument("--tied-embeddings", action="store_true", help="model from flags")
+    where = parser.add_argument_group("cluster")
+    where.add_argument("--gpu", required=True, help="catalog GPU, e.g. H100 or A100-80GB")
+    where.add_argument("--nodes", type=int, help="nodes")
+    where.add_argument("--gpus-per-node", type=int, help="GPUs per node (default the GPU's)")
+    where.add_argument("--gpus", type=int, help="total GPUs (instead of --nodes)")
+    how = parser.add_argument_group("training")
+    how.add_argument("--seq", type=int, required=True, help="sequence length")
+    how.add_argument("--global-batch", type=int, required=True, help="sequences per step")
+    how.add_argument("--lora", type=int, metavar="RANK",
+                     help="LoRA fine-tuning with adapters of this rank (frozen base weights)")
+    how.add_argument("--attention", choices=("flash", "unfused"), default="flash")
+    how.add_argument("--no-dp-overlap", action="store_true",
+                     help="the DP gradient reduction does not overlap the backward")
+    knobs = parser.add_argument_group("fixed knobs (each one narrows the search)")
+    for flag in ("tp", "pp", "dp", "vp", "micro-batch-size"):
+        knobs.add_argument(f"--{flag}", type=int)
+    knobs.add_argument("--recompute", choices=RECOMPUTE_MODES)
+    knobs.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
+    knobs.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction)
+    knobs.add_argument("--schedule", help="a stagewise schedule name")
+    out = parser.add_argument_group("output")
+    out.add_argument("--top", type=int, default=10, help="plans to list (default 10)")
+    out.add_argument("--layouts", metavar="TPxPP,...",
+                     help="side-by-side layouts to show, e.g. 8x1,2x4,4x2 (default: all)")
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--megatron", action="store_true", help="Megatron-LM launch line")
+    out.add_argument("--torchtitan", action="store_true", help="torchtitan TOML config")
+    out.add_argument("--plot", metavar="OUT.png", help="step time vs memory of every candidate")
+    out.add_argument("--tokens", type=float, help="token budget, e.g. 1e9: time and cost")
+    out.add_argument("--price-per-gpu-hour", type=float, help="price for the cost estimate")
+    out.add_argument("--claim-steps-per-s", type=float,
+                     help="check a claimed speed against the physical lower bound")
+    parser.set_defaults(run=run)
+
+
+def _model(args: argparse.Namespace) -> ModelSpec:
+    if args.model:
+        return get_model(args.model)
+    if args.model_config:
+        return model_from_hf_config(args.model_config)
+    needed = ("layers", "hidden", "heads", "ffn", "vocab")
+    missing = [f"--{n}" for n in needed if getattr(args, n) is None]
+    if missing:
+        raise PlanError(
+            f"no model: give --model NAME, --model-config config.json, or all of "
+            f"{', '.join('--' + n for n in needed)} (missing {', '.join(missing)})"
+        )
+    return ModelSpec(
+        name="custom", layers=args.layers, hidden=args.hidden, heads=args.heads,
+        kv_heads=args.kv_heads or args.heads, ffn=args.ffn, vocab=args.vocab, mlp=args.mlp,
+        norm="rmsnorm" if args.mlp == "swiglu" else "layernorm",
+        tied_embeddings=args.tied_embeddings,
+        position="rope" if args.mlp == "swiglu" else "learned",
+        max_seq=args.seq,
+    )
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    gpu = get_gpu(args.gpu)
+    if args.gpus is not None:
+        if args.nodes is not None:
+            raise PlanError("give --gpus or --nodes, not both")
+        if args.gpus < 1:
+            raise PlanError(f"--gpus must be >= 1, got {args.gpus}")
+        return Cluster.of_gpus(gpu, args.gpus, args.gpus_per_node)
+    if args.nodes is None:
+        raise PlanError("give --nodes N (with --gpus-per-node K) or --gpus N")
+    return Cluster(gpu, args.nodes, args.gpus_per_node or gpu.gpus_per_node)
+
+
+def _fixed(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("tp", "pp", "dp", "vp", "micro_batch_size", "recompute", "sequence_parallel",
+             "distributed_optimizer", "schedule")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _progress(done: int, total: int) -> None:
+    """One line rewritten in place on a terminal; a line per quarter otherwise."""
+    if sys.stderr.isatty():
+        end = "\n" if done == total else ""
+        print(f"\rsearching: {done}/{total} configurations", end=end, file=sys.stderr,
+              flush=True)
+    elif done == total or (4 * done) // total != (4 * (done - 1)) // total:
+        print(f"searching: {done}/{total} configurations", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, cluster = _model(args), _cluster(args)
+    training = TrainingSpec(
+        seq=args.seq, global_batch=args.global_batch,
+        mode="lora" if args.lora else "full", lora_rank=args.lora or 16,
+        attention=args.attention, dp_overlap=not args.no_dp_overlap,
+    )
+    fixed = _fixed(args)
+    result = search(model, cluster, training, fixed, progress=_progress_for(args, model, cluster))
+    if not result.plans:
+        reason = result.skipped[0][1] if result.skipped else "no candidate"
+        raise PlanError(reason)
+    best = result.best
+    suggestions = what_would_fit(model, cluster, training) if best is None and not fixed else []
+    claim = None
+    if args.claim_steps_per_s is not None:
+        claim = check_claim(model, cluster, training, args.claim_steps_per_s, best)
+    if args.plot:
+        from stagewise.plan.plot import plot_plans
+
+        plot_plans(result.plans, args.plot, best)
+    shown = result.plans[: max(1, args.top)]
+    if args.json:
+        _print_json(args, model, cluster, training, result, shown, suggestions, claim)
+    else:
+        _print_text(args, model, cluster, training, result, shown, suggestions, claim)
+    return 0
+
+
+def _progress_for(args: argparse.Namespace, model: ModelSpec, cluster: Cluster) -> Any:
+    from stagewise.plan.search import candidates
+
+    training = TrainingSpec(seq=args.seq, global_batch=args.global_batch)
+    count = sum(1 for _ in candidates(model, cluster, training, _fixed(args)))
+    return _progress if count >= PROGRESS_FROM else None
+
+
+def _layouts(args: argparse.Namespace, result: SearchResult) -> list[tuple[int, int, Any]]:
+    """Best plan per (TP, PP), restricted to ``--layouts`` when given (in that order)."""
+    layouts = best_per_layout(result.plans)
+    if not args.layouts:
+        return layouts
+    by_key = {(tp, pp): (tp, pp, plan) for tp, pp, plan in layouts}
+    chosen = []
+    for item in args.layouts.split(","):
+        try:
+            tp, pp = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise PlanError(f"--layouts takes TPxPP pairs like 8x1,2x4, got {item!r}") from None
+        if (tp, pp) not in by_key:
+            raise PlanError(f"layout TP={tp} PP={pp} has no valid configuration here")
+        chosen.append(by_key[(tp, pp)])
+    return chosen
+
+
+def _print_text(
+    args: argparse.Namespace, model: ModelSpec, cluster: Cluster, training: TrainingSpec,
+    result: SearchResult, shown: list[Any], suggestions: list[Any], claim: Any,
+) -> None:
+    gpu = cluster.gpu
+    recipe = f"LoRA rank {training.lora_rank}" if training.mode == "lora" else "full training"
+    print(
+        f"{model.name} ({model.num_params / 1e9:.1f}B parameters), {recipe}, bf16 + Adam, "
+        f"on {cluster.nodes} x {cluster.gpus_per_node} {gpu.name} ({gpu.memory_gib:g} GiB, "
+        f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16); seq {training.seq}, global batch "
+        f"{training.global_batch}"
+    )
+    fitting = len(result.fitting)
+    print(
+        f"evaluated {len(result.plans)} configurations in {result.seconds:.1f} s "
+        f"({result.simulations} pipeline simulations): {fitting} fit, "
+        f"{len(result.plans) - fitting} do not, {len(result.skipped)} could not be built"
+    )
+    best = result.best
+    tokens, price = args.tokens, args.price_per_gpu_hour
+    if best is not None:
+        print("\nrecommended:")
+        print(describe_plan(best, tokens, price))
+    else:
+        print(f"\nnothing fits in {cluster.num_gpus} x {gpu.memory_gib:g} GiB. Closest:")
+        print(describe_plan(result.plans[0], tokens, price))
+        if suggestions:
+            print("\nwhat would fit:")
+            for s in suggestions:
+                print(f"- {s.change}:")
+                print(describe_plan(s.plan, tokens, price))
+    print(f"\ntop {len(shown)}:")
+    print(table(shown))
+    layouts = _layouts(args, result)
+    if len(layouts) > 1:
+        print("\nbest plan of each TP x PP layout, side by side:")
+        print(table([plan for _, _, plan in layouts]))
+    if claim is not None:
+        print("\n" + claim.describe(cluster))
+    chosen = best or result.plans[0]
+    if args.megatron or args.torchtitan:
+        for note in export_notes(chosen):
+            print(f"# note: {note}")
+    if args.megatron:
+        print("\n# Megatron-LM")
+        print(megatron_command(chosen))
+    if args.torchtitan:
+        print("\n# torchtitan")
+        print(torchtitan_toml(chosen), end="")
+    if args.plot:
+        print(f"\nwrote {args.plot}")
+
+
+def _print_json(
+    args: argparse.Namespace, model: ModelSpec, cluster: Cluster, training: TrainingSpec,
+    result: SearchResult, shown: list[Any], suggestions: list[Any], claim: Any,
+) -> None:
+    tokens, price = args.tokens, args.price_per_gpu_hour
+
+    def plan_dict(plan: Any, exports: bool = False) -> dict[str, Any]:
+        return plan_to_dict(plan, tokens, price, exports and args.megatron,
+                            exports and args.torchtitan)
+
+    best = result.best
+    document: dict[str, Any] = {
+        "model": model.name,
+        "num_params": model.num_params,
+        "gpu": cluster.gpu.name,
+        "nodes": cluster.nodes,
+        "gpus_per_node": cluster.gpus_per_node,
+        "seq": training.seq,
+        "global_batch": training.global_batch,
+        "mode": training.mode,
+        "evaluated": len(result.plans),
+        "fitting": len(result.fitting),
+        "skipped": len(result.skipped),
+        "search_seconds": result.seconds,
+        "plans": [plan_dict(p, exports=i == 0) for i, p in enumerate(shown)],
+        "best_per_layout": [plan_dict(p) for _, _, p in _layouts(args, result)],
+        "recommended": None if best is None else plan_dict(best, exports=True),
+        "what_would_fit": [
+            {"change": s.change, "plan": plan_dict(s.plan)} for s in suggestions
+        ],
+    }
+    if claim is not None:
+        document["claim"] = claim.to_dict()
+    if args.plot:
+        document["plot"] = args.plot
+    print(json.dumps(document, indent=1))

@@ -1,0 +1,189 @@
+"""Launch arguments for a plan: a Megatron-LM command line and a torchtitan TOML config.
+
+Megatron-LM runs 1F1B and interleaved 1F1B itself; for other stagewise schedules the line
+carries the nearest one and :func:`export_notes` says so. torchtitan runs any schedule that
+torch.distributed.pipelining knows by name, and others from a CSV (stagewise writes the same
+format: ``build(...).save_csv(path)``).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from stagewise.plan.evaluate import Plan
+
+__all__ = ["export_notes", "megatron_args", "megatron_command", "torchtitan_toml"]
+
+TORCH_SCHEDULES = {
+    "gpipe": "GPipe",
+    "1f1b": "1F1B",
+    "interleaved-1f1b": "Interleaved1F1B",
+    "looped-bfs": "LoopedBFS",
+    "zb-v": "ZBVZeroBubble",
+    "dualpipev": "DualPipeV",
+}
+
+
+def _uneven_layers(plan: Plan) -> tuple[int, int] | None:
+    """(first, last) stage layers when the split is uneven, else None."""
+    layers = plan.layers
+    return None if len(set(layers)) == 1 else (layers[0], layers[-1])
+
+
+def megatron_args(plan: Plan) -> list[str]:
+    """Megatron-LM ``pretrain_gpt.py`` arguments for ``plan`` (model shape included).
+
+    Example:
+        >>> from stagewise.plan import (Cluster, ParallelConfig, TrainingSpec, evaluate,
+        ...                             get_gpu, get_model)
+        >>> plan = evaluate(get_model("llama-2-7b"), Cluster(get_gpu("h100"), 1, 8),
+        ...                 TrainingSpec(seq=4096, global_batch=16),
+        ...                 ParallelConfig(tp=4, pp=2, dp=1, micro_batch_size=1))
+        >>> megatron_args(plan)[:4]
+        ['--tensor-model-parallel-size', '4', '--pipeline-model-parallel-size', '2']
+    """
+    model, cfg, run = plan.model, plan.config, plan.training
+    args = [
+        "--tensor-model-parallel-size", str(cfg.tp),
+        "--pipeline-model-parallel-size", str(cfg.pp),
+    ]
+    uneven = _uneven_layers(plan)
+    if cfg.vp > 1 and uneven is None:
+        args += ["--num-layers-per-virtual-pipeline-stage", str(plan.layers[0])]
+    elif uneven is not None and cfg.vp == 1:
+        args += ["--decoder-first-pipeline-num-layers", str(uneven[0]),
+                 "--decoder-last-pipeline-num-layers", str(uneven[1])]
+    if cfg.sequence_parallel:
+        args.append("--sequence-parallel")
+    if cfg.distributed_optimizer:
+        args.append("--use-distributed-optimizer")
+    if cfg.recompute == "selective":
+        args.append("--recompute-activations")
+    elif cfg.recompute == "full":
+        args += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1"]
+    if run.dp_overlap and cfg.dp > 1:
+        args.append("--overlap-grad-reduce")
+    args += [
+        "--micro-batch-size", str(cfg.micro_batch_size),
+        "--global-batch-size", str(run.global_batch),
+        "--seq-length", str(run.seq),
+        "--max-position-embeddings", str(max(run.seq, model.max_seq)),
+        "--num-layers", str(model.layers),
+        "--hidden-size", str(model.hidden),
+        "--ffn-hidden-size", str(model.ffn),
+        "--num-attention-heads", str(model.heads),
+        "--vocab-size", str(model.vocab),
+    ]
+    if model.kv_heads != model.heads:
+        args += ["--group-query-attention", "--num-query-groups", str(model.kv_heads)]
+    if model.mlp == "swiglu":
+        args.append("--swiglu")
+    if model.norm == "rmsnorm":
+        args += ["--normalization", "RMSNorm"]
+    if model.position == "rope":
+        args += ["--position-embedding-type", "rope"]
+    if not model.tied_embeddings:
+        args.append("--untie-embeddings-and-output-weights")
+    if not model.bias:
+        args.append("--disable-bias-linear")
+    if not run.uses_dropout(model):
+        args += ["--attention-dropout", "0.0", "--hidden-dropout", "0.0"]
+    if run.attention == "flash":
+        args.append("--use-flash-attn")
+    args.append("--bf16")
+    return args
+
+
+def megatron_command(plan: Plan) -> str:
+    """The whole ``torchrun ... pretrain_gpt.py ...`` line, shell-quoted."""
+    cluster = plan.cluster
+    launcher = [
+        "torchrun", "--nnodes", str(cluster.nodes), "--nproc-per-node",
+        str(cluster.gpus_per_node), "pretrain_gpt.py",
+    ]
+    return shlex.join(launcher + megatron_args(plan))
+
+
+def export_notes(plan: Plan) -> list[str]:
+    """Caveats of the exported launch arguments for ``plan`` (empty when exact)."""
+    notes = []
+    cfg = plan.config
+    if cfg.schedule not in ("1f1b", "interleaved-1f1b") and cfg.pp > 1:
+        nearest = "interleaved 1F1B" if cfg.vp > 1 else "1F1B"
+        notes.append(
+            f"Megatron-LM has no {cfg.schedule} schedule: the line runs {nearest}; "
+            "use torchtitan with the exported schedule instead"
+        )
+    if cfg.vp > 1 and _uneven_layers(plan) is not None:
+        notes.append("layers do not split evenly into virtual stages: set the split by hand")
+    if cfg.tp > 1 and not cfg.sequence_parallel:
+        notes.append("torchtitan always shards the sequence over TP (sequence parallel)")
+    if not re.fullmatch(r"llama-\d(?:\.\d)?-\d+b", plan.model.name):
+        notes.append(f"torchtitan has no flavor {plan.model.name!r}: register the model's "
+                     "arguments under that name")
+    if cfg.distributed_optimizer:
+        notes.append("torchtitan shards over DP with FSDP, which also shards weights and "
+                     "gradients: less memory than the planned distributed optimizer")
+    return notes
+
+
+def _torchtitan_model(plan: Plan) -> tuple[str, str]:
+    """torchtitan's (model name, flavor): ``llama-3-70b`` -> (``llama3``, ``70B``)."""
+    found = re.fullmatch(r"llama-(\d)(?:\.\d)?-(\d+)b", plan.model.name)
+    if found:
+        return f"llama{found.group(1)}", f"{found.group(2)}B"
+    return "llama3", plan.model.name
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+def torchtitan_toml(plan: Plan) -> str:
+    """A torchtitan job config (TOML) for ``plan``: model, training and parallelism sections."""
+    cfg, run, model = plan.config, plan.training, plan.model
+    family, flavor = _torchtitan_model(plan)
+    parallelism: dict[str, object] = {
+        "data_parallel_replicate_degree": 1 if cfg.distributed_optimizer else cfg.dp,
+        "data_parallel_shard_degree": cfg.dp if cfg.distributed_optimizer else 1,
+        "tensor_parallel_degree": cfg.tp,
+        "pipeline_parallel_degree": cfg.pp,
+        "context_parallel_degree": 1,
+    }
+    if cfg.pp > 1:
+        parallelism["pipeline_parallel_microbatch_size"] = cfg.micro_batch_size
+        if len(set(plan.layers)) == 1:
+            parallelism["pipeline_parallel_layers_per_stage"] = plan.layers[0]
+        if cfg.schedule in TORCH_SCHEDULES:
+            parallelism["pipeline_parallel_schedule"] = TORCH_SCHEDULES[cfg.schedule]
+        else:
+            parallelism["pipeline_parallel_schedule_csv"] = (
+                f"{cfg.schedule}-p{cfg.pp}-m{plan.num_microbatches}-v{cfg.vp}.csv"
+            )
+    sections: dict[str, dict[str, object]] = {
+        "job": {"description": f"{model.name}: {cfg.describe()} (stagewise plan)"},
+        "model": {"name": family, "flavor": flavor},
+        "training": {
+            "local_batch_size": run.global_batch // cfg.dp,
+            "global_batch_size": run.global_batch,
+            "seq_len": run.seq,
+        },
+        "parallelism": parallelism,
+        "activation_checkpoint": {"mode": cfg.recompute},
+    }
+    if cfg.recompute == "selective":
+        sections["activation_checkpoint"]["selective_ac_option"] = "op"
+    lines = [f"# torchtitan config generated by stagewise plan for {plan.cluster.num_gpus} GPUs"]
+    for note in export_notes(plan):
+        lines.append(f"# note: {note}")
+    for name, values in sections.items():
+        lines.append("")
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    return "\n".join(lines) + "\n"
