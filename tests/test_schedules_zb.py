@@ -1,7 +1,8 @@
 """Looped BFS, ZB-H1, ZB-H2, ZB-V and DualPipeV: exact tables for tiny sizes, rules on a grid.
 
 The literal tables were derived by hand from each module's phase description (docstrings), not
-printed from the code; the grid tests check the rules every schedule must keep.
+printed from the code; the grid tests check the rules every schedule must keep; ZB-V, DualPipeV
+and looped BFS are compared, row for row, with torch.distributed.pipelining's own orders.
 """
 
 from __future__ import annotations
@@ -201,3 +202,50 @@ def test_zero_bubble_beats_1f1b_with_equal_f_i_w(p: int, m: int) -> None:
     assert one_f_one_b == 3 * (m + p - 1)
     for name in ("zb-h1", "zb-h2", "zb-v", "dualpipev"):
         assert makespan(name) < one_f_one_b
+
+
+# --- the same orders as torch.distributed.pipelining ----------------------------------------
+
+
+def torch_rows(schedule_class: type, num_ranks: int, num_microbatches: int,
+               num_local_stages: int) -> list[list[str]]:
+    """Rows from torch's own order generator, without building stages or a process group.
+
+    Reaches into torch's private ``_calculate_single_rank_operations`` (skipped if it moves);
+    an overlapped F&B action is expanded into its forward then its backward, as ours are.
+    """
+    if not hasattr(schedule_class, "_calculate_single_rank_operations"):
+        pytest.skip("torch's schedule generator moved")
+    obj = object.__new__(schedule_class)
+    obj.pp_group_size = num_ranks
+    obj._n_microbatches = num_microbatches
+    obj.num_stages = obj._num_stages = num_ranks * num_local_stages
+    obj._stages = [None] * num_local_stages
+    rows = []
+    for rank in range(num_ranks):
+        row: list[str] = []
+        for action in obj._calculate_single_rank_operations(rank):
+            if action is None:
+                continue
+            parts = getattr(action, "sub_actions", None) or (action,)
+            row.extend(str(part) for part in parts)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("name,class_name,chunks", [
+    ("zb-v", "ScheduleZBVZeroBubble", 2),
+    ("dualpipev", "ScheduleDualPipeV", 2),
+    ("looped-bfs", "ScheduleLoopedBFS", 2),
+    ("looped-bfs", "ScheduleLoopedBFS", 3),
+])
+def test_orders_match_torch(name: str, class_name: str, chunks: int) -> None:
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    schedule_class = getattr(schedules, class_name, None)
+    if schedule_class is None:
+        pytest.skip(f"this torch has no {class_name}")
+    for p in (1, 2, 3, 4):
+        for m in range(2 * p if name == "dualpipev" else 1, 3 * p + 2):
+            ours = build(name, num_ranks=p, num_microbatches=m, num_chunks=chunks)
+            assert [[str(a) for a in row] for row in ours.actions] == torch_rows(
+                schedule_class, p, m, chunks), (name, p, m)
