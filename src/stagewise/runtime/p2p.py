@@ -10,13 +10,12 @@ files the tensor in the mailbox. Transfers thus run while the main thread comput
 thread only blocks when it needs a tensor that has not arrived, and then for at most the
 timeout, looking at the failure board while it waits.
 
-Sending: ``isend`` of header and payload; a background thread waits for the sends to finish
-(bounded by the timeout) and drops the tensors.
+Sending: ``isend`` of header and payload; the step waits for the sends at its end (bounded by
+the timeout).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from datetime import timedelta
@@ -160,7 +159,11 @@ class Mailbox:
 
 
 class Outbox:
-    """Sends tensors without blocking; a background thread waits for the sends to finish."""
+    """Sends tensors without blocking; :meth:`close` waits for them at the end of the step.
+
+    Waiting in the main thread at the end (instead of in a helper thread) keeps the rank at one
+    thread besides the receivers, which matters when ranks share few cores.
+    """
 
     def __init__(
         self,
@@ -171,41 +174,26 @@ class Outbox:
     ) -> None:
         self._group = group
         self._sizes = (num_stages, num_microbatches)
-        self._timeout = timedelta(seconds=timeout)
-        self._pending: queue.Queue[tuple[list[dist.Work], Message] | None] = queue.Queue()
-        self._failed: str | None = None
-        self._thread = threading.Thread(target=self._wait_all, daemon=True)
-        self._thread.start()
+        self._timeout = timeout
+        self._pending: list[tuple[dist.Work, Message]] = []
 
     def send(self, tensor: torch.Tensor, message: Message) -> None:
         """Send ``tensor`` as ``message`` (header, then payload)."""
-        if self._failed is not None:
-            raise PeerFailure(self._failed)
         payload = tensor.detach().contiguous()
         tag = message.tag(*self._sizes)
-        works = []
         for part, offset in ((encode_header(payload), 0), (payload, 1)):
             work = dist.isend(part, group=self._group, group_dst=message.dst, tag=tag + offset)
             assert work is not None
-            works.append(work)
-        self._pending.put((works, message))
-
-    def _wait_all(self) -> None:
-        while (item := self._pending.get()) is not None:
-            works, message = item
-            try:
-                for work in works:
-                    work.wait(self._timeout)
-            except Exception as err:
-                text = " ".join(str(err).split())[:300]
-                where = f"the {message.describe()} to rank {message.dst}"
-                self._failed = f"sending {where} failed: {text}"
+            self._pending.append((work, message))
 
     def close(self, deadline: float) -> None:
         """Wait until every send finished; raise if one failed or the deadline passed."""
-        self._pending.put(None)
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            raise StepTimeout("sends to the next ranks did not finish within the timeout")
-        if self._failed is not None:
-            raise PeerFailure(self._failed)
+        for work, message in self._pending:
+            remaining = max(0.001, deadline - time.monotonic())
+            try:
+                work.wait(timedelta(seconds=remaining))
+            except Exception as err:
+                text = " ".join(str(err).split())[:300]
+                where = f"the {message.describe()} to rank {message.dst}"
+                raise PeerFailure(f"sending {where} failed: {text}") from None
+        self._pending = []
