@@ -141,3 +141,25 @@ def test_simulate_writes_pictures_and_trace(tmp_path: Path,
     assert "<svg" in memory.read_text()
     events = json.loads(trace.read_text())["traceEvents"]
     assert sum(1 for e in events if e.get("ph") == "X") == 2 * 2 * 3
+
+
+def test_simulate_auto_search_meets_the_named_schedules(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Heavy last stage (1.5x) on 4 ranks, 2 chunks, at most 4 stage-micro-batches per rank.
+    costs = ["--forward", "1,1,1,1,1,1,1,1.5", "--backward", "2,2,2,2,2,2,2,3"]
+    target = tmp_path / "auto.csv"
+    found = run_json(capsys, "simulate", "-s", "auto", "-p", "4", "-m", "8", "-v", "2",
+                     "--memory-limit", "4", "--search-seconds", "1", "--csv", str(target),
+                     *costs)
+    assert isinstance(found, dict)
+    assert max(r["peak_activations"] for r in found["per_rank"]) <= 4 + 1e-9
+    # The busiest rank does 8 x (F + B) of its two chunks: 8 x (0.5 + 0.75 + 1 + 1.5) = 30.
+    assert found["search"]["lower_bound"] == pytest.approx(30)
+    assert found["makespan"] >= 30 - 1e-9
+    for name in ("1f1b", "zb-h1"):
+        named = run_json(capsys, "simulate", "-s", name, "-p", "4", "-m", "8",
+                         "--forward", "1,1,1,1.5", "--backward", "2,2,2,3")
+        assert isinstance(named, dict)
+        assert found["makespan"] <= named["makespan"] + 1e-9
+    # The saved schedule is a valid CSV that runs through the simulator again.
+    assert Schedule.load_csv(target).num_stages == 8

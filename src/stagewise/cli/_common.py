@@ -17,6 +17,7 @@ __all__ = [
     "link_from_args",
     "print_json",
     "schedule_from_args",
+    "stage_costs_from_args",
 ]
 
 
@@ -99,38 +100,43 @@ def add_cost_options(parser: argparse.ArgumentParser) -> None:
                        help="point-to-point bandwidth in bytes per time unit (default infinite)")
 
 
-def _per_stage(name: str, values: list[float], schedule: Schedule, scale: float) -> list[float]:
-    n = schedule.num_stages
+def _per_stage(name: str, values: list[float], num_stages: int, scale: float) -> list[float]:
+    n = num_stages
     if len(values) == 1:
         return [values[0] * scale] * n
     if len(values) == n:
         return [x * scale for x in values]
     raise ConfigError(
-        f"--{name} has {len(values)} values but schedule {schedule.name!r} has {n} stages: give "
-        f"one value, or one per stage"
+        f"--{name} has {len(values)} values but the schedule has {n} stages: give one value, "
+        "or one per stage"
     )
 
 
 def costs_from_args(args: argparse.Namespace, schedule: Schedule) -> Costs:
     """The Costs the options describe, split over each rank's chunks."""
-    share = 1.0 / schedule.num_chunks
-    backward = _per_stage("backward", args.backward, schedule, share)
+    return stage_costs_from_args(args, schedule.num_stages, schedule.num_chunks)
+
+
+def stage_costs_from_args(args: argparse.Namespace, num_stages: int, num_chunks: int) -> Costs:
+    """The Costs the options describe for ``num_stages`` stages, v = ``num_chunks`` per rank."""
+    share = 1.0 / num_chunks
+    backward = _per_stage("backward", args.backward, num_stages, share)
     weight = (
-        _per_stage("weight", args.weight, schedule, share)
+        _per_stage("weight", args.weight, num_stages, share)
         if args.weight is not None
         else [b / 2 for b in backward]
     )
     return Costs.per_stage(
-        forward=_per_stage("forward", args.forward, schedule, share),
+        forward=_per_stage("forward", args.forward, num_stages, share),
         backward=backward,
         weight=weight,
         activation_bytes=(
             None if args.activation_bytes is None
-            else _per_stage("activation-bytes", args.activation_bytes, schedule, share)
+            else _per_stage("activation-bytes", args.activation_bytes, num_stages, share)
         ),
         send_bytes=(
             None if args.send_bytes is None
-            else _per_stage("send-bytes", args.send_bytes, schedule, 1.0)
+            else _per_stage("send-bytes", args.send_bytes, num_stages, 1.0)
         ),
     )
 

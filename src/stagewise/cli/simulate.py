@@ -13,8 +13,10 @@ from stagewise.cli._common import (
     link_from_args,
     print_json,
     schedule_from_args,
+    stage_costs_from_args,
 )
 from stagewise.cli._report import fmt_fraction, timeline_summary
+from stagewise.schedules.search import SearchResult
 from stagewise.errors import ConfigError
 from stagewise.sim import simulate
 
@@ -35,13 +37,39 @@ def add_parser(verbs: Any) -> None:
                         help="write live activations over time per rank (PNG or SVG)")
     parser.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
     parser.add_argument("--csv", metavar="OUT.csv", help="write the schedule as CSV")
+    search = parser.add_argument_group(
+        "search (-s auto)",
+        "find a schedule for these costs under a per-rank activation limit; it is never worse "
+        "than the best registered schedule that fits the same limit",
+    )
+    search.add_argument("--memory-limit", type=float, default=None,
+                        help="peak live activations per rank, in stage-micro-batches")
+    search.add_argument("--placement", choices=("looped", "v"), default=None,
+                        help="stage placement to search (default: every one that fits v)")
+    search.add_argument("--search-seconds", type=float, default=2.0,
+                        help="time budget of the search (default 2)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    schedule = schedule_from_args(args)
-    timeline = simulate(schedule, costs_from_args(args, schedule), link_from_args(args))
+    found = None
+    if args.schedule == "auto" and not args.schedule_file:
+        found = _search(args)
+        schedule = found.schedule
+        timeline = simulate(schedule, stage_costs_from_args(
+            args, schedule.num_stages, schedule.num_chunks), link_from_args(args))
+    else:
+        if args.memory_limit is not None:
+            raise ConfigError("--memory-limit applies to the search: use it with -s auto")
+        schedule = schedule_from_args(args)
+        timeline = simulate(schedule, costs_from_args(args, schedule), link_from_args(args))
     summary = timeline_summary(schedule, timeline)
+    if found is not None:
+        summary["search"] = {
+            "lower_bound": found.lower_bound,
+            "gap": found.makespan / found.lower_bound - 1 if found.lower_bound else 0.0,
+            "memory_limit": args.memory_limit,
+        }
     written = _write_outputs(args, schedule, timeline)
     if args.json:
         summary["files"] = written
@@ -53,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
         f"{schedule.num_stages} stages"
     )
     print(f"makespan {timeline.makespan:g}")
+    if found is not None:
+        print(
+            f"search: lower bound (busiest rank's work) {found.lower_bound:g}, gap "
+            f"{summary['search']['gap']:.2%}; found by {schedule.name!r}"
+        )
     print(
         f"bubble: {fmt_fraction(summary['bubble']['of_step'])} of the step, "
         f"{fmt_fraction(summary['bubble']['vs_ideal'])} relative to ideal compute"
@@ -68,6 +101,25 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _search(args: argparse.Namespace) -> SearchResult:
+    from stagewise.schedules.search import search_schedule
+
+    if args.ranks is None or args.microbatches is None:
+        raise ConfigError("-s auto needs -p RANKS and -m MICROBATCHES")
+    for label, value in (("p", args.ranks), ("m", args.microbatches), ("v", args.chunks or 1)):
+        if value < 1:
+            raise ConfigError(f"{label} must be a positive integer, got {value}: pass {label} >= 1")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        raise ConfigError(f"--memory-limit must be > 0, got {args.memory_limit}")
+    chunks = args.chunks or 1
+    costs = stage_costs_from_args(args, args.ranks * chunks, chunks)
+    return search_schedule(
+        args.ranks, args.microbatches, costs, link=link_from_args(args),
+        memory_limit=args.memory_limit, placement=args.placement,
+        time_budget_s=args.search_seconds,
+    )
 
 
 def _write_outputs(args: argparse.Namespace, schedule: Any, timeline: Any) -> list[str]:
