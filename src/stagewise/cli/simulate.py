@@ -16,8 +16,8 @@ from stagewise.cli._common import (
     stage_costs_from_args,
 )
 from stagewise.cli._report import fmt_fraction, timeline_summary
-from stagewise.schedules.search import SearchResult
 from stagewise.errors import ConfigError
+from stagewise.schedules.search import SearchResult
 from stagewise.sim import simulate
 
 __all__ = ["add_parser", "run"]
