@@ -51,7 +51,8 @@ def model_flops_per_token(model: ModelSpec, seq: int, mode: str = "full") -> flo
         >>> from stagewise.plan.models import ModelSpec
         >>> gpt = ModelSpec("g", layers=1, hidden=64, heads=1, kv_heads=1, ffn=256,
         ...                 vocab=100, mlp="gelu")
-        >>> model_flops_per_token(gpt, seq=32) / (72 * 64**2 * (1 + 32/(6*64) + 100/(12*64)))
+        >>> eq7 = 72 * 64**2 * (1 + 32 / (6 * 64) + 100 / (12 * 64))
+        >>> round(model_flops_per_token(gpt, seq=32) / eq7, 12)
         1.0
     """
     blocks, head = _forward_per_token(model, seq)

@@ -107,6 +107,8 @@ def candidates(
     if unknown:
         raise PlanError(f"unknown knobs {sorted(unknown)}: use {', '.join(KNOBS)}")
     n = cluster.num_gpus
+    if "tp" in fixed:
+        _check_tp(model, cluster, fixed["tp"])
     tps = [fixed["tp"]] if "tp" in fixed else [
         t for t in _divisors(cluster.gpus_per_node)
         if model.kv_heads % t == 0 and model.heads % t == 0 and model.ffn % t == 0
@@ -149,6 +151,20 @@ def candidates(
                                     recompute=recompute, sequence_parallel=sp and tp > 1,
                                     distributed_optimizer=dopt, schedule=schedule,
                                 )
+
+
+def _check_tp(model: ModelSpec, cluster: Cluster, tp: int) -> None:
+    if tp < 1 or model.heads % tp or model.kv_heads % tp or model.ffn % tp:
+        raise PlanError(
+            f"--tp {tp} does not divide {model.name}'s {model.heads} attention heads, "
+            f"{model.kv_heads} key/value heads and MLP width {model.ffn}: choose a TP that "
+            f"divides {model.kv_heads}"
+        )
+    if tp > cluster.gpus_per_node:
+        raise PlanError(
+            f"--tp {tp} spans nodes of {cluster.gpus_per_node} GPUs: keep TP <= "
+            f"{cluster.gpus_per_node} (TP inside a node, PP across nodes)"
+        )
 
 
 def search(

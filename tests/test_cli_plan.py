@@ -1,0 +1,128 @@
+"""``stagewise plan``: the lesson's numbers, --json fields, exports, the picture, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagewise.cli.main import cli
+
+LESSON = ["plan", "--model", "llama-2-70b", "--gpu", "H100", "--seq", "4096",
+          "--global-batch", "64"]
+REQUIRED = {"tp", "pp", "dp", "vp", "micro_batch_size", "recompute", "schedule", "fits",
+            "memory_gib", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu"}
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert cli(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_lesson_one_node_does_not_fit_and_says_what_would(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    doc = _json(capsys, [*LESSON, "--nodes", "1", "--gpus-per-node", "8", "--json",
+                         "--claim-steps-per-s", "1.85"])
+    assert doc["fitting"] == 0 and doc["recommended"] is None
+    for plan in doc["plans"]:
+        assert plan.keys() >= REQUIRED
+        assert not plan["fits"] and "GiB" in plan["reason"]
+        # Full training needs 18 bytes per parameter: 69e9 x 18 / 8 GPUs > 80 GB.
+        assert plan["memory_gib"]["total"] > 140
+    changes = " | ".join(s["change"] for s in doc["what_would_fit"])
+    assert "2 nodes" in changes and "LoRA" in changes
+    more_nodes = doc["what_would_fit"][0]["plan"]
+    assert more_nodes["fits"] and more_nodes["tp"] * more_nodes["pp"] * more_nodes["dp"] == 16
+    claim = doc["claim"]
+    assert not claim["possible"] and claim["lower_bound_step_s"] > 13
+    assert claim["claimed_step_s"] == pytest.approx(1 / 1.85)
+
+
+def test_lesson_four_nodes_recommends_and_compares_layouts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plot = tmp_path / "plans.png"
+    doc = _json(capsys, [*LESSON, "--nodes", "4", "--gpus-per-node", "8", "--json", "--top", "5",
+                         "--layouts", "8x1,2x4,4x2", "--megatron", "--torchtitan",
+                         "--tokens", "1e9", "--price-per-gpu-hour", "2.5",
+                         "--plot", str(plot)])
+    best = doc["recommended"]
+    assert best["fits"] and best["tp"] * best["pp"] * best["dp"] == 32
+    assert best["megatron"].startswith("torchrun --nnodes 4 --nproc-per-node 8 pretrain_gpt.py")
+    assert "[parallelism]" in best["torchtitan"]
+    assert best["run_hours"] == pytest.approx(1e9 / best["tokens_per_s"] / 3600)
+    assert best["run_cost"] == pytest.approx(best["run_hours"] * 32 * 2.5)
+    assert len(doc["plans"]) == 5 and all(p.keys() >= REQUIRED for p in doc["plans"])
+    steps = [p["step_time_s"] for p in doc["plans"]]
+    assert steps == sorted(steps) and doc["plans"][0]["step_time_s"] == best["step_time_s"]
+    layouts = [(p["tp"], p["pp"]) for p in doc["best_per_layout"]]
+    assert layouts == [(8, 1), (2, 4), (4, 2)]
+    for plan in doc["best_per_layout"]:
+        assert plan["step_time_s"] >= best["step_time_s"]
+        parts = plan["memory_gib"]
+        total = sum(v for k, v in parts.items() if k != "total")
+        assert parts["total"] == pytest.approx(total)
+    assert plot.stat().st_size > 10_000
+
+
+def test_text_output_names_the_flop_count_and_both_bubble_fractions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["plan", "--model", "llama-2-7b", "--gpu", "a100", "--gpus", "8", "--seq", "2048",
+            "--global-batch", "16", "--tp", "2", "--pp", "2", "--micro-batch-size", "1",
+            "--recompute", "none", "--sequence-parallel", "--schedule", "1f1b",
+            "--distributed-optimizer"]
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "recommended:" in out and "TP=2 PP=2 DP=2" in out
+    assert "model FLOPs" in out and "of the step idle" in out and "relative to ideal" in out
+
+
+def test_model_from_hf_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+    }))
+    doc = _json(capsys, ["plan", "--model-config", str(config), "--gpu", "h100", "--nodes", "1",
+                         "--gpus-per-node", "8", "--seq", "4096", "--global-batch", "8",
+                         "--tp", "8", "--pp", "1", "--json"])
+    assert doc["num_params"] == 6_738_415_616  # Llama-2-7B's published count
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--gpu", "H1000", "--nodes", "1"], "unknown GPU 'H1000'"),
+        (["--gpu", "H100", "--nodes", "1", "--tp", "3"], "does not divide"),
+        (["--gpu", "H100", "--nodes", "1", "--tp", "8", "--pp", "1", "--dp", "1",
+          "--micro-batch-size", "3"], "not a multiple of dp x micro-batch size"),
+        (["--model", "gpt-3-175b", "--gpu", "H100", "--nodes", "2", "--tp", "16"],
+         "spans nodes"),
+        (["--gpu", "H100"], "--nodes"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    argv = ["plan", "--model", "llama-2-70b", "--seq", "4096", "--global-batch", "64", *extra]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("stagewise: error:")
+    assert message in err
+
+
+def test_planner_imports_neither_torch_nor_matplotlib() -> None:
+    code = (
+        "import sys, stagewise.plan, stagewise.cli.plan, stagewise.plan.plot, "
+        "stagewise.plan.advice; "
+        "print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False", "False"]

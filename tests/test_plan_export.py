@@ -1,0 +1,116 @@
+"""Exporters: the Megatron-LM line parses with argparse rules, the torchtitan TOML with tomllib."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+import pytest
+
+from stagewise.plan import Cluster, ParallelConfig, TrainingSpec, evaluate, get_gpu, get_model
+from stagewise.plan.evaluate import Plan
+from stagewise.plan.export import export_notes, megatron_args, megatron_command, torchtitan_toml
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+
+def _megatron_parser() -> argparse.ArgumentParser:
+    """The subset of Megatron-LM's options the exporter may emit, with their types."""
+    parser = argparse.ArgumentParser(prog="pretrain_gpt.py", exit_on_error=False)
+    for name in ("tensor-model-parallel-size", "pipeline-model-parallel-size",
+                 "num-layers-per-virtual-pipeline-stage", "decoder-first-pipeline-num-layers",
+                 "decoder-last-pipeline-num-layers", "recompute-num-layers", "micro-batch-size",
+                 "global-batch-size", "seq-length", "max-position-embeddings", "num-layers",
+                 "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups",
+                 "vocab-size"):
+        parser.add_argument(f"--{name}", type=int)
+    for name in ("sequence-parallel", "use-distributed-optimizer", "recompute-activations",
+                 "overlap-grad-reduce", "group-query-attention", "swiglu",
+                 "untie-embeddings-and-output-weights", "disable-bias-linear", "use-flash-attn",
+                 "bf16"):
+        parser.add_argument(f"--{name}", action="store_true")
+    parser.add_argument("--recompute-granularity", choices=("full", "selective"))
+    parser.add_argument("--recompute-method", choices=("uniform", "block"))
+    parser.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"))
+    parser.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"))
+    parser.add_argument("--attention-dropout", type=float)
+    parser.add_argument("--hidden-dropout", type=float)
+    return parser
+
+
+def _plan(**kw: object) -> Plan:
+    base: dict[str, object] = {
+        "tp": 4, "pp": 4, "dp": 2, "vp": 5, "micro_batch_size": 1,
+        "sequence_parallel": True, "distributed_optimizer": True,
+        "schedule": "interleaved-1f1b", "recompute": "full",
+    }
+    base.update(kw)
+    return evaluate(get_model("llama-2-70b"), Cluster(get_gpu("h100"), 4, 8),
+                    TrainingSpec(seq=4096, global_batch=64), ParallelConfig(**base))  # type: ignore[arg-type]
+
+
+def test_megatron_line_parses_and_round_trips_the_plan() -> None:
+    plan = _plan()
+    command = shlex.split(megatron_command(plan))
+    assert command[:6] == ["torchrun", "--nnodes", "4", "--nproc-per-node", "8",
+                           "pretrain_gpt.py"]
+    ns = _megatron_parser().parse_args(command[6:])
+    assert (ns.tensor_model_parallel_size, ns.pipeline_model_parallel_size) == (4, 4)
+    assert ns.num_layers_per_virtual_pipeline_stage == 80 // (4 * 5)
+    assert ns.sequence_parallel and ns.use_distributed_optimizer and ns.bf16
+    assert (ns.recompute_granularity, ns.recompute_method, ns.recompute_num_layers) == (
+        "full", "uniform", 1)
+    assert (ns.micro_batch_size, ns.global_batch_size, ns.seq_length) == (1, 64, 4096)
+    assert (ns.num_layers, ns.hidden_size, ns.ffn_hidden_size) == (80, 8192, 28672)
+    assert ns.group_query_attention and ns.num_query_groups == 8
+    assert ns.swiglu and ns.normalization == "RMSNorm" and ns.position_embedding_type == "rope"
+    assert ns.untie_embeddings_and_output_weights and ns.disable_bias_linear
+    assert ns.overlap_grad_reduce and ns.use_flash_attn
+    assert not export_notes(plan)[:1] or "torchtitan" in export_notes(plan)[0]
+
+
+def test_megatron_selective_recompute_and_uneven_split() -> None:
+    plan = evaluate(get_model("llama-3-405b"), Cluster.of_gpus(get_gpu("h100"), 128),
+                    TrainingSpec(seq=8192, global_batch=16),
+                    ParallelConfig(tp=8, pp=16, dp=1, recompute="selective"))
+    ns = _megatron_parser().parse_args(megatron_args(plan))
+    assert ns.recompute_activations and ns.recompute_granularity is None
+    assert (ns.decoder_first_pipeline_num_layers, ns.decoder_last_pipeline_num_layers) == (7, 7)
+    assert ns.num_layers_per_virtual_pipeline_stage is None
+
+
+def test_gpt_model_keeps_biases_dropout_and_tied_embeddings() -> None:
+    plan = evaluate(get_model("gpt-22b"), Cluster(get_gpu("a100"), 1, 8),
+                    TrainingSpec(seq=2048, global_batch=4, attention="unfused"),
+                    ParallelConfig(tp=8, pp=1, dp=1, micro_batch_size=4))
+    args = megatron_args(plan)
+    ns = _megatron_parser().parse_args(args)
+    assert not ns.disable_bias_linear and not ns.untie_embeddings_and_output_weights
+    assert ns.attention_dropout is None and not ns.use_flash_attn and not ns.swiglu
+    assert ns.num_query_groups is None
+
+
+def test_non_megatron_schedule_is_flagged() -> None:
+    plan = _plan(schedule="zb-v", vp=2)
+    notes = export_notes(plan)
+    assert any("zb-v" in note for note in notes)
+    toml = tomllib.loads(torchtitan_toml(plan))
+    assert toml["parallelism"]["pipeline_parallel_schedule"] == "ZBVZeroBubble"
+
+
+def test_torchtitan_toml_parses_and_matches_the_plan() -> None:
+    plan = _plan()
+    text = torchtitan_toml(plan)
+    config = tomllib.loads(text)
+    par = config["parallelism"]
+    assert (par["tensor_parallel_degree"], par["pipeline_parallel_degree"]) == (4, 4)
+    assert par["data_parallel_shard_degree"] == 2 and par["data_parallel_replicate_degree"] == 1
+    assert par["pipeline_parallel_schedule"] == "Interleaved1F1B"
+    assert par["pipeline_parallel_layers_per_stage"] == 4
+    assert par["pipeline_parallel_microbatch_size"] == 1
+    assert config["training"] == {"local_batch_size": 32, "global_batch_size": 64,
+                                  "seq_len": 4096}
+    assert config["activation_checkpoint"]["mode"] == "full"
+    assert (config["model"]["name"], config["model"]["flavor"]) == ("llama2", "70B")
+    plain = tomllib.loads(torchtitan_toml(_plan(distributed_optimizer=False)))
+    assert plain["parallelism"]["data_parallel_replicate_degree"] == 2

@@ -1,0 +1,146 @@
+"""FLOP counts, kernel and block times, and step-time consistency."""
+
+from __future__ import annotations
+
+import pytest
+
+from stagewise.plan import (
+    DEFAULT_CONSTANTS,
+    Cluster,
+    ParallelConfig,
+    PipelineCache,
+    TrainingSpec,
+    evaluate,
+    get_gpu,
+    get_model,
+    hardware_flops_per_token,
+    layer_time,
+    lower_bound_step_time,
+    model_flops_per_token,
+)
+from stagewise.plan.layer import gemm_time
+from stagewise.schedules import build
+from stagewise.sim import Costs, simulate
+
+H100 = get_gpu("h100")
+A100 = get_gpu("a100-80gb")
+
+
+def test_model_flops_reproduce_korthikanti_eq_7_and_the_published_mfu() -> None:
+    gpt = get_model("gpt-22b")
+    s, b, L, h, V = 2048, 4, 48, 6144, 51200
+    eq7 = 72 * b * L * s * h * h * (1 + s / (6 * h) + V / (12 * h * L))
+    assert model_flops_per_token(gpt, s) * b * s == pytest.approx(eq7)
+    # Table 5: 22B, 8 A100, 1.10 s per iteration -> MFU 41.5 %.
+    assert eq7 / (1.10 * 8 * 312e12) == pytest.approx(0.415, abs=0.003)
+
+
+def test_hardware_flops_of_full_recompute_match_eq_8() -> None:
+    gpt = get_model("gpt-22b")
+    s, L, h, V = 2048, 48, 6144, 51200
+    eq8 = 96 * L * s * h * h * (1 + s / (6 * h) + V / (16 * h * L)) / s
+    assert hardware_flops_per_token(gpt, s, "full") == pytest.approx(eq8)
+    assert hardware_flops_per_token(gpt, s, "none") == pytest.approx(model_flops_per_token(gpt, s))
+
+
+def test_lora_counts_two_forward_passes() -> None:
+    llama = get_model("llama-2-7b")
+    assert model_flops_per_token(llama, 4096, "lora") == pytest.approx(
+        model_flops_per_token(llama, 4096) * 2 / 3
+    )
+
+
+def test_gemm_time_is_the_padded_flops_at_sustained_rate() -> None:
+    c = DEFAULT_CONSTANTS
+    d = c.tile_overhead
+    m = n = k = 8192
+    expected = 2 * (m + d) * (n + d) * (k + d) / (H100.peak_flops * c.matmul_efficiency)
+    assert gemm_time(m, n, k, H100, c) == pytest.approx(expected + c.kernel_overhead_s)
+
+
+def test_gemm_efficiency_falls_for_thin_slices_and_few_tokens() -> None:
+    c = DEFAULT_CONSTANTS
+
+    def efficiency(m: int, n: int, k: int) -> float:
+        return 2 * m * n * k / gemm_time(m, n, k, H100, c) / H100.peak_flops
+
+    assert efficiency(8192, 8192, 8192) > efficiency(8192, 1024, 8192) > efficiency(8192, 128, 8192)
+    assert efficiency(8192, 8192, 8192) > efficiency(512, 8192, 8192) > efficiency(16, 8192, 8192)
+    assert efficiency(8192, 8192, 8192) < c.matmul_efficiency
+
+
+def test_layer_time_of_a_tp_slice() -> None:
+    times = {t: layer_time("llama-2-70b", "h100", t, 1, 4096) for t in (1, 2, 4, 8)}
+    alone = {t: layer_time("llama-2-70b", "h100", t, 1, 4096, include_comm=False)
+             for t in (1, 2, 4, 8)}
+    assert times[1] == alone[1]  # no collectives without TP
+    for t in (2, 4, 8):
+        assert times[t][0] > alone[t][0] and times[t][1] > alone[t][1]
+        # A thinner slice is faster but less than t times faster.
+        assert alone[t][0] < alone[1][0] and alone[t][0] * t > alone[1][0]
+    for fwd, bwd in alone.values():
+        assert 1.9 < bwd / fwd < 2.6  # two GEMMs per forward GEMM, flash backward 2.5x
+    # Roughly 2 x 0.87e9 x 4096 x 2 forward FLOPs at ~0.8 of 989 TFLOP/s: 9 to 12 ms.
+    assert 0.008 < alone[1][0] < 0.012
+
+
+def test_full_recompute_adds_one_forward_to_the_backward() -> None:
+    fwd, bwd = layer_time("llama-2-7b", "a100", 2, 1, 2048)
+    fwd_r, bwd_r = layer_time("llama-2-7b", "a100", 2, 1, 2048, recompute="full")
+    assert fwd_r == pytest.approx(fwd)
+    assert bwd_r == pytest.approx(bwd + fwd)
+
+
+def test_lower_bound_of_the_lesson_run() -> None:
+    llama = get_model("llama-2-70b")
+    cluster = Cluster(H100, 1, 8)
+    run = TrainingSpec(seq=4096, global_batch=64)
+    h, s = 8192, 4096
+    forward = 80 * (2 * llama.layer_matmul_params + 2 * s * h) + 2 * h * 32000  # causal
+    expected = 3 * forward * 64 * s / (8 * 989.4e12)
+    assert lower_bound_step_time(llama, cluster, run) == pytest.approx(expected)
+    assert expected > 13.0  # the lesson's 1.85 steps/s (0.54 s) is impossible
+
+
+def test_step_time_parts_add_up_and_bubble_is_near_closed_form() -> None:
+    model = get_model("llama-2-7b")
+    cluster = Cluster(H100, 1, 8)
+    run = TrainingSpec(seq=4096, global_batch=32)
+    plan = evaluate(model, cluster, run, ParallelConfig(tp=2, pp=4, dp=1, micro_batch_size=2))
+    t = plan.time
+    parts = t.compute_s + t.tp_comm_s + t.bubble_s + t.dp_exposed_s + t.optimizer_s
+    assert parts + t.embedding_sync_s == pytest.approx(t.step_s)
+    # 1F1B, p = 4, m = 16: (p-1)/m = 0.1875 relative to ideal compute, a little more with the
+    # heavier last stage (the head) and the transfers.
+    assert 0.1875 <= t.bubble.vs_ideal < 0.3
+    assert plan.tokens_per_s == pytest.approx(32 * 4096 / t.step_s)
+    assert plan.mfu == pytest.approx(plan.tflops_per_gpu * 1e12 / H100.peak_flops)
+
+
+def test_exposed_dp_reduction_is_all_of_it_without_overlap() -> None:
+    model = get_model("llama-2-7b")
+    cluster = Cluster(H100, 2, 8)
+    cfg = ParallelConfig(tp=2, pp=2, dp=4, micro_batch_size=1)
+    overlap = evaluate(model, cluster, TrainingSpec(seq=4096, global_batch=32), cfg).time
+    exposed = evaluate(
+        model, cluster, TrainingSpec(seq=4096, global_batch=32, dp_overlap=False), cfg
+    ).time
+    assert exposed.dp_exposed_s == pytest.approx(exposed.dp_total_s)
+    assert overlap.dp_exposed_s < exposed.dp_exposed_s
+    assert overlap.step_s < exposed.step_s
+
+
+def test_cached_pipeline_run_matches_a_direct_simulation() -> None:
+    cache = PipelineCache()
+    schedule = build("interleaved-1f1b", num_ranks=4, num_microbatches=8, num_chunks=2)
+    forward = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.3]
+    backward = [2.1 * f for f in forward]
+    direct = simulate(schedule, Costs.per_stage(forward, backward))
+    run = cache.run("interleaved-1f1b", 4, 8, 2, forward, backward,
+                    [b / 2 for b in backward], [0.0] * 8)
+    assert run.makespan == pytest.approx(direct.makespan, rel=0.02)
+    assert run.busy == pytest.approx([direct.busy(r) for r in range(4)])
+    again = cache.run("interleaved-1f1b", 4, 8, 2, [2 * f for f in forward],
+                      [2 * b for b in backward], [b for b in backward], [0.0] * 8)
+    assert cache.simulations == 1  # same ratios: served from the cache, scaled
+    assert again.makespan == pytest.approx(2 * run.makespan)
