@@ -24,10 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 from stagewise.runtime import Pipeline, RankContext, launch, partition, stages_for_rank
-from stagewise.runtime.measure import measured_costs, measured_timeline
+from stagewise.runtime.measure import link_latency, measured_costs, measured_timeline
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules import Schedule, build
-from stagewise.sim import simulate
+from stagewise.sim import Link, simulate
 
 SCHEDULES = {
     "gpipe": "ScheduleGPipe",
@@ -74,7 +74,7 @@ def _stagewise(
         pipe.step(inputs, targets)
         for module in mine.values():
             module.zero_grad(set_to_none=True)
-        events.append(list(pipe.events))
+        events.append((list(pipe.events), dict(pipe.arrivals)))
 
     return step
 
@@ -154,15 +154,21 @@ def _single(bench: Bench) -> float:
     return statistics.median(times)
 
 
-def _prediction(bench: Bench, name: str, gathered: list[Any]) -> tuple[float, float]:
-    """(median measured makespan, simulated makespan from the measured per-stage costs)."""
+def _prediction(bench: Bench, name: str, gathered: list[Any]) -> tuple[float, float, float]:
+    """Median measured makespan, the simulated one from measured costs, and the link latency.
+
+    The simulator gets stagewise's measured per-stage F/B means and the measured median
+    latency from a send's end to the tensor's arrival.
+    """
     schedule = build(name, num_ranks=bench.num_ranks, num_microbatches=bench.num_microbatches)
-    timelines = [
-        measured_timeline(schedule, [e for rank_steps in gathered for e in rank_steps[i]])
-        for i in range(bench.steps)
-    ]
-    predicted = simulate(schedule, measured_costs(timelines)).makespan
-    return statistics.median(t.makespan for t in timelines), predicted
+    steps = range(bench.steps)
+    events = [[e for rank_steps in gathered for e in rank_steps[i][0]] for i in steps]
+    arrivals = [{k: v for rank_steps in gathered for k, v in rank_steps[i][1].items()}
+                for i in steps]
+    timelines = [measured_timeline(schedule, step_events) for step_events in events]
+    latency = link_latency([e for step_events in events for e in step_events], arrivals)
+    predicted = simulate(schedule, measured_costs(timelines), Link(latency=latency)).makespan
+    return statistics.median(t.makespan for t in timelines), predicted, latency
 
 
 def main() -> None:
@@ -196,17 +202,19 @@ def main() -> None:
     print(f"single process: {single * 1e3:.1f} ms per step")
     header = (f"{'schedule':<18} {'stagewise ms':>12} {'torch ms':>9} {'ratio':>6} "
               f"{'eff sw':>7} {'eff torch':>9} {'sim ms':>7} {'sw makespan ms':>14} "
-              f"{'meas/sim':>8}")
+              f"{'meas/sim':>8} {'link ms':>7}")
     print(header)
     for name, result in results.items():
         ours = statistics.median(result["stagewise"])
         theirs = statistics.median(result["torch"])
-        makespan, predicted = _prediction(bench, name, result["events"])
+        makespan, predicted, latency = _prediction(bench, name, result["events"])
         print(f"{name:<18} {ours * 1e3:>12.1f} {theirs * 1e3:>9.1f} {ours / theirs:>6.2f} "
               f"{single / (p * ours):>7.1%} {single / (p * theirs):>9.1%} "
-              f"{predicted * 1e3:>7.1f} {makespan * 1e3:>14.1f} {ours / predicted:>8.2f}")
+              f"{predicted * 1e3:>7.1f} {makespan * 1e3:>14.1f} {ours / predicted:>8.2f} "
+              f"{latency * 1e3:>7.2f}")
     print("ratio = stagewise / torch step time; eff = single / (p x step); sim = simulator's "
-          "makespan from stagewise's measured per-stage costs; meas/sim = stagewise step / sim")
+          "makespan from stagewise's measured per-stage costs and link latency (link ms); "
+          "meas/sim = stagewise step / sim")
 
 
 if __name__ == "__main__":

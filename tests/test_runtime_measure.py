@@ -12,6 +12,7 @@ from torch import nn  # noqa: E402
 
 from stagewise.errors import ConfigError  # noqa: E402
 from stagewise.runtime.measure import (  # noqa: E402
+    link_latency,
     measured_costs,
     measured_timeline,
     peak_saved_bytes,
@@ -91,3 +92,10 @@ def test_import_stagewise_does_not_import_torch_until_pipeline_is_used() -> None
         "assert 'torch' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_link_latency_is_the_median_send_to_arrival_delay() -> None:
+    arrivals = [{(0, 0, 0): 101.5, (0, 0, 1): 102.1, (1, 1, 0): 105.25}]
+    # Sends end at 101 (0F0), 102 (0F1) and 105 (1B0): delays 0.5, 0.1 and 0.25.
+    assert link_latency(_events(), arrivals) == pytest.approx(0.25)
+    assert link_latency(_events(), []) == 0.0

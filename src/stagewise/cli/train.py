@@ -153,8 +153,8 @@ def _print_report(report: Any, written: list[str]) -> None:
           f"(with the optimizer), {report.tokens_per_second:,.0f} tokens/s")
     gap = report.measured_step / report.predicted_step - 1 if report.predicted_step else 0.0
     print(f"pipeline step (first action to last): measured {report.measured_step * 1e3:.1f} ms, "
-          f"predicted {report.predicted_step * 1e3:.1f} ms from measured per-stage costs "
-          f"({gap:+.1%})")
+          f"predicted {report.predicted_step * 1e3:.1f} ms from the measured per-stage costs "
+          f"and link latency ({report.link_latency * 1e3:.2f} ms) ({gap:+.1%})")
     for key, label in (("of_step", "idle share of the step"),
                        ("vs_ideal", "relative to ideal compute")):
         print(f"bubble, {label}: measured {report.measured_bubble[key]:.1%}, "

@@ -19,11 +19,17 @@ import torch.distributed as dist
 
 from stagewise.errors import ConfigError
 from stagewise.runtime.launch import RankContext
-from stagewise.runtime.measure import measured_costs, measured_timeline, peak_saved_bytes
+from stagewise.runtime.measure import (
+    link_latency,
+    measured_costs,
+    measured_timeline,
+    peak_saved_bytes,
+)
 from stagewise.runtime.partition import balance, partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules.ir import Schedule
+from stagewise.sim.costs import Link
 from stagewise.sim.simulate import simulate
 from stagewise.sim.timeline import Event, Timeline
 
@@ -90,6 +96,7 @@ class TrainReport:
     measured_activation_bytes: list[int]
     predicted_activation_bytes: list[float]
     stage_costs: dict[str, list[float]]
+    link_latency: float
     timeline: Timeline = field(repr=False)
     predicted: Timeline = field(repr=False)
 
@@ -126,7 +133,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     tokens = config.batch_size * config.model.seq_len
     losses: list[float] = []
     step_seconds: list[float] = []
-    recorded: list[tuple[list[Event], dict[tuple[int, int], int]]] = []
+    recorded: list[tuple[list[Event], dict[tuple[int, int], int], dict[Any, float]]] = []
     for step in range(config.steps):
         start = time.perf_counter()
         inputs, targets = make_batch(config.model, config.batch_size, generator)
@@ -135,7 +142,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)
         if step > 0:
-            recorded.append((list(pipe.events), dict(pipe.saved_bytes)))
+            recorded.append((list(pipe.events), dict(pipe.saved_bytes), dict(pipe.arrivals)))
         if loss is not None:
             losses.append(float(loss))
             if bar is not None:
@@ -179,7 +186,13 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
     typical = order[len(order) // 2]
     timeline, saved = timelines[typical], saved_per_step[typical]
     costs = measured_costs(timelines)
-    predicted = replace(simulate(schedule, costs), time_unit="s")
+    raw_events = [e for g in gathered for step in g[3] for e in step[0]]
+    arrivals = [
+        {k: v for g in gathered for k, v in g[3][step][2].items()}
+        for step in range(config.steps - 1)
+    ]
+    latency = link_latency(raw_events, arrivals)
+    predicted = replace(simulate(schedule, costs, Link(latency=latency)), time_unit="s")
     measured_bubble, predicted_bubble = timeline.bubble(), predicted.bubble()
     return TrainReport(
         schedule=schedule.name,
@@ -208,6 +221,7 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
             "backward": list(costs.backward),
             "weight": list(costs.weight),
         },
+        link_latency=latency,
         timeline=timeline,
         predicted=predicted,
     )

@@ -18,7 +18,7 @@ from stagewise.schedules.ir import Op, Schedule
 from stagewise.sim.costs import Costs
 from stagewise.sim.timeline import Event, Timeline
 
-__all__ = ["measured_costs", "measured_timeline", "peak_saved_bytes"]
+__all__ = ["link_latency", "measured_costs", "measured_timeline", "peak_saved_bytes"]
 
 
 def measured_timeline(
@@ -111,3 +111,33 @@ def peak_saved_bytes(
         level += delta
         peak = max(peak, level)
     return peak
+
+
+def link_latency(
+    events: Sequence[Event], arrivals: Sequence[dict[tuple[int, int, int], float]]
+) -> float:
+    """Median time from a sending action's end to its tensor's arrival on the other rank.
+
+    Args:
+        events: every rank's events of one or more steps, unshifted ``perf_counter`` times.
+        arrivals: per step, ``(kind, stage, micro-batch) -> arrival time`` merged over ranks
+            (``Pipeline.arrivals``; kind 0 is an activation, 1 a gradient).
+
+    Returns 0.0 when nothing crossed ranks. Needs one clock for all ranks (one machine).
+    """
+    delays = []
+    ends: dict[tuple[int, int, int], list[float]] = {}
+    for e in events:
+        kind = 0 if e.op is Op.F else 1 if e.op.is_backward else None
+        if kind is not None:
+            ends.setdefault((kind, e.stage, e.microbatch), []).append(e.end)
+    for step in arrivals:
+        for key, arrived in step.items():
+            # The matching send is the latest one that ended before the arrival.
+            before = [end for end in ends.get(key, []) if end <= arrived]
+            if before:
+                delays.append(arrived - max(before))
+    if not delays:
+        return 0.0
+    delays.sort()
+    return delays[len(delays) // 2]

@@ -65,6 +65,11 @@ class Pipeline:
         count_saved: count bytes saved for backward per forward (see :attr:`saved_bytes`).
         on_action: called with each action just before it runs (progress reporting).
 
+    After each step: ``events`` holds this rank's timed actions (``time.perf_counter()``
+    seconds, from the moment the input was there to the end), ``saved_bytes`` the bytes saved
+    for backward per (stage, micro-batch) when ``count_saved``, and ``arrivals`` when each
+    tensor from another rank arrived, keyed ``(kind, stage, micro-batch)``.
+
     Raises:
         ScheduleError: the schedule is invalid.
         ConfigError: the stages do not match the schedule's placement for this rank, or the
@@ -123,6 +128,7 @@ class Pipeline:
         }
         self.events: list[Event] = []
         self.saved_bytes: dict[tuple[int, int], int] = {}
+        self.arrivals: dict[tuple[int, int, int], float] = {}
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -185,6 +191,7 @@ class _Step:
         sizes = (pipe.schedule.num_stages, self.m)
         pipe.events = []
         pipe.saved_bytes = {}
+        pipe.arrivals = {}
         self.mailbox = Mailbox(
             pipe._plan.receives, pipe.group, pipe.device, *sizes, timeout=pipe.timeout
         )
@@ -212,6 +219,7 @@ class _Step:
                 )
             action = None
             deadline = time.monotonic() + pipe.timeout
+            pipe.arrivals = dict(self.mailbox.arrivals)
             self.outbox.close(deadline)
             self.mailbox.close(deadline)
         except PeerFailure as err:
