@@ -4,8 +4,9 @@ Each rank count runs one launched process group that loops over all cases (spawn
 case would cost seconds each); each case is then reported as its own test. The reference is a
 deep copy of the whole model trained in one process on the whole batch with a mean loss.
 Registered schedules are picked up from the registry, so new generators are covered as they
-are added; a hand-written split-backward (I/W) CSV and a V-shaped placement with same-rank
-hand-off are checked as well.
+are added; a hand-written split-backward (I/W) CSV, a V-shaped placement with same-rank
+hand-off, and a tied embedding (one tensor in the reference, a copy per stage in the pipeline)
+are checked as well.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _cases(num_ranks: int, built: set[str] | None = None) -> list[Case]:
             cases.append(Case(schedule, batch_size=m + 2))
             if built is not None:
                 built.add(name)
+    # Tied input embedding and output projection: across ranks (1f1b, interleaved), with split
+    # backward (zb-h1), and on one rank under V placement (zb-v puts stages 0 and last together).
+    for name in ("1f1b", "interleaved-1f1b", "zb-h1", "zb-v"):
+        if name in names():
+            schedule = build(name, num_ranks=num_ranks, num_microbatches=num_ranks)
+            cases.append(Case(schedule, batch_size=num_ranks + 2, tied=True))
     if num_ranks == 2:
         cases.append(Case(Schedule.from_csv(SPLIT_CSV, "split-csv"), batch_size=8))
         cases.append(Case(Schedule.from_csv(V_CSV, "v-csv"), batch_size=5))

@@ -19,7 +19,7 @@ process running the whole batch with a mean loss computes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from stagewise.runtime.microbatch import loss_weights, split_batch
 from stagewise.runtime.p2p import Mailbox, Outbox
 from stagewise.runtime.saved import SavedBytes
 from stagewise.runtime.split_backward import WeightGrad, backward_input
+from stagewise.runtime.tied import Ties
 from stagewise.schedules.ir import Action, Op, Schedule
 from stagewise.schedules.validate import check
 from stagewise.sim.timeline import Event
@@ -64,6 +65,9 @@ class Pipeline:
             the first failure; None to rely on the timeout and closed connections.
         count_saved: count bytes saved for backward per forward (see :attr:`saved_bytes`).
         on_action: called with each action just before it runs (progress reporting).
+        tied: weights shared between stages, each ``{stage: parameter name}`` (for example
+            the embedding of stage 0 and the output projection of the last stage). Their
+            copies start equal and get the summed gradient after each step (see ``tied``).
 
     After each step: ``events`` holds this rank's timed actions (``time.perf_counter()``
     seconds, from the moment the input was there to the end), ``saved_bytes`` the bytes saved
@@ -95,6 +99,7 @@ class Pipeline:
         store: dist.Store | None = None,
         count_saved: bool = False,
         on_action: Callable[[Action], None] | None = None,
+        tied: Sequence[Mapping[int, str]] = (),
     ) -> None:
         check(schedule)
         self.schedule = schedule
@@ -126,6 +131,9 @@ class Pipeline:
         self._params = {
             s: [p for p in m.parameters() if p.requires_grad] for s, m in self.stages.items()
         }
+        first_tag = 4 * schedule.num_stages * schedule.num_microbatches
+        self._ties = Ties(tied, self.stages, schedule, self.rank, group, first_tag)
+        self._ties.sync_values()
         self.events: list[Event] = []
         self.saved_bytes: dict[tuple[int, int], int] = {}
         self.arrivals: dict[tuple[int, int, int], float] = {}
@@ -222,6 +230,7 @@ class _Step:
             pipe.arrivals = dict(self.mailbox.arrivals)
             self.outbox.close(deadline)
             self.mailbox.close(deadline)
+            pipe._ties.reduce_grads()
         except PeerFailure as err:
             where = "at the end of the step" if action is None else f"at {describe(action)}"
             raise PeerFailure(f"rank {pipe.rank} {where}: {err}") from None

@@ -16,7 +16,14 @@ import torch
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.partition import partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.tiny_gpt import (
+    Embedding,
+    GPTConfig,
+    Head,
+    gpt_layers,
+    lm_loss,
+    make_batch,
+)
 from stagewise.schedules.ir import Schedule
 
 __all__ = ["Case", "check_rank"]
@@ -30,12 +37,15 @@ class Case:
         schedule: the schedule to run.
         batch_size: rows per step (split into the schedule's micro-batches).
         seq_lens: sequence length of each step (one optimizer step after each).
+        tied: tie the input embedding to the output projection (the reference uses one
+            tensor for both; the pipeline a tied copy per stage).
         config: the model.
     """
 
     schedule: Schedule
     batch_size: int
     seq_lens: tuple[int, ...] = (8, 6)
+    tied: bool = False
     config: GPTConfig = field(
         default_factory=lambda: GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=6)
     )
@@ -54,9 +64,9 @@ def check_rank(
 
 
 def case_label(case: Case) -> str:
-    """``name p=.. m=..`` of a case."""
+    """``name p=.. m=..`` of a case (`` tied`` when the embedding is tied)."""
     s = case.schedule
-    return f"{s.name} p={s.num_ranks} m={s.num_microbatches}"
+    return f"{s.name} p={s.num_ranks} m={s.num_microbatches}" + (" tied" if case.tied else "")
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, label: str, problems: list[str]) -> int:
@@ -73,7 +83,14 @@ def _check_case(context: RankContext, case: Case, timeout: float) -> list[str]:
     reference = torch.nn.Sequential(*copy.deepcopy(layers))
     stages = partition(layers, schedule.num_stages)
     mine = stages_for_rank(schedule, stages, context.rank)
-    pipe = Pipeline(schedule, mine, lm_loss, timeout=timeout, store=context.store)
+    ties = []
+    if case.tied:
+        embedding, head = reference[0], reference[-1]
+        assert isinstance(embedding, Embedding) and isinstance(head, Head)
+        head.out.weight = embedding.tokens.weight
+        last = schedule.num_stages - 1
+        ties = [{0: "0.tokens.weight", last: f"{len(stages[last]) - 1}.out.weight"}]
+    pipe = Pipeline(schedule, mine, lm_loss, timeout=timeout, store=context.store, tied=ties)
     params = [p for module in mine.values() for p in module.parameters()]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
