@@ -4,11 +4,12 @@
 activation memory from its :class:`~stagewise.sim.Timeline`, and runs
 :func:`stagewise.sim.simulate` with the plan's per-stage costs. A search evaluates thousands of
 plans that share a few pipeline shapes, so simulations are cached by (schedule, p, m, v, cost
-ratios): each stage's forward divided by the mean stage forward, the backward/forward and
-weight/backward ratios of the whole pipeline, all snapped to an 8 % geometric grid, and each
-boundary's transfer time in steps of 2 % of a mean forward. Only the idle time of each rank
-is taken from the cached simulation; each rank's busy time is summed exactly from the plan's
-own costs, so the rounding touches the bubble alone. One cache lives for one search;
+ratios): each stage's forward divided by the mean stage forward (snapped to an 8 % geometric
+grid), the backward/forward and weight/backward ratios of the whole pipeline (a 25 % grid),
+and each boundary's transfer time in steps of 2 % of a mean forward. Only the idle time of
+each rank is taken from the cached simulation, rescaled by the true (forward + backward) over
+the snapped one; each rank's busy time is summed exactly from the plan's own costs, so the
+rounding touches the bubble alone. One cache lives for one search;
 nothing is kept between calls.
 
 Peak activation memory depends only on the order of each rank's actions, not on the costs.
@@ -71,9 +72,7 @@ class PipelineCache:
         if key not in self._live:
             schedule = self.schedule(name, p, m, v)
             full = simulate(schedule)
-            self._live[key] = [
-                _live_counts(full, r, schedule.stages_of(r)) for r in range(p)
-            ]
+            self._live[key] = [_live_counts(full, r, schedule.stages_of(r)) for r in range(p)]
         return self._live[key][rank]
 
     def peak_activation_bytes(
@@ -102,10 +101,11 @@ class PipelineCache:
         """Simulate one step with per-stage costs and per-boundary transfer times (seconds)."""
         ref = sum(forward) / len(forward)
         f = _grid(forward, ref)
-        ratio_b = _grid([sum(backward) / sum(forward)], 1.0)[0]
+        true_b = sum(backward) / sum(forward)
+        ratio_b = _grid([true_b], 1.0, RATIO_GRID)[0]
         ratio_w = 0.5
         if self.schedule(name, p, m, v).splits_backward:  # else W never runs on its own
-            ratio_w = _grid([sum(weight) / sum(backward)], 1.0)[0]
+            ratio_w = _grid([sum(weight) / sum(backward)], 1.0, RATIO_GRID)[0]
         h = tuple(round(x / ref / HOP_STEP) * HOP_STEP for x in hops)
         key = (name, p, m, v, f, ratio_b, ratio_w, h)
         if key not in self._runs:
@@ -116,14 +116,16 @@ class PipelineCache:
         busy = tuple(
             m * sum(forward[s] + backward[s] for s in schedule.stages_of(r)) for r in range(p)
         )
-        makespan = max(busy[r] + unit.idle[r] * ref for r in range(p))
+        # Idle time scales with a stage's forward + backward: rescale the snapped ratio's.
+        scale = ref * (1 + true_b) / (1 + ratio_b)
+        makespan = max(busy[r] + unit.idle[r] * scale for r in range(p))
         total = p * makespan
         idle = total - sum(busy)
         return PipelineRun(
             makespan=makespan,
             busy=busy,
             bubble=Bubble(of_step=idle / total, vs_ideal=idle / sum(busy)),
-            stage_done=tuple(x * ref for x in unit.stage_done),
+            stage_done=tuple(x * scale for x in unit.stage_done),
         )
 
     def _simulate(
@@ -158,13 +160,14 @@ class _UnitRun:
 
 
 GRID = math.log(1.08)
+RATIO_GRID = math.log(1.25)
 HOP_STEP = 0.02  # transfer times in steps of 2 % of a mean stage forward
 
 
-def _grid(values: Sequence[float], ref: float) -> tuple[float, ...]:
-    """Each value / ref, snapped to an 8 % geometric grid (0 stays 0)."""
+def _grid(values: Sequence[float], ref: float, step: float = GRID) -> tuple[float, ...]:
+    """Each value / ref, snapped to a geometric grid of ``step`` (in log; 0 stays 0)."""
     return tuple(
-        math.exp(round(math.log(x / ref) / GRID) * GRID) if x > 0 else 0.0 for x in values
+        math.exp(round(math.log(x / ref) / step) * step) if x > 0 else 0.0 for x in values
     )
 
 

@@ -2,10 +2,10 @@
 
 Valid means: TP divides the query and key/value heads and the MLP width and stays inside a
 node; PP is at most the number of layers (uneven splits allowed); DP fills the rest;
-micro-batches m = G / (DP x micro-batch size) is whole; interleaved schedules take v chunks
-per rank when the layers split evenly into PP x v stages. Knobs given in ``fixed`` are held.
-GPipe and the ``auto`` schedule are searched only when asked for (GPipe has 1F1B's bubble
-and more memory; ``auto`` runs its own schedule search per shape, seconds each). With flash
+micro-batches m = G / (DP x micro-batch size) is whole, with micro-batch sizes 1, 2, 4, 8;
+interleaved schedules take v <= 8 chunks per rank when the layers split evenly into PP x v
+stages. Knobs given in ``fixed`` are held (any micro-batch size, any schedule). GPipe,
+looped-bfs and ``auto`` are searched only when asked for (see ``NOT_SEARCHED``). With flash
 attention, selective recomputation (of the attention core) equals no recomputation, so only
 ``none`` and ``full`` are searched unless ``selective`` is asked for.
 """
@@ -32,11 +32,12 @@ KNOBS = (
     "tp", "pp", "dp", "vp", "micro_batch_size", "recompute", "sequence_parallel",
     "distributed_optimizer", "schedule",
 )
-MAX_MICRO_BATCH = 16
+MICRO_BATCH_SIZES = (1, 2, 4, 8)  # searched when they divide the per-replica batch
 MAX_CHUNKS = 8
-# Searched only when asked for: gpipe is 1F1B's bubble with more memory; auto runs a schedule
-# search of its own for every (p, m), which costs seconds each.
-NOT_SEARCHED = ("gpipe", "auto")
+# Searched only when asked for: gpipe and looped-bfs keep all m micro-batches in flight (1F1B's
+# bubble, or interleaving's, with far more memory); auto runs a schedule search of its own for
+# every (p, m), which costs seconds each.
+NOT_SEARCHED = ("gpipe", "looped-bfs", "auto")
 
 Progress = Callable[[int, int], None]
 
@@ -133,7 +134,7 @@ def candidates(
                 continue
             per_replica = training.global_batch // dp
             mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else [
-                b for b in _divisors(per_replica) if b <= MAX_MICRO_BATCH
+                b for b in MICRO_BATCH_SIZES if per_replica % b == 0
             ]
             sps = [fixed["sequence_parallel"]] if "sequence_parallel" in fixed else (
                 [False, True] if tp > 1 else [False]

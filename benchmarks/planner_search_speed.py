@@ -1,0 +1,50 @@
+"""Wall-clock time of full planner searches, the largest being Llama-3-405B on 16,384 H100s.
+
+Each case runs :func:`stagewise.plan.search.search` over every valid configuration (no knob
+fixed) and prints the number of configurations, how many fit, the distinct pipeline
+simulations run, the seconds taken and the best plan. Target: the 405B case under 10 s.
+
+Run: ``.venv/bin/python benchmarks/planner_search_speed.py``
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from stagewise.plan import Cluster, TrainingSpec, get_gpu, get_model
+from stagewise.plan.search import search
+
+CASES = (
+    # model, GPUs, seq, global batch
+    ("llama-2-70b", 32, 4096, 64),
+    ("llama-3-70b", 512, 8192, 512),
+    ("gpt-3-175b", 1024, 2048, 1536),
+    ("llama-3-405b", 16384, 8192, 2048),
+)
+
+
+def main() -> int:
+    gpu = get_gpu("H100")
+    print(f"{'model':14} {'GPUs':>6} {'configs':>8} {'fit':>6} {'sims':>5} {'seconds':>8}  best")
+    worst = 0.0
+    for name, gpus, seq, batch in CASES:
+        start = time.perf_counter()
+        result = search(get_model(name), Cluster.of_gpus(gpu, gpus), TrainingSpec(seq, batch))
+        seconds = time.perf_counter() - start
+        worst = max(worst, seconds)
+        best = result.best
+        summary = (
+            f"{best.config.describe()}: {best.time.step_s:.2f} s/step, MFU {best.mfu:.1%}"
+            if best else "nothing fits"
+        )
+        print(
+            f"{name:14} {gpus:>6} {len(result.plans):>8} {len(result.fitting):>6} "
+            f"{result.simulations:>5} {seconds:>8.2f}  {summary}"
+        )
+    print(f"slowest search: {worst:.2f} s (target: 405B on 16,384 GPUs under 10 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
