@@ -46,21 +46,13 @@ class WeightGrad:
     def run(self) -> None:
         """Compute the weight gradients, add them into ``.grad``, and drop the graph."""
         for part in self.parts:
-            results = torch.autograd.grad(
+            # Accumulates straight into each parameter's .grad; the graph stays for later parts.
+            torch.autograd.backward(
                 part.outputs,  # type: ignore[arg-type]  # tensors and edges mix fine at runtime
-                part.params,
                 part.grads,
-                allow_unused=True,
                 retain_graph=True,
+                inputs=part.params,
             )
-            with torch.no_grad():
-                for param, grad in zip(part.params, results, strict=True):
-                    if grad is None:
-                        continue
-                    if param.grad is None:
-                        param.grad = grad.detach().clone()
-                    else:
-                        param.grad.add_(grad)
         self.parts = []
 
 
