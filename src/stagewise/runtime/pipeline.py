@@ -154,7 +154,9 @@ class Pipeline:
 
         Raises:
             RuntimeFailure: an action failed here (message: rank, action, error), another rank
-                failed (:class:`PeerFailure`), or a wait ran past the timeout.
+                failed (:class:`PeerFailure`), or a wait ran past the timeout. After a failure
+                the pipeline and its process group are in an unknown state: end the process
+                (the launcher and torchrun do) rather than calling ``step`` again.
         """
         run = _Step(self, inputs, targets)
         return run.execute()
