@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from stagewise.errors import PlanError
 from stagewise.plan import (
     DEFAULT_CONSTANTS,
     Cluster,
@@ -82,6 +83,13 @@ def test_layer_time_of_a_tp_slice() -> None:
         assert 1.9 < bwd / fwd < 2.6  # two GEMMs per forward GEMM, flash backward 2.5x
     # Roughly 2 x 0.87e9 x 4096 x 2 forward FLOPs at ~0.8 of 989 TFLOP/s: 9 to 12 ms.
     assert 0.008 < alone[1][0] < 0.012
+
+
+def test_layer_time_rejects_a_tp_that_does_not_divide_the_heads() -> None:
+    with pytest.raises(PlanError, match="does not divide"):
+        layer_time("llama-2-70b", "h100", 3, 1, 4096)
+    with pytest.raises(PlanError, match="unknown GPU"):
+        layer_time("llama-2-70b", "h1000", 8, 1, 4096)
 
 
 def test_full_recompute_adds_one_forward_to_the_backward() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from stagewise.errors import PlanError
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.hardware import GpuSpec, get_gpu
 from stagewise.plan.layer import LayerSetup, block_time
 from stagewise.plan.models import ModelSpec, get_model
+from stagewise.plan.spec import RECOMPUTE_MODES
 
 __all__ = ["layer_time"]
 
@@ -58,6 +60,10 @@ def layer_time(
         attention: ``flash`` or ``unfused``.
         constants: the planner's global constants.
 
+    Raises:
+        PlanError: unknown model or GPU, a tp that does not divide the heads or the MLP, an
+            unknown recompute or attention mode.
+
     Example:
         >>> fwd, bwd = layer_time("llama-2-70b", "h100", tp=8, micro_batch_size=1, seq=4096)
         >>> 0 < fwd < bwd
@@ -65,6 +71,16 @@ def layer_time(
     """
     spec = get_model(model) if isinstance(model, str) else model
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    if tp < 1 or spec.heads % tp or spec.kv_heads % tp or spec.ffn % tp:
+        raise PlanError(
+            f"tp={tp} does not divide {spec.name}'s {spec.heads} heads, {spec.kv_heads} "
+            f"key/value heads and MLP width {spec.ffn}: choose a tp that divides {spec.kv_heads}"
+        )
+    if recompute not in RECOMPUTE_MODES or attention not in ("flash", "unfused"):
+        raise PlanError(
+            f"recompute must be one of {', '.join(RECOMPUTE_MODES)} and attention 'flash' or "
+            f"'unfused', got {recompute!r} and {attention!r}"
+        )
     setup = LayerSetup(
         tp=tp,
         micro_batch_size=micro_batch_size,

@@ -4,12 +4,11 @@
 activation memory from its :class:`~stagewise.sim.Timeline`, and runs
 :func:`stagewise.sim.simulate` with the plan's per-stage costs. A search evaluates thousands of
 plans that share a few pipeline shapes, so simulations are cached by (schedule, p, m, v, cost
-ratios): each stage's forward divided by the mean stage forward (snapped to an 8 % geometric
-grid), the backward/forward and weight/backward ratios of the whole pipeline (a 25 % grid),
-and each boundary's transfer time in steps of 2 % of a mean forward. Only the idle time of
-each rank is taken from the cached simulation, rescaled by the true (forward + backward) over
-the snapped one; each rank's busy time is summed exactly from the plan's own costs, so the
-rounding touches the bubble alone. One cache lives for one search;
+ratios): each stage's forward and backward divided by the mean stage forward and snapped to a
+2 % geometric grid (the weight-gradient part to 5 %, and only for schedules that run W on its
+own), and each boundary's transfer time in steps of 2 % of a mean forward. Only the idle time
+of each rank is taken from the cached simulation; each rank's busy time is summed exactly from
+the plan's own costs, so the rounding touches the bubble alone. One cache lives for one search;
 nothing is kept between calls.
 
 Peak activation memory depends only on the order of each rank's actions, not on the costs.
@@ -42,13 +41,14 @@ class PipelineRun:
         makespan: first action's start to last action's end.
         busy: compute time of each rank.
         bubble: the bubble fraction both ways (from the timeline).
-        stage_done: per stage, when its last gradient op ends (its gradients are complete).
+        stage_slack: per stage, how long before the end of the step its last gradient op
+            ends (from then on its gradients are complete and can be reduced).
     """
 
     makespan: float
     busy: tuple[float, ...]
     bubble: Bubble
-    stage_done: tuple[float, ...]
+    stage_slack: tuple[float, ...]
 
 
 class PipelineCache:
@@ -100,32 +100,28 @@ class PipelineCache:
     ) -> PipelineRun:
         """Simulate one step with per-stage costs and per-boundary transfer times (seconds)."""
         ref = sum(forward) / len(forward)
-        f = _grid(forward, ref)
-        true_b = sum(backward) / sum(forward)
-        ratio_b = _grid([true_b], 1.0, RATIO_GRID)[0]
-        ratio_w = 0.5
-        if self.schedule(name, p, m, v).splits_backward:  # else W never runs on its own
-            ratio_w = _grid([sum(weight) / sum(backward)], 1.0, RATIO_GRID)[0]
+        f, b = _grid(forward, ref), _grid(backward, ref)
+        if self.schedule(name, p, m, v).splits_backward:
+            w = tuple(min(x, y) for x, y in zip(_grid(weight, ref, WEIGHT_GRID), b, strict=True))
+        else:  # W never runs on its own: its share cannot change the timeline
+            w = tuple(x / 2 for x in b)
         h = tuple(round(x / ref / HOP_STEP) * HOP_STEP for x in hops)
-        key = (name, p, m, v, f, ratio_b, ratio_w, h)
+        key = (name, p, m, v, f, b, w, h)
         if key not in self._runs:
-            b = tuple(x * ratio_b for x in f)
-            self._runs[key] = self._simulate(name, p, m, v, f, b, tuple(x * ratio_w for x in b), h)
+            self._runs[key] = self._simulate(name, p, m, v, f, b, w, h)
         unit = self._runs[key]
         schedule = self.schedule(name, p, m, v)
         busy = tuple(
             m * sum(forward[s] + backward[s] for s in schedule.stages_of(r)) for r in range(p)
         )
-        # Idle time scales with a stage's forward + backward: rescale the snapped ratio's.
-        scale = ref * (1 + true_b) / (1 + ratio_b)
-        makespan = max(busy[r] + unit.idle[r] * scale for r in range(p))
+        makespan = max(busy[r] + unit.idle[r] * ref for r in range(p))
         total = p * makespan
         idle = total - sum(busy)
         return PipelineRun(
             makespan=makespan,
             busy=busy,
             bubble=Bubble(of_step=idle / total, vs_ideal=idle / sum(busy)),
-            stage_done=tuple(x * scale for x in unit.stage_done),
+            stage_slack=tuple(x * ref for x in unit.stage_slack),
         )
 
     def _simulate(
@@ -149,18 +145,18 @@ class PipelineCache:
                 done[event.stage] = max(done[event.stage], event.end - timeline.start)
         return _UnitRun(
             idle=tuple(timeline.idle(r) for r in range(p)),
-            stage_done=tuple(done),
+            stage_slack=tuple(timeline.makespan - x for x in done),
         )
 
 
 @dataclass(frozen=True)
 class _UnitRun:
     idle: tuple[float, ...]
-    stage_done: tuple[float, ...]
+    stage_slack: tuple[float, ...]
 
 
-GRID = math.log(1.08)
-RATIO_GRID = math.log(1.25)
+GRID = math.log(1.02)
+WEIGHT_GRID = math.log(1.05)
 HOP_STEP = 0.02  # transfer times in steps of 2 % of a mean stage forward
 
 

@@ -91,7 +91,7 @@ def describe_plan(plan: Plan, tokens: float | None = None, price: float | None =
         f"{_layers(plan.layers)})",
         f"  step {time.step_s:.3f} s | {plan.tokens_per_s:,.0f} tokens/s | "
         f"{plan.tflops_per_gpu:.0f} TFLOP/s per GPU | MFU {plan.mfu:.1%} "
-        f"(HFU {plan.hfu:.1%}; model FLOPs: 6 x matmul weights + 12·L·h·s per token)",
+        f"(HFU {plan.hfu:.1%}; model FLOPs: {_flops_words(plan)})",
         f"  memory on pipeline rank {plan.memory.rank}: {mem['total']:.1f} of {limit:g} GiB = "
         f"weights {mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer "
         f"{mem['optimizer']:.1f} + activations {mem['activations']:.1f} + logits "
@@ -111,6 +111,14 @@ def describe_plan(plan: Plan, tokens: float | None = None, price: float | None =
             line += f", ${plan.run_cost(tokens, price):,.0f} at ${price:g} per GPU-hour"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _flops_words(plan: Plan) -> str:
+    passes = 2 if plan.training.mode == "lora" else 3
+    return (
+        f"{2 * passes} x matmul weights + {4 * passes}·L·h·s per token"
+        + (", LoRA: no base weight gradients" if passes == 2 else "")
+    )
 
 
 def _layers(layers: tuple[int, ...]) -> str:

@@ -118,11 +118,11 @@ def step_time(
         dp_total = max(dp_total, reduce_s + gather_s)
         if training.dp_overlap:
             total_layers = sum(layers[s] for s in size.stages) or 1
-            free = 0.0
-            for stage in sorted(size.stages, key=lambda s: run.stage_done[s]):
+            free = -run.makespan  # times relative to the end of the pipeline
+            for stage in sorted(size.stages, key=lambda s: -run.stage_slack[s]):
                 share = layers[stage] / total_layers
-                free = max(free, run.stage_done[stage]) + reduce_s * share
-            exposed = max(0.0, free - run.makespan)
+                free = max(free, -run.stage_slack[stage]) + reduce_s * share
+            exposed = max(0.0, free) if reduce_s > 0 else 0.0
         else:
             exposed = reduce_s
         state = size.trainable / (config.dp if config.distributed_optimizer else 1)
