@@ -138,6 +138,16 @@ def test_exposed_dp_reduction_is_all_of_it_without_overlap() -> None:
     assert overlap.step_s < exposed.step_s
 
 
+def test_single_replica_has_no_dp_reduction_and_lora_no_optimizer_to_speak_of() -> None:
+    model = get_model("llama-2-7b")
+    cluster = Cluster(H100, 1, 8)
+    run = TrainingSpec(seq=4096, global_batch=32, mode="lora")
+    t = evaluate(model, cluster, run, ParallelConfig(tp=2, pp=4, dp=1, vp=2,
+                                                     schedule="interleaved-1f1b")).time
+    assert t.dp_exposed_s == 0.0 and t.dp_total_s == 0.0
+    assert t.optimizer_s < 1e-3  # only the adapters are updated
+
+
 def test_cached_pipeline_run_matches_a_direct_simulation() -> None:
     cache = PipelineCache()
     schedule = build("interleaved-1f1b", num_ranks=4, num_microbatches=8, num_chunks=2)
