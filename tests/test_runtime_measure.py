@@ -79,7 +79,8 @@ def test_split_batch_and_weights_give_the_whole_batch_mean() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
 def test_header_round_trip(dtype: torch.dtype) -> None:
     tensor = torch.zeros(3, 1, 7, dtype=dtype)
-    assert decode_header(encode_header(tensor)) == (dtype, (3, 1, 7))
+    assert decode_header(encode_header(tensor)) == (dtype, (3, 1, 7), False)
+    assert decode_header(encode_header(tensor, remembered=True))[2] is True
     with pytest.raises(ConfigError, match="at most 8"):
         encode_header(torch.zeros([1] * 9))
 

@@ -50,8 +50,12 @@ class Message:
         return (self.kind, self.stage, self.microbatch)
 
     def tag(self, num_stages: int, num_microbatches: int) -> int:
-        """A tag unique within one step (even: header, odd: payload, see ``p2p``)."""
-        return 2 * ((int(self.kind) * num_stages + self.stage) * num_microbatches + self.microbatch)
+        """A multiple of 4 unique within one step; ``p2p`` uses it and the next 2 tags.
+
+        Every tag of a step is below ``8 * num_stages * num_microbatches``.
+        """
+        index = (int(self.kind) * num_stages + self.stage) * num_microbatches + self.microbatch
+        return 4 * index
 
     def describe(self) -> str:
         what = "activation" if self.kind is Kind.ACTIVATION else "gradient"

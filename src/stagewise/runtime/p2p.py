@@ -1,14 +1,22 @@
 """Point-to-point transfers of one step: a mailbox that receives ahead, an outbox that sends.
 
-Every tensor travels as two messages: a small header (dtype and shape) and the payload. Shapes
-are therefore learnt per message, so a sequence length (or micro-batch size) that changes from
-one step to the next just works.
+Every tensor travels with a small header (dtype and shape), so a sequence length (or
+micro-batch size) that changes from one step to the next just works. Both ends remember the
+shape each message had in the previous step (``Shapes``), and the receiver posts the payload
+receive for that shape together with the header receive, so the payload can land without
+waiting for the receiver to read the header first. Three tags per message:
+
+- ``tag``: the header, whose last field says where the payload comes;
+- ``tag + 1``: the payload when its shape is the one both ends remember;
+- ``tag + 2``: the payload when the shape is new. If the receiver had posted a receive for a
+  remembered shape, the sender fills it with a placeholder of that shape first, so no receive
+  is ever left pending.
 
 Receiving: for each peer, a background thread walks the lowered list of messages that peer will
-send, in the peer's order. It posts the header receive, then at once the payload receive, and
-files the tensor in the mailbox. Transfers thus run while the main thread computes; the main
-thread only blocks when it needs a tensor that has not arrived, and then for at most the
-timeout, looking at the failure board while it waits.
+send, in the peer's order, posting and completing each receive and filing the tensor in the
+mailbox. Transfers thus run while the main thread computes; the main thread only blocks when it
+needs a tensor that has not arrived, and then for at most the timeout, looking at the failure
+board while it waits.
 
 Sending: ``isend`` of header and payload; the step waits for the sends at its end (bounded by
 the timeout).
@@ -27,10 +35,13 @@ from stagewise.errors import ConfigError
 from stagewise.runtime.failure import FailureBoard, PeerFailure, StepTimeout
 from stagewise.runtime.lowering import Message
 
-__all__ = ["Mailbox", "Outbox", "decode_header", "encode_header"]
+__all__ = ["Mailbox", "Outbox", "Shapes", "decode_header", "encode_header"]
 
 _MAX_DIMS = 8
-_HEADER_SIZE = 2 + _MAX_DIMS
+_HEADER_SIZE = 3 + _MAX_DIMS  # dtype code, ndim, dims..., payload on the remembered tag (0/1)
+
+# (kind, stage, micro-batch) -> (dtype, shape) of that message in the previous step.
+Shapes = dict[tuple[int, int, int], tuple[torch.dtype, tuple[int, ...]]]
 _DTYPES = (
     torch.float32,
     torch.float16,
@@ -45,8 +56,11 @@ _DTYPES = (
 )
 
 
-def encode_header(tensor: torch.Tensor) -> torch.Tensor:
-    """The header describing ``tensor``: ``[dtype code, ndim, dim0, ..., 0 ...]`` (int64)."""
+def encode_header(tensor: torch.Tensor, remembered: bool = False) -> torch.Tensor:
+    """The header describing ``tensor``: ``[dtype code, ndim, dim0, ..., 0 ..., remembered]``.
+
+    ``remembered`` says the payload follows on the tag for the shape both ends remember.
+    """
     if tensor.dtype not in _DTYPES:
         raise ConfigError(
             f"cannot send a {tensor.dtype} tensor between stages: use one of "
@@ -58,14 +72,15 @@ def encode_header(tensor: torch.Tensor) -> torch.Tensor:
             "reshape it inside the stage"
         )
     values = [_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
-    values += [0] * (_HEADER_SIZE - len(values))
+    values += [0] * (_HEADER_SIZE - 1 - len(values))
+    values.append(int(remembered))
     return torch.tensor(values, dtype=torch.int64, device=tensor.device)
 
 
-def decode_header(header: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
-    """Inverse of :func:`encode_header`: ``(dtype, shape)``."""
+def decode_header(header: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], bool]:
+    """Inverse of :func:`encode_header`: ``(dtype, shape, remembered)``."""
     values = [int(v) for v in header.tolist()]
-    return _DTYPES[values[0]], tuple(values[2 : 2 + values[1]])
+    return _DTYPES[values[0]], tuple(values[2 : 2 + values[1]]), bool(values[-1])
 
 
 class Mailbox:
@@ -77,6 +92,7 @@ class Mailbox:
         device: where received tensors are put.
         num_stages, num_microbatches: the schedule's sizes (for message tags).
         timeout: seconds any single transfer may take.
+        shapes: the shapes received in the previous step; updated as messages arrive.
     """
 
     def __init__(
@@ -87,8 +103,10 @@ class Mailbox:
         num_stages: int,
         num_microbatches: int,
         timeout: float,
+        shapes: Shapes,
     ) -> None:
         self._group = group
+        self._shapes = shapes
         self._device = device
         self._sizes = (num_stages, num_microbatches)
         self._timeout = timedelta(seconds=timeout)
@@ -108,12 +126,7 @@ class Mailbox:
         message = None
         try:
             for message in messages:
-                tag = message.tag(*self._sizes)
-                header = torch.empty(_HEADER_SIZE, dtype=torch.int64, device=self._device)
-                self._recv(header, peer, tag)
-                dtype, shape = decode_header(header)
-                payload = torch.empty(shape, dtype=dtype, device=self._device)
-                self._recv(payload, peer, tag + 1)
+                payload = self._receive_one(peer, message)
                 with self._cond:
                     self._ready[message.key] = payload
                     self.arrivals[message.key] = time.perf_counter()
@@ -127,10 +140,32 @@ class Mailbox:
                 )
                 self._cond.notify_all()
 
-    def _recv(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+    def _receive_one(self, peer: int, message: Message) -> torch.Tensor:
+        """Header and payload of one message (see the module docstring for the tags)."""
+        tag = message.tag(*self._sizes)
+        header = torch.empty(_HEADER_SIZE, dtype=torch.int64, device=self._device)
+        header_work = self._post(header, peer, tag)
+        expected = self._shapes.get(message.key)
+        guess, guess_work = None, None
+        if expected is not None:
+            guess = torch.empty(expected[1], dtype=expected[0], device=self._device)
+            guess_work = self._post(guess, peer, tag + 1)
+        header_work.wait(self._timeout)
+        dtype, shape, remembered = decode_header(header)
+        if guess_work is not None:
+            guess_work.wait(self._timeout)  # the payload, or a placeholder when the shape changed
+        if remembered:
+            assert guess is not None, "sender and receiver disagree on the remembered shape"
+            return guess
+        payload = torch.empty(shape, dtype=dtype, device=self._device)
+        self._post(payload, peer, tag + 2).wait(self._timeout)
+        self._shapes[message.key] = (dtype, shape)
+        return payload
+
+    def _post(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
         work = dist.irecv(tensor, group=self._group, group_src=peer, tag=tag)
         assert work is not None
-        work.wait(self._timeout)
+        return work
 
     def take(
         self, key: tuple[int, int, int], what: str, deadline: float, board: FailureBoard
@@ -174,18 +209,32 @@ class Outbox:
         num_stages: int,
         num_microbatches: int,
         timeout: float,
+        shapes: Shapes,
     ) -> None:
         self._group = group
         self._sizes = (num_stages, num_microbatches)
         self._timeout = timeout
+        self._shapes = shapes
         self._pending: list[tuple[dist.Work, Message]] = []
 
     def send(self, tensor: torch.Tensor, message: Message) -> None:
-        """Send ``tensor`` as ``message`` (header, then payload)."""
+        """Send ``tensor`` as ``message``: header, then payload (see the module docstring)."""
         payload = tensor.detach().contiguous()
         tag = message.tag(*self._sizes)
-        for part, offset in ((encode_header(payload), 0), (payload, 1)):
-            work = dist.isend(part, group=self._group, group_dst=message.dst, tag=tag + offset)
+        now = (payload.dtype, tuple(payload.shape))
+        expected = self._shapes.get(message.key)
+        remembered = expected == now
+        parts = [(encode_header(payload, remembered), tag)]
+        if remembered:
+            parts.append((payload, tag + 1))
+        else:
+            if expected is not None:  # fill the receive posted for the remembered shape
+                placeholder = torch.zeros(expected[1], dtype=expected[0], device=payload.device)
+                parts.append((placeholder, tag + 1))
+            parts.append((payload, tag + 2))
+            self._shapes[message.key] = now
+        for part, part_tag in parts:
+            work = dist.isend(part, group=self._group, group_dst=message.dst, tag=part_tag)
             assert work is not None
             self._pending.append((work, message))
 

@@ -29,7 +29,7 @@ from stagewise.errors import ConfigError, RuntimeFailure
 from stagewise.runtime.failure import FailureBoard, NonFiniteLoss, PeerFailure
 from stagewise.runtime.lowering import Kind, lower
 from stagewise.runtime.microbatch import loss_weights, split_batch
-from stagewise.runtime.p2p import Mailbox, Outbox
+from stagewise.runtime.p2p import Mailbox, Outbox, Shapes
 from stagewise.runtime.saved import SavedBytes
 from stagewise.runtime.split_backward import WeightGrad, backward_input
 from stagewise.runtime.tied import Ties
@@ -131,12 +131,15 @@ class Pipeline:
         self._params = {
             s: [p for p in m.parameters() if p.requires_grad] for s, m in self.stages.items()
         }
-        first_tag = 4 * schedule.num_stages * schedule.num_microbatches
+        first_tag = 8 * schedule.num_stages * schedule.num_microbatches  # above every step tag
         self._ties = Ties(tied, self.stages, schedule, self.rank, group, first_tag)
         self._ties.sync_values()
         self.events: list[Event] = []
         self.saved_bytes: dict[tuple[int, int], int] = {}
         self.arrivals: dict[tuple[int, int, int], float] = {}
+        # The shape of every message in the previous step, as sent and as received.
+        self._sent_shapes: Shapes = {}
+        self._received_shapes: Shapes = {}
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -203,9 +206,10 @@ class _Step:
         pipe.saved_bytes = {}
         pipe.arrivals = {}
         self.mailbox = Mailbox(
-            pipe._plan.receives, pipe.group, pipe.device, *sizes, timeout=pipe.timeout
+            pipe._plan.receives, pipe.group, pipe.device, *sizes, timeout=pipe.timeout,
+            shapes=pipe._received_shapes,
         )
-        self.outbox = Outbox(pipe.group, *sizes, timeout=pipe.timeout)
+        self.outbox = Outbox(pipe.group, *sizes, timeout=pipe.timeout, shapes=pipe._sent_shapes)
         sync = pipe.device.type == "cuda"
         action = None
         try:

@@ -44,7 +44,7 @@ class Case:
 
     schedule: Schedule
     batch_size: int
-    seq_lens: tuple[int, ...] = (8, 6)
+    seq_lens: tuple[int, ...] = (8, 8, 6)
     tied: bool = False
     config: GPTConfig = field(
         default_factory=lambda: GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=6)
