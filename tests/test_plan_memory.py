@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from stagewise.plan import (
@@ -131,3 +133,23 @@ def test_tied_embeddings_put_a_head_copy_on_the_last_stage() -> None:
     embed = gpt.padded_vocab(1) * gpt.hidden
     # Both ranks hold 24 blocks; rank 0 the embedding (+ positions), rank 1 a copy for the head.
     assert plan.memory.weights >= 2 * (24 * gpt.layer_params + embed)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1",
+                                  "zb-h2", "zb-v", "dualpipev"])
+def test_cached_peak_equals_the_simulated_timelines_peak(name: str) -> None:
+    from stagewise.plan import PipelineCache
+    from stagewise.schedules import build, get
+    from stagewise.sim import simulate
+
+    v = get(name).fixed_chunks or 3
+    p, m = 4, 12
+    schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
+    stage_bytes = [1.0 + 0.37 * ((7 * s) % 5) for s in range(schedule.num_stages)]
+    timeline = simulate(schedule)
+    cache = PipelineCache()
+    for rank in range(p):
+        expected = replace(timeline, activation_bytes=tuple(stage_bytes)).peak_activations(
+            rank, in_bytes=True)
+        assert cache.peak_activation_bytes(name, p, m, v, rank, stage_bytes) == pytest.approx(
+            expected)

@@ -12,7 +12,9 @@ the plan's own costs, so the rounding touches the bubble alone. One cache lives 
 nothing is kept between calls.
 
 Peak activation memory depends only on the order of each rank's actions, not on the costs.
-For every rank the cache keeps, from the unit-cost timeline, the count of live micro-batches
+For every rank the cache keeps, from a timeline of that rank's actions in schedule order
+(what any simulation of the schedule gives the rank, minus the waits), the count of live
+micro-batches
 of each of its stages at every change point (``Timeline.live_activations`` with one stage
 weighted at a time), pruned to the points no other point dominates; a plan's peak bytes is
 the largest weighted sum over them, exactly what ``peak_activations(in_bytes=True)`` returns.
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from stagewise.schedules import Op, Schedule, build
-from stagewise.sim import Bubble, Costs, Link, Timeline, simulate
+from stagewise.sim import Bubble, Costs, Event, Link, Timeline, simulate
 
 __all__ = ["PipelineCache", "PipelineRun"]
 
@@ -71,8 +73,10 @@ class PipelineCache:
         key = (name, p, m, v)
         if key not in self._live:
             schedule = self.schedule(name, p, m, v)
-            full = simulate(schedule)
-            self._live[key] = [_live_counts(full, r, schedule.stages_of(r)) for r in range(p)]
+            self._live[key] = [
+                _live_counts(_rank_order_timeline(schedule, r), r, schedule.stages_of(r))
+                for r in range(p)
+            ]
         return self._live[key][rank]
 
     def peak_activation_bytes(
@@ -167,9 +171,28 @@ def _grid(values: Sequence[float], ref: float, step: float = GRID) -> tuple[floa
     )
 
 
+def _rank_order_timeline(schedule: Schedule, rank: int) -> Timeline:
+    """A timeline of ``rank``'s actions one after another, in its schedule order.
+
+    A rank runs its row in order, so its live activations depend on that order alone: any
+    simulated timeline of the schedule gives this rank the same levels, change after change.
+    """
+    events = tuple(
+        Event(rank, action.stage, action.op, action.microbatch, float(i), float(i + 1))
+        for i, action in enumerate(schedule.actions[rank])
+    )
+    return Timeline(
+        events=events,
+        num_ranks=schedule.num_ranks,
+        num_stages=schedule.num_stages,
+        num_microbatches=schedule.num_microbatches,
+        num_chunks=schedule.num_chunks,
+        schedule_name=schedule.name,
+    )
+
+
 def _live_counts(timeline: Timeline, rank: int, stages: Sequence[int]) -> list[tuple[float, ...]]:
     """Live micro-batches of each of ``stages`` at every change point, undominated points only."""
-    timeline = replace(timeline, events=timeline.rank_events(rank))  # this rank's events only
     columns = []
     for stage in stages:
         indicator = tuple(1.0 if s == stage else 0.0 for s in range(timeline.num_stages))
