@@ -122,9 +122,14 @@ def _flops_words(plan: Plan) -> str:
 
 
 def _layers(layers: tuple[int, ...]) -> str:
-    if len(set(layers)) == 1:
-        return f"{layers[0]} x {len(layers)}"
-    return ",".join(str(x) for x in layers)
+    """Run-length form: ``2 x 4`` or ``1, 2 x 62, 1``."""
+    runs: list[list[int]] = []
+    for count in layers:
+        if runs and runs[-1][0] == count:
+            runs[-1][1] += 1
+        else:
+            runs.append([count, 1])
+    return ", ".join(f"{c} x {n}" if n > 1 else str(c) for c, n in runs)
 
 
 HEADER = (
