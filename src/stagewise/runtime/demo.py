@@ -165,7 +165,10 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
 def _progress_bar(steps: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=steps, desc="training", unit="step", file=sys.stderr, leave=False)
+    # The bar only on a terminal (disable=None); the per-step lines always, on stdout.
+    return tqdm(
+        total=steps, desc="training", unit="step", file=sys.stderr, leave=False, disable=None
+    )
 
 
 def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainReport:
