@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.plan import (
+    DEFAULT_CONSTANTS,
     Cluster,
     ModelSpec,
     ParallelConfig,
@@ -129,6 +130,11 @@ def main(argv: list[str]) -> int:
             f"{'' if states is None else f'{states:+7.1%}':>7} "
             f"{'' if acts is None else f'{acts:+7.1%}':>7}"
         )
+    constants = ", ".join(
+        f"{name}={getattr(DEFAULT_CONSTANTS, name):g}"
+        for name in DEFAULT_CONSTANTS.__dataclass_fields__
+    )
+    print(f"global constants: {constants}")
     errors = [abs(r["time_error"]) for r in rows]
     memory = [abs(r[k]) for r in rows for k in ("states_error", "activations_error")
               if r.get(k) is not None]
