@@ -62,7 +62,7 @@ def test_input_mistakes_are_config_errors(store: dist.Store) -> None:
         pipe.step(None, torch.zeros(4, 2))
     with pytest.raises(ConfigError, match="1 rows along dimension 0 but the schedule runs 2"):
         pipe.step(torch.zeros(1, 2), torch.zeros(1, 2))
-    with pytest.raises(ConfigError, match="tie .* must name at least two stages"):
+    with pytest.raises(ConfigError, match=r"tie .* must name at least two stages"):
         Pipeline(one, {0: nn.Linear(2, 2)}, lm_loss, tied=[{0: "weight"}])
     with pytest.raises(ConfigError, match="no parameter 'nope' to tie: its parameters are"):
         Pipeline(Schedule.from_csv(LOCAL_SPLIT), {s: nn.Linear(2, 2) for s in range(3)},
