@@ -105,6 +105,8 @@ def test_model_from_hf_config_file(capsys: pytest.CaptureFixture[str], tmp_path:
         (["--model", "gpt-3-175b", "--gpu", "H100", "--nodes", "2", "--tp", "16"],
          "spans nodes"),
         (["--gpu", "H100"], "--nodes"),
+        (["--gpu", "H100", "--nodes", "1", "--schedule", "zigzag"], "unknown schedule"),
+        (["--gpu", "H100", "--nodes", "1", "--lora", "0"], "--lora"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

@@ -136,9 +136,11 @@ def _progress(done: int, total: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, cluster = _model(args), _cluster(args)
+    if args.lora is not None and args.lora < 1:
+        raise PlanError(f"--lora takes the adapter rank, a positive integer, got {args.lora}")
     training = TrainingSpec(
         seq=args.seq, global_batch=args.global_batch,
-        mode="lora" if args.lora else "full", lora_rank=args.lora or 16,
+        mode="full" if args.lora is None else "lora", lora_rank=args.lora or 16,
         attention=args.attention, dp_overlap=not args.no_dp_overlap,
     )
     fixed = _fixed(args)
