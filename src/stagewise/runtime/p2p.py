@@ -219,7 +219,7 @@ class Outbox:
 
     def send(self, tensor: torch.Tensor, message: Message) -> None:
         """Send ``tensor`` as ``message``: header, then payload (see the module docstring)."""
-        payload = tensor.detach().contiguous()
+        payload = tensor.detach().to("cpu").contiguous()  # gloo carries host tensors
         tag = message.tag(*self._sizes)
         now = (payload.dtype, tuple(payload.shape))
         expected = self._shapes.get(message.key)

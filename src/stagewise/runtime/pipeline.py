@@ -59,6 +59,10 @@ class Pipeline:
         loss_fn: ``loss_fn(output, target) -> scalar``, a mean over the micro-batch's rows;
             needed on the rank holding the last stage.
         group: the pipeline's process group (group rank r runs row r); default group if None.
+            Tensors between ranks travel over gloo: this group when its backend is gloo;
+            otherwise (NCCL) a gloo group over the same ranks, made here (a collective call on
+            the default group), with tensors staged through host memory. Native NCCL
+            transfers are not implemented.
         timeout: seconds any single wait for another rank may take.
         check_finite: raise :class:`NonFiniteLoss` when a micro-batch's loss is NaN or inf.
         store: a store every rank reaches (the one they met through) used to stop all ranks at
@@ -126,13 +130,20 @@ class Pipeline:
         self.count_saved = count_saved
         self.on_action = on_action
         self.device = _device_of(self.stages.values())
+        self._transport = group
+        if dist.get_backend(group) != "gloo":
+            ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+            self._transport = dist.new_group(ranks=ranks, backend="gloo")
+        # Where received tensors land: host memory when the transport is gloo and the stages
+        # live on an accelerator; moved to ``device`` when taken.
+        self._wire = torch.device("cpu")
         self._board = FailureBoard(store)
         self._plan = lower(schedule, self.rank)
         self._params = {
             s: [p for p in m.parameters() if p.requires_grad] for s, m in self.stages.items()
         }
         first_tag = 8 * schedule.num_stages * schedule.num_microbatches  # above every step tag
-        self._ties = Ties(tied, self.stages, schedule, self.rank, group, first_tag)
+        self._ties = Ties(tied, self.stages, schedule, self.rank, self._transport, first_tag)
         self._ties.sync_values()
         self.events: list[Event] = []
         self.saved_bytes: dict[tuple[int, int], int] = {}
@@ -206,10 +217,12 @@ class _Step:
         pipe.saved_bytes = {}
         pipe.arrivals = {}
         self.mailbox = Mailbox(
-            pipe._plan.receives, pipe.group, pipe.device, *sizes, timeout=pipe.timeout,
+            pipe._plan.receives, pipe._transport, pipe._wire, *sizes, timeout=pipe.timeout,
             shapes=pipe._received_shapes,
         )
-        self.outbox = Outbox(pipe.group, *sizes, timeout=pipe.timeout, shapes=pipe._sent_shapes)
+        self.outbox = Outbox(
+            pipe._transport, *sizes, timeout=pipe.timeout, shapes=pipe._sent_shapes
+        )
         sync = pipe.device.type == "cuda"
         action = None
         try:
@@ -280,7 +293,8 @@ class _Step:
             f" of stage {stage}, micro-batch {j} from rank {self.pipe.schedule.rank_of(stage)}"
         )
         deadline = time.monotonic() + self.pipe.timeout
-        return self.mailbox.take(key, what, deadline, self.pipe._board)
+        tensor = self.mailbox.take(key, what, deadline, self.pipe._board)
+        return tensor.to(self.pipe.device)
 
     def forward(self, stage: int, j: int, received: torch.Tensor | None) -> torch.Tensor | None:
         pipe = self.pipe

@@ -40,7 +40,7 @@ class Ties:
         stages: this rank's ``{stage: module}``.
         schedule: gives which rank holds each stage.
         rank: this rank.
-        group: the process group.
+        group: the gloo process group that carries the copies (host memory).
         first_tag: tags from here on are free for tie messages.
 
     Raises:
@@ -82,24 +82,24 @@ class Ties:
     def sync_values(self) -> None:
         """Give every copy the value of the copy on the lowest rank."""
         for tie in self._ties:
-            source = tie.local[0].detach()
+            source = tie.local[0].detach().to("cpu").contiguous()  # gloo carries host tensors
             if tie.ranks[0] == self._rank:
                 for peer in tie.ranks[1:]:
-                    dist.send(source.contiguous(), group=self._group, group_dst=peer, tag=tie.tag)
+                    dist.send(source, group=self._group, group_dst=peer, tag=tie.tag)
             else:
                 source = torch.empty_like(source)
                 dist.recv(source, group=self._group, group_src=tie.ranks[0], tag=tie.tag)
             with torch.no_grad():
                 for param in tie.local:
-                    param.copy_(source)
+                    param.copy_(source.to(param.device))
 
     def reduce_grads(self) -> None:
         """Make every copy's gradient the sum of all copies' gradients (same order everywhere)."""
         for tie in self._ties:
-            mine = torch.zeros_like(tie.local[0])
+            mine = torch.zeros_like(tie.local[0], device="cpu")  # gloo carries host tensors
             for param in tie.local:
                 if param.grad is not None:
-                    mine += param.grad
+                    mine += param.grad.to("cpu")
             parts = {self._rank: mine}
             peers = [r for r in tie.ranks if r != self._rank]
             works = [
@@ -116,7 +116,7 @@ class Ties:
             for r in tie.ranks[1:]:
                 total += parts[r]
             for param in tie.local:
-                param.grad = total.clone()
+                param.grad = total.to(param.device, copy=True)
 
 
 def _parameter(module: nn.Module, stage: int, name: str) -> nn.Parameter:
