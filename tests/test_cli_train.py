@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from stagewise.cli import cli
+from stagewise.schedules import build
 
 pytest.importorskip("torch")
 
@@ -41,14 +42,15 @@ def test_train_json_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.timeout(120)
-def test_train_split_backward_schedule_prints_the_comparison(
+def test_train_split_backward_schedule_file_prints_the_comparison(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli(["train", "-s", "zb-h1", "-p", "2", "-m", "4", "--steps", "3", "--no-plots",
-                *SMALL])
+    build("zb-h1", num_ranks=2, num_microbatches=4).save_csv(tmp_path / "zb.csv")
+    code = cli(["train", "--schedule-file", str(tmp_path / "zb.csv"), "--steps", "3",
+                "--no-plots", *SMALL])
     assert code == 0
     out = capsys.readouterr().out
-    assert "with zb-h1: 2 ranks" in out
+    assert "with zb.csv: 2 ranks, 2 stages, 4 micro-batches" in out
     assert "bubble, idle share of the step: measured" in out and "predicted" in out
     assert "rank 1:" in out and "MiB" in out
 

@@ -33,7 +33,7 @@ def add_parser(verbs: Any) -> None:
         "compare the measured run with the simulator's prediction.",
     )
     add_schedule_options(parser)
-    parser.set_defaults(ranks=None, microbatches=8)
+    parser.set_defaults(ranks=None, microbatches=None)  # 4 and 8 unless a file says otherwise
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from stagewise.runtime.launch import in_torchrun
 
     torchrun = in_torchrun()
-    if args.ranks is None:
+    if args.ranks is None and (torchrun or not args.schedule_file):
         args.ranks = int(os.environ["WORLD_SIZE"]) if torchrun else 4
+    if args.microbatches is None and not args.schedule_file:
+        args.microbatches = 8
     config = _config(args)
     if not args.json and (not torchrun or os.environ.get("RANK") == "0"):
         _print_header(config)
