@@ -5,10 +5,10 @@ vendor/NCCL behaviour, not from fitting: with them the published Megatron-LM run
 ``shared/reference/calibration_runs.json`` are predicted to a median 2.2 % (worst 8.1 %) step
 time error (``benchmarks/planner_accuracy.py``), and moving any one constant by a sizeable
 step (matmul efficiency to 0.70 or 0.85, tile overhead to 32 or 128, link efficiency to 0.7,
-HBM efficiency to 0.6) keeps the median error within 7.5 % and the worst within 15 %. ``matmul_efficiency`` = 0.75 sits between A100
-(large cuBLAS GEMMs reach ~0.8 of 312 TFLOP/s) and H100 SXM (~0.7-0.75 of 989 TFLOP/s under
-its power limit); a measurement of one block on the target GPU (``layer_time``) is the way to
-refine it.
+HBM efficiency to 0.6) keeps the median error within 7.5 % and the worst within 15 %.
+``matmul_efficiency`` = 0.75 sits between A100 (large cuBLAS GEMMs reach ~0.8 of 312
+TFLOP/s) and H100 SXM (~0.7-0.75 of 989 TFLOP/s under its power limit); measuring one
+block on the target GPU and comparing with ``layer_time`` is the way to refine it.
 """
 
 from __future__ import annotations
