@@ -230,6 +230,9 @@ def _failures(
         during = _last_action(progress, rank)
         if outcome is not None and not outcome.ok:
             found.append((1 if outcome.peer else 0, outcome.when, str(outcome.value)))
+        elif outcome is not None and exitcodes[rank] != 0:
+            found.append((0, deaths.get(rank, time.time()),
+                          f"rank {rank} finished but exited with code {exitcodes[rank]}"))
         elif outcome is None and rank in ended:
             primary = 0 if len(deaths) == len(ended) else 2  # only stragglers: a timeout
             found.append(
