@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         attention=args.attention, dp_overlap=not args.no_dp_overlap,
     )
     fixed = _fixed(args)
-    result = search(model, cluster, training, fixed, progress=_progress_for(args, model, cluster))
+    result = search(model, cluster, training, fixed, progress=_progress_for(args, model, cluster),
+                    exact_top=max(1, args.top))
     if not result.plans:
         reason = result.skipped[0][1] if result.skipped else "no candidate"
         raise PlanError(reason)

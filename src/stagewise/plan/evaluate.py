@@ -23,7 +23,7 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline import PipelineCache
 from stagewise.plan.rank import RankSizes, rank_memory, rank_sizes
 from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
-from stagewise.plan.steptime import StepTime, step_time
+from stagewise.plan.steptime import StageProfile, StepTime, stage_profile, step_time
 from stagewise.schedules import get
 
 __all__ = ["Plan", "check_config", "evaluate", "lower_bound_step_time"]
@@ -45,11 +45,17 @@ class Plan:
     layers: tuple[int, ...]
     memory: MemoryBreakdown
     estimate: Callable[[], StepTime] = field(repr=False, compare=False)
+    bound: Callable[[], float] = field(repr=False, compare=False)
 
     @cached_property
     def time(self) -> StepTime:
         """The step-time breakdown."""
         return self.estimate()
+
+    @cached_property
+    def lower_bound_s(self) -> float:
+        """A cheap bound the step time cannot beat: the busiest rank's compute, no bubble."""
+        return self.bound()
 
     @property
     def fits(self) -> bool:
@@ -180,12 +186,24 @@ def evaluate(
         model, training, config, layers, sizes, cache, m, constants, cluster.gpu.memory_gib
     )
 
+    profile: list[StageProfile] = []
+
+    def costs() -> StageProfile:
+        if not profile:
+            profile.append(
+                stage_profile(model, cluster, training, config, layers, schedule, constants)
+            )
+        return profile[0]
+
     def estimate() -> StepTime:
         return step_time(
-            model, cluster, training, config, layers, sizes, schedule, cache, constants
+            model, cluster, training, config, layers, sizes, schedule, cache, constants, costs()
         )
 
-    return Plan(model, cluster, training, config, m, layers, memory, estimate)
+    def bound() -> float:
+        return costs().busiest(schedule)
+
+    return Plan(model, cluster, training, config, m, layers, memory, estimate, bound)
 
 
 def _most_loaded(

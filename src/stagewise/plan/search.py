@@ -12,6 +12,8 @@ attention, selective recomputation (of the attention core) equals no recomputati
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +47,10 @@ Progress = Callable[[int, int], None]
 @dataclass(frozen=True)
 class SearchResult:
     """Ranked plans: those that fit, fastest first, then those that do not, smallest first.
+
+    Among the plans that fit, the first ``exact_top`` (see :func:`search`) and the best of each
+    TP x PP layout are ranked exactly; the others are known to be slower and follow in order
+    of their lower bound.
 
     Attributes:
         plans: every evaluated plan, ranked.
@@ -175,14 +181,23 @@ def search(
     fixed: dict[str, Any] | None = None,
     constants: Constants = DEFAULT_CONSTANTS,
     progress: Progress | None = None,
+    exact_top: int = 10,
 ) -> SearchResult:
     """Evaluate every candidate and rank them.
+
+    Every plan's memory is computed. Step times need pipeline simulations, so they are
+    computed in order of a cheap lower bound (the busiest rank's compute) and only while a
+    plan could still enter the fastest ``exact_top`` or beat the best plan of its own TP x PP
+    layout; the rest are provably slower than both and follow, ordered by their bound (their
+    exact time is computed when read). So the first ``exact_top`` fitting plans and the best
+    plan of every layout are exact.
 
     Args:
         model, cluster, training: what to plan.
         fixed: knobs to hold (``{"tp": 8, "pp": 1}``).
         constants: the planner's global constants.
         progress: called as ``progress(done, total)`` now and then.
+        exact_top: how many of the fastest plans must be ranked exactly.
 
     Raises:
         PlanError: no valid configuration at all (the message says why).
@@ -209,8 +224,33 @@ def search(
             skipped.append((config.describe(), str(err)))
         if progress and (i % step == 0 or i == len(configs) - 1):
             progress(i + 1, len(configs))
-    plans.sort(key=lambda p: (not p.fits, p.time.step_s if p.fits else p.memory.total))
-    return SearchResult(plans, skipped, time.perf_counter() - start, cache.simulations)
+    fitting = _rank_fitting([p for p in plans if p.fits], max(1, exact_top))
+    others = sorted((p for p in plans if not p.fits), key=lambda p: p.memory.total)
+    return SearchResult(fitting + others, skipped, time.perf_counter() - start,
+                        cache.simulations)
+
+
+def _rank_fitting(plans: list[Plan], exact_top: int) -> list[Plan]:
+    """Branch and bound: time plans by increasing lower bound while they can still matter."""
+    fastest: list[float] = []  # max-heap (negated) of the exact_top best step times so far
+    layout_best: dict[tuple[int, int], float] = {}
+    timed: list[Plan] = []
+    untimed: list[Plan] = []
+    for plan in sorted(plans, key=lambda p: p.lower_bound_s):
+        bound = plan.lower_bound_s
+        layout = (plan.config.tp, plan.config.pp)
+        kth = -fastest[0] if len(fastest) >= exact_top else math.inf
+        if bound >= kth and bound >= layout_best.get(layout, math.inf):
+            untimed.append(plan)
+            continue
+        step = plan.time.step_s
+        timed.append(plan)
+        layout_best[layout] = min(step, layout_best.get(layout, math.inf))
+        heapq.heappush(fastest, -step)
+        if len(fastest) > exact_top:
+            heapq.heappop(fastest)
+    timed.sort(key=lambda p: p.time.step_s)
+    return timed + untimed
 
 
 def _nothing_valid(

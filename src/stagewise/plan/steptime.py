@@ -24,7 +24,7 @@ from stagewise.plan.stages import edge_times, hop_times, node_of_rank, stage_cos
 from stagewise.schedules import Schedule
 from stagewise.sim import Bubble
 
-__all__ = ["StepTime", "step_time"]
+__all__ = ["StageProfile", "StepTime", "stage_profile", "step_time"]
 
 ADAM_BYTES_PER_PARAM = 34.0  # fp32 grad, master, m, v read; master, m, v, bf16 weight written; norm
 
@@ -79,19 +79,35 @@ def _dp_reduce(
     return all_reduce_time(grads, config.dp, bandwidth, c), 0.0
 
 
-def step_time(
+@dataclass(frozen=True)
+class StageProfile:
+    """One micro-batch's costs per stage and transfer times per boundary, in seconds."""
+
+    block: LayerTime
+    forward: list[float]
+    backward: list[float]
+    weight: list[float]
+    hops: list[float]
+
+    def busiest(self, schedule: Schedule) -> float:
+        """Compute time of the busiest rank over the step: no step can be shorter."""
+        m = schedule.num_microbatches
+        return max(
+            m * sum(self.forward[s] + self.backward[s] for s in schedule.stages_of(r))
+            for r in range(schedule.num_ranks)
+        )
+
+
+def stage_profile(
     model: ModelSpec,
     cluster: Cluster,
     training: TrainingSpec,
     config: ParallelConfig,
     layers: tuple[int, ...],
-    sizes: list[RankSizes],
     schedule: Schedule,
-    cache: PipelineCache,
     c: Constants,
-) -> StepTime:
-    """Predict one step of ``config`` (see the module docstring)."""
-    gpu = cluster.gpu
+) -> StageProfile:
+    """The per-stage costs the simulator is given for ``config``."""
     setup = LayerSetup(
         tp=config.tp,
         micro_batch_size=config.micro_batch_size,
@@ -103,12 +119,32 @@ def step_time(
         lora_rank=training.lora_rank if training.mode == "lora" else None,
         tp_bandwidth=group_bandwidth(cluster, config.tp, 1),
     )
-    block = block_time(model, gpu, setup, c)
+    block = block_time(model, cluster.gpu, setup, c)
     embed, head = edge_times(model, cluster, training, config, setup, c)
     forward, backward, weight = stage_costs(layers, block, embed, head)
     hops = hop_times(model, cluster, training, config, schedule.placement, c)
+    return StageProfile(block, forward, backward, weight, hops)
+
+
+def step_time(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    layers: tuple[int, ...],
+    sizes: list[RankSizes],
+    schedule: Schedule,
+    cache: PipelineCache,
+    c: Constants,
+    profile: StageProfile | None = None,
+) -> StepTime:
+    """Predict one step of ``config`` (see the module docstring)."""
+    gpu = cluster.gpu
+    profile = profile or stage_profile(model, cluster, training, config, layers, schedule, c)
+    block, hops = profile.block, profile.hops
     m = schedule.num_microbatches
-    run = cache.run(config.schedule, config.pp, m, config.vp, forward, backward, weight, hops)
+    run = cache.run(config.schedule, config.pp, m, config.vp, profile.forward,
+                    profile.backward, profile.weight, hops)
 
     tail = (0.0, 0.0)  # (exposed DP, optimizer) of the rank that finishes last
     dp_total = 0.0
