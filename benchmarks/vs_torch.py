@@ -74,7 +74,7 @@ def _stagewise(
         pipe.step(inputs, targets)
         for module in mine.values():
             module.zero_grad(set_to_none=True)
-        events.append((list(pipe.events), dict(pipe.arrivals)))
+        events.append(list(pipe.events))
 
     return step
 
@@ -158,15 +158,14 @@ def _prediction(bench: Bench, name: str, gathered: list[Any]) -> tuple[float, fl
     """Median measured makespan, the simulated one from measured costs, and the link latency.
 
     The simulator gets stagewise's measured per-stage F/B means and the measured median
-    latency from a send's end to the tensor's arrival.
+    delay a waiting rank sees after the sender finished (``link_latency``).
     """
     schedule = build(name, num_ranks=bench.num_ranks, num_microbatches=bench.num_microbatches)
-    steps = range(bench.steps)
-    events = [[e for rank_steps in gathered for e in rank_steps[i][0]] for i in steps]
-    arrivals = [{k: v for rank_steps in gathered for k, v in rank_steps[i][1].items()}
-                for i in steps]
-    timelines = [measured_timeline(schedule, step_events) for step_events in events]
-    latency = link_latency([e for step_events in events for e in step_events], arrivals)
+    timelines = [
+        measured_timeline(schedule, [e for rank_steps in gathered for e in rank_steps[i]])
+        for i in range(bench.steps)
+    ]
+    latency = link_latency(timelines)
     predicted = simulate(schedule, measured_costs(timelines), Link(latency=latency)).makespan
     return statistics.median(t.makespan for t in timelines), predicted, latency
 

@@ -95,8 +95,15 @@ def test_import_stagewise_does_not_import_torch_until_pipeline_is_used() -> None
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_link_latency_is_the_median_send_to_arrival_delay() -> None:
-    arrivals = [{(0, 0, 0): 101.5, (0, 0, 1): 102.1, (1, 1, 0): 105.25}]
-    # Sends end at 101 (0F0), 102 (0F1) and 105 (1B0): delays 0.5, 0.1 and 0.25.
-    assert link_latency(_events(), arrivals) == pytest.approx(0.25)
-    assert link_latency(_events(), []) == 0.0
+def test_link_latency_counts_only_waits_of_idle_ranks() -> None:
+    schedule = build("gpipe", num_ranks=2, num_microbatches=2)
+    events = _events()
+    # Delays after the sender finished, each on an idle receiver: 1F0 starts 0.3 s after 0F0
+    # (101), 1F1 0.1 s after 0F1 (102, rank 1 free since 102), 0B0 0.5 s after 1B0 (105).
+    # The last stage's backward has no sender, and a receiver still busy would not count.
+    events[2] = Event(1, 1, Op.F, 0, 101.3, 102.0)
+    events[3] = Event(1, 1, Op.F, 1, 102.1, 103.0)
+    events[6] = Event(0, 0, Op.B, 0, 105.5, 107.0)
+    timeline = measured_timeline(schedule, events)
+    assert link_latency([timeline]) == pytest.approx(0.3)
+    assert link_latency([measured_timeline(schedule, _events())]) == 0.0

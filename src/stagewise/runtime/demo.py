@@ -133,7 +133,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     tokens = config.batch_size * config.model.seq_len
     losses: list[float] = []
     step_seconds: list[float] = []
-    recorded: list[tuple[list[Event], dict[tuple[int, int], int], dict[Any, float]]] = []
+    recorded: list[tuple[list[Event], dict[tuple[int, int], int]]] = []
     for step in range(config.steps):
         start = time.perf_counter()
         inputs, targets = make_batch(config.model, config.batch_size, generator)
@@ -142,7 +142,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)
         if step > 0:
-            recorded.append((list(pipe.events), dict(pipe.saved_bytes), dict(pipe.arrivals)))
+            recorded.append((list(pipe.events), dict(pipe.saved_bytes)))
         if loss is not None:
             losses.append(float(loss))
             if bar is not None:
@@ -189,12 +189,7 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
     typical = order[len(order) // 2]
     timeline, saved = timelines[typical], saved_per_step[typical]
     costs = measured_costs(timelines)
-    raw_events = [e for g in gathered for step in g[3] for e in step[0]]
-    arrivals = [
-        {k: v for g in gathered for k, v in g[3][step][2].items()}
-        for step in range(config.steps - 1)
-    ]
-    latency = link_latency(raw_events, arrivals)
+    latency = link_latency(timelines)
     predicted = replace(simulate(schedule, costs, Link(latency=latency)), time_unit="s")
     measured_bubble, predicted_bubble = timeline.bubble(), predicted.bubble()
     return TrainReport(

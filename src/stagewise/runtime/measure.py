@@ -113,30 +113,32 @@ def peak_saved_bytes(
     return peak
 
 
-def link_latency(
-    events: Sequence[Event], arrivals: Sequence[dict[tuple[int, int, int], float]]
-) -> float:
-    """Median time from a sending action's end to its tensor's arrival on the other rank.
+def link_latency(timelines: Sequence[Timeline]) -> float:
+    """Median delay a rank waiting for another rank's tensor sees after the sender finished.
 
-    Args:
-        events: every rank's events of one or more steps, unshifted ``perf_counter`` times.
-        arrivals: per step, ``(kind, stage, micro-batch) -> arrival time`` merged over ranks
-            (``Pipeline.arrivals``; kind 0 is an activation, 1 a gradient).
-
-    Returns 0.0 when nothing crossed ranks. Needs one clock for all ranks (one machine).
+    For each action whose input comes from a stage on another rank and whose rank was idle
+    when that input's producer finished, the delay is from the producer's end to the action's
+    start: transfer plus wake-up, what the simulator's ``Link(latency=...)`` stands for.
+    Transfers that land while the receiver is busy cost nothing and are not counted.
+    Returns 0.0 when no action waited. Needs one clock for all ranks (one machine).
     """
     delays = []
-    ends: dict[tuple[int, int, int], list[float]] = {}
-    for e in events:
-        kind = 0 if e.op is Op.F else 1 if e.op.is_backward else None
-        if kind is not None:
-            ends.setdefault((kind, e.stage, e.microbatch), []).append(e.end)
-    for step in arrivals:
-        for key, arrived in step.items():
-            # The matching send is the latest one that ended before the arrival.
-            before = [end for end in ends.get(key, []) if end <= arrived]
-            if before:
-                delays.append(arrived - max(before))
+    for timeline in timelines:
+        ends: dict[tuple[int, Op, int], Event] = {
+            (e.stage, Op.B if e.op is Op.I else e.op, e.microbatch): e for e in timeline.events
+        }
+        for rank in range(timeline.num_ranks):
+            previous_end = None
+            for e in timeline.rank_events(rank):
+                producer = None
+                if e.op is Op.F and e.stage > 0:
+                    producer = ends.get((e.stage - 1, Op.F, e.microbatch))
+                elif e.op.is_backward and e.stage < timeline.num_stages - 1:
+                    producer = ends.get((e.stage + 1, Op.B, e.microbatch))
+                waited = previous_end is None or previous_end <= (producer.end if producer else 0)
+                if producer is not None and producer.rank != rank and waited:
+                    delays.append(max(0.0, e.start - producer.end))
+                previous_end = e.end
     if not delays:
         return 0.0
     delays.sort()

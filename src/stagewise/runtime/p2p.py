@@ -111,8 +111,6 @@ class Mailbox:
         self._sizes = (num_stages, num_microbatches)
         self._timeout = timedelta(seconds=timeout)
         self._ready: dict[tuple[int, int, int], torch.Tensor] = {}
-        # When each tensor arrived (time.perf_counter()), for measuring the link.
-        self.arrivals: dict[tuple[int, int, int], float] = {}
         self._failed: str | None = None
         self._cond = threading.Condition()
         self._threads = [
@@ -129,7 +127,6 @@ class Mailbox:
                 payload = self._receive_one(peer, message)
                 with self._cond:
                     self._ready[message.key] = payload
-                    self.arrivals[message.key] = time.perf_counter()
                     self._cond.notify_all()
         except Exception as err:
             assert message is not None

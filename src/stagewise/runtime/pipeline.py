@@ -75,8 +75,7 @@ class Pipeline:
 
     After each step: ``events`` holds this rank's timed actions (``time.perf_counter()``
     seconds, from the moment the input was there to the end), ``saved_bytes`` the bytes saved
-    for backward per (stage, micro-batch) when ``count_saved``, and ``arrivals`` when each
-    tensor from another rank arrived, keyed ``(kind, stage, micro-batch)``.
+    for backward per (stage, micro-batch) when ``count_saved``.
 
     Raises:
         ScheduleError: the schedule is invalid.
@@ -147,7 +146,6 @@ class Pipeline:
         self._ties.sync_values()
         self.events: list[Event] = []
         self.saved_bytes: dict[tuple[int, int], int] = {}
-        self.arrivals: dict[tuple[int, int, int], float] = {}
         # The shape of every message in the previous step, as sent and as received.
         self._sent_shapes: Shapes = {}
         self._received_shapes: Shapes = {}
@@ -215,7 +213,6 @@ class _Step:
         sizes = (pipe.schedule.num_stages, self.m)
         pipe.events = []
         pipe.saved_bytes = {}
-        pipe.arrivals = {}
         self.mailbox = Mailbox(
             pipe._plan.receives, pipe._transport, pipe._wire, *sizes, timeout=pipe.timeout,
             shapes=pipe._received_shapes,
@@ -246,7 +243,6 @@ class _Step:
                 )
             action = None
             deadline = time.monotonic() + pipe.timeout
-            pipe.arrivals = dict(self.mailbox.arrivals)
             self.outbox.close(deadline)
             self.mailbox.close(deadline)
             pipe._ties.reduce_grads()
