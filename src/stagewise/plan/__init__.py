@@ -9,6 +9,7 @@ imports neither torch nor matplotlib.
 
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.evaluate import Plan, check_config, evaluate, lower_bound_step_time
+from stagewise.plan.export import megatron_args, megatron_command, torchtitan_toml
 from stagewise.plan.flops import MODEL_FLOPS_NAME, hardware_flops_per_token, model_flops_per_token
 from stagewise.plan.hardware import Cluster, GpuSpec, catalog_gpus, get_gpu
 from stagewise.plan.layer import LayerSetup, LayerTime, block_time
@@ -16,6 +17,7 @@ from stagewise.plan.layer_time import layer_time
 from stagewise.plan.memory import MemoryBreakdown, layer_activation_bytes
 from stagewise.plan.models import ModelSpec, catalog_models, get_model, model_from_hf_config
 from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.search import SearchResult, candidates, search
 from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
 from stagewise.plan.steptime import StepTime
 
@@ -32,9 +34,11 @@ __all__ = [
     "ParallelConfig",
     "PipelineCache",
     "Plan",
+    "SearchResult",
     "StepTime",
     "TrainingSpec",
     "block_time",
+    "candidates",
     "catalog_gpus",
     "catalog_models",
     "check_config",
@@ -45,7 +49,11 @@ __all__ = [
     "layer_activation_bytes",
     "layer_time",
     "lower_bound_step_time",
+    "megatron_args",
+    "megatron_command",
     "model_flops_per_token",
     "model_from_hf_config",
+    "search",
     "split_layers",
+    "torchtitan_toml",
 ]
