@@ -6,6 +6,7 @@ same-rank path and split backward without spawning processes.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +70,26 @@ def test_input_mistakes_are_config_errors(store: dist.Store) -> None:
                  lm_loss, tied=[{0: "nope", 2: "weight"}])
     loss = pipe.step(torch.ones(4, 2), torch.zeros(4, 2))
     assert loss is not None and loss.ndim == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rows", ["0F0,1F0,1B0,0B0,0F1,1F1,1B1,0B1",
+                                  "0F0,1F0,1I0,0I0,1W0,0W0,0F1,1F1,1I1,1W1,0I1,0W1"])
+def test_a_frozen_first_stage_gets_no_gradient_and_the_rest_match(
+    store: dist.Store, rows: str
+) -> None:
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Embedding(10, 8))
+    frozen.requires_grad_(False)
+    head = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 10))
+    reference = nn.Sequential(*[copy.deepcopy(m) for m in (frozen, head)])
+    pipe = Pipeline(Schedule.from_csv(rows + "\n"), {0: frozen, 1: head}, lm_loss)
+    inputs, targets = torch.randint(0, 10, (4, 3)), torch.randint(0, 10, (4, 3))
+    loss = pipe.step(inputs, targets)
+    expected = lm_loss(reference(inputs), targets)
+    expected.backward()
+    assert loss is not None
+    torch.testing.assert_close(loss, expected.detach())
+    for p, q in zip(head.parameters(), reference[1].parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert all(p.grad is None for p in frozen.parameters())

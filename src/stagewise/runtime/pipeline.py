@@ -328,6 +328,11 @@ class _Step:
     ) -> torch.Tensor | None:
         out = self.outputs.pop((stage, j))
         leaf = self.stage_inputs.pop((stage, j))
+        if not out.requires_grad:
+            # Nothing to differentiate (a frozen stage fed with data): no weight work either.
+            if split:
+                self.deferred[(stage, j)] = WeightGrad()
+            return torch.zeros_like(leaf) if leaf is not None and stage > 0 else None
         if split:
             grad_in, weight = backward_input(out, grad_out, leaf, self.pipe._params[stage])
             self.deferred[(stage, j)] = weight
