@@ -30,26 +30,27 @@ def add_parser(verbs: Any) -> None:
         "train",
         help="train a tiny GPT through a pipeline schedule on local ranks (or torchrun)",
         description="Train a small GPT-style model on generated data with a pipeline schedule; "
-        "compare the measured run with the simulator's prediction.",
+        "compare the measured run with the simulator's prediction. Defaults: 1f1b, 4 ranks "
+        "(torchrun: its world size), 8 micro-batches; a --schedule-file gives its own sizes.",
     )
     add_schedule_options(parser)
     parser.set_defaults(ranks=None, microbatches=None)  # 4 and 8 unless a file says otherwise
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
-    parser.add_argument("--dim", type=int, default=64, help="model width")
-    parser.add_argument("--layers", type=int, default=6, help="transformer blocks")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
+    parser.add_argument("--dim", type=int, default=64, help="model width (default 64)")
+    parser.add_argument("--layers", type=int, default=6, help="transformer blocks (default 6)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--partition", choices=("even", "params", "time"), default="params",
                         help="how layers are cut into stages (default params)")
     parser.add_argument("--check-finite", action="store_true",
                         help="stop every rank at the first NaN or infinite loss")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds any wait for another rank may take (default 60)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", metavar="DIR", default="stagewise-train",
-                        help="where the timeline, trace and memory plot go")
+                        help="where the timeline, trace and memory plot go (default stagewise-train)")
     parser.add_argument("--no-plots", action="store_true", help="write no files")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
