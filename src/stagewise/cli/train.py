@@ -37,7 +37,8 @@ def add_parser(verbs: Any) -> None:
     parser.set_defaults(ranks=None, microbatches=None)  # 4 and 8 unless a file says otherwise
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
-    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
+    parser.add_argument("--seq-len", type=int, default=32,
+                        help="tokens per sequence (default 32)")
     parser.add_argument("--dim", type=int, default=64, help="model width (default 64)")
     parser.add_argument("--layers", type=int, default=6, help="transformer blocks (default 6)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
@@ -50,7 +51,7 @@ def add_parser(verbs: Any) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", metavar="DIR", default="stagewise-train",
-                        help="where the timeline, trace and memory plot go (default stagewise-train)")
+                        help="where the pictures and trace go (default stagewise-train)")
     parser.add_argument("--no-plots", action="store_true", help="write no files")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
