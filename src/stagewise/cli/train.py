@@ -36,7 +36,8 @@ def add_parser(verbs: Any) -> None:
     add_schedule_options(parser)
     parser.set_defaults(ranks=None, microbatches=None)  # 4 and 8 unless a file says otherwise
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="sequences per step (default 16)")
     parser.add_argument("--seq-len", type=int, default=32,
                         help="tokens per sequence (default 32)")
     parser.add_argument("--dim", type=int, default=64, help="model width (default 64)")
