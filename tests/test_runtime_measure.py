@@ -107,3 +107,16 @@ def test_link_latency_counts_only_waits_of_idle_ranks() -> None:
     timeline = measured_timeline(schedule, events)
     assert link_latency([timeline]) == pytest.approx(0.3)
     assert link_latency([measured_timeline(schedule, _events())]) == 0.0
+
+
+def test_peak_saved_bytes_frees_at_b_or_w_in_a_mixed_schedule() -> None:
+    schedule = build("gpipe", num_ranks=1, num_microbatches=3)
+    events = [
+        Event(0, 0, Op.F, 0, 0, 1), Event(0, 0, Op.B, 0, 1, 2),  # full backward frees 10
+        Event(0, 0, Op.F, 1, 2, 3), Event(0, 0, Op.I, 1, 3, 4),
+        Event(0, 0, Op.W, 1, 4, 5),  # split backward: W frees 20
+        Event(0, 0, Op.F, 2, 5, 6), Event(0, 0, Op.B, 2, 6, 7),
+    ]
+    saved = {(0, 0): 10, (0, 1): 20, (0, 2): 30}
+    # Freed at B and at W, at most one micro-batch is alive: the peak is the largest, 30.
+    assert peak_saved_bytes(measured_timeline(schedule, events), saved, 0) == 30

@@ -95,16 +95,15 @@ def peak_saved_bytes(
     """Most bytes saved for backward alive at once on ``rank`` during the measured step.
 
     A forward's bytes count from its start until the backward that frees them ends (B, or W
-    when the backward is split), using each micro-batch's own measured bytes.
+    when that micro-batch's backward is split; a schedule may mix both), using each
+    micro-batch's own measured bytes.
     """
-    events = timeline.rank_events(rank)
-    freeing = Op.W if any(e.op is Op.W for e in timeline.events) else Op.B
     changes = []
-    for e in events:
+    for e in timeline.rank_events(rank):
         size = saved_bytes.get((e.stage, e.microbatch), 0)
         if e.op is Op.F:
             changes.append((e.start, 1, size))
-        elif e.op is freeing:
+        elif e.op is Op.B or e.op is Op.W:
             changes.append((e.end, 0, -size))
     level = peak = 0
     for _, _, delta in sorted(changes):
