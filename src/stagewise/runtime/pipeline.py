@@ -133,8 +133,8 @@ class Pipeline:
         if dist.get_backend(group) != "gloo":
             ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
             self._transport = dist.new_group(ranks=ranks, backend="gloo")
-        # Where received tensors land: host memory when the transport is gloo and the stages
-        # live on an accelerator; moved to ``device`` when taken.
+        # Received tensors land in host memory (gloo carries host tensors) and are moved to
+        # ``device`` when taken (a no-op on CPU).
         self._wire = torch.device("cpu")
         self._board = FailureBoard(store)
         self._plan = lower(schedule, self.rank)
