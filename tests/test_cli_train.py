@@ -102,3 +102,18 @@ def test_same_command_runs_under_torchrun_on_two_nodes(tmp_path: Path) -> None:
     report = json.loads(out[out.index("{"):])
     assert report["num_ranks"] == 4 and len(report["losses"]) == 3
     assert outputs[1][0].strip() == ""  # only global rank 0 prints
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_under_torchrun_exits_non_zero_with_the_first_error(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "stagewise",
+        "train", "-m", "2", "--steps", "3", "--lr", "inf", "--check-finite", "--no-plots",
+        "--timeout", "20", *SMALL,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=110, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "training failed: rank 1 failed at 1F0" in done.stderr
+    assert "NonFiniteLoss" in done.stderr

@@ -130,9 +130,15 @@ def _train_torchrun(config: Any, args: argparse.Namespace) -> Any:
     torch.set_num_threads(args.threads)
     context = torchrun_context("gloo", timeout=args.timeout)
     try:
-        return train_rank(context, config)
-    finally:
-        dist.destroy_process_group()
+        report = train_rank(context, config)
+    except RuntimeFailure as err:
+        # Leave at once, as the local launcher's ranks do: a receive thread may still wait
+        # on a rank that is gone, and tearing the process group down under it can abort.
+        print(f"stagewise: training failed: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+    return report
 
 
 def _print_header(config: Any) -> None:
