@@ -96,9 +96,13 @@ class Head(nn.Module):
 
 
 def gpt_layers(config: GPTConfig, seed: int = 0) -> list[nn.Module]:
-    """The model as layers: embedding, ``config.layers`` blocks, head (same weights per seed)."""
-    torch.manual_seed(seed)
-    return [Embedding(config), *(Block(config) for _ in range(config.layers)), Head(config)]
+    """The model as layers: embedding, ``config.layers`` blocks, head (same weights per seed).
+
+    The caller's random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [Embedding(config), *(Block(config) for _ in range(config.layers)), Head(config)]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
