@@ -66,7 +66,10 @@ def test_params_split_isolates_a_heavy_head() -> None:
 
 
 def test_time_split_needs_a_sample_and_measures_every_layer() -> None:
-    heavy = nn.Sequential(*[nn.Linear(8, 8) for _ in range(30)])
+    # Timing-based: keep the gap huge (about 1,000x the FLOPs) so a loaded machine cannot
+    # flip it, and put the heavy layer where any first-call warm-up lands on it anyway.
+    wide = [nn.Linear(1024, 1024) for _ in range(4)]
+    heavy = nn.Sequential(nn.Linear(8, 1024), *wide, nn.Linear(1024, 8))
     layers = [nn.Linear(8, 8), heavy, nn.Linear(8, 8)]
     with pytest.raises(ConfigError, match="sample"):
         layer_weights(layers, "time")

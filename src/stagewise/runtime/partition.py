@@ -89,19 +89,24 @@ def layer_weights(
 
 
 def _measure(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Median forward+backward seconds of each layer, fed the previous layer's output."""
+    """Fastest forward+backward seconds of each layer, fed the previous layer's output.
+
+    One untimed warm-up run per layer first; the minimum of the timed runs is the figure least
+    disturbed by other load on the machine.
+    """
     times = []
     x = sample
     for layer in layers:
         runs = []
-        for _ in range(repeats):
+        for attempt in range(repeats + 1):
             leaf = x.detach().requires_grad_(x.is_floating_point())
             start = time.perf_counter()
             out = layer(leaf)
             out.float().sum().backward()
-            runs.append(time.perf_counter() - start)
+            if attempt:
+                runs.append(time.perf_counter() - start)
         layer.zero_grad(set_to_none=True)
-        times.append(sorted(runs)[len(runs) // 2])
+        times.append(min(runs))
         with torch.no_grad():
             x = layer(x)
     return times
