@@ -181,14 +181,7 @@ def _rank_order_timeline(schedule: Schedule, rank: int) -> Timeline:
         Event(rank, action.stage, action.op, action.microbatch, float(i), float(i + 1))
         for i, action in enumerate(schedule.actions[rank])
     )
-    return Timeline(
-        events=events,
-        num_ranks=schedule.num_ranks,
-        num_stages=schedule.num_stages,
-        num_microbatches=schedule.num_microbatches,
-        num_chunks=schedule.num_chunks,
-        schedule_name=schedule.name,
-    )
+    return Timeline.of(schedule, events)
 
 
 def _live_counts(timeline: Timeline, rank: int, stages: Sequence[int]) -> list[tuple[float, ...]]:

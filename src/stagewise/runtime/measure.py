@@ -36,13 +36,9 @@ def measured_timeline(
         Event(e.rank, e.stage, e.op, e.microbatch, e.start - origin, e.end - origin)
         for e in events
     )
-    return Timeline(
-        events=shifted,
-        num_ranks=schedule.num_ranks,
-        num_stages=schedule.num_stages,
-        num_microbatches=schedule.num_microbatches,
-        num_chunks=schedule.num_chunks,
-        schedule_name=schedule.name,
+    return Timeline.of(
+        schedule,
+        shifted,
         source="measured",
         time_unit="s",
         activation_bytes=_stage_bytes(schedule, saved_bytes) if saved_bytes else None,

@@ -84,13 +84,4 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
         elif op is not op_w:
             grad_end[here] = end
         events.append(make_event(Event, (rank, stage, op, j, ready, end)))
-    return Timeline(
-        events=tuple(events),
-        num_ranks=schedule.num_ranks,
-        num_stages=schedule.num_stages,
-        num_microbatches=schedule.num_microbatches,
-        num_chunks=schedule.num_chunks,
-        schedule_name=schedule.name,
-        source="simulated",
-        activation_bytes=costs.activation_bytes,
-    )
+    return Timeline.of(schedule, events, activation_bytes=costs.activation_bytes)

@@ -19,11 +19,12 @@ backward that finishes with them (B, or W when the backward is split) frees them
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import NamedTuple
 
-from stagewise.schedules.ir import Op
+from stagewise.schedules.ir import Op, Schedule
 
 __all__ = ["Bubble", "Event", "RankStats", "Timeline"]
 
@@ -115,6 +116,28 @@ class Timeline:
         object.__setattr__(self, "_by_rank", tuple(tuple(row) for row in by_rank))
         object.__setattr__(self, "_busy", busy)
         object.__setattr__(self, "_span", (first, last))
+
+    @classmethod
+    def of(
+        cls,
+        schedule: Schedule,
+        events: Iterable[Event],
+        source: str = "simulated",
+        time_unit: str = "cost",
+        activation_bytes: tuple[float, ...] | None = None,
+    ) -> Timeline:
+        """A Timeline of ``events`` with the sizes and name taken from ``schedule``."""
+        return cls(
+            events=tuple(events),
+            num_ranks=schedule.num_ranks,
+            num_stages=schedule.num_stages,
+            num_microbatches=schedule.num_microbatches,
+            num_chunks=schedule.num_chunks,
+            schedule_name=schedule.name,
+            source=source,
+            time_unit=time_unit,
+            activation_bytes=activation_bytes,
+        )
 
     # --- time ------------------------------------------------------------------------------
 
