@@ -163,3 +163,23 @@ def test_simulate_auto_search_meets_the_named_schedules(tmp_path: Path,
         assert found["makespan"] <= named["makespan"] + 1e-9
     # The saved schedule is a valid CSV that runs through the simulator again.
     assert Schedule.load_csv(target).num_stages == 8
+
+
+def test_cost_list_per_piece_of_the_model(capsys: pytest.CaptureFixture[str]) -> None:
+    # Two pieces (F 1 then 3, B 2 then 6) over 4 virtual stages: each stage is half a piece, so
+    # every rank does m x (1 + 3 + 2 + 6) / 2 = 12 units of work; undivided it would be 24.
+    result = run_json(capsys, "simulate", "-s", "interleaved-1f1b", "-p", "2", "-m", "2",
+                      "-v", "2", "--forward", "1,3", "--backward", "2,6")
+    assert isinstance(result, dict)
+    assert [r["busy"] for r in result["per_rank"]] == pytest.approx([12, 12])
+
+
+def test_compare_searches_on_its_own_costs(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = run_json(capsys, "compare", "-p", "4", "-m", "8", "--forward", "1,1,1,1.5",
+                    "--backward", "2,2,2,3")
+    assert isinstance(rows, list)
+    by_name = {row["schedule"]: row for row in rows}
+    auto = next(row for name, row in by_name.items() if name.startswith("auto"))
+    fitting = [row["makespan"] for row in rows if "makespan" in row
+               and max(r["peak_activations"] for r in row["per_rank"]) <= 4 + 1e-9]
+    assert auto["makespan"] <= min(fitting) + 1e-9

@@ -83,7 +83,8 @@ def add_cost_options(parser: argparse.ArgumentParser) -> None:
         "costs",
         "times for one micro-batch through one whole stage (a rank's share of the model); a "
         "chunk of a rank with v chunks takes 1/v. One value for every stage, or a "
-        "comma-separated value per (virtual) stage, e.g. --forward 1,1,1,1.5",
+        "comma-separated value per stage (more generally, per equal piece of the model in "
+        "model order), e.g. --forward 1,1,1,1.5 for a heavy last quarter",
     )
     group.add_argument("--forward", type=_floats, default=[1.0], help="forward time (default 1)")
     group.add_argument("--backward", type=_floats, default=[2.0],
@@ -104,11 +105,15 @@ def _per_stage(name: str, values: list[float], num_stages: int, scale: float) ->
     n = num_stages
     if len(values) == 1:
         return [values[0] * scale] * n
-    if len(values) == n:
-        return [x * scale for x in values]
+    if n % len(values) == 0:
+        # k values describe k consecutive, equal pieces of the model, in model order; a
+        # (virtual) stage lies inside one piece, so --forward 1,1,1,1.5 means a heavy last
+        # quarter (the LM head) for 4 stages and for 8 virtual stages alike.
+        per_piece = n // len(values)
+        return [values[s // per_piece] * scale for s in range(n)]
     raise ConfigError(
         f"--{name} has {len(values)} values but the schedule has {n} stages: give one value, "
-        "or one per stage"
+        "one per stage, or one per equal piece of the model (a divisor of the stage count)"
     )
 
 

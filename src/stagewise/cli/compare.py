@@ -8,7 +8,7 @@ from typing import Any
 from stagewise.cli._common import add_cost_options, costs_from_args, link_from_args, print_json
 from stagewise.cli._report import fmt_fraction, timeline_summary
 from stagewise.errors import ScheduleError
-from stagewise.schedules import build, get, names
+from stagewise.schedules import Schedule, build, get, names
 from stagewise.sim import simulate
 
 __all__ = ["add_parser", "compare", "run"]
@@ -41,14 +41,29 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         generator = get(name)
         chunks = generator.fixed_chunks or args.chunks
         try:
-            schedule = build(name, num_ranks=args.ranks, num_microbatches=args.microbatches,
-                             num_chunks=chunks)
+            if name == "auto":
+                schedule = _search_for(args)
+            else:
+                schedule = build(name, num_ranks=args.ranks,
+                                 num_microbatches=args.microbatches, num_chunks=chunks)
         except ScheduleError as err:
             rows.append({"schedule": name, "error": str(err).splitlines()[0]})
             continue
         timeline = simulate(schedule, costs_from_args(args, schedule), link_from_args(args))
-        rows.append(timeline_summary(schedule, timeline))
+        summary = timeline_summary(schedule, timeline)
+        if schedule.name != name:  # the search names what won, e.g. "auto:zb-v"
+            summary["schedule"], summary["found_by"] = name, schedule.name
+        rows.append(summary)
     return rows
+
+
+def _search_for(args: argparse.Namespace) -> Schedule:
+    """The search on compare's own costs, with the registry's limit for auto: p units a rank."""
+    from stagewise.cli.simulate import search_from_args
+
+    options = argparse.Namespace(**vars(args))
+    options.memory_limit, options.placement, options.search_seconds = args.ranks, None, 1.0
+    return search_from_args(options).schedule
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from stagewise.errors import ConfigError
 from stagewise.schedules.search import SearchResult
 from stagewise.sim import simulate
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "search_from_args"]
 
 
 def add_parser(verbs: Any) -> None:
@@ -54,7 +54,7 @@ def add_parser(verbs: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     found = None
     if args.schedule == "auto" and not args.schedule_file:
-        found = _search(args)
+        found = search_from_args(args)
         schedule = found.schedule
         timeline = simulate(schedule, stage_costs_from_args(
             args, schedule.num_stages, schedule.num_chunks), link_from_args(args))
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search(args: argparse.Namespace) -> SearchResult:
+def search_from_args(args: argparse.Namespace) -> SearchResult:
+    """Run the schedule search for the sizes, costs, link and limit the options give."""
     from stagewise.schedules.search import search_schedule
 
     if args.ranks is None or args.microbatches is None:
