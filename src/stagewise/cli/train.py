@@ -35,6 +35,10 @@ def add_parser(verbs: Any) -> None:
     )
     add_schedule_options(parser)
     parser.set_defaults(ranks=None, microbatches=None)  # 4 and 8 unless a file says otherwise
+    parser.add_argument("--mesh", metavar="AXES", default=None,
+                        help="pipeline x data parallelism, e.g. pp=2,dp=2: pp ranks per pipeline "
+                        "(the schedule's ranks), dp replicas each on its share of --batch-size; "
+                        "starts pp*dp ranks")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="sequences per step (default 16)")
@@ -62,11 +66,12 @@ def run(args: argparse.Namespace) -> int:
     from stagewise.runtime.launch import in_torchrun
 
     torchrun = in_torchrun()
+    mesh = _mesh(args, torchrun)
     if args.ranks is None and (torchrun or not args.schedule_file):
         args.ranks = int(os.environ["WORLD_SIZE"]) if torchrun else 4
     if args.microbatches is None and not args.schedule_file:
         args.microbatches = 8
-    config = _config(args)
+    config = _config(args, mesh)
     if not args.json and (not torchrun or os.environ.get("RANK") == "0"):
         _print_header(config)
     try:
@@ -86,7 +91,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _mesh(args: argparse.Namespace, torchrun: bool) -> Any:
+    """The parsed ``--mesh`` (None without one); sets ``args.ranks`` to its pp size."""
+    if args.mesh is None:
+        return None
+    from stagewise.runtime.mesh import MeshSpec
+
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else None
+    spec = MeshSpec.parse(args.mesh, world)
+    if args.ranks is not None and args.ranks != spec.pp:
+        raise ConfigError(
+            f"--ranks {args.ranks} disagrees with --mesh {args.mesh} (pp={spec.pp}): "
+            "drop --ranks; the mesh's pp is the pipeline's ranks"
+        )
+    if not args.schedule_file:
+        args.ranks = spec.pp
+    return spec
+
+
+def _config(args: argparse.Namespace, mesh: Any = None) -> Any:
     from stagewise.runtime.demo import TrainConfig
     from stagewise.runtime.tiny_gpt import GPTConfig
 
@@ -105,6 +128,7 @@ def _config(args: argparse.Namespace) -> Any:
         timeout=args.timeout,
         seed=args.seed,
         progress=not args.json,
+        mesh=mesh,
     )
 
 
@@ -114,7 +138,7 @@ def _train_local(config: Any, args: argparse.Namespace) -> Any:
 
     limit = args.timeout + 30.0 + config.steps * 10.0
     results = launch(
-        train_rank, config.schedule.num_ranks, (config,), timeout=limit,
+        train_rank, config.world_size, (config,), timeout=limit,
         grace=min(args.timeout, 10.0), threads=args.threads,
     )
     return results[0]
@@ -147,7 +171,10 @@ def _print_header(config: Any) -> None:
         f"training a tiny GPT ({model.layers} blocks, width {model.dim}, vocab {model.vocab}) "
         f"with {s.name}: {s.num_ranks} ranks, {s.num_stages} stages, "
         f"{s.num_microbatches} micro-batches, {config.batch_size} x {model.seq_len} tokens "
-        f"per step, {config.steps} steps",
+        f"per step, {config.steps} steps"
+        + ("" if config.mesh is None else
+           f", mesh pp={config.mesh.pp} x dp={config.mesh.dp} ({config.world_size} processes, "
+           f"{config.batch_size // config.mesh.dp} sequences per replica)"),
         flush=True,
     )
 

@@ -25,6 +25,13 @@ from stagewise.runtime.measure import (
     measured_timeline,
     peak_saved_bytes,
 )
+from stagewise.runtime.mesh import (
+    MeshSpec,
+    average_gradients,
+    average_loss,
+    build_mesh,
+    replica_slice,
+)
 from stagewise.runtime.partition import balance, partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
@@ -51,6 +58,8 @@ class TrainConfig:
         timeout: seconds any wait for another rank may take.
         seed: model and data seed.
         progress: show a progress bar and a line per step (on the last stage's rank).
+        mesh: pipeline x data parallelism (``pp * dp`` ranks; ``batch_size`` is the global
+            batch, split evenly over the ``dp`` replicas); None for one pipeline.
     """
 
     schedule: Schedule
@@ -63,12 +72,42 @@ class TrainConfig:
     timeout: float = 60.0
     seed: int = 0
     progress: bool = True
+    mesh: MeshSpec | None = None
+
+    @property
+    def world_size(self) -> int:
+        """Processes the run needs: the schedule's ranks times the data-parallel replicas."""
+        return self.schedule.num_ranks * self.replicas
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas (1 without a mesh)."""
+        return self.mesh.dp if self.mesh is not None else 1
 
     def __post_init__(self) -> None:
         # The model has an embedding, the blocks and a head: fail here, before any rank starts.
         balance([1.0] * (self.model.layers + 2), self.schedule.num_stages)
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
+        if self.mesh is not None:
+            if self.mesh.pp != self.schedule.num_ranks:
+                raise ConfigError(
+                    f"mesh pp={self.mesh.pp} but schedule {self.schedule.name!r} has "
+                    f"{self.schedule.num_ranks} ranks: build the schedule with "
+                    f"{self.mesh.pp} ranks"
+                )
+            if self.batch_size % self.mesh.dp:
+                raise ConfigError(
+                    f"batch size {self.batch_size} does not split evenly over dp="
+                    f"{self.mesh.dp} replicas: use a multiple of {self.mesh.dp}"
+                )
+            if self.batch_size // self.mesh.dp < self.schedule.num_microbatches:
+                raise ConfigError(
+                    f"each of the dp={self.mesh.dp} replicas gets "
+                    f"{self.batch_size // self.mesh.dp} sequences, fewer than the "
+                    f"{self.schedule.num_microbatches} micro-batches: raise --batch-size or "
+                    "lower --microbatches"
+                )
         if self.batch_size < self.schedule.num_microbatches:
             raise ConfigError(
                 f"batch size {self.batch_size} is smaller than the {self.schedule.num_microbatches}"
@@ -99,6 +138,7 @@ class TrainReport:
     link_latency: float
     timeline: Timeline = field(repr=False)
     predicted: Timeline = field(repr=False)
+    mesh: dict[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The report without the timelines, for ``--json``."""
@@ -109,26 +149,39 @@ class TrainReport:
 
 
 def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
-    """Train on this rank; rank 0 returns the report, the others None."""
+    """Train on this rank; rank 0 returns the report, the others None.
+
+    With a mesh, each replica runs the pipeline over its pp group on its slice of the global
+    batch; gradients and the loss are then averaged over the dp group (after the step, not
+    overlapped with it).
+    """
     schedule = config.schedule
-    if context.world_size != schedule.num_ranks:
-        raise ConfigError(
-            f"schedule {schedule.name!r} needs {schedule.num_ranks} ranks but "
-            f"{context.world_size} were started: start {schedule.num_ranks} processes"
+    if context.world_size != config.world_size:
+        what = f"schedule {schedule.name!r}" if config.mesh is None else (
+            f"mesh pp={config.mesh.pp},dp={config.mesh.dp}"
         )
+        raise ConfigError(
+            f"{what} needs {config.world_size} ranks but "
+            f"{context.world_size} were started: start {config.world_size} processes"
+        )
+    groups = build_mesh(config.mesh) if config.mesh is not None else None
+    pp_rank = groups.pp_rank if groups is not None else context.rank
+    dp_rank = groups.dp_rank if groups is not None else 0
     torch.manual_seed(config.seed)
     layers = gpt_layers(config.model, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    sample, _ = make_batch(config.model, config.batch_size // schedule.num_microbatches, generator)
+    rows = config.batch_size // config.replicas // schedule.num_microbatches
+    sample, _ = make_batch(config.model, rows, generator)
     stages = partition(layers, schedule.num_stages, config.partition, sample)
-    mine = stages_for_rank(schedule, stages, context.rank)
+    mine = stages_for_rank(schedule, stages, pp_rank)
     pipe = Pipeline(
-        schedule, mine, lm_loss, timeout=config.timeout, check_finite=config.check_finite,
+        schedule, mine, lm_loss, group=groups.pp_group if groups is not None else None,
+        timeout=config.timeout, check_finite=config.check_finite,
         store=context.store, count_saved=True, on_action=context.report_action,
     )
     params = [p for module in mine.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
-    shows = config.progress and schedule.num_stages - 1 in mine
+    shows = config.progress and schedule.num_stages - 1 in mine and dp_rank == 0
     bar = _progress_bar(config.steps) if shows else None
     tokens = config.batch_size * config.model.seq_len
     losses: list[float] = []
@@ -137,7 +190,14 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     for step in range(config.steps):
         start = time.perf_counter()
         inputs, targets = make_batch(config.model, config.batch_size, generator)
+        if groups is not None:
+            inputs = replica_slice(inputs, config.replicas, dp_rank)
+            targets = replica_slice(targets, config.replicas, dp_rank)
         loss = pipe.step(inputs, targets)
+        if groups is not None:
+            average_gradients(mine.values(), groups.dp_group)
+            if loss is not None:
+                loss = average_loss(loss, groups.dp_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)
@@ -154,7 +214,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    mine_data = (context.rank, losses, step_seconds, recorded)
+    mine_data = (pp_rank, losses, step_seconds, recorded, dp_rank)
     gathered: list[Any] = [None] * context.world_size
     dist.all_gather_object(gathered, mine_data)
     if context.rank != 0:
@@ -176,6 +236,8 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
     losses = next(g[1] for g in gathered if g[1])
     # Step time as the slowest rank saw it, per step.
     step_seconds = [max(g[2][i] for g in gathered) for i in range(config.steps)]
+    # Timelines and memory from the first data-parallel replica (the others run the same).
+    gathered = [g for g in gathered if g[4] == 0]
     timelines, saved_per_step = [], []
     for step in range(config.steps - 1):
         events = [e for g in gathered for e in g[3][step][0]]
@@ -222,4 +284,5 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
         link_latency=latency,
         timeline=timeline,
         predicted=predicted,
+        mesh=None if config.mesh is None else {"pp": config.mesh.pp, "dp": config.mesh.dp},
     )

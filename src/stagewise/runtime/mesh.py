@@ -1,0 +1,192 @@
+"""Pipeline x data parallelism on a device mesh: ``--mesh pp=2,dp=2``.
+
+The world is a ``dp x pp`` grid (torch's ``DeviceMesh`` with dimensions ``("dp", "pp")``):
+global rank ``r`` is replica ``r // pp`` and pipeline rank ``r % pp``. Each replica runs the
+pipeline over its own pp group on its own slice of the global batch (the batch split evenly over
+the replicas); afterwards every gradient is averaged over the dp group (one flattened
+``all_reduce`` per stage). Because the loss is a mean and the slices are equal, the averaged
+gradients equal one process running the whole global batch with a mean loss.
+
+The reduction runs after the pipeline step, not overlapped with its cooldown. Tensor
+parallelism (``tp``) is not supported yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from stagewise.errors import ConfigError
+
+__all__ = ["MeshGroups", "MeshSpec", "average_gradients", "average_loss", "build_mesh",
+           "replica_slice"]
+
+_AXES = ("pp", "dp")
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """The sizes of the mesh axes: ``pp`` pipeline ranks per replica, ``dp`` replicas."""
+
+    pp: int = 1
+    dp: int = 1
+
+    def __post_init__(self) -> None:
+        for axis in _AXES:
+            size = getattr(self, axis)
+            if size < 1:
+                raise ConfigError(f"mesh axis {axis}={size}: every axis size must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        """Processes the mesh needs: ``pp * dp``."""
+        return self.pp * self.dp
+
+    @classmethod
+    def parse(cls, text: str, world_size: int | None = None) -> MeshSpec:
+        """Parse ``"pp=2,dp=2"`` (axes in any order; a missing axis has size 1).
+
+        Args:
+            text: comma-separated ``axis=size`` pairs.
+            world_size: when given, the product of the sizes must equal it.
+
+        Raises:
+            ConfigError: an unknown or repeated axis, a size that is not an integer >= 1,
+                ``tp`` (not supported yet), or a product other than ``world_size``.
+
+        Example:
+            >>> MeshSpec.parse("pp=2,dp=2")
+            MeshSpec(pp=2, dp=2)
+        """
+        sizes: dict[str, int] = {}
+        for part in text.split(","):
+            axis, sep, value = (s.strip() for s in part.partition("="))
+            if not sep or not axis:
+                raise ConfigError(
+                    f"mesh {text!r}: {part.strip()!r} is not axis=size; write e.g. pp=2,dp=2"
+                )
+            if axis == "tp":
+                raise ConfigError(
+                    f"mesh {text!r}: tensor parallelism (tp) is not supported yet; "
+                    "use only pp and dp"
+                )
+            if axis not in _AXES:
+                raise ConfigError(f"mesh {text!r}: unknown axis {axis!r}; the axes are pp and dp")
+            if axis in sizes:
+                raise ConfigError(f"mesh {text!r}: axis {axis} is given twice; give it once")
+            try:
+                size = int(value)
+            except ValueError:
+                raise ConfigError(
+                    f"mesh {text!r}: size {value!r} of {axis} is not an integer; write {axis}=2"
+                ) from None
+            if size < 1:
+                raise ConfigError(f"mesh {text!r}: {axis}={size}; every size must be >= 1")
+            sizes[axis] = size
+        spec = cls(**sizes)
+        if world_size is not None and spec.world_size != world_size:
+            raise ConfigError(
+                f"mesh {text!r} needs pp*dp = {spec.world_size} ranks but the world has "
+                f"{world_size}: start {spec.world_size} ranks or change the sizes"
+            )
+        return spec
+
+
+@dataclass(frozen=True)
+class MeshGroups:
+    """This rank's place in the mesh.
+
+    Attributes:
+        spec: the mesh sizes.
+        pp_group: the ranks of this replica's pipeline (pass it to ``Pipeline(group=...)``).
+        dp_group: the ranks holding the same stages in every replica.
+        pp_rank: this rank's row of the schedule (its rank in ``pp_group``).
+        dp_rank: this rank's replica (its rank in ``dp_group``).
+    """
+
+    spec: MeshSpec
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    pp_rank: int
+    dp_rank: int
+
+
+def build_mesh(spec: MeshSpec) -> MeshGroups:
+    """Build the ``(dp, pp)`` device mesh over the default group; a collective on every rank.
+
+    Raises:
+        ConfigError: the default group's size is not ``spec.world_size``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if world != spec.world_size:
+        raise ConfigError(
+            f"mesh pp={spec.pp},dp={spec.dp} needs {spec.world_size} ranks but the world has "
+            f"{world}: start {spec.world_size} ranks or change the sizes"
+        )
+    mesh = init_device_mesh("cpu", (spec.dp, spec.pp), mesh_dim_names=("dp", "pp"))
+    pp_group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+    groups = MeshGroups(
+        spec, pp_group, dp_group, dist.get_rank(pp_group), dist.get_rank(dp_group)
+    )
+    assert dist.get_rank() == groups.dp_rank * spec.pp + groups.pp_rank, "unexpected mesh layout"
+    return groups
+
+
+def replica_slice(batch: torch.Tensor, dp: int, dp_rank: int) -> torch.Tensor:
+    """Replica ``dp_rank``'s equal share of the global ``batch`` (rows along dimension 0).
+
+    Raises:
+        ConfigError: the batch's rows do not divide evenly over the ``dp`` replicas.
+
+    Example:
+        >>> replica_slice(torch.arange(6), 3, 1).tolist()
+        [2, 3]
+    """
+    rows = batch.shape[0]
+    if rows % dp:
+        raise ConfigError(
+            f"global batch of {rows} rows does not split evenly over dp={dp} replicas: "
+            f"use a batch size that is a multiple of {dp}"
+        )
+    share = rows // dp
+    return batch[dp_rank * share : (dp_rank + 1) * share]
+
+
+def average_gradients(modules: Iterable[nn.Module], group: dist.ProcessGroup) -> None:
+    """Average every parameter's ``.grad`` over ``group``: one flattened all-reduce per module.
+
+    A parameter without a gradient counts as zeros, so every replica sends the same layout.
+    """
+    size = dist.get_world_size(group)
+    if size == 1:
+        return
+    for module in modules:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            continue
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            mean = flat[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:
+                p.grad.copy_(mean)
+            offset += n
+
+
+def average_loss(loss: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The mean of each replica's ``loss`` over ``group`` (call on the last stage's ranks)."""
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total / dist.get_world_size(group)
