@@ -1,8 +1,9 @@
 """Pipeline x data parallelism: mesh parsing, equivalence with one process, the CLI.
 
-The equivalence run launches 4 ranks as pp=2 x dp=2 once and checks 1F1B and ZB-H1 (split
-backward) in it: loss and every gradient, over 2 optimizer steps, against a deep copy of the
-whole model trained in one process on the whole global batch with a mean loss.
+The equivalence run launches 4 ranks as pp=2 x dp=2 once and checks 1F1B, ZB-H1 (split
+backward) and interleaved 1F1B (two stages per rank) in it: loss and every gradient, over 2
+optimizer steps, against a deep copy of the whole model trained in one process on the whole
+global batch with a mean loss.
 """
 
 from __future__ import annotations
@@ -60,22 +61,27 @@ def test_replica_slice_splits_evenly_or_refuses() -> None:
 @pytest.mark.timeout(120)
 def test_pp2_dp2_equals_one_process() -> None:
     results = launch(
-        check_mesh_rank, 4, (MeshSpec(pp=2, dp=2), ["1f1b", "zb-h1"]), timeout=100, threads=1
+        check_mesh_rank, 4, (MeshSpec(pp=2, dp=2), ["1f1b", "zb-h1", "interleaved-1f1b"]),
+        timeout=100, threads=1,
     )
     assert len(results) == 4
-    for name in ("1f1b", "zb-h1"):
+    for name in ("1f1b", "zb-h1", "interleaved-1f1b"):
         problems = [line for per_rank in results for line in per_rank[name]]
         assert not problems, "\n".join(problems[:10])
 
 
 @pytest.mark.timeout(120)
-def test_train_with_mesh(capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_with_mesh_matches_one_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "--mesh", "pp=2,dp=2", "--steps", "2", "--json", "--no-plots", *SMALL])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mesh"] == {"pp": 2, "dp": 2}
     assert report["num_ranks"] == 2 and report["tokens_per_step"] == 8 * 8
     assert len(report["losses"]) == 2 and len(report["step_seconds"]) == 2
+    # One pipeline on the whole batch (same seed, same data) reaches the same losses.
+    assert cli(["train", "-p", "2", "--steps", "2", "--json", "--no-plots", *SMALL]) == 0
+    single = json.loads(capsys.readouterr().out)
+    torch.testing.assert_close(report["losses"], single["losses"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -170,8 +170,10 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     torch.manual_seed(config.seed)
     layers = gpt_layers(config.model, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    rows = config.batch_size // config.replicas // schedule.num_microbatches
-    sample, _ = make_batch(config.model, rows, generator)
+    # The same draw with or without a mesh (so both see the same data); a replica's
+    # micro-batch is the first rows of it.
+    sample, _ = make_batch(config.model, config.batch_size // schedule.num_microbatches, generator)
+    sample = sample[: config.batch_size // config.replicas // schedule.num_microbatches]
     stages = partition(layers, schedule.num_stages, config.partition, sample)
     mine = stages_for_rank(schedule, stages, pp_rank)
     pipe = Pipeline(
