@@ -59,9 +59,11 @@ def test_replica_slice_splits_evenly_or_refuses() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_pp2_dp2_equals_one_process() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["after-step", "overlapped"])
+def test_pp2_dp2_equals_one_process(overlap: bool) -> None:
+    spec = MeshSpec(pp=2, dp=2)
     results = launch(
-        check_mesh_rank, 4, (MeshSpec(pp=2, dp=2), ["1f1b", "zb-h1", "interleaved-1f1b"]),
+        check_mesh_rank, 4, (spec, ["1f1b", "zb-h1", "interleaved-1f1b"], overlap),
         timeout=100, threads=1,
     )
     assert len(results) == 4

@@ -27,7 +27,7 @@ from stagewise.runtime.measure import (
 )
 from stagewise.runtime.mesh import (
     MeshSpec,
-    average_gradients,
+    OverlappedAverage,
     average_loss,
     build_mesh,
     replica_slice,
@@ -35,7 +35,7 @@ from stagewise.runtime.mesh import (
 from stagewise.runtime.partition import balance, partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
-from stagewise.schedules.ir import Schedule
+from stagewise.schedules.ir import Action, Schedule
 from stagewise.sim.costs import Link
 from stagewise.sim.simulate import simulate
 from stagewise.sim.timeline import Event, Timeline
@@ -152,8 +152,9 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     """Train on this rank; rank 0 returns the report, the others None.
 
     With a mesh, each replica runs the pipeline over its pp group on its slice of the global
-    batch; gradients and the loss are then averaged over the dp group (after the step, not
-    overlapped with it).
+    batch; gradients are averaged over the dp group stage by stage, each stage's reduction
+    started as soon as this rank finished its gradients (see ``OverlappedAverage``), and the
+    loss after the step.
     """
     schedule = config.schedule
     if context.world_size != config.world_size:
@@ -176,10 +177,20 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     sample = sample[: config.batch_size // config.replicas // schedule.num_microbatches]
     stages = partition(layers, schedule.num_stages, config.partition, sample)
     mine = stages_for_rank(schedule, stages, pp_rank)
+    reducer = None
+    on_action = context.report_action
+    if groups is not None:
+        reducer = OverlappedAverage(schedule, pp_rank, mine, groups.dp_group)
+
+        def on_action(action: Action) -> None:
+            context.report_action(action)
+            assert reducer is not None
+            reducer.on_action(action)
+
     pipe = Pipeline(
         schedule, mine, lm_loss, group=groups.pp_group if groups is not None else None,
         timeout=config.timeout, check_finite=config.check_finite,
-        store=context.store, count_saved=True, on_action=context.report_action,
+        store=context.store, count_saved=True, on_action=on_action,
     )
     params = [p for module in mine.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -197,7 +208,8 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
             targets = replica_slice(targets, config.replicas, dp_rank)
         loss = pipe.step(inputs, targets)
         if groups is not None:
-            average_gradients(mine.values(), groups.dp_group)
+            assert reducer is not None
+            reducer.finish()
             if loss is not None:
                 loss = average_loss(loss, groups.dp_group)
         optimizer.step()

@@ -7,13 +7,15 @@ the replicas); afterwards every gradient is averaged over the dp group (one flat
 ``all_reduce`` per stage). Because the loss is a mean and the slices are equal, the averaged
 gradients equal one process running the whole global batch with a mean loss.
 
-The reduction runs after the pipeline step, not overlapped with its cooldown. Tensor
+:func:`average_gradients` reduces after the step; :class:`OverlappedAverage` starts each
+stage's reduction (asynchronously) as soon as the rank's schedule has finished that stage's
+last backward or weight-gradient action, so it overlaps the rest of the cooldown. Tensor
 parallelism (``tp``) is not supported yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 from stagewise.errors import ConfigError
+from stagewise.schedules.ir import Action, Op, Schedule
 
-__all__ = ["MeshGroups", "MeshSpec", "average_gradients", "average_loss", "build_mesh",
-           "replica_slice"]
+__all__ = ["MeshGroups", "MeshSpec", "OverlappedAverage", "average_gradients", "average_loss",
+           "build_mesh", "replica_slice"]
 
 _AXES = ("pp", "dp")
 
@@ -183,6 +186,82 @@ def average_gradients(modules: Iterable[nn.Module], group: dist.ProcessGroup) ->
             else:
                 p.grad.copy_(mean)
             offset += n
+
+
+class OverlappedAverage:
+    """Average gradients over ``group`` stage by stage while the pipeline step still runs.
+
+    Pass :meth:`on_action` to ``Pipeline(on_action=...)`` (it is called before each action, so
+    when it sees action ``i`` the actions before ``i`` are done) and call :meth:`finish` after
+    ``Pipeline.step``: it starts what is left, waits for every reduction and writes the means
+    into ``.grad``. Not for tied weights (the pipeline changes their gradients at the end of
+    the step, after these reductions started).
+
+    Args:
+        schedule: the pipeline's schedule.
+        rank: this rank's row of it (its pipeline rank).
+        stages: this rank's ``{stage: module}``.
+        group: the data-parallel group (the same stages in every replica).
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        rank: int,
+        stages: Mapping[int, nn.Module],
+        group: dist.ProcessGroup,
+    ) -> None:
+        self._group = group
+        self._size = dist.get_world_size(group)
+        self._params = {
+            s: [p for p in m.parameters() if p.requires_grad] for s, m in stages.items()
+        }
+        last: dict[int, int] = {}
+        for index, action in enumerate(schedule.actions[rank]):
+            if action.op in (Op.B, Op.W):
+                last[action.stage] = index
+        # stage -> index of the action after which its gradients are final
+        self._ready_after = {index: stage for stage, index in last.items()}
+        self._count = 0
+        self._pending: list[tuple[int, torch.Tensor, dist.Work]] = []
+        self._started: set[int] = set()
+
+    def on_action(self, action: Action) -> None:
+        """Start the reduction of a stage whose last gradient action just finished."""
+        stage = self._ready_after.get(self._count - 1)
+        if stage is not None:
+            self._start(stage)
+        self._count += 1
+
+    def finish(self) -> None:
+        """Start the remaining reductions, wait for all, write the means into ``.grad``."""
+        for stage in self._params:
+            if stage not in self._started:
+                self._start(stage)
+        for stage, flat, work in self._pending:
+            work.wait()
+            flat /= self._size
+            offset = 0
+            for p in self._params[stage]:
+                n = p.numel()
+                mean = flat[offset : offset + n].view_as(p)
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad.copy_(mean)
+                offset += n
+        self._pending, self._started, self._count = [], set(), 0
+
+    def _start(self, stage: int) -> None:
+        self._started.add(stage)
+        params = self._params[stage]
+        if not params or self._size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        work = dist.all_reduce(flat, group=self._group, async_op=True)
+        assert work is not None
+        self._pending.append((stage, flat, work))
 
 
 def average_loss(loss: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

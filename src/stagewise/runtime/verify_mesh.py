@@ -16,6 +16,7 @@ import torch
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.mesh import (
     MeshSpec,
+    OverlappedAverage,
     average_gradients,
     average_loss,
     build_mesh,
@@ -35,12 +36,16 @@ def check_mesh_rank(
     context: RankContext,
     spec: MeshSpec,
     schedules: list[str],
+    overlap: bool = False,
     num_microbatches: int = 4,
     batch_size: int = 8,
     steps: int = 2,
     timeout: float = 60.0,
 ) -> dict[str, list[str]]:
     """Run each named schedule over the mesh; return the mismatches found on this rank.
+
+    ``overlap`` averages gradients with :class:`OverlappedAverage` (during the step) instead
+    of :func:`average_gradients` (after it).
 
     Mismatches are collected, not raised, so every rank stays in step and every case runs.
     """
@@ -52,8 +57,10 @@ def check_mesh_rank(
         reference = torch.nn.Sequential(*copy.deepcopy(layers))
         stages = partition(layers, schedule.num_stages)
         mine = stages_for_rank(schedule, stages, groups.pp_rank)
+        reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
         pipe = Pipeline(
-            schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store
+            schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store,
+            on_action=reducer.on_action if overlap else None,
         )
         params = [p for module in mine.values() for p in module.parameters()]
         optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
@@ -67,7 +74,10 @@ def check_mesh_rank(
                 replica_slice(inputs, spec.dp, groups.dp_rank),
                 replica_slice(targets, spec.dp, groups.dp_rank),
             )
-            average_gradients(mine.values(), groups.dp_group)
+            if overlap:
+                reducer.finish()
+            else:
+                average_gradients(mine.values(), groups.dp_group)
             ref_loss = lm_loss(reference(inputs), targets)
             ref_loss.backward()
             label = f"{name} rank {context.rank} step {number}"
