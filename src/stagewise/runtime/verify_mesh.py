@@ -25,6 +25,7 @@ from stagewise.runtime.mesh import (
 from stagewise.runtime.partition import partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.verify import _close
 from stagewise.schedules.registry import build
 
 __all__ = ["check_mesh_rank"]
@@ -103,11 +104,3 @@ def check_mesh_rank(
             problems.append(f"{name} rank {context.rank}: nothing was compared")
         results[name] = problems
     return results
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, label: str, problems: list[str]) -> int:
-    try:
-        torch.testing.assert_close(actual, expected)
-    except AssertionError as err:
-        problems.append(f"{label}: {' '.join(str(err).split())}")
-    return 1
