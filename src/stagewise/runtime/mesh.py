@@ -176,16 +176,21 @@ def average_gradients(modules: Iterable[nn.Module], group: dist.ProcessGroup) ->
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=group)
-        flat /= size
-        offset = 0
-        for p in params:
-            n = p.numel()
-            mean = flat[offset : offset + n].view_as(p)
-            if p.grad is None:
-                p.grad = mean.clone()
-            else:
-                p.grad.copy_(mean)
-            offset += n
+        _write_mean(params, flat, size)
+
+
+def _write_mean(params: list[torch.nn.Parameter], flat: torch.Tensor, size: int) -> None:
+    """Divide the all-reduced ``flat`` sum by ``size`` and put each slice in its ``.grad``."""
+    flat /= size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        mean = flat[offset : offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = mean.clone()
+        else:
+            p.grad.copy_(mean)
+        offset += n
 
 
 class OverlappedAverage:
@@ -240,16 +245,7 @@ class OverlappedAverage:
                 self._start(stage)
         for stage, flat, work in self._pending:
             work.wait()
-            flat /= self._size
-            offset = 0
-            for p in self._params[stage]:
-                n = p.numel()
-                mean = flat[offset : offset + n].view_as(p)
-                if p.grad is None:
-                    p.grad = mean.clone()
-                else:
-                    p.grad.copy_(mean)
-                offset += n
+            _write_mean(self._params[stage], flat, self._size)
         self._pending, self._started, self._count = [], set(), 0
 
     def _start(self, stage: int) -> None:
