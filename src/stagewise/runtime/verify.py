@@ -16,6 +16,7 @@ import torch
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.partition import partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
+from stagewise.runtime.recompute import recomputed
 from stagewise.runtime.tiny_gpt import (
     Embedding,
     GPTConfig,
@@ -40,6 +41,7 @@ class Case:
         tied: tie the input embedding to the output projection (the reference uses one
             tensor for both; the pipeline a tied copy per stage).
         config: the model.
+        recompute: run every stage with full activation recomputation.
     """
 
     schedule: Schedule
@@ -49,6 +51,7 @@ class Case:
     config: GPTConfig = field(
         default_factory=lambda: GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=6)
     )
+    recompute: bool = False
 
 
 def check_rank(
@@ -66,7 +69,8 @@ def check_rank(
 def case_label(case: Case) -> str:
     """``name p=.. m=..`` of a case (`` tied`` when the embedding is tied)."""
     s = case.schedule
-    return f"{s.name} p={s.num_ranks} m={s.num_microbatches}" + (" tied" if case.tied else "")
+    label = f"{s.name} p={s.num_ranks} m={s.num_microbatches}"
+    return label + (" tied" if case.tied else "") + (" recompute" if case.recompute else "")
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, label: str, problems: list[str]) -> int:
@@ -82,6 +86,8 @@ def _check_case(context: RankContext, case: Case, timeout: float) -> list[str]:
     layers = gpt_layers(case.config, seed=1)
     reference = torch.nn.Sequential(*copy.deepcopy(layers))
     stages = partition(layers, schedule.num_stages)
+    if case.recompute:
+        stages = [recomputed(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, context.rank)
     ties = []
     if case.tied:
