@@ -39,6 +39,18 @@ def add_parser(verbs: Any) -> None:
                         help="pipeline x data parallelism, e.g. pp=2,dp=2: pp ranks per pipeline "
                         "(the schedule's ranks), dp replicas each on its share of --batch-size; "
                         "starts pp*dp ranks")
+    parser.add_argument("--model", default="tiny", metavar="SPEC",
+                        help="tiny (default: the tiny GPT of --dim/--layers), hf:llama, hf:gpt2 "
+                        "(Hugging Face, random weights from --seed, nothing downloaded) or "
+                        "py:package.module:function (your nn.Module, cut by --split)")
+    parser.add_argument("--model-config", metavar="FILE.json", default=None,
+                        help="Hugging Face config.json for hf: models (default: a tiny config)")
+    parser.add_argument("--split", metavar="NAMES", default=None,
+                        help="py: models: comma-separated submodule names in the order they "
+                        "run, e.g. embed,blocks,head (a ModuleList name stands for its children)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="full activation recomputation: each layer keeps only its input and "
+                        "runs its forward again in backward")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="sequences per step (default 16)")
@@ -129,6 +141,10 @@ def _config(args: argparse.Namespace, mesh: Any = None) -> Any:
         seed=args.seed,
         progress=not args.json,
         mesh=mesh,
+        model_spec=args.model,
+        model_config=args.model_config,
+        split_names=tuple(n.strip() for n in args.split.split(",")) if args.split else (),
+        recompute=args.recompute,
     )
 
 
@@ -167,8 +183,12 @@ def _train_torchrun(config: Any, args: argparse.Namespace) -> Any:
 
 def _print_header(config: Any) -> None:
     s, model = config.schedule, config.model
+    what = (
+        f"a tiny GPT ({model.layers} blocks, width {model.dim}, vocab {model.vocab})"
+        if config.model_spec == "tiny" else f"{config.model_spec} ({config.num_layers()} layers)"
+    )
     print(
-        f"training a tiny GPT ({model.layers} blocks, width {model.dim}, vocab {model.vocab}) "
+        f"training {what}{' with recomputation' if config.recompute else ''} "
         f"with {s.name}: {s.num_ranks} ranks, {s.num_stages} stages, "
         f"{s.num_microbatches} micro-batches, {config.batch_size} x {model.seq_len} tokens "
         f"per step, {config.steps} steps"

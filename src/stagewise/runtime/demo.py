@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -28,13 +29,16 @@ from stagewise.runtime.measure import (
 from stagewise.runtime.mesh import (
     MeshSpec,
     OverlappedAverage,
+    average_gradients,
     average_loss,
     build_mesh,
     replica_slice,
 )
+from stagewise.runtime.model_parts import ModelParts, stage_ties, tiny_gpt_parts
 from stagewise.runtime.partition import balance, partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.recompute import recomputed
+from stagewise.runtime.tiny_gpt import GPTConfig
 from stagewise.schedules.ir import Action, Schedule
 from stagewise.sim.costs import Link
 from stagewise.sim.simulate import simulate
@@ -60,6 +64,12 @@ class TrainConfig:
         progress: show a progress bar and a line per step (on the last stage's rank).
         mesh: pipeline x data parallelism (``pp * dp`` ranks; ``batch_size`` is the global
             batch, split evenly over the ``dp`` replicas); None for one pipeline.
+        model_spec: which model: ``"tiny"`` (the tiny GPT of ``model``), ``"hf:llama"``,
+            ``"hf:gpt2"`` or ``"py:package.module:function"`` (see ``runtime.models``).
+        model_config: a Hugging Face config (dict of fields, or a config.json path) for
+            ``hf:`` models; None for a tiny default.
+        split_names: for ``py:`` models, the submodules in the order they run.
+        recompute: full activation recomputation (each layer keeps only its input).
     """
 
     schedule: Schedule
@@ -73,6 +83,27 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     mesh: MeshSpec | None = None
+    model_spec: str = "tiny"
+    model_config: Mapping[str, Any] | str | None = None
+    split_names: tuple[str, ...] = ()
+    recompute: bool = False
+
+    def parts(self) -> ModelParts:
+        """Build the model (the same weights on every call: they come from ``seed``)."""
+        if self.model_spec == "tiny":
+            return tiny_gpt_parts(self.model, seed=self.seed)
+        from stagewise.runtime.models import resolve_model
+
+        return resolve_model(
+            self.model_spec, config=self.model_config, seed=self.seed,
+            seq_len=self.model.seq_len, names=self.split_names or None,
+        )
+
+    def num_layers(self) -> int:
+        """Layers the partitioner can cut between (embedding and head included)."""
+        if self.model_spec == "tiny":
+            return self.model.layers + 2
+        return len(self.parts().layers)
 
     @property
     def world_size(self) -> int:
@@ -86,7 +117,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # The model has an embedding, the blocks and a head: fail here, before any rank starts.
-        balance([1.0] * (self.model.layers + 2), self.schedule.num_stages)
+        balance([1.0] * self.num_layers(), self.schedule.num_stages)
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
         if self.mesh is not None:
@@ -169,17 +200,21 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     pp_rank = groups.pp_rank if groups is not None else context.rank
     dp_rank = groups.dp_rank if groups is not None else 0
     torch.manual_seed(config.seed)
-    layers = gpt_layers(config.model, seed=config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    # The same draw with or without a mesh (so both see the same data); a replica's
-    # micro-batch is the first rows of it.
-    sample, _ = make_batch(config.model, config.batch_size // schedule.num_microbatches, generator)
+    parts = config.parts()
+    # A replica's micro-batch is the first rows of the global batch's first micro-batch.
+    sample, _ = _batch(parts, config, 0)
     sample = sample[: config.batch_size // config.replicas // schedule.num_microbatches]
-    stages = partition(layers, schedule.num_stages, config.partition, sample)
+    stages = partition(list(parts.layers), schedule.num_stages, config.partition, sample)
+    sizes = [len(stage) for stage in stages]
+    if config.recompute:
+        stages = [recomputed(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
+    ties = stage_ties(parts.ties, sizes)
     reducer = None
     on_action = context.report_action
-    if groups is not None:
+    # Tied copies get their summed gradient at the end of the step, after an overlapped
+    # reduction would have started: with ties, average after the step instead.
+    if groups is not None and not ties:
         reducer = OverlappedAverage(schedule, pp_rank, mine, groups.dp_group)
 
         def on_action(action: Action) -> None:
@@ -188,28 +223,31 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
             reducer.on_action(action)
 
     pipe = Pipeline(
-        schedule, mine, lm_loss, group=groups.pp_group if groups is not None else None,
+        schedule, mine, parts.loss_fn, group=groups.pp_group if groups is not None else None,
         timeout=config.timeout, check_finite=config.check_finite,
         store=context.store, count_saved=True, on_action=on_action,
+        tied=ties,
     )
     params = [p for module in mine.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     shows = config.progress and schedule.num_stages - 1 in mine and dp_rank == 0
     bar = _progress_bar(config.steps) if shows else None
-    tokens = config.batch_size * config.model.seq_len
+    tokens = config.batch_size * parts.seq_len
     losses: list[float] = []
     step_seconds: list[float] = []
     recorded: list[tuple[list[Event], dict[tuple[int, int], int]]] = []
     for step in range(config.steps):
         start = time.perf_counter()
-        inputs, targets = make_batch(config.model, config.batch_size, generator)
+        inputs, targets = _batch(parts, config, step)
         if groups is not None:
             inputs = replica_slice(inputs, config.replicas, dp_rank)
             targets = replica_slice(targets, config.replicas, dp_rank)
         loss = pipe.step(inputs, targets)
         if groups is not None:
-            assert reducer is not None
-            reducer.finish()
+            if reducer is not None:
+                reducer.finish()
+            else:
+                average_gradients(mine.values(), groups.dp_group)
             if loss is not None:
                 loss = average_loss(loss, groups.dp_group)
         optimizer.step()
@@ -234,6 +272,13 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     if context.rank != 0:
         return None
     return _report(config, gathered, tokens)
+
+
+def _batch(parts: ModelParts, config: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s global batch: a function of the seed and the step alone (so a resumed
+    run sees the data an uninterrupted one would), the same with or without a mesh."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 1)
+    return parts.make_batch(config.batch_size, generator)
 
 
 def _progress_bar(steps: int) -> Any:
