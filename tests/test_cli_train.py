@@ -67,6 +67,24 @@ def test_nan_with_check_finite_exits_1_naming_rank_and_action(
     assert "training failed: rank 1 failed at 1F0" in err and "NonFiniteLoss" in err
 
 
+@pytest.mark.timeout(180)
+def test_recompute_trains_the_same_with_less_activation_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    reports = []
+    for extra in ([], ["--recompute"]):
+        code = cli(["train", "-s", "zb-h1", "-p", "2", "-m", "4", "--steps", "3", "--json",
+                    "--no-plots", *SMALL, *extra])
+        assert code == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    plain, recomputing = reports
+    # The same arithmetic in the same order: the losses agree to rounding.
+    assert recomputing["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    for before, after in zip(plain["measured_activation_bytes"],
+                             recomputing["measured_activation_bytes"], strict=True):
+        assert after < before / 3
+
+
 def test_impossible_split_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "-s", "interleaved-1f1b", "-p", "4", "-m", "4", "--layers", "1",
                 "--no-plots"])
