@@ -1,0 +1,331 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP), keyed by model layer.
+
+A checkpoint names every tensor by the index of the model layer that holds it, never by
+stage, rank or replica: parameter ``w`` of layer 3 is ``model.3.w`` and its AdamW moments are
+``optim.state.3.w.exp_avg`` and so on (the optimizer state flattened per parameter, as DCP
+needs when ranks hold different parameters). So a checkpoint written under one layout (any
+``pp``, chunks per rank, partition or ``dp``) loads under any other that cuts the same
+layers: each rank reads the layers it now holds. Parameters replicated over data-parallel
+replicas are written once (DCP removes duplicate keys) and read by every replica; ``DTensor``
+parameters (tensor parallelism) are saved and resharded by DCP.
+
+On disk, ``folder/step-00000012/`` holds DCP's files, ``extra.pt`` (the step and the caller's
+small extras, written by rank 0) and a completion marker, ``COMPLETE``. Every rank writes into
+``step-00000012.partial/``; after a barrier rank 0 writes the marker and renames the folder
+(atomic on one filesystem), so a save cut short by a crash leaves only a ``.partial`` folder,
+which :func:`latest_checkpoint` never takes.
+
+For a resumed run to repeat the uninterrupted one exactly, step ``s``'s data must be a function
+of the seed and ``s`` alone (e.g. ``torch.Generator().manual_seed(seed * 1_000_003 + s)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from stagewise.errors import ConfigError
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "rank_layers", "save_checkpoint"]
+
+MARKER = "COMPLETE"
+EXTRA = "extra.pt"
+_NAME = re.compile(r"^step-(\d{8})$")
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def rank_layers(stages: Mapping[int, nn.Module], sizes: Sequence[int]) -> dict[int, nn.Module]:
+    """This rank's layers by model layer index, from its ``{stage: module}`` and the cut.
+
+    Args:
+        stages: the stages this rank holds (``stages_for_rank``), each a sequence of layers
+            (``nn.Sequential`` from ``partition``, or its recomputed form).
+        sizes: layers per stage over the whole model (``[len(s) for s in partition(...)]``).
+
+    Raises:
+        ConfigError: a stage index outside ``sizes`` or a stage whose length differs.
+
+    Example:
+        >>> stages = {1: nn.Sequential(nn.Linear(2, 2))}
+        >>> list(rank_layers(stages, [2, 1]))
+        [2]
+    """
+    layers: dict[int, nn.Module] = {}
+    for stage, module in sorted(stages.items()):
+        if not 0 <= stage < len(sizes):
+            raise ConfigError(
+                f"stage {stage} is outside the cut of {len(sizes)} stages {list(sizes)}: "
+                "pass the sizes of the partition these stages came from"
+            )
+        children = list(module.children())
+        if len(children) != sizes[stage]:
+            raise ConfigError(
+                f"stage {stage} has {len(children)} layers but the cut {list(sizes)} gives it "
+                f"{sizes[stage]}: pass the sizes of the partition these stages came from"
+            )
+        first = sum(sizes[:stage])
+        for position, layer in enumerate(children):
+            layers[first + position] = layer
+    return layers
+
+
+def save_checkpoint(
+    folder: str | os.PathLike[str],
+    step: int,
+    layers: Mapping[int, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    extra: Mapping[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write a checkpoint of step ``step``; a collective over every rank of the default group.
+
+    Call it after the optimizer's step (an optimizer without state gets one by a zero-lr step
+    on zero gradients, DCP's way of learning the state's shapes, which AdamW would count).
+
+    Args:
+        folder: where checkpoints live (created if missing); the same path on every rank.
+        step: optimizer steps done (the folder's name; resume runs step ``step`` next).
+        layers: this rank's layers by model layer index (:func:`rank_layers`).
+        optimizer: this rank's optimizer, over exactly these layers' parameters.
+        extra: small values rank 0 saves beside (losses so far...): tensors, numbers,
+            strings, and lists, tuples and dicts of them. Only rank 0's is kept.
+        keep: keep only the newest ``keep`` complete checkpoints (None keeps all).
+
+    Returns:
+        The complete checkpoint's folder, ``folder/step-<step, 8 digits>``.
+
+    Raises:
+        ConfigError: ``step`` or ``keep`` below 0 or 1.
+    """
+    if step < 0:
+        raise ConfigError(f"checkpoint step must be >= 0, got {step}")
+    if keep is not None and keep < 1:
+        raise ConfigError(f"keep must be >= 1 checkpoints (or None for all), got {keep}")
+    root = Path(folder)
+    final = root / _name(step)
+    partial = final.with_name(final.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that crashed
+        partial.mkdir()
+    dist.barrier()
+    _write_state(_state(layers, optimizer), partial)
+    if rank == 0:
+        torch.save({"step": step, "extra": dict(extra or {})}, partial / EXTRA)
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        _complete(partial, final, step)
+        if keep is not None:
+            _prune(root, keep)
+    dist.barrier()  # no rank goes on (or saves again) before the checkpoint is complete
+    return final
+
+
+def latest_checkpoint(folder: str | os.PathLike[str], required: bool = False) -> Path | None:
+    """The newest complete checkpoint in ``folder``, or None.
+
+    A folder counts only with its completion marker naming its own step; ``.partial``
+    folders (a save cut short) and folders with a missing or unreadable marker are skipped.
+
+    Args:
+        folder: the checkpoint folder given to :func:`save_checkpoint`.
+        required: raise instead of returning None (resume was asked for explicitly).
+
+    Raises:
+        ConfigError: ``required`` and there is no complete checkpoint.
+    """
+    root = Path(folder)
+    found = sorted(
+        (int(match.group(1)), path)
+        for path in (root.iterdir() if root.is_dir() else ())
+        if (match := _NAME.match(path.name)) and _is_complete(path, int(match.group(1)))
+    )
+    if found:
+        return found[-1][1]
+    if not required:
+        return None
+    if not root.is_dir():
+        raise ConfigError(
+            f"cannot resume: checkpoint folder {str(root)!r} does not exist; check "
+            "--checkpoint-dir, or drop --resume to start from scratch"
+        )
+    others = sorted(p.name for p in root.iterdir())
+    what = f"it holds only {', '.join(others[:5])}" if others else "it is empty"
+    raise ConfigError(
+        f"cannot resume: no complete checkpoint in {str(root)!r} ({what}; a folder counts "
+        f"once its {MARKER} marker is written); check --checkpoint-dir, or drop --resume "
+        "to start from scratch"
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    layers: Mapping[int, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, Any]:
+    """Load a complete checkpoint into this rank's layers and optimizer; a collective.
+
+    Every rank reads the layers it holds now, whatever layout wrote them.
+
+    Args:
+        path: a complete checkpoint (:func:`latest_checkpoint`).
+        layers: this rank's layers by model layer index (:func:`rank_layers`).
+        optimizer: this rank's optimizer over these layers' parameters, or None to load the
+            parameters alone.
+
+    Returns:
+        ``{"step": steps done, "extra": what rank 0 saved}``; the same on every rank.
+
+    Raises:
+        ConfigError: ``path`` is not a complete checkpoint, or the checkpoint's layers do not
+            match the model (a name or shape missing, different, or left over).
+    """
+    where = Path(path)
+    if not (where / MARKER).is_file():
+        raise ConfigError(
+            f"{str(where)!r} is not a complete checkpoint (no {MARKER} marker): pass a folder "
+            "that latest_checkpoint() returns"
+        )
+    _check_layers(where, layers)
+    model = _as_module(layers)
+    state = _state(layers, optimizer)
+    dcp.load(state, checkpoint_id=where)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"], options=_OPTIONS)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=_OPTIONS)
+    saved = torch.load(where / EXTRA, weights_only=True)
+    return {"step": int(saved["step"]), "extra": saved["extra"]}
+
+
+def _name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _as_module(layers: Mapping[int, nn.Module]) -> nn.ModuleDict:
+    """The layers as one module whose parameter names are ``"<layer index>.<name>"``."""
+    return nn.ModuleDict({str(index): layer for index, layer in sorted(layers.items())})
+
+
+def _state(
+    layers: Mapping[int, nn.Module], optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` keyed by layer index, as DCP saves and loads it."""
+    model = _as_module(layers)
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=_OPTIONS)}
+    model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _write_state(state: dict[str, Any], folder: Path) -> None:
+    """Every rank's share of ``state`` into ``folder`` (DCP; replicated keys written once)."""
+    dcp.save(state, checkpoint_id=folder)
+
+
+def _complete(partial: Path, final: Path, step: int) -> None:
+    """Mark ``partial`` complete and move it to ``final`` (rank 0, after every rank wrote)."""
+    marker = partial / MARKER
+    with marker.open("w") as file:
+        json.dump({"step": step, "world_size": dist.get_world_size()}, file)
+        file.flush()
+        os.fsync(file.fileno())
+    if final.exists():  # saved again at the same step: replace it
+        stale = final.with_name(final.name + ".stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        partial.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        partial.rename(final)
+
+
+def _is_complete(path: Path, step: int) -> bool:
+    """Whether ``path`` holds a marker naming ``step`` and DCP's metadata."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(marker, dict)
+        and marker.get("step") == step
+        and (path / ".metadata").is_file()
+        and (path / EXTRA).is_file()
+    )
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and older ``.partial`` ones."""
+    complete = sorted(
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if (match := _NAME.match(path.name)) and _is_complete(path, int(match.group(1)))
+    )
+    for _, path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    newest = complete[-1][0] if complete else -1
+    for path in root.iterdir():
+        match = re.match(r"^step-(\d{8})\.partial$", path.name)
+        if match and int(match.group(1)) < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_layers(path: Path, layers: Mapping[int, nn.Module]) -> None:
+    """Raise ConfigError (on every rank alike) at the first tensor of the model that the
+    checkpoint lacks or holds with another shape, or a tensor of the checkpoint no rank holds."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    mine: list[str] = []
+    problem = None
+    for index, layer in sorted(layers.items()):
+        for name, tensor in layer.state_dict().items():
+            key = f"model.{index}.{name}"
+            mine.append(key)
+            entry = saved.get(key)
+            shape = tuple(getattr(entry, "size", ()))
+            if problem is not None:
+                continue
+            if entry is None:
+                problem = (
+                    f"checkpoint {str(path)!r} has no {index}.{name} (layer {index}, "
+                    f"{type(layer).__name__}): it was written for another model; load it into "
+                    "the model it was saved from (same layers and sizes) or start from scratch"
+                )
+            elif shape != tuple(tensor.shape):
+                problem = (
+                    f"checkpoint {str(path)!r}: {index}.{name} has shape {list(shape)} there but "
+                    f"{list(tensor.shape)} in this model: load it into the model it was saved "
+                    "from (same sizes) or start from scratch"
+                )
+    # Every rank learns every rank's verdict, so all raise together (none waits in the load).
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (problem, mine))
+    problems = [found for found, _ in everyone if found is not None]
+    if problems:
+        raise ConfigError(problems[0])
+    held = {key for _, keys in everyone for key in keys}
+    left = sorted(k for k in saved if k.startswith("model.") and k not in held)
+    if left:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds {left[0][len('model.'):]}, which no rank's layers "
+            f"have ({len(left)} such tensors): it was written for a bigger or different model; "
+            "load it into the model it was saved from"
+        )
