@@ -61,7 +61,11 @@ class Block(nn.Module):
         super().__init__()
         self.heads = config.heads
         self.norm1 = nn.LayerNorm(config.dim)
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        # Separate projections (not one fused 3 * dim Linear) so tensor parallelism can give
+        # each rank whole heads of q, k and v (see ``tensor_parallel``).
+        self.q = nn.Linear(config.dim, config.dim)
+        self.k = nn.Linear(config.dim, config.dim)
+        self.v = nn.Linear(config.dim, config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
         self.norm2 = nn.LayerNorm(config.dim)
         self.mlp = nn.Sequential(
@@ -70,13 +74,15 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(dim, dim=2)
-        shape = (batch, length, self.heads, dim // self.heads)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(dim // self.heads)
+        head_dim = dim // self.heads
+        normed = self.norm1(x)
+        # -1 heads: under tensor parallelism each rank holds only its own heads.
+        shape = (batch, length, -1, head_dim)
+        q, k, v = (proj(normed).view(shape).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         attention = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        mixed = (attention @ v).transpose(1, 2).reshape(batch, length, dim)
+        mixed = (attention @ v).transpose(1, 2).reshape(batch, length, -1)
         x = x + self.proj(mixed)
         out: torch.Tensor = x + self.mlp(self.norm2(x))
         return out
