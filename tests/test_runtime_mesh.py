@@ -25,7 +25,7 @@ SMALL = ["--layers", "2", "--dim", "16", "--seq-len", "8", "--batch-size", "8", 
 
 
 def test_parse_any_order_and_defaults() -> None:
-    assert MeshSpec.parse("pp=2,dp=2") == MeshSpec(pp=2, dp=2)
+    assert MeshSpec.parse("pp=2,dp=2") == MeshSpec(pp=2, dp=2, tp=1)
     assert MeshSpec.parse(" dp=3 , pp=1 ") == MeshSpec(pp=1, dp=3)
     assert MeshSpec.parse("pp=4") == MeshSpec(pp=4, dp=1)
     assert MeshSpec.parse("pp=2,dp=3", world_size=6).world_size == 6
@@ -40,8 +40,8 @@ def test_parse_any_order_and_defaults() -> None:
         ("pp=2,dp=two", None, "not an integer"),
         ("pp=2,pp=2", None, "given twice"),
         ("pp2", None, "not axis=size"),
-        ("pp=2,dp=2,tp=2", None, "tp) is not supported yet"),
-        ("pp=2,dp=2", 6, "needs pp*dp = 4 ranks but the world has 6"),
+        ("pp=2,tp=-2", None, "tp=-2"),
+        ("pp=2,dp=2", 6, "needs pp*dp*tp = 4 ranks but the world has 6"),
     ],
 )
 def test_parse_errors_name_the_fix(text: str, world: int | None, words: str) -> None:
@@ -88,7 +88,7 @@ def test_train_with_mesh_matches_one_pipeline(capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.parametrize(
     ("mesh", "words"),
-    [("pp=2,tp=2", "not supported yet"), ("pp=2,dp=3", "does not split evenly")],
+    [("pp=2,dp=3", "does not split evenly")],
 )
 def test_train_bad_mesh_exits_2_with_one_line(
     capsys: pytest.CaptureFixture[str], mesh: str, words: str

@@ -1,16 +1,20 @@
-"""Pipeline x data parallelism on a device mesh: ``--mesh pp=2,dp=2``.
+"""Pipeline x data x tensor parallelism on a device mesh: ``--mesh pp=2,dp=2,tp=2``.
 
-The world is a ``dp x pp`` grid (torch's ``DeviceMesh`` with dimensions ``("dp", "pp")``):
-global rank ``r`` is replica ``r // pp`` and pipeline rank ``r % pp``. Each replica runs the
-pipeline over its own pp group on its own slice of the global batch (the batch split evenly over
-the replicas); afterwards every gradient is averaged over the dp group (one flattened
-``all_reduce`` per stage). Because the loss is a mean and the slices are equal, the averaged
-gradients equal one process running the whole global batch with a mean loss.
+The world is a ``dp x pp x tp`` grid (torch's ``DeviceMesh`` with dimensions
+``("dp", "pp", "tp")``, tp innermost so a tp group is neighbouring ranks, as on one node):
+global rank ``r = (dp_rank * pp + pp_rank) * tp + tp_rank``. Each replica runs the pipeline on
+its own slice of the global batch (the batch split evenly over the replicas); within a replica
+the ``tp`` ranks of a pipeline rank hold the same stages, each block sharded over them (see
+``tensor_parallel``), and all see the same slice. There is one pipeline per (replica, tp rank):
+its ``pp_group`` links the ranks with the same dp and tp rank. Afterwards every gradient is
+averaged over the dp group (one flattened ``all_reduce`` per stage; a ``DTensor`` gradient
+reduces its local shard, which lines up across replicas). Because the loss is a mean and the
+slices are equal, the averaged gradients equal one process running the whole global batch with
+a mean loss.
 
 :func:`average_gradients` reduces after the step; :class:`OverlappedAverage` starts each
 stage's reduction (asynchronously) as soon as the rank's schedule has finished that stage's
-last backward or weight-gradient action, so it overlaps the rest of the cooldown. Tensor
-parallelism (``tp``) is not supported yet.
+last backward or weight-gradient action, so it overlaps the rest of the cooldown.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from stagewise.errors import ConfigError
 from stagewise.schedules.ir import Action, Op, Schedule
@@ -28,15 +33,22 @@ from stagewise.schedules.ir import Action, Op, Schedule
 __all__ = ["MeshGroups", "MeshSpec", "OverlappedAverage", "average_gradients", "average_loss",
            "build_mesh", "replica_slice"]
 
-_AXES = ("pp", "dp")
+_AXES = ("pp", "dp", "tp")
 
 
 @dataclass(frozen=True)
 class MeshSpec:
-    """The sizes of the mesh axes: ``pp`` pipeline ranks per replica, ``dp`` replicas."""
+    """The sizes of the mesh axes.
+
+    Attributes:
+        pp: pipeline ranks per replica (the schedule's ranks).
+        dp: data-parallel replicas (each on its own slice of the global batch).
+        tp: tensor-parallel ranks per pipeline rank (each block sharded over them).
+    """
 
     pp: int = 1
     dp: int = 1
+    tp: int = 1
 
     def __post_init__(self) -> None:
         for axis in _AXES:
@@ -46,39 +58,36 @@ class MeshSpec:
 
     @property
     def world_size(self) -> int:
-        """Processes the mesh needs: ``pp * dp``."""
-        return self.pp * self.dp
+        """Processes the mesh needs: ``pp * dp * tp``."""
+        return self.pp * self.dp * self.tp
 
     @classmethod
     def parse(cls, text: str, world_size: int | None = None) -> MeshSpec:
-        """Parse ``"pp=2,dp=2"`` (axes in any order; a missing axis has size 1).
+        """Parse ``"pp=2,dp=2,tp=2"`` (axes in any order; a missing axis has size 1).
 
         Args:
             text: comma-separated ``axis=size`` pairs.
             world_size: when given, the product of the sizes must equal it.
 
         Raises:
-            ConfigError: an unknown or repeated axis, a size that is not an integer >= 1,
-                ``tp`` (not supported yet), or a product other than ``world_size``.
+            ConfigError: an unknown or repeated axis, a size that is not an integer >= 1, or a
+                product other than ``world_size``.
 
         Example:
             >>> MeshSpec.parse("pp=2,dp=2")
-            MeshSpec(pp=2, dp=2)
+            MeshSpec(pp=2, dp=2, tp=1)
         """
         sizes: dict[str, int] = {}
         for part in text.split(","):
             axis, sep, value = (s.strip() for s in part.partition("="))
             if not sep or not axis:
                 raise ConfigError(
-                    f"mesh {text!r}: {part.strip()!r} is not axis=size; write e.g. pp=2,dp=2"
-                )
-            if axis == "tp":
-                raise ConfigError(
-                    f"mesh {text!r}: tensor parallelism (tp) is not supported yet; "
-                    "use only pp and dp"
+                    f"mesh {text!r}: {part.strip()!r} is not axis=size; write e.g. pp=2,dp=2,tp=2"
                 )
             if axis not in _AXES:
-                raise ConfigError(f"mesh {text!r}: unknown axis {axis!r}; the axes are pp and dp")
+                raise ConfigError(
+                    f"mesh {text!r}: unknown axis {axis!r}; the axes are pp, dp and tp"
+                )
             if axis in sizes:
                 raise ConfigError(f"mesh {text!r}: axis {axis} is given twice; give it once")
             try:
@@ -93,7 +102,7 @@ class MeshSpec:
         spec = cls(**sizes)
         if world_size is not None and spec.world_size != world_size:
             raise ConfigError(
-                f"mesh {text!r} needs pp*dp = {spec.world_size} ranks but the world has "
+                f"mesh {text!r} needs pp*dp*tp = {spec.world_size} ranks but the world has "
                 f"{world_size}: start {spec.world_size} ranks or change the sizes"
             )
         return spec
@@ -105,10 +114,16 @@ class MeshGroups:
 
     Attributes:
         spec: the mesh sizes.
-        pp_group: the ranks of this replica's pipeline (pass it to ``Pipeline(group=...)``).
-        dp_group: the ranks holding the same stages in every replica.
+        pp_group: the ranks of this rank's pipeline (same replica, same tp rank; pass it to
+            ``Pipeline(group=...)``).
+        dp_group: the ranks holding the same shard of the same stages in every replica.
         pp_rank: this rank's row of the schedule (its rank in ``pp_group``).
         dp_rank: this rank's replica (its rank in ``dp_group``).
+        tp_group: the ranks sharing this rank's stages (same replica, same pipeline rank).
+        tp_rank: this rank's shard (its rank in ``tp_group``).
+        tp_mesh: the 1-D tensor-parallel ``DeviceMesh`` (pass it to
+            ``apply_tensor_parallel``); always a mesh, of size 1 when ``tp=1`` (then
+            ``apply_tensor_parallel`` leaves the stages as they are).
     """
 
     spec: MeshSpec
@@ -116,10 +131,13 @@ class MeshGroups:
     dp_group: dist.ProcessGroup
     pp_rank: int
     dp_rank: int
+    tp_group: dist.ProcessGroup
+    tp_rank: int
+    tp_mesh: DeviceMesh
 
 
 def build_mesh(spec: MeshSpec) -> MeshGroups:
-    """Build the ``(dp, pp)`` device mesh over the default group; a collective on every rank.
+    """Build the ``(dp, pp, tp)`` device mesh over the default group; a collective on every rank.
 
     Raises:
         ConfigError: the default group's size is not ``spec.world_size``.
@@ -129,15 +147,19 @@ def build_mesh(spec: MeshSpec) -> MeshGroups:
     world = dist.get_world_size()
     if world != spec.world_size:
         raise ConfigError(
-            f"mesh pp={spec.pp},dp={spec.dp} needs {spec.world_size} ranks but the world has "
-            f"{world}: start {spec.world_size} ranks or change the sizes"
+            f"mesh pp={spec.pp},dp={spec.dp},tp={spec.tp} needs {spec.world_size} ranks but the "
+            f"world has {world}: start {spec.world_size} ranks or change the sizes"
         )
-    mesh = init_device_mesh("cpu", (spec.dp, spec.pp), mesh_dim_names=("dp", "pp"))
-    pp_group, dp_group = mesh.get_group("pp"), mesh.get_group("dp")
-    groups = MeshGroups(
-        spec, pp_group, dp_group, dist.get_rank(pp_group), dist.get_rank(dp_group)
+    mesh = init_device_mesh(
+        "cpu", (spec.dp, spec.pp, spec.tp), mesh_dim_names=("dp", "pp", "tp")
     )
-    assert dist.get_rank() == groups.dp_rank * spec.pp + groups.pp_rank, "unexpected mesh layout"
+    pp_group, dp_group, tp_group = (mesh.get_group(axis) for axis in ("pp", "dp", "tp"))
+    groups = MeshGroups(
+        spec, pp_group, dp_group, dist.get_rank(pp_group), dist.get_rank(dp_group),
+        tp_group, dist.get_rank(tp_group), mesh["tp"],
+    )
+    expected = (groups.dp_rank * spec.pp + groups.pp_rank) * spec.tp + groups.tp_rank
+    assert dist.get_rank() == expected, "unexpected mesh layout"
     return groups
 
 
@@ -173,10 +195,25 @@ def average_gradients(modules: Iterable[nn.Module], group: dist.ProcessGroup) ->
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             continue
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = _flat_local_grads(params)
         dist.all_reduce(flat, group=group)
         _write_mean(params, flat, size)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor``'s local shard (the same storage), or ``tensor`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local()
+
+
+def _flat_local_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Every parameter's local gradient (zeros when it has none) in one flat tensor."""
+    grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in params]
+    return torch.cat([g.reshape(-1) for g in grads])
 
 
 def _write_mean(params: list[torch.nn.Parameter], flat: torch.Tensor, size: int) -> None:
@@ -184,12 +221,12 @@ def _write_mean(params: list[torch.nn.Parameter], flat: torch.Tensor, size: int)
     flat /= size
     offset = 0
     for p in params:
-        n = p.numel()
-        mean = flat[offset : offset + n].view_as(p)
+        local = _local(p)
+        n = local.numel()
+        mean = flat[offset : offset + n].view_as(local)
         if p.grad is None:
-            p.grad = mean.clone()
-        else:
-            p.grad.copy_(mean)
+            p.grad = torch.zeros_like(p)
+        _local(p.grad).copy_(mean)
         offset += n
 
 
@@ -253,8 +290,7 @@ class OverlappedAverage:
         params = self._params[stage]
         if not params or self._size == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = _flat_local_grads(params)
         work = dist.all_reduce(flat, group=self._group, async_op=True)
         assert work is not None
         self._pending.append((stage, flat, work))

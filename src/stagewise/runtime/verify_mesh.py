@@ -1,10 +1,15 @@
-"""Check pipeline x data parallelism against one process running the whole global batch.
+"""Check pipeline x data x tensor parallelism against one process on the whole global batch.
 
-:func:`check_mesh_rank` runs on every rank of a launched ``pp * dp`` group: it builds the mesh,
-the tiny GPT from a seed, cuts it into the schedule's stages, and trains a few steps: each
-replica runs the pipeline on its slice of the global batch, then gradients (and the loss) are
-averaged over the dp group. Every rank compares the loss and every gradient of its own stages
-with a deep copy of the whole model trained in this one process on the whole global batch.
+:func:`check_mesh_rank` runs on every rank of a launched ``pp * dp * tp`` group: it builds the
+mesh, the tiny GPT from a seed, cuts it into the schedule's stages, shards each stage's blocks
+over the tp ranks, and trains a few steps: each replica runs the pipeline on its slice of the
+global batch, then gradients (and the loss) are averaged over the dp group. Every rank compares
+the loss and every gradient of its own stages (a sharded one gathered whole) with a deep copy of
+the whole model, taken before sharding, trained in this one process on the whole global batch,
+and checks that the replicated parameters' gradients are equal over the tp ranks.
+
+:func:`check_llama_tp_rank` does the same for Hugging Face Llama decoder layers sharded over
+all ranks (tp only, no pipeline): output, input gradient and every parameter gradient.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.mesh import (
@@ -24,11 +31,12 @@ from stagewise.runtime.mesh import (
 )
 from stagewise.runtime.partition import partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.tensor_parallel import apply_tensor_parallel
+from stagewise.runtime.tiny_gpt import Block, GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.runtime.verify import _close
 from stagewise.schedules.registry import build
 
-__all__ = ["check_mesh_rank"]
+__all__ = ["check_llama_tp_rank", "check_mesh_rank"]
 
 CONFIG = GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=4)
 
@@ -58,6 +66,8 @@ def check_mesh_rank(
         reference = torch.nn.Sequential(*copy.deepcopy(layers))
         stages = partition(layers, schedule.num_stages)
         mine = stages_for_rank(schedule, stages, groups.pp_rank)
+        sharded = sum(apply_tensor_parallel(m, groups.tp_mesh) for m in mine.values())
+        blocks = sum(isinstance(layer, Block) for m in mine.values() for layer in m.modules())
         reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
         pipe = Pipeline(
             schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store,
@@ -68,6 +78,8 @@ def check_mesh_rank(
         ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
         generator = torch.Generator().manual_seed(7)
         problems: list[str] = []
+        if sharded != (blocks if spec.tp > 1 else 0):
+            problems.append(f"{name} rank {context.rank}: {sharded} of {blocks} blocks sharded")
         compared = 0
         for number in range(steps):
             inputs, targets = make_batch(CONFIG, batch_size, generator)
@@ -88,14 +100,9 @@ def check_mesh_rank(
             for stage, module in mine.items():
                 first = sum(len(s) for s in stages[:stage])
                 ref_module = reference[first : first + len(stages[stage])]
-                pairs = zip(module.named_parameters(), ref_module.parameters(), strict=True)
-                for (param_name, p), q in pairs:
-                    if p.grad is None or q.grad is None:
-                        problems.append(f"{label}: stage {stage} {param_name} has no gradient")
-                        continue
-                    compared += _close(
-                        p.grad, q.grad, f"{label} stage {stage} {param_name}", problems
-                    )
+                compared += _compare_grads(
+                    module, ref_module, groups.tp_group, f"{label} stage {stage}", problems
+                )
             optimizer.step()
             ref_optimizer.step()
             optimizer.zero_grad()
@@ -104,3 +111,89 @@ def check_mesh_rank(
             problems.append(f"{name} rank {context.rank}: nothing was compared")
         results[name] = problems
     return results
+
+
+def _compare_grads(
+    module: nn.Module,
+    reference: nn.Module,
+    tp_group: dist.ProcessGroup,
+    label: str,
+    problems: list[str],
+) -> int:
+    """Compare every gradient of ``module`` (sharded ones gathered) with ``reference``'s.
+
+    Also checks a replicated parameter's gradient is the same on every tp rank. A collective
+    over ``tp_group``: every tp rank calls it with the same modules.
+    """
+    from torch.distributed.tensor import DTensor
+
+    compared = 0
+    pairs = zip(module.named_parameters(), reference.parameters(), strict=True)
+    for (name, p), q in pairs:
+        if p.grad is None or q.grad is None:
+            problems.append(f"{label}: {name} has no gradient")
+            continue
+        grad = p.grad
+        if isinstance(grad, DTensor):
+            grad = grad.full_tensor()
+        elif dist.get_world_size(tp_group) > 1:
+            copies = [torch.empty_like(grad) for _ in range(dist.get_world_size(tp_group))]
+            dist.all_gather(copies, grad.contiguous(), group=tp_group)
+            for tp_rank, other in enumerate(copies):
+                compared += _close(
+                    grad, other, f"{label} {name} (replicated) vs tp rank {tp_rank}", problems
+                )
+        compared += _close(grad, q.grad, f"{label} {name}", problems)
+    return compared
+
+
+def check_llama_tp_rank(
+    context: RankContext, heads: int = 4, kv_heads: int = 2, layers: int = 2
+) -> list[str]:
+    """Shard a tiny Llama's decoder layers over every rank; compare with the unsharded copy.
+
+    Builds ``LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, ...)`` from seed
+    0, runs its decoder layers (with the model's rotary position embeddings) on the same random
+    input in both copies, and compares the output, the input gradient and every parameter's
+    gradient. Returns the mismatches found on this rank.
+
+    Raises:
+        ConfigError: ``heads`` or ``kv_heads`` do not divide by the number of ranks.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaModel(config)
+        hidden = torch.randn(2, 8, config.hidden_size)
+    reference = copy.deepcopy(model.layers)
+    tp_mesh = init_device_mesh("cpu", (context.world_size,), mesh_dim_names=("tp",))
+    problems: list[str] = []
+    if apply_tensor_parallel(model.layers, tp_mesh) != layers:
+        problems.append(f"rank {context.rank}: not every decoder layer was sharded")
+    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+    rotary = model.rotary_emb(hidden, positions)
+    outputs = []
+    for layers_run in (model.layers, reference):
+        x = hidden.clone().requires_grad_()
+        out = x
+        for layer in layers_run:
+            out = layer(out, position_embeddings=rotary, position_ids=positions)
+        out.square().mean().backward()
+        assert x.grad is not None, "the input got no gradient"
+        outputs.append((out.detach(), x.grad))
+    (out, grad), (ref_out, ref_grad) = outputs
+    label = f"llama rank {context.rank}"
+    compared = _close(out, ref_out, f"{label} output", problems)
+    compared += _close(grad, ref_grad, f"{label} input gradient", problems)
+    compared += _compare_grads(
+        model.layers, reference, tp_mesh.get_group(), label, problems
+    )
+    if compared == 0:
+        problems.append(f"{label}: nothing was compared")
+    return problems

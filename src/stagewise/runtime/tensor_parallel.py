@@ -1,0 +1,160 @@
+"""Tensor parallelism inside a pipeline stage: shard each transformer block over the tp ranks.
+
+:func:`apply_tensor_parallel` walks a stage (an ``nn.Sequential`` of layers) and shards, in
+place, every block it recognises with torch's tensor-parallel API (``parallelize_module``):
+
+- attention: q, k and v projections column-parallel (each rank computes whole heads of its own;
+  the blocks reshape with ``-1`` heads, so they run on the local heads unchanged), the output
+  projection row-parallel (one all-reduce of the output);
+- MLP: the first matmul(s) column-parallel, the last row-parallel (one all-reduce).
+
+So a block takes and returns ordinary replicated tensors: the pipeline sends plain tensors
+between stages, and embeddings, norms and the head stay replicated (their gradients agree over
+the tp ranks because the block's input gradient is all-reduced). The sharded weights become
+``DTensor`` parameters (their ``.grad`` too); an optimizer works on them as it is.
+
+Recognised blocks: the tiny GPT's ``Block`` and Hugging Face Llama decoder layers (also any
+decoder layer with ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``, as Qwen2 and
+Mistral have). GPT-2's fused ``Conv1D`` attention cannot be column-sharded by head and is
+refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from stagewise.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+__all__ = ["apply_tensor_parallel"]
+
+
+def apply_tensor_parallel(module: nn.Module, tp_mesh: object) -> int:
+    """Shard every recognised transformer block inside ``module`` over ``tp_mesh``, in place.
+
+    Args:
+        module: a pipeline stage (layers in an ``nn.Sequential``, or any module holding them).
+        tp_mesh: the 1-D tensor-parallel ``DeviceMesh`` (``MeshGroups.tp_mesh``). A mesh of
+            size 1 leaves ``module`` as it is.
+
+    Returns:
+        How many blocks were sharded (0 for a size-1 mesh or a stage of embeddings/heads only).
+
+    Raises:
+        ConfigError: heads, kv heads or the MLP width do not divide by the tp size, or the
+            stage holds a block type tensor parallelism does not support (GPT-2).
+
+    Example (on each rank, after ``groups = build_mesh(MeshSpec(pp=2, tp=2))``)::
+
+        for stage in mine.values():
+            apply_tensor_parallel(stage, groups.tp_mesh)
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(tp_mesh, DeviceMesh) or tp_mesh.ndim != 1:
+        raise ConfigError(
+            f"tensor parallelism needs a 1-D DeviceMesh (MeshGroups.tp_mesh), got {tp_mesh!r}"
+        )
+    size = tp_mesh.size()
+    if size == 1:
+        return 0
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    # Check every block before sharding any, so an error leaves the stage untouched.
+    plans = [(block, _plan(block, size)) for block in _blocks(module)]
+    for block, plan in plans:
+        parallelize_module(block, tp_mesh, plan)
+    return len(plans)
+
+
+def _blocks(module: nn.Module) -> Iterator[nn.Module]:
+    """Every recognised block inside ``module`` (not descending into one); refuse GPT-2."""
+    if _kind(module) is not None:
+        yield module
+        return
+    if type(module).__name__ == "GPT2Block":
+        raise ConfigError(
+            "tensor parallelism is not supported for GPT-2 blocks (their fused Conv1D "
+            "attention mixes q, k and v in one weight): use tp=1 for this model"
+        )
+    for child in module.children():
+        yield from _blocks(child)
+
+
+def _kind(module: nn.Module) -> str | None:
+    """``"tiny_gpt"``, ``"llama"`` (q/k/v/o and gate/up/down projections) or None."""
+    from stagewise.runtime.tiny_gpt import Block
+
+    if isinstance(module, Block):
+        return "tiny_gpt"
+    attention, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+    attention_names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mlp_names = ("gate_proj", "up_proj", "down_proj")
+    if (
+        attention is not None
+        and mlp is not None
+        and all(isinstance(getattr(attention, n, None), nn.Linear) for n in attention_names)
+        and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in mlp_names)
+    ):
+        return "llama"
+    return None
+
+
+def _plan(block: nn.Module, size: int) -> dict[str, ParallelStyle]:
+    """The ``parallelize_module`` plan of one block, after checking its sizes divide."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from stagewise.runtime.tiny_gpt import Block
+
+    colwise, rowwise = ColwiseParallel(), RowwiseParallel()
+    if isinstance(block, Block):
+        _divides("attention heads", block.heads, size, "GPTConfig(heads=...)")
+        _divides("MLP width", _out_features(block, "mlp.0"), size, "GPTConfig(dim=...)")
+        return {"q": colwise, "k": colwise, "v": colwise, "proj": rowwise,
+                "mlp.0": colwise, "mlp.2": rowwise}
+    config = getattr(block.get_submodule("self_attn"), "config", None)
+    head_dim = int(getattr(block.get_submodule("self_attn"), "head_dim", 0)) or None
+    heads = _heads(config, "num_attention_heads", block, "self_attn.q_proj", head_dim)
+    kv_heads = _heads(config, "num_key_value_heads", block, "self_attn.k_proj", head_dim)
+    _divides("attention heads", heads, size, "num_attention_heads")
+    _divides("key/value heads", kv_heads, size, "num_key_value_heads")
+    _divides("MLP width", _out_features(block, "mlp.up_proj"), size, "intermediate_size")
+    return {
+        "self_attn.q_proj": colwise, "self_attn.k_proj": colwise, "self_attn.v_proj": colwise,
+        "self_attn.o_proj": rowwise,
+        "mlp.gate_proj": colwise, "mlp.up_proj": colwise, "mlp.down_proj": rowwise,
+    }
+
+
+def _out_features(block: nn.Module, name: str) -> int:
+    linear = block.get_submodule(name)
+    assert isinstance(linear, nn.Linear), f"{name} is not a Linear"
+    return linear.out_features
+
+
+def _heads(
+    config: object, setting: str, block: nn.Module, projection: str, head_dim: int | None
+) -> int:
+    """A head count from the attention's config, else the projection's width / head size."""
+    value = getattr(config, setting, None)
+    if value is not None:
+        return int(value)
+    if head_dim is None:
+        raise ConfigError(
+            f"cannot tell the {setting} of {type(block).__name__}: its attention has no "
+            "config and no head_dim; use tp=1 for this model"
+        )
+    return _out_features(block, projection) // head_dim
+
+
+def _divides(what: str, count: int, size: int, setting: str) -> None:
+    if count % size:
+        raise ConfigError(
+            f"tp={size} does not divide the {count} {what}: use a tp that divides {count} "
+            f"or change {setting} to a multiple of {size}"
+        )
