@@ -1,0 +1,526 @@
+"""Tokens/s of three layouts of one tiny GPT on 4 ranks, measured and predicted side by side.
+
+    .venv/bin/python benchmarks/mesh_layouts.py            # defaults: about 4 minutes
+    .venv/bin/python benchmarks/mesh_layouts.py --json     # the same figures as JSON
+
+Layouts (the same model, the same global batch, 1F1B, one torch thread per rank):
+``pp=2,dp=2`` (a mesh), ``dp=4`` (a mesh with pp=1: one stage, one micro-batch per replica)
+and ``pp=4`` (one pipeline). Every layout runs through the runtime itself: one ``launch`` of
+4 processes calls ``stagewise.runtime.demo.train_rank`` for each layout in turn, round after
+round (the order rotates each round), so a noisy machine slows every layout alike. A run's
+tokens/s is train_rank's own (global tokens / median step, the first step left out, each step
+as long as its slowest rank saw it). The whole set of rounds is repeated to show the spread.
+
+The prediction comes from this machine's costs, measured once before the runs:
+
+- compute, in this process with one thread: forward and backward of the embedding, one block
+  and the head plus loss, at each micro-batch size a layout uses (the per-row cost differs with
+  the size); a stage costs the sum of its layers (the runtime's ``params`` partition). AdamW's
+  step (and ``zero_grad``) on each stage's parameters.
+- communication, in a launch of 4 processes: gloo send/recv ping-pong between 2 ranks (a line
+  ``latency + bytes / bandwidth`` fitted to it gives the simulator's ``Link``), and all-reduce
+  of each stage's flattened gradients over 2 and over 4 ranks (the other ranks wait).
+
+Each layout's step is then: the pipeline from ``stagewise.sim.simulate(schedule,
+Costs.per_stage(...), Link(...))``; on each rank, after its stage's last backward, the
+data-parallel all-reduce of that stage's gradients. With one stage per rank and 1F1B, a stage's
+last backward is its rank's last action, so ``OverlappedAverage`` overlaps nothing within a rank;
+what it does overlap is a rank that finishes early (stage 1 in pp=2) reducing while the other
+stage still computes, and the model keeps that: each rank's reduction starts when its own last
+backward ends. Then the loss all-reduce (last stage, dp > 1) and the optimizer step; the step is
+the latest rank's end. ``planner`` is the planner's pipeline model (``plan.pipeline.PipelineCache``,
+what ``plan.steptime.step_time`` simulates) fed the same measured costs: ``step_time`` itself
+derives costs from a GPU model (FLOPs, HBM, NVLink), so it cannot take measured seconds; its
+pipeline part can, and it runs the same simulator on costs snapped to a 2 % grid.
+
+Contention: the machine may have fewer cores than ranks. ``contended`` multiplies every compute
+cost (forward, backward, optimizer) by ``max(1, ranks / cores)``, as if every rank computed all
+the time with the cores shared evenly; communication costs are left as measured. A rank that
+waits for a neighbour does not compute, so for a pipeline this factor is pessimistic; the
+truth for a pipeline lies between the two predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from stagewise.plan.pipeline import PipelineCache
+from stagewise.runtime import RankContext, balance, launch, partition
+from stagewise.runtime.demo import TrainConfig, train_rank
+from stagewise.runtime.mesh import MeshSpec
+from stagewise.runtime.partition import layer_weights
+from stagewise.runtime.saved import SavedBytes
+from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.schedules import Op, Schedule, build
+from stagewise.sim import Costs, Link, Timeline, simulate
+
+SCHEDULE = "1f1b"
+WORLD = 4
+FLOAT = 4  # bytes per float32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to place the model on the ranks: ``pp`` pipeline ranks times ``dp`` replicas."""
+
+    name: str
+    pp: int
+    dp: int
+    microbatches: int
+
+    def rows(self, batch_size: int) -> int:
+        """Sequences per micro-batch."""
+        return batch_size // self.dp // self.microbatches
+
+    def schedule(self) -> Schedule:
+        return build(SCHEDULE, num_ranks=self.pp, num_microbatches=self.microbatches)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """Sizes of one benchmark run."""
+
+    model: GPTConfig
+    batch_size: int
+    steps: int
+    rounds: int
+    repeats: int
+    layouts: tuple[Layout, ...]
+    reps: int
+    cores: int
+
+
+def _layouts(pipeline_microbatches: int, dp_microbatches: int) -> tuple[Layout, ...]:
+    return (
+        Layout("pp=2,dp=2", 2, 2, pipeline_microbatches),
+        Layout("dp=4", 1, 4, dp_microbatches),
+        Layout("pp=4", 4, 1, pipeline_microbatches),
+    )
+
+
+def _config(bench: Bench, layout: Layout) -> TrainConfig:
+    return TrainConfig(
+        schedule=layout.schedule(), steps=bench.steps, batch_size=bench.batch_size,
+        model=bench.model, progress=False, timeout=120.0,
+        mesh=MeshSpec(pp=layout.pp, dp=layout.dp) if layout.dp > 1 else None,
+    )
+
+
+# --- measured runs ---------------------------------------------------------------------------
+
+
+def layouts_rank(context: RankContext, bench: Bench) -> list[dict[str, list[float]]] | None:
+    """Every layout in turn through ``train_rank``, round after round, repeated; on rank 0
+    returns per repeat ``{layout: [tokens/s of each round]}``."""
+    results: list[dict[str, list[float]]] = []
+    for repeat in range(bench.repeats):
+        found: dict[str, list[float]] = {layout.name: [] for layout in bench.layouts}
+        for round_ in range(bench.rounds):
+            shift = (repeat * bench.rounds + round_) % len(bench.layouts)
+            for layout in bench.layouts[shift:] + bench.layouts[:shift]:
+                report = train_rank(context, _config(bench, layout))
+                if report is not None:
+                    found[layout.name].append(report.tokens_per_second)
+        results.append(found)
+    return results if context.rank == 0 else None
+
+
+# --- measured costs --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Seconds of one micro-batch of ``rows`` sequences: forward and backward per layer kind."""
+
+    rows: int
+    embedding: tuple[float, float]
+    block: tuple[float, float]
+    head: tuple[float, float]  # head plus the loss
+
+
+def _median_seconds(reps: int, run: Callable[[], None]) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _forward_backward(
+    layer: nn.Module, make_input: Callable[[], torch.Tensor],
+    finish: Callable[[torch.Tensor], torch.Tensor], reps: int,
+) -> tuple[float, float]:
+    """Median forward (as the runtime runs it: counting saved bytes) and backward seconds."""
+    forward, backward = [], []
+    for attempt in range(reps + 1):
+        x = make_input()
+        start = time.perf_counter()
+        with SavedBytes(layer.parameters()):
+            out = finish(layer(x))
+        middle = time.perf_counter()
+        if out.dim() == 0:
+            out.backward()
+        else:
+            out.backward(torch.ones_like(out))
+        end = time.perf_counter()
+        if attempt:
+            forward.append(middle - start)
+            backward.append(end - middle)
+    return statistics.median(forward), statistics.median(backward)
+
+
+def layer_costs(model: GPTConfig, rows: int, reps: int) -> LayerCosts:
+    """Forward and backward seconds of each layer kind at ``rows`` sequences, one thread."""
+    layers = gpt_layers(model, seed=0)
+    embedding, block, head = layers[0], layers[1], layers[-1]
+    ids, targets = make_batch(model, rows, torch.Generator().manual_seed(0))
+    shape = (rows, model.seq_len, model.dim)
+
+    def hidden() -> torch.Tensor:
+        return torch.randn(shape).requires_grad_()
+
+    def same(out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    return LayerCosts(
+        rows=rows,
+        embedding=_forward_backward(embedding, lambda: ids, same, reps),
+        block=_forward_backward(block, hidden, same, reps),
+        head=_forward_backward(head, hidden, lambda out: lm_loss(out, targets), reps),
+    )
+
+
+def optimizer_seconds(stage: nn.Module, reps: int) -> float:
+    """Median seconds of AdamW's step plus ``zero_grad`` on ``stage``'s parameters."""
+    params = list(stage.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    times = []
+    for attempt in range(reps + 1):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        start = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if attempt:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def comm_rank(
+    context: RankContext, p2p_bytes: Sequence[int], reduce_bytes: Sequence[int], reps: int
+) -> dict[str, dict[int, float]] | None:
+    """Gloo costs on 4 ranks; rank 0 returns ``{"p2p": {bytes: one-way s}, "allreduce2":
+    {bytes: s}, "allreduce4": {bytes: s}}`` (medians). Ranks outside a measurement wait in a
+    barrier."""
+    rank = context.rank
+    pair = dist.new_group([0, 1])
+    found: dict[str, dict[int, float]] = {"p2p": {}, "allreduce2": {}, "allreduce4": {}}
+    for size in p2p_bytes:
+        buffer = torch.zeros(max(1, size // FLOAT))
+
+        def ping(buffer: torch.Tensor = buffer) -> None:
+            if rank == 0:
+                dist.send(buffer, 1)
+                dist.recv(buffer, 1)
+            else:
+                dist.recv(buffer, 0)
+                dist.send(buffer, 0)
+
+        if rank < 2:
+            found["p2p"][size] = _median_seconds(reps, ping) / 2
+        dist.barrier()
+    for key, group, members in (("allreduce2", pair, 2), ("allreduce4", None, 4)):
+        for size in reduce_bytes:
+            flat = torch.zeros(max(1, size // FLOAT))
+            if rank < members:
+                found[key][size] = _median_seconds(
+                    reps, lambda flat=flat, group=group: dist.all_reduce(flat, group=group)
+                )
+            dist.barrier()
+    return found if rank == 0 else None
+
+
+def fit_link(p2p: dict[int, float]) -> Link:
+    """Least-squares ``latency + bytes / bandwidth`` through the measured one-way times."""
+    sizes, times = list(p2p), list(p2p.values())
+    n = len(sizes)
+    mean_x, mean_y = sum(sizes) / n, sum(times) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, times, strict=True)) / sum(
+        (x - mean_x) ** 2 for x in sizes
+    )
+    latency = max(0.0, mean_y - slope * mean_x)
+    return Link(latency=latency, bandwidth=1.0 / slope if slope > 0 else None)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """One layout's measured costs per stage, in seconds (one micro-batch for F and B)."""
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    send_bytes: tuple[float, ...]  # activation (and gradient) bytes leaving each stage
+    optimizer: tuple[float, ...]
+    reduce: tuple[float, ...]  # all-reduce of the stage's gradients over dp (0 when dp = 1)
+    loss_reduce: float  # the loss all-reduce on the last stage's ranks (0 when dp = 1)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """This machine's measured costs (see the module docstring)."""
+
+    layers: dict[int, LayerCosts]
+    link: Link
+    p2p: dict[int, float]
+    allreduce: dict[str, dict[int, float]]
+    stages: dict[str, StageCosts]
+    seconds: float
+
+
+def _stage_sizes(model: GPTConfig, pp: int) -> tuple[list[int], list[nn.Sequential]]:
+    layers = gpt_layers(model, seed=0)
+    return balance(layer_weights(layers, "params"), pp), partition(layers, pp, "params")
+
+
+def _grad_bytes(stage: nn.Module) -> int:
+    return FLOAT * sum(p.numel() for p in stage.parameters())
+
+
+def measure_machine(bench: Bench) -> Machine:
+    """Measure compute once in this process (one thread), communication in a 4-rank launch."""
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    model = bench.model
+    rows = sorted({layout.rows(bench.batch_size) for layout in bench.layouts})
+    layers = {r: layer_costs(model, r, bench.reps) for r in rows}
+    act_bytes = {r: FLOAT * r * model.seq_len * model.dim for r in rows}
+    grads = {
+        layout.name: [_grad_bytes(s) for s in _stage_sizes(model, layout.pp)[1]]
+        for layout in bench.layouts
+    }
+    p2p_sizes = sorted({FLOAT, *act_bytes.values(), 1 << 20, 4 << 20})
+    reduce_sizes = sorted({FLOAT, *(b for sizes in grads.values() for b in sizes)})
+    comm = launch(comm_rank, WORLD, (p2p_sizes, reduce_sizes, bench.reps), timeout=600)[0]
+    stages = {}
+    for layout in bench.layouts:
+        sizes, modules = _stage_sizes(model, layout.pp)
+        cost = layers[layout.rows(bench.batch_size)]
+        kinds = ["embedding", *["block"] * model.layers, "head"]
+        forward, backward, start_layer = [], [], 0
+        for size in sizes:
+            mine = [getattr(cost, kind) for kind in kinds[start_layer : start_layer + size]]
+            forward.append(sum(f for f, _ in mine))
+            backward.append(sum(b for _, b in mine))
+            start_layer += size
+        reduced = comm.get(f"allreduce{layout.dp}", {})
+        stages[layout.name] = StageCosts(
+            forward=tuple(forward),
+            backward=tuple(backward),
+            send_bytes=tuple([float(act_bytes[cost.rows])] * (layout.pp - 1) + [0.0]),
+            optimizer=tuple(optimizer_seconds(m, bench.reps) for m in modules),
+            reduce=tuple(reduced.get(b, 0.0) for b in grads[layout.name]),
+            loss_reduce=reduced.get(FLOAT, 0.0),
+        )
+    return Machine(layers, fit_link(comm["p2p"]), comm["p2p"],
+                   {k: v for k, v in comm.items() if k != "p2p"}, stages,
+                   time.perf_counter() - start)
+
+
+# --- prediction ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One layout's predicted step, in seconds."""
+
+    step_s: float
+    pipeline_s: float  # the simulator's makespan
+    planner_pipeline_s: float  # PipelineCache's makespan from the same costs
+    planner_step_s: float  # the same tail as step_s after the planner's pipeline
+    tail_s: float  # step - pipeline: exposed all-reduce, loss all-reduce, optimizer
+    factor: float  # compute multiplied by this (contention)
+
+
+def _tail_end(
+    schedule: Schedule, costs: StageCosts, done: Sequence[float], rank_end: Sequence[float],
+    dp: int, factor: float,
+) -> float:
+    """Latest rank's end: per rank, its stages' all-reduces (one stream, each started when the
+    stage's last backward ended), the loss all-reduce, then the optimizer."""
+    finish = 0.0
+    last = schedule.num_stages - 1
+    for rank in range(schedule.num_ranks):
+        mine = sorted(schedule.stages_of(rank), key=lambda s: done[s])
+        stream = 0.0
+        for stage in mine:
+            stream = max(stream, done[stage]) + costs.reduce[stage]
+        end = max(rank_end[rank], stream)
+        if last in mine and dp > 1:
+            end += costs.loss_reduce
+        finish = max(finish, end + factor * sum(costs.optimizer[s] for s in mine))
+    return finish
+
+
+def predict(layout: Layout, costs: StageCosts, link: Link, factor: float = 1.0) -> Prediction:
+    """The step of ``layout`` from measured ``costs``, compute multiplied by ``factor``."""
+    schedule = layout.schedule()
+    forward = [factor * f for f in costs.forward]
+    backward = [factor * b for b in costs.backward]
+    timeline: Timeline = simulate(
+        schedule, Costs.per_stage(forward, backward, send_bytes=costs.send_bytes), link
+    )
+    done = [0.0] * schedule.num_stages
+    rank_end = [0.0] * schedule.num_ranks
+    for e in timeline.events:
+        if e.op is not Op.F:
+            done[e.stage] = max(done[e.stage], e.end - timeline.start)
+        rank_end[e.rank] = max(rank_end[e.rank], e.end - timeline.start)
+    step = _tail_end(schedule, costs, done, rank_end, layout.dp, factor)
+    hops = [link.transfer_time(b) for b in costs.send_bytes]
+    run = PipelineCache().run(SCHEDULE, layout.pp, layout.microbatches, 1, forward, backward,
+                              [b / 2 for b in backward], hops)
+    planner_done = [run.makespan - slack for slack in run.stage_slack]
+    planner_ends = [max(planner_done[s] for s in schedule.stages_of(r))
+                    for r in range(schedule.num_ranks)]
+    planner_step = _tail_end(schedule, costs, planner_done, planner_ends, layout.dp, factor)
+    return Prediction(step, timeline.makespan, run.makespan, planner_step,
+                      step - timeline.makespan, factor)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _rows(bench: Bench, machine: Machine, measured: list[dict[str, list[float]]]) -> list[dict[
+        str, Any]]:
+    tokens = bench.batch_size * bench.model.seq_len
+    factor = max(1.0, WORLD / bench.cores)
+    rows = []
+    for layout in bench.layouts:
+        costs = machine.stages[layout.name]
+        free, contended = predict(layout, costs, machine.link), predict(
+            layout, costs, machine.link, factor)
+        runs = [x for repeat in measured for x in repeat[layout.name]]
+        rows.append({
+            "layout": layout.name, "pp": layout.pp, "dp": layout.dp,
+            "microbatches": layout.microbatches, "rows": layout.rows(bench.batch_size),
+            "measured": statistics.median(runs),
+            "repeats": [statistics.median(repeat[layout.name]) for repeat in measured],
+            "runs": [repeat[layout.name] for repeat in measured],
+            "predicted": tokens / free.step_s, "contended": tokens / contended.step_s,
+            "planner": tokens / free.planner_step_s,
+            "planner_contended": tokens / contended.planner_step_s,
+            "prediction": asdict(free), "prediction_contended": asdict(contended),
+            "costs": asdict(costs),
+        })
+    return rows
+
+
+def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
+    model, factor = bench.model, max(1.0, WORLD / bench.cores)
+    print(
+        f"tiny GPT: {model.layers} blocks, width {model.dim}, seq {model.seq_len}, vocab "
+        f"{model.vocab}; {bench.batch_size} sequences per step; {SCHEDULE}; 1 thread per rank; "
+        f"{WORLD} ranks on {bench.cores} cores (contention factor {factor:g}); {bench.steps} "
+        f"steps per run (first left out), {bench.rounds} rounds x {bench.repeats} repeats"
+    )
+    print(f"\nmeasured costs ({machine.seconds:.0f} s to measure):")
+    for r, layer in machine.layers.items():
+        print(f"- {r} rows/micro-batch: forward/backward ms: embedding "
+              f"{layer.embedding[0] * 1e3:.2f}/{layer.embedding[1] * 1e3:.2f}, block "
+              f"{layer.block[0] * 1e3:.2f}/{layer.block[1] * 1e3:.2f}, head+loss "
+              f"{layer.head[0] * 1e3:.2f}/{layer.head[1] * 1e3:.2f}")
+    bandwidth = machine.link.bandwidth
+    print(f"- gloo p2p fit: latency {machine.link.latency * 1e6:.0f} us, bandwidth "
+          f"{bandwidth / 1e6 if bandwidth else float('inf'):.0f} MB/s; one-way: " + ", ".join(
+              f"{b} B {t * 1e6:.0f} us" for b, t in machine.p2p.items()))
+    for key, times in machine.allreduce.items():
+        print(f"- {key[:-1]} over {key[-1]} ranks: " + ", ".join(
+            f"{b} B {t * 1e3:.2f} ms" for b, t in times.items()))
+    print("\n| layout | m | rows/mb | measured tok/s (median) | per repeat | predicted tok/s "
+          "| predicted, contended | measured/predicted | measured/contended |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        repeats = " / ".join(f"{x:,.0f}" for x in row["repeats"])
+        print(f"| {row['layout']} | {row['microbatches']} | {row['rows']} | "
+              f"{row['measured']:,.0f} | {repeats} | {row['predicted']:,.0f} | "
+              f"{row['contended']:,.0f} | {row['measured'] / row['predicted']:.2f} | "
+              f"{row['measured'] / row['contended']:.2f} |")
+    base = rows[[r["layout"] for r in rows].index("dp=4")] if any(
+        r["layout"] == "dp=4" for r in rows) else rows[0]
+    print(f"\n| layout | measured / {base['layout']} (per repeat) | predicted / {base['layout']} "
+          f"| contended / {base['layout']} |")
+    print("|---|---|---|---|")
+    for row in rows:
+        per = " / ".join(f"{x / y:.2f}" for x, y in zip(row["repeats"], base["repeats"],
+                                                         strict=True))
+        print(f"| {row['layout']} | {row['measured'] / base['measured']:.2f} ({per}) | "
+              f"{row['predicted'] / base['predicted']:.2f} | "
+              f"{row['contended'] / base['contended']:.2f} |")
+    print("\n| layout | sim pipeline ms | planner pipeline ms | tail ms | step ms | contended "
+          "step ms | planner tok/s | planner contended tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        p, c = row["prediction"], row["prediction_contended"]
+        print(f"| {row['layout']} | {p['pipeline_s'] * 1e3:.1f} | "
+              f"{p['planner_pipeline_s'] * 1e3:.1f} | {p['tail_s'] * 1e3:.1f} | "
+              f"{p['step_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | {row['planner']:,.0f} | "
+              f"{row['planner_contended']:,.0f} |")
+    print("\nmeasured: train_rank's tokens/s, median over every round of every repeat; tail = "
+          "exposed gradient all-reduce + loss all-reduce + AdamW after the pipeline; contended "
+          f"= compute x {factor:g} (ranks / cores); planner = PipelineCache (the planner's "
+          "pipeline model) on the same costs, same tail")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=8, help="transformer blocks")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="global sequences per step")
+    parser.add_argument("-m", "--microbatches", type=int, default=8,
+                        help="micro-batches of the pipeline layouts (pp=2,dp=2 and pp=4)")
+    parser.add_argument("--dp-microbatches", type=int, default=1,
+                        help="micro-batches of each dp=4 replica")
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (first left out)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each layout per repeat")
+    parser.add_argument("--repeats", type=int, default=2, help="times the rounds are repeated")
+    parser.add_argument("--reps", type=int, default=20, help="timings per measured cost")
+    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                        help="cores the ranks share (default: this process's affinity)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = parser.parse_args()
+    bench = Bench(
+        model=GPTConfig(vocab=256, seq_len=args.seq_len, dim=args.dim, heads=4,
+                        layers=args.layers),
+        batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
+        repeats=args.repeats, layouts=_layouts(args.microbatches, args.dp_microbatches),
+        reps=args.reps, cores=args.cores,
+    )
+    for layout in bench.layouts:
+        _config(bench, layout)  # bad sizes fail here, before anything runs
+    machine = measure_machine(bench)
+    measured = launch(layouts_rank, WORLD, (bench,), timeout=3600)[0]
+    rows = _rows(bench, machine, measured)
+    if args.json:
+        print(json.dumps({"bench": asdict(bench), "link": asdict(machine.link),
+                          "p2p": machine.p2p, "allreduce": machine.allreduce,
+                          "layers": {r: asdict(c) for r, c in machine.layers.items()},
+                          "layouts": rows}, indent=2))
+    else:
+        _print(bench, machine, rows)
+
+
+if __name__ == "__main__":
+    main()
