@@ -1,0 +1,186 @@
+"""Run configurations: TOML round trips, train flags, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from stagewise.errors import ConfigError
+from stagewise.runconfig import (
+    BatchConfig,
+    MeshConfig,
+    ModelConfig,
+    RunConfig,
+    ScheduleConfig,
+    SourceInfo,
+    TrainingConfig,
+    load_run_config,
+    parse_run_config,
+)
+
+LLAMA = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+    "max_position_embeddings": 128, "tie_word_embeddings": False, "hidden_act": "silu",
+    "rms_norm_eps": 1e-05, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    "name_or_path": 'quote " and \\ backslash', "layer_types": ["full", "full"],
+}
+
+
+def _full() -> RunConfig:
+    return RunConfig(
+        mesh=MeshConfig(pp=2, dp=2, tp=2),
+        schedule=ScheduleConfig("interleaved-1f1b", chunks=2, microbatches=8),
+        batch=BatchConfig(global_batch=32, micro_batch_size=2, seq_len=64),
+        training=TrainingConfig(steps=20, lr=0.003, recompute="full"),
+        model=ModelConfig("hf:llama", hf_config=dict(LLAMA)),
+        source=SourceInfo(model="tiny-llama", gpu="cpu", nodes=1, gpus_per_node=8,
+                          configuration="TP=2 PP=2 DP=2", predicted_step_s=0.125,
+                          memory_per_gpu_gib=1.5, notes=("one", "two")),
+    )
+
+
+@pytest.mark.parametrize("config", [
+    _full(),
+    RunConfig(),
+    RunConfig(model=ModelConfig("tiny", layers=3, dim=48, heads=3),
+              mesh=MeshConfig(pp=3), batch=BatchConfig(global_batch=8, micro_batch_size=1)),
+    RunConfig(model=ModelConfig("py:mypkg.models:build", split=("embed", "blocks", "head")),
+              schedule=ScheduleConfig("zb-v", chunks=2, microbatches=4),
+              batch=BatchConfig(global_batch=4, micro_batch_size=1), training=TrainingConfig(
+                  lr=1e-4)),
+], ids=["full", "defaults", "tiny", "py"])
+def test_toml_round_trip_gives_an_equal_config(config: RunConfig, tmp_path: Path) -> None:
+    text = config.to_toml()
+    tomllib.loads(text)  # the standard library reads what we write by hand
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    assert load_run_config(path) == config
+    assert parse_run_config(text).to_toml() == text
+
+
+def test_file_is_readable_and_hf_config_is_a_plain_dict() -> None:
+    config = _full()
+    text = config.to_toml()
+    assert "[model.hf_config]" in text and "[source]" in text
+    assert "chunks = 2  # v, virtual stages per pipeline rank" in text
+    loaded = parse_run_config(text)
+    assert type(loaded.model.hf_config) is dict and loaded.model.hf_config == LLAMA
+    assert loaded.world_size == 8
+
+
+def test_train_args() -> None:
+    assert _full().train_args() == [
+        "--mesh", "pp=2,dp=2,tp=2", "--schedule", "interleaved-1f1b", "--chunks", "2",
+        "--microbatches", "8", "--batch-size", "32", "--seq-len", "64", "--steps", "20",
+        "--lr", "0.003", "--model", "hf:llama", "--recompute",
+    ]
+    # tiny GPT: train's default --model is left out, its sizes are flags; fixed-v schedules
+    # take no --chunks; --model-config only when the caller has written the HF config.
+    tiny = RunConfig(mesh=MeshConfig(pp=2, dp=1), schedule=ScheduleConfig("zb-v", 2, 4),
+                     batch=BatchConfig(4, 1, 16), model=ModelConfig(layers=4))
+    assert tiny.train_args() == [
+        "--mesh", "pp=2,dp=1", "--schedule", "zb-v", "--microbatches", "4", "--batch-size", "4",
+        "--seq-len", "16", "--steps", "30", "--lr", "0.003", "--dim", "64", "--layers", "4",
+    ]
+    assert _full().train_args("cfg.json")[-3:] == ["--model-config", "cfg.json", "--recompute"]
+
+
+def test_missing_keys_take_trains_defaults_and_derive_the_micro_batch() -> None:
+    config = parse_run_config(
+        '[mesh]\npp = 2\ndp = 2\n[schedule]\nname = "interleaved-1f1b"\nmicrobatches = 4\n'
+        "[batch]\nglobal_batch = 24\n"
+    )
+    assert config.schedule.chunks == 2  # interleaved's default v, as train's -v default
+    assert config.batch.micro_batch_size == 3
+    assert (config.training.steps, config.training.lr, config.model.spec) == (30, 3e-3, "tiny")
+    assert (config.model.layers, config.model.dim, config.model.heads) == (6, 64, 4)
+
+
+def test_missing_or_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist: write one with stagewise plan"):
+        load_run_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_run_config(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mesh\npp = 2\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML.*line 1"):
+        load_run_config(bad)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[meshes]\npp = 2", r"unknown section \[meshes\]: the sections are \[mesh\], \[schedule\]"),
+    ("[mesh]\npipeline = 2", r"unknown key 'pipeline' in \[mesh\]: the keys are pp, dp, tp"),
+    ("[model]\nhf = 1", r"unknown key 'hf' in \[model\]: the keys are spec, layers"),
+    ("mesh = 2", r"mesh must be a \[mesh\] section"),
+    ('[batch]\nseq_len = "64"', r"\[batch\] seq_len must be an integer, got '64' \(str\): "
+     r"write seq_len = 2"),
+    ("[mesh]\npp = 2.0", r"\[mesh\] pp must be an integer, got 2.0"),
+    ("[mesh]\ntp = true", r"\[mesh\] tp must be an integer, got True"),
+    ('[training]\nlr = "fast"', r"\[training\] lr must be a number"),
+    ("[model]\nhf_config = 3", r"\[model\] hf_config must be a table"),
+    ('[source]\nnotes = "x"', r"\[source\] notes must be a list"),
+])
+def test_unknown_names_and_wrong_types(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(text)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[mesh]\ndp = 0", r"\[mesh\] dp must be a positive integer, got 0"),
+    ("[mesh]\ndp = 2\n[batch]\nglobal_batch = 30",
+     r"global_batch = 30 is not divisible by microbatches x dp = 8 x 2 = 16: choose a multiple"),
+    ("[mesh]\ndp = 2\n[batch]\nglobal_batch = 30\nmicro_batch_size = 2",
+     r"global_batch = 30 is not micro_batch_size x microbatches x dp = 2 x 8 x 2 = 32: set "
+     r"global_batch = 32"),
+    ("[mesh]\npp = 4\n[schedule]\nname = \"interleaved-1f1b\"\nchunks = 2\n"
+     "[batch]\nglobal_batch = 8\n[model]\nlayers = 6",
+     r"pp x chunks = 4 x 2 = 8 stages but the model has 6 layers: lower \[mesh\] pp"),
+    ("[mesh]\npp = 4\n[batch]\nglobal_batch = 8\n[model]\nspec = \"hf:llama\"\n"
+     "[model.hf_config]\nnum_hidden_layers = 2",
+     r"4 stages but the model has 2 layers"),
+    ("[mesh]\ntp = 4\n[model]\nspec = \"hf:llama\"\n[model.hf_config]\n"
+     "num_attention_heads = 8\nnum_key_value_heads = 2",
+     r"tp = 4 does not divide the model's 2 key/value heads: choose a tp that divides 2"),
+    ("[mesh]\ntp = 3", r"tp = 3 does not divide the model's 4 attention heads"),
+    ('[schedule]\nname = "zb-v"\nchunks = 3', r"zb-v runs exactly 2 chunk\(s\) per rank: set "
+     r"chunks = 2"),
+    ('[schedule]\nname = "one-f-one-b"', r"'one-f-one-b' is not a schedule: choose one of "
+     r"gpipe, 1f1b"),
+    ('[training]\nrecompute = "selective"', r"recompute = 'selective': choose one of 'none', "
+     r"'full'"),
+    ("[training]\nlr = -1.0", r"lr must be a positive number"),
+    ('[model]\nspec = "llama"', r"spec = 'llama': write \"tiny\", \"hf:llama\""),
+    ('[model]\nspec = "hf:llama"\nlayers = 4', r"layers apply to spec = \"tiny\" only"),
+    ('[model]\nspec = "tiny"\n[model.hf_config]\nhidden_size = 8',
+     r"hf_config\] applies to hf: models only"),
+    ("[model]\ndim = 60\nheads = 8", r"dim = 60 is not a multiple of heads = 8"),
+])
+def test_impossible_values(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(text)
+
+
+def test_values_toml_cannot_hold_are_refused_on_construction() -> None:
+    with pytest.raises(ConfigError, match=r"rope_scaling is None, which TOML cannot hold"):
+        ModelConfig("hf:llama", hf_config={"rope_scaling": None})
+    with pytest.raises(ConfigError, match=r"cannot be written as TOML"):
+        ModelConfig("hf:llama", hf_config={"dtype": object()})
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[mesh]\npp = 0\n")
+    with pytest.raises(ConfigError, match=r"run.toml: \[mesh\] pp must be a positive integer"):
+        load_run_config(path)
+
+
+def test_import_pulls_in_no_torch() -> None:
+    code = "import sys, stagewise.runconfig; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False"
