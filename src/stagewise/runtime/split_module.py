@@ -70,7 +70,7 @@ def _coverage(module: nn.Module, names: Sequence[str], layers: Sequence[nn.Modul
     for path, param in module.named_parameters(remove_duplicate=False):
         paths.setdefault(id(param), []).append(path)
     missing = [ps[0] for ps in paths.values() if not any(p in owners for p in ps)]
-    twice = [f"{p} (in {' and '.join(o)})" for p, o in owners.items() if len(o) > 1]
+    twice = [f"{p} ({len(o)} times)" for p, o in owners.items() if len(o) > 1]
     if missing or twice:
         problems = []
         if missing:
@@ -80,7 +80,8 @@ def _coverage(module: nn.Module, names: Sequence[str], layers: Sequence[nn.Modul
         raise ConfigError(
             f"the submodules {list(names)} must hold every parameter of "
             f"{type(module).__name__} exactly once; {'; '.join(problems)}: name the missing "
-            "submodules and drop names nested in others"
+            "submodules; drop names repeated or nested in others (a ModuleList's name already "
+            "stands for all its children)"
         )
 
 
