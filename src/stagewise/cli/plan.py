@@ -4,7 +4,9 @@ Searches every valid configuration (or evaluates the one the knobs fix), prints 
 recommendation with its memory and step-time breakdown, the ranked top plans, the best plan
 of every TP x PP layout side by side, and, when nothing fits, what would. ``--json`` prints one
 object with a ``plans`` list; ``--megatron``/``--torchtitan`` add launch arguments; ``--plot``
-draws step time against memory for every candidate.
+draws step time against memory for every candidate; ``--emit-config run.toml`` writes the
+recommended plan as a run configuration for ``stagewise train --config run.toml`` (``--toy``:
+the same layout with a tiny model of the same family, to rehearse it on one machine).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-from stagewise.errors import PlanError
+from stagewise.errors import ConfigError, PlanError
 from stagewise.plan import Cluster, ModelSpec, TrainingSpec, get_gpu, get_model
 from stagewise.plan.advice import check_claim, what_would_fit
+from stagewise.plan.emit import TOY_SEQ, run_config
 from stagewise.plan.export import export_notes, megatron_command, torchtitan_toml
 from stagewise.plan.models import model_from_hf_config
 from stagewise.plan.report import best_per_layout, describe_plan, plan_to_dict, table
@@ -80,6 +84,17 @@ def add_parser(verbs: Any) -> None:
     out.add_argument("--price-per-gpu-hour", type=float, help="price for the cost estimate")
     out.add_argument("--claim-steps-per-s", type=float,
                      help="check a claimed speed against the physical lower bound")
+    emit = parser.add_argument_group("run configuration")
+    emit.add_argument("--emit-config", metavar="RUN.toml",
+                     help="write the recommended plan for stagewise train --config RUN.toml")
+    emit.add_argument("--toy", action="store_true",
+                     help=f"with --emit-config: keep the plan's mesh, schedule and batch but "
+                     f"train a tiny model of the same family on sequences of at most "
+                     f"{TOY_SEQ} tokens (rehearse the layout on one machine)")
+    emit.add_argument("--steps", type=int, default=30,
+                     help="with --emit-config: training steps (default 30)")
+    emit.add_argument("--lr", type=float, default=3e-3,
+                     help="with --emit-config: AdamW learning rate (default 3e-3)")
     parser.set_defaults(run=run)
 
 
@@ -135,6 +150,9 @@ def _progress(done: int, total: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.toy and not args.emit_config:
+        raise PlanError("--toy shrinks the model of the emitted run configuration: add "
+                        "--emit-config RUN.toml")
     model, cluster = _model(args), _cluster(args)
     if args.lora is not None and args.lora < 1:
         raise PlanError(f"--lora takes the adapter rank, a positive integer, got {args.lora}")
@@ -159,11 +177,39 @@ def run(args: argparse.Namespace) -> int:
 
         plot_plans(result.plans, args.plot, best)
     shown = result.plans[: max(1, args.top)]
+    emitted = _emit(args, best) if args.emit_config else None
     if args.json:
-        _print_json(args, model, cluster, training, result, shown, suggestions, claim)
+        _print_json(args, model, cluster, training, result, shown, suggestions, claim, emitted)
     else:
         _print_text(args, model, cluster, training, result, shown, suggestions, claim)
+        if emitted is not None:
+            _print_emitted(args, emitted, cluster)
     return 0
+
+
+def _emit(args: argparse.Namespace, best: Any) -> Any:
+    """Write the recommended plan as a run configuration; return the RunConfig."""
+    if best is None:
+        raise PlanError(
+            f"nothing fits, so --emit-config wrote no {args.emit_config}: run the plan without "
+            "it to see what would fit, then plan that"
+        )
+    config = run_config(best, steps=args.steps, lr=args.lr, toy=args.toy)
+    try:
+        Path(args.emit_config).write_text(config.to_toml(), encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot write run configuration {args.emit_config!r}: {err}") from None
+    return config
+
+
+def _print_emitted(args: argparse.Namespace, config: Any, cluster: Cluster) -> None:
+    path, world = args.emit_config, config.world_size
+    what = "toy run" if args.toy else "run"
+    print(f"\nwrote {path}: {what} of {config.source.configuration}, {world} processes")
+    print(f"  stagewise train --config {path}")
+    if not args.toy and cluster.nodes > 1:
+        print(f"  torchrun --nnodes {cluster.nodes} --nproc-per-node {cluster.gpus_per_node} "
+              f"... -m stagewise train --config {path}")
 
 
 def _progress_for(args: argparse.Namespace, model: ModelSpec, cluster: Cluster) -> Any:
@@ -248,6 +294,7 @@ def _print_text(
 def _print_json(
     args: argparse.Namespace, model: ModelSpec, cluster: Cluster, training: TrainingSpec,
     result: SearchResult, shown: list[Any], suggestions: list[Any], claim: Any,
+    emitted: Any = None,
 ) -> None:
     tokens, price = args.tokens, args.price_per_gpu_hour
 
@@ -280,4 +327,9 @@ def _print_json(
         document["claim"] = claim.to_dict()
     if args.plot:
         document["plot"] = args.plot
+    if emitted is not None:
+        document["run_config"] = {
+            "path": args.emit_config, "toy": args.toy, "world_size": emitted.world_size,
+            "train_args": emitted.train_args(),
+        }
     print(json.dumps(document, indent=1))

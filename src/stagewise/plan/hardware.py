@@ -2,7 +2,9 @@
 
 Bandwidths are per GPU and per direction, in bytes per second once loaded: ``nvlink`` inside a
 node, ``network`` (InfiniBand or RoCE) between nodes. Peaks are dense (no sparsity) BF16 tensor
-core figures from the vendors' datasheets, cited in ``source``.
+core figures from the vendors' datasheets, cited in ``source``. :func:`get_gpu` also knows the
+devices of ``data/toy_devices.json`` (``cpu``: a rough stand-in for one CPU process, so the
+planner can lay out toy runs on one machine); :func:`catalog_gpus` lists only real GPUs.
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ class Cluster:
         return cls(gpu, num_gpus // per_node, per_node)
 
 
-def _catalog() -> dict[str, dict[str, Any]]:
-    text = resources.files("stagewise.plan").joinpath("data/gpus.json").read_text()
+def _catalog(name: str = "gpus") -> dict[str, dict[str, Any]]:
+    text = resources.files("stagewise.plan").joinpath(f"data/{name}.json").read_text()
     data: dict[str, dict[str, Any]] = json.loads(text)
     data.pop("_comment", None)
     return data
@@ -103,7 +105,7 @@ def get_gpu(name: str) -> GpuSpec:
         79.6
     """
     key = name.lower()
-    for full, entry in _catalog().items():
+    for full, entry in {**_catalog(), **_catalog("toy_devices")}.items():
         if key == full.lower() or key in entry.get("aliases", []):
             return GpuSpec(
                 name=full,
@@ -115,4 +117,7 @@ def get_gpu(name: str) -> GpuSpec:
                 gpus_per_node=entry.get("gpus_per_node", 8),
                 source=entry.get("source", ""),
             )
-    raise PlanError(f"unknown GPU {name!r}: choose one of {', '.join(catalog_gpus())}")
+    raise PlanError(
+        f"unknown GPU {name!r}: choose one of {', '.join(catalog_gpus())} (or "
+        f"{', '.join(sorted(_catalog('toy_devices')))} for toy runs on this machine)"
+    )

@@ -10,14 +10,21 @@ and dropout is used. Parameter counts here are exact for Llama- and GPT-2-style 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from stagewise.errors import PlanError
 
-__all__ = ["ModelSpec", "catalog_models", "get_model", "model_from_hf_config"]
+__all__ = [
+    "ModelSpec",
+    "catalog_models",
+    "get_model",
+    "hf_family_and_config",
+    "model_from_hf_config",
+    "toy_model",
+]
 
 
 @dataclass(frozen=True)
@@ -237,4 +244,85 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
     raise PlanError(
         f"model config {label!r} has model_type {kind!r}: supported are llama, mistral "
         "and gpt2; describe other models with --layers/--hidden/... flags"
+    )
+
+
+def hf_family_and_config(model: ModelSpec) -> tuple[str, dict[str, Any]]:
+    """The Hugging Face family and config fields that build ``model`` (the inverse of
+    :func:`model_from_hf_config`): what ``stagewise train --model hf:FAMILY`` runs.
+
+    Llama-style shapes (SwiGLU, RMSNorm, rotary positions) give ``"llama"``; GPT-2-style
+    shapes (GELU, LayerNorm, learned positions, biases, no grouped-query attention) give
+    ``"gpt2"``. Fields the planner does not model (norm epsilon, rotary base) are left to
+    Hugging Face's defaults.
+
+    Raises:
+        PlanError: a shape neither family builds.
+
+    Example:
+        >>> family, fields = hf_family_and_config(get_model("llama-2-70b"))
+        >>> family, fields["num_key_value_heads"], fields["num_hidden_layers"]
+        ('llama', 8, 80)
+    """
+    shape = (model.mlp, model.norm, model.position)
+    if shape == ("swiglu", "rmsnorm", "rope"):
+        return "llama", {
+            "hidden_size": model.hidden,
+            "intermediate_size": model.ffn,
+            "num_hidden_layers": model.layers,
+            "num_attention_heads": model.heads,
+            "num_key_value_heads": model.kv_heads,
+            "vocab_size": model.vocab,
+            "max_position_embeddings": model.max_seq,
+            "tie_word_embeddings": model.tied_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": model.bias,
+            "mlp_bias": model.bias,
+            "attention_dropout": 0.1 if model.dropout else 0.0,
+        }
+    if shape == ("gelu", "layernorm", "learned") and model.bias and model.kv_heads == model.heads:
+        dropout = 0.1 if model.dropout else 0.0
+        return "gpt2", {
+            "n_embd": model.hidden,
+            "n_inner": model.ffn,
+            "n_layer": model.layers,
+            "n_head": model.heads,
+            "vocab_size": model.vocab,
+            "n_positions": model.max_seq,
+            "tie_word_embeddings": model.tied_embeddings,
+            "resid_pdrop": dropout,
+            "embd_pdrop": dropout,
+            "attn_pdrop": dropout,
+        }
+    raise PlanError(
+        f"model {model.name} ({model.mlp}, {model.norm}, {model.position} positions, "
+        f"{'' if model.bias else 'no '}biases, {model.kv_heads} of {model.heads} key/value "
+        "heads) is neither a Llama nor a GPT-2 shape, so stagewise train cannot build it: "
+        "describe it as one of those families"
+    )
+
+
+def toy_model(model: ModelSpec, num_stages: int, tp: int) -> ModelSpec:
+    """A tiny model of ``model``'s family that keeps a plan's layout runnable on one machine.
+
+    One block per (virtual) stage (at least 2); query heads 16 wide, a multiple of ``tp``, at
+    least 4; grouped-query attention kept as ``tp`` key/value heads when ``model`` has it;
+    MLP twice the width; 256-token vocabulary, 128 positions; norm, MLP kind, positions,
+    biases, ties and dropout as ``model``.
+
+    Example:
+        >>> toy = toy_model(get_model("llama-2-70b"), num_stages=8, tp=4)
+        >>> toy.layers, toy.hidden, toy.heads, toy.kv_heads
+        (8, 128, 8, 4)
+    """
+    heads = tp * -(-4 // tp)
+    grouped = model.kv_heads < model.heads
+    if grouped and heads == tp:
+        heads *= 2  # room for fewer key/value heads than query heads
+    kv_heads = tp if grouped else heads
+    hidden = 16 * heads
+    return replace(
+        model, name=f"{model.name}-toy", layers=max(2, num_stages), hidden=hidden, heads=heads,
+        kv_heads=kv_heads, ffn=2 * hidden, vocab=256, max_seq=128,
+        source=f"toy of {model.name} (stagewise toy_model)",
     )

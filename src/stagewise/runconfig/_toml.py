@@ -25,7 +25,10 @@ def _section(lines: list[str], name: str, values: Mapping[str, Any],
     lines += ["", f"[{name}]"]
     for key, value in values.items():
         note = (comments or {}).get(key)
-        lines.append(f"{_key(key)} = {_toml(value, key)}" + (f"  # {note}" if note else ""))
+        text = _toml(value, key)
+        if isinstance(value, list | tuple) and len(value) > 1 and len(text) > 80:
+            text = "[\n" + "".join(f"  {_toml(v, key)},\n" for v in value) + "]"
+        lines.append(f"{_key(key)} = {text}" + (f"  # {note}" if note else ""))
 
 
 def _key(key: str) -> str:
