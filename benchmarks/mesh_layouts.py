@@ -11,7 +11,8 @@ round (the order rotates each round), so a noisy machine slows every layout alik
 tokens/s is train_rank's own (global tokens / median step, the first step left out, each step
 as long as its slowest rank saw it). The whole set of rounds is repeated to show the spread.
 
-The prediction comes from this machine's costs, measured once before the runs:
+The prediction comes from this machine's costs, measured once before the runs, each the
+fastest of ``--reps`` timings (the cost least disturbed by other load on a shared machine):
 
 - compute, in this process with one thread: forward and backward of the embedding, one block
   and the head plus loss, at each micro-batch size a layout uses (the per-row cost differs with
@@ -21,23 +22,30 @@ The prediction comes from this machine's costs, measured once before the runs:
   ``latency + bytes / bandwidth`` fitted to it gives the simulator's ``Link``), and all-reduce
   of each stage's flattened gradients over 2 and over 4 ranks (the other ranks wait).
 
-Each layout's step is then: the pipeline from ``stagewise.sim.simulate(schedule,
-Costs.per_stage(...), Link(...))``; on each rank, after its stage's last backward, the
-data-parallel all-reduce of that stage's gradients. With one stage per rank and 1F1B, a stage's
-last backward is its rank's last action, so ``OverlappedAverage`` overlaps nothing within a rank;
-what it does overlap is a rank that finishes early (stage 1 in pp=2) reducing while the other
-stage still computes, and the model keeps that: each rank's reduction starts when its own last
-backward ends. Then the loss all-reduce (last stage, dp > 1) and the optimizer step; the step is
-the latest rank's end. ``planner`` is the planner's pipeline model (``plan.pipeline.PipelineCache``,
-what ``plan.steptime.step_time`` simulates) fed the same measured costs: ``step_time`` itself
-derives costs from a GPU model (FLOPs, HBM, NVLink), so it cannot take measured seconds; its
-pipeline part can, and it runs the same simulator on costs snapped to a 2 % grid.
+Each layout's step is then (``stagewise.plan.measured``): the pipeline from
+``stagewise.sim.simulate(schedule, Costs.per_stage(...), Link(...))``; on each rank, after its
+stage's last backward, the data-parallel all-reduce of that stage's gradients. With one stage
+per rank and 1F1B, a stage's last backward is its rank's last action, so ``OverlappedAverage``
+overlaps nothing within a rank; what it does overlap is a rank that finishes early (stage 1 in
+pp=2) reducing while the other stage still computes, and the model keeps that: each rank's
+reduction starts when its own last backward ends. Then the loss all-reduce (last stage, dp > 1)
+and AdamW; the step is the latest rank's end.
 
-Contention: the machine may have fewer cores than ranks. ``contended`` multiplies every compute
-cost (forward, backward, optimizer) by ``max(1, ranks / cores)``, as if every rank computed all
-the time with the cores shared evenly; communication costs are left as measured. A rank that
-waits for a neighbour does not compute, so for a pipeline this factor is pessimistic; the
-truth for a pipeline lies between the two predictions.
+``planner``: the planner's pipeline model (``plan.pipeline.PipelineCache``, what
+``plan.steptime.step_time`` simulates) fed the same measured costs, with the same tail.
+``step_time`` itself derives its costs from a GPU model (FLOPs, HBM, NVLink) and cannot take
+measured seconds; its pipeline part can, and runs the same simulator on costs snapped to a 2 %
+grid, so the two agree to about 1 %.
+
+Contention: the machine may have fewer cores than ranks; two models of it, beside the
+full-speed prediction:
+
+- ``xK``: every compute cost (forward, backward, optimizer) multiplied by ``K = max(1, ranks /
+  cores)``, as if every rank computed all the time with the cores shared evenly; communication
+  as measured. A rank waiting for a neighbour takes no core (gloo and the runtime's mailbox
+  block, they do not spin), so for a pipeline this is pessimistic.
+- ``shared cores``: ``plan.measured.shared_cores_step``, the same rules as an event simulation
+  in which the ranks computing at each instant (of every replica) share the cores evenly.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stagewise.plan.measured import MeasuredCosts, predict_step, shared_cores_step
 from stagewise.plan.pipeline import PipelineCache
 from stagewise.runtime import RankContext, balance, launch, partition
 from stagewise.runtime.demo import TrainConfig, train_rank
@@ -62,8 +71,8 @@ from stagewise.runtime.mesh import MeshSpec
 from stagewise.runtime.partition import layer_weights
 from stagewise.runtime.saved import SavedBytes
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
-from stagewise.schedules import Op, Schedule, build
-from stagewise.sim import Costs, Link, Timeline, simulate
+from stagewise.schedules import Schedule, build
+from stagewise.sim import Link
 
 SCHEDULE = "1f1b"
 WORLD = 4
@@ -149,21 +158,21 @@ class LayerCosts:
     head: tuple[float, float]  # head plus the loss
 
 
-def _median_seconds(reps: int, run: Callable[[], None]) -> float:
+def _fastest_seconds(reps: int, run: Callable[[], None]) -> float:
     run()  # warm-up
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _forward_backward(
     layer: nn.Module, make_input: Callable[[], torch.Tensor],
     finish: Callable[[torch.Tensor], torch.Tensor], reps: int,
 ) -> tuple[float, float]:
-    """Median forward (as the runtime runs it: counting saved bytes) and backward seconds."""
+    """Fastest forward (as the runtime runs it: counting saved bytes) and backward seconds."""
     forward, backward = [], []
     for attempt in range(reps + 1):
         x = make_input()
@@ -179,7 +188,7 @@ def _forward_backward(
         if attempt:
             forward.append(middle - start)
             backward.append(end - middle)
-    return statistics.median(forward), statistics.median(backward)
+    return min(forward), min(backward)
 
 
 def layer_costs(model: GPTConfig, rows: int, reps: int) -> LayerCosts:
@@ -204,7 +213,7 @@ def layer_costs(model: GPTConfig, rows: int, reps: int) -> LayerCosts:
 
 
 def optimizer_seconds(stage: nn.Module, reps: int) -> float:
-    """Median seconds of AdamW's step plus ``zero_grad`` on ``stage``'s parameters."""
+    """Fastest seconds of AdamW's step plus ``zero_grad`` on ``stage``'s parameters."""
     params = list(stage.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     times = []
@@ -216,15 +225,15 @@ def optimizer_seconds(stage: nn.Module, reps: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         if attempt:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def comm_rank(
     context: RankContext, p2p_bytes: Sequence[int], reduce_bytes: Sequence[int], reps: int
 ) -> dict[str, dict[int, float]] | None:
     """Gloo costs on 4 ranks; rank 0 returns ``{"p2p": {bytes: one-way s}, "allreduce2":
-    {bytes: s}, "allreduce4": {bytes: s}}`` (medians). Ranks outside a measurement wait in a
-    barrier."""
+    {bytes: s}, "allreduce4": {bytes: s}}``, each the fastest of ``reps``. Ranks outside a
+    measurement wait in a barrier."""
     rank = context.rank
     pair = dist.new_group([0, 1])
     found: dict[str, dict[int, float]] = {"p2p": {}, "allreduce2": {}, "allreduce4": {}}
@@ -240,13 +249,13 @@ def comm_rank(
                 dist.send(buffer, 0)
 
         if rank < 2:
-            found["p2p"][size] = _median_seconds(reps, ping) / 2
+            found["p2p"][size] = _fastest_seconds(reps, ping) / 2
         dist.barrier()
     for key, group, members in (("allreduce2", pair, 2), ("allreduce4", None, 4)):
         for size in reduce_bytes:
             flat = torch.zeros(max(1, size // FLOAT))
             if rank < members:
-                found[key][size] = _median_seconds(
+                found[key][size] = _fastest_seconds(
                     reps, lambda flat=flat, group=group: dist.all_reduce(flat, group=group)
                 )
             dist.barrier()
@@ -266,18 +275,6 @@ def fit_link(p2p: dict[int, float]) -> Link:
 
 
 @dataclass(frozen=True)
-class StageCosts:
-    """One layout's measured costs per stage, in seconds (one micro-batch for F and B)."""
-
-    forward: tuple[float, ...]
-    backward: tuple[float, ...]
-    send_bytes: tuple[float, ...]  # activation (and gradient) bytes leaving each stage
-    optimizer: tuple[float, ...]
-    reduce: tuple[float, ...]  # all-reduce of the stage's gradients over dp (0 when dp = 1)
-    loss_reduce: float  # the loss all-reduce on the last stage's ranks (0 when dp = 1)
-
-
-@dataclass(frozen=True)
 class Machine:
     """This machine's measured costs (see the module docstring)."""
 
@@ -285,7 +282,7 @@ class Machine:
     link: Link
     p2p: dict[int, float]
     allreduce: dict[str, dict[int, float]]
-    stages: dict[str, StageCosts]
+    stages: dict[str, MeasuredCosts]
     seconds: float
 
 
@@ -325,12 +322,12 @@ def measure_machine(bench: Bench) -> Machine:
             backward.append(sum(b for _, b in mine))
             start_layer += size
         reduced = comm.get(f"allreduce{layout.dp}", {})
-        stages[layout.name] = StageCosts(
+        stages[layout.name] = MeasuredCosts(
             forward=tuple(forward),
             backward=tuple(backward),
             send_bytes=tuple([float(act_bytes[cost.rows])] * (layout.pp - 1) + [0.0]),
-            optimizer=tuple(optimizer_seconds(m, bench.reps) for m in modules),
             reduce=tuple(reduced.get(b, 0.0) for b in grads[layout.name]),
+            optimizer=tuple(optimizer_seconds(m, bench.reps) for m in modules),
             loss_reduce=reduced.get(FLOAT, 0.0),
         )
     return Machine(layers, fit_link(comm["p2p"]), comm["p2p"],
@@ -341,62 +338,25 @@ def measure_machine(bench: Bench) -> Machine:
 # --- prediction ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One layout's predicted step, in seconds."""
-
-    step_s: float
-    pipeline_s: float  # the simulator's makespan
-    planner_pipeline_s: float  # PipelineCache's makespan from the same costs
-    planner_step_s: float  # the same tail as step_s after the planner's pipeline
-    tail_s: float  # step - pipeline: exposed all-reduce, loss all-reduce, optimizer
-    factor: float  # compute multiplied by this (contention)
-
-
-def _tail_end(
-    schedule: Schedule, costs: StageCosts, done: Sequence[float], rank_end: Sequence[float],
-    dp: int, factor: float,
-) -> float:
-    """Latest rank's end: per rank, its stages' all-reduces (one stream, each started when the
-    stage's last backward ended), the loss all-reduce, then the optimizer."""
-    finish = 0.0
-    last = schedule.num_stages - 1
-    for rank in range(schedule.num_ranks):
-        mine = sorted(schedule.stages_of(rank), key=lambda s: done[s])
-        stream = 0.0
-        for stage in mine:
-            stream = max(stream, done[stage]) + costs.reduce[stage]
-        end = max(rank_end[rank], stream)
-        if last in mine and dp > 1:
-            end += costs.loss_reduce
-        finish = max(finish, end + factor * sum(costs.optimizer[s] for s in mine))
-    return finish
-
-
-def predict(layout: Layout, costs: StageCosts, link: Link, factor: float = 1.0) -> Prediction:
-    """The step of ``layout`` from measured ``costs``, compute multiplied by ``factor``."""
+def _planner_step(layout: Layout, costs: MeasuredCosts, link: Link, factor: float) -> float:
+    """The step with the planner's pipeline model (``PipelineCache``, costs on its 2 % grid)
+    in place of the simulator, the same tail as :func:`predict_step` after it."""
     schedule = layout.schedule()
-    forward = [factor * f for f in costs.forward]
-    backward = [factor * b for b in costs.backward]
-    timeline: Timeline = simulate(
-        schedule, Costs.per_stage(forward, backward, send_bytes=costs.send_bytes), link
+    compute = costs.costs(factor)
+    run = PipelineCache().run(
+        SCHEDULE, layout.pp, layout.microbatches, 1, compute.forward, compute.backward,
+        compute.weight, [link.transfer_time(b) for b in costs.send_bytes],
     )
-    done = [0.0] * schedule.num_stages
-    rank_end = [0.0] * schedule.num_ranks
-    for e in timeline.events:
-        if e.op is not Op.F:
-            done[e.stage] = max(done[e.stage], e.end - timeline.start)
-        rank_end[e.rank] = max(rank_end[e.rank], e.end - timeline.start)
-    step = _tail_end(schedule, costs, done, rank_end, layout.dp, factor)
-    hops = [link.transfer_time(b) for b in costs.send_bytes]
-    run = PipelineCache().run(SCHEDULE, layout.pp, layout.microbatches, 1, forward, backward,
-                              [b / 2 for b in backward], hops)
-    planner_done = [run.makespan - slack for slack in run.stage_slack]
-    planner_ends = [max(planner_done[s] for s in schedule.stages_of(r))
-                    for r in range(schedule.num_ranks)]
-    planner_step = _tail_end(schedule, costs, planner_done, planner_ends, layout.dp, factor)
-    return Prediction(step, timeline.makespan, run.makespan, planner_step,
-                      step - timeline.makespan, factor)
+    # 1F1B: each stage's last backward is its rank's last action, so the rank ends with it.
+    done = [run.makespan - slack for slack in run.stage_slack]
+    ends = []
+    for rank in range(layout.pp):
+        stages = schedule.stages_of(rank)
+        end = max(done[s] for s in stages) + sum(costs.reduce[s] for s in stages)
+        if layout.pp - 1 in stages:
+            end += costs.loss_reduce
+        ends.append(end + factor * sum(costs.optimizer[s] for s in stages))
+    return max(ends)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -406,25 +366,54 @@ def _rows(bench: Bench, machine: Machine, measured: list[dict[str, list[float]]]
         str, Any]]:
     tokens = bench.batch_size * bench.model.seq_len
     factor = max(1.0, WORLD / bench.cores)
+    link = machine.link
     rows = []
     for layout in bench.layouts:
-        costs = machine.stages[layout.name]
-        free, contended = predict(layout, costs, machine.link), predict(
-            layout, costs, machine.link, factor)
+        costs, schedule = machine.stages[layout.name], layout.schedule()
+        models = {
+            "predicted": predict_step(schedule, costs, link),
+            "contended": predict_step(schedule, costs, link, factor=factor),
+            "shared": shared_cores_step(schedule, costs, link, bench.cores, layout.dp),
+        }
         runs = [x for repeat in measured for x in repeat[layout.name]]
-        rows.append({
+        row: dict[str, Any] = {
             "layout": layout.name, "pp": layout.pp, "dp": layout.dp,
             "microbatches": layout.microbatches, "rows": layout.rows(bench.batch_size),
             "measured": statistics.median(runs),
             "repeats": [statistics.median(repeat[layout.name]) for repeat in measured],
             "runs": [repeat[layout.name] for repeat in measured],
-            "predicted": tokens / free.step_s, "contended": tokens / contended.step_s,
-            "planner": tokens / free.planner_step_s,
-            "planner_contended": tokens / contended.planner_step_s,
-            "prediction": asdict(free), "prediction_contended": asdict(contended),
+            "planner": tokens / _planner_step(layout, costs, link, 1.0),
+            "planner_contended": tokens / _planner_step(layout, costs, link, factor),
             "costs": asdict(costs),
-        })
+        }
+        for name, prediction in models.items():
+            row[name] = tokens / prediction.step
+            row[f"{name}_step"] = {"step": prediction.step, "pipeline": prediction.pipeline,
+                                   "tail": prediction.tail}
+        rows.append(row)
     return rows
+
+
+def _print_costs(machine: Machine) -> None:
+    print(f"\nmeasured costs ({machine.seconds:.0f} s to measure):")
+    for r, layer in machine.layers.items():
+        print(f"- {r} rows/micro-batch, forward/backward ms: embedding "
+              f"{layer.embedding[0] * 1e3:.2f}/{layer.embedding[1] * 1e3:.2f}, block "
+              f"{layer.block[0] * 1e3:.2f}/{layer.block[1] * 1e3:.2f}, head+loss "
+              f"{layer.head[0] * 1e3:.2f}/{layer.head[1] * 1e3:.2f}")
+    for name, costs in machine.stages.items():
+        print(f"- {name} stages, ms: forward "
+              + " ".join(f"{x * 1e3:.1f}" for x in costs.forward) + ", backward "
+              + " ".join(f"{x * 1e3:.1f}" for x in costs.backward) + ", all-reduce "
+              + " ".join(f"{x * 1e3:.1f}" for x in costs.reduce) + ", AdamW "
+              + " ".join(f"{x * 1e3:.1f}" for x in costs.optimizer))
+    bandwidth = machine.link.bandwidth
+    print(f"- gloo p2p fit: latency {machine.link.latency * 1e6:.0f} us, bandwidth "
+          f"{bandwidth / 1e6 if bandwidth else float('inf'):.0f} MB/s; one-way: " + ", ".join(
+              f"{b} B {t * 1e6:.0f} us" for b, t in machine.p2p.items()))
+    for key, times in machine.allreduce.items():
+        print(f"- {key[:-1]} over {key[-1]} ranks: " + ", ".join(
+            f"{b} B {t * 1e3:.2f} ms" for b, t in times.items()))
 
 
 def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
@@ -435,52 +424,47 @@ def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
         f"{WORLD} ranks on {bench.cores} cores (contention factor {factor:g}); {bench.steps} "
         f"steps per run (first left out), {bench.rounds} rounds x {bench.repeats} repeats"
     )
-    print(f"\nmeasured costs ({machine.seconds:.0f} s to measure):")
-    for r, layer in machine.layers.items():
-        print(f"- {r} rows/micro-batch: forward/backward ms: embedding "
-              f"{layer.embedding[0] * 1e3:.2f}/{layer.embedding[1] * 1e3:.2f}, block "
-              f"{layer.block[0] * 1e3:.2f}/{layer.block[1] * 1e3:.2f}, head+loss "
-              f"{layer.head[0] * 1e3:.2f}/{layer.head[1] * 1e3:.2f}")
-    bandwidth = machine.link.bandwidth
-    print(f"- gloo p2p fit: latency {machine.link.latency * 1e6:.0f} us, bandwidth "
-          f"{bandwidth / 1e6 if bandwidth else float('inf'):.0f} MB/s; one-way: " + ", ".join(
-              f"{b} B {t * 1e6:.0f} us" for b, t in machine.p2p.items()))
-    for key, times in machine.allreduce.items():
-        print(f"- {key[:-1]} over {key[-1]} ranks: " + ", ".join(
-            f"{b} B {t * 1e3:.2f} ms" for b, t in times.items()))
-    print("\n| layout | m | rows/mb | measured tok/s (median) | per repeat | predicted tok/s "
-          "| predicted, contended | measured/predicted | measured/contended |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    _print_costs(machine)
+    print("\ntokens/s:\n\n| layout | m | rows/mb | measured (median) | per repeat | predicted "
+          f"| x{factor:g} | shared cores | meas/pred | meas/x{factor:g} | meas/shared |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         repeats = " / ".join(f"{x:,.0f}" for x in row["repeats"])
         print(f"| {row['layout']} | {row['microbatches']} | {row['rows']} | "
               f"{row['measured']:,.0f} | {repeats} | {row['predicted']:,.0f} | "
-              f"{row['contended']:,.0f} | {row['measured'] / row['predicted']:.2f} | "
-              f"{row['measured'] / row['contended']:.2f} |")
-    base = rows[[r["layout"] for r in rows].index("dp=4")] if any(
-        r["layout"] == "dp=4" for r in rows) else rows[0]
-    print(f"\n| layout | measured / {base['layout']} (per repeat) | predicted / {base['layout']} "
-          f"| contended / {base['layout']} |")
-    print("|---|---|---|---|")
+              f"{row['contended']:,.0f} | {row['shared']:,.0f} | "
+              f"{row['measured'] / row['predicted']:.2f} | "
+              f"{row['measured'] / row['contended']:.2f} | "
+              f"{row['measured'] / row['shared']:.2f} |")
+    names = [r["layout"] for r in rows]
+    base = rows[names.index("dp=4")] if "dp=4" in names else rows[0]
+    print(f"\ntokens/s relative to {base['layout']}:\n\n| layout | measured (per repeat) | "
+          f"predicted | x{factor:g} | shared cores |")
+    print("|---|---|---|---|---|")
     for row in rows:
         per = " / ".join(f"{x / y:.2f}" for x, y in zip(row["repeats"], base["repeats"],
                                                          strict=True))
         print(f"| {row['layout']} | {row['measured'] / base['measured']:.2f} ({per}) | "
-              f"{row['predicted'] / base['predicted']:.2f} | "
-              f"{row['contended'] / base['contended']:.2f} |")
-    print("\n| layout | sim pipeline ms | planner pipeline ms | tail ms | step ms | contended "
-          "step ms | planner tok/s | planner contended tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+              + " | ".join(f"{row[k] / base[k]:.2f}" for k in ("predicted", "contended",
+                                                               "shared")) + " |")
+    print("\npredicted step, ms (pipeline + tail):\n\n| layout | predicted | "
+          f"x{factor:g} | shared cores | planner tok/s | planner x{factor:g} tok/s |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        p, c = row["prediction"], row["prediction_contended"]
-        print(f"| {row['layout']} | {p['pipeline_s'] * 1e3:.1f} | "
-              f"{p['planner_pipeline_s'] * 1e3:.1f} | {p['tail_s'] * 1e3:.1f} | "
-              f"{p['step_s'] * 1e3:.1f} | {c['step_s'] * 1e3:.1f} | {row['planner']:,.0f} | "
-              f"{row['planner_contended']:,.0f} |")
-    print("\nmeasured: train_rank's tokens/s, median over every round of every repeat; tail = "
-          "exposed gradient all-reduce + loss all-reduce + AdamW after the pipeline; contended "
-          f"= compute x {factor:g} (ranks / cores); planner = PipelineCache (the planner's "
-          "pipeline model) on the same costs, same tail")
+        cells = [
+            f"{row[k + '_step']['pipeline'] * 1e3:.1f} + {row[k + '_step']['tail'] * 1e3:.1f}"
+            for k in ("predicted", "contended", "shared")
+        ]
+        print(f"| {row['layout']} | " + " | ".join(cells)
+              + f" | {row['planner']:,.0f} | {row['planner_contended']:,.0f} |")
+    print(
+        "\nmeasured: train_rank's tokens/s, median over every round of every repeat. "
+        "predicted: stagewise.sim.simulate from the measured costs, then per rank the "
+        "gradient all-reduce (started at its stage's last backward), loss all-reduce and AdamW "
+        f"(the tail). x{factor:g}: every compute cost x ranks/cores. shared cores: "
+        "plan.measured.shared_cores_step, the ranks computing at each instant share the "
+        "cores. planner: PipelineCache (the planner's pipeline model) on the same costs."
+    )
 
 
 def main() -> None:
