@@ -15,7 +15,12 @@ torch = pytest.importorskip("torch")
 
 from stagewise.runtime import launch  # noqa: E402
 from stagewise.runtime.mesh import MeshSpec  # noqa: E402
-from stagewise.runtime.verify_mesh import check_llama_tp_rank, check_mesh_rank  # noqa: E402
+from stagewise.runtime.tensor_parallel import (  # noqa: E402
+    apply_tensor_parallel,
+    check_tensor_parallel,
+)
+from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers  # noqa: E402
+from stagewise.runtime.verify_mesh import check_mesh_rank  # noqa: E402
 
 
 def test_parse_with_tp() -> None:
@@ -28,6 +33,41 @@ def test_parse_with_tp() -> None:
         MeshSpec.parse("pp=2,tp=0")
 
 
+def test_check_counts_blocks_and_names_what_does_not_divide() -> None:
+    model = torch.nn.Sequential(*gpt_layers(GPTConfig(dim=16, heads=4, layers=3)))
+    assert check_tensor_parallel(model, 4) == 3
+    assert check_tensor_parallel(model, 1) == 0
+    odd = torch.nn.Sequential(*gpt_layers(GPTConfig(dim=12, heads=3, layers=1)))
+    with pytest.raises(ConfigError, match="tp=2 does not divide the 3 attention heads"):
+        check_tensor_parallel(odd, 2)
+    with pytest.raises(ConfigError, match="1-D DeviceMesh"):
+        apply_tensor_parallel(model, "tp")
+
+
+def _llama(heads: int, kv_heads: int) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+    )
+    return transformers.LlamaModel(config)
+
+
+def test_check_llama_heads_and_kv_heads() -> None:
+    assert check_tensor_parallel(_llama(4, 2), 2) == 2
+    with pytest.raises(ConfigError, match=r"the 6 attention heads.*num_attention_heads"):
+        check_tensor_parallel(_llama(6, 2), 4)
+    with pytest.raises(ConfigError, match="tp=2 does not divide the 1 key/value heads"):
+        check_tensor_parallel(_llama(4, 1), 2)
+
+
+def test_gpt2_blocks_are_refused() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=64, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    with pytest.raises(ConfigError, match=r"not supported for GPT-2.*use tp=1"):
+        check_tensor_parallel(transformers.GPT2Model(config), 2)
+
+
 def _no_problems(results: list[dict[str, list[str]]], names: list[str]) -> None:
     for name in names:
         problems = [line for per_rank in results for line in per_rank[name]]
@@ -36,22 +76,21 @@ def _no_problems(results: list[dict[str, list[str]]], names: list[str]) -> None:
 
 @pytest.mark.timeout(150)
 def test_pp2_tp2_equals_one_process() -> None:
+    # One launch also checks Llama decoder layers sharded over each tp group (pp=1, tp=2):
+    # output, input gradient and every parameter gradient against the unsharded copy.
+    pytest.importorskip("transformers")
     names = ["1f1b", "zb-h1"]
-    results = launch(check_mesh_rank, 4, (MeshSpec(pp=2, tp=2), names), timeout=130)
+    results = launch(check_mesh_rank, 4, (MeshSpec(pp=2, tp=2), names, False, True), timeout=130)
     assert len(results) == 4
-    _no_problems(results, names)
+    _no_problems(results, [*names, "llama"])
 
 
 @pytest.mark.timeout(150)
 def test_pp2_dp2_tp2_equals_one_process() -> None:
-    results = launch(check_mesh_rank, 8, (MeshSpec(pp=2, dp=2, tp=2), ["1f1b"]), timeout=130)
+    # dp averaging of DTensor gradients as train runs it: overlapped with the step (the
+    # after-step average_gradients shares its flatten/write-back helpers).
+    names = ["1f1b", "interleaved-1f1b"]
+    spec = MeshSpec(pp=2, dp=2, tp=2)
+    results = launch(check_mesh_rank, 8, (spec, names, True), timeout=130)
     assert len(results) == 8
-    _no_problems(results, ["1f1b"])
-
-
-@pytest.mark.timeout(120)
-def test_llama_layers_tp2_equal_unsharded() -> None:
-    pytest.importorskip("transformers")
-    results = launch(check_llama_tp_rank, 2, (), timeout=100)
-    problems = [line for per_rank in results for line in per_rank]
-    assert not problems, "\n".join(problems[:10])
+    _no_problems(results, names)

@@ -2,7 +2,7 @@
 
 ``saved_tensors_hooks`` sees every tensor an operation keeps for its backward. A storage is
 counted once however many ops save views of it, and parameters are not activations, so their
-storages are left out.
+storages are left out. A ``DTensor`` (tensor parallelism) counts its local shard's storage.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ class SavedBytes:
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self.nbytes = 0
-        self._skip = {p.untyped_storage().data_ptr() for p in params}
+        self._skip = {_storage(p).data_ptr() for p in params}
         self._seen: set[int] = set()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
+        storage = _storage(tensor)
         pointer = storage.data_ptr()
         if pointer not in self._skip and pointer not in self._seen:
             self._seen.add(pointer)
@@ -55,3 +55,13 @@ class SavedBytes:
         trace: TracebackType | None,
     ) -> None:
         self._hooks.__exit__(kind, error, trace)
+
+
+def _storage(tensor: torch.Tensor) -> torch.UntypedStorage:
+    """The storage of ``tensor``, or of its local shard when it is a ``DTensor``."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():
+            tensor = tensor.to_local()
+    return tensor.untyped_storage()

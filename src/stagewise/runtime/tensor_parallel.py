@@ -31,7 +31,7 @@ from stagewise.errors import ConfigError
 if TYPE_CHECKING:
     from torch.distributed.tensor.parallel import ParallelStyle
 
-__all__ = ["apply_tensor_parallel"]
+__all__ = ["apply_tensor_parallel", "check_tensor_parallel"]
 
 
 def apply_tensor_parallel(module: nn.Module, tp_mesh: object) -> int:
@@ -70,6 +70,30 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: object) -> int:
     for block, plan in plans:
         parallelize_module(block, tp_mesh, plan)
     return len(plans)
+
+
+def check_tensor_parallel(module: nn.Module, tp: int) -> int:
+    """Check, without a mesh, that ``module``'s blocks can be sharded over ``tp`` ranks.
+
+    For validating a configuration before starting any process: the same checks
+    :func:`apply_tensor_parallel` makes.
+
+    Returns:
+        How many blocks would be sharded (0 when ``tp`` is 1).
+
+    Raises:
+        ConfigError: as :func:`apply_tensor_parallel`.
+
+    Example:
+        >>> from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers
+        >>> check_tensor_parallel(nn.Sequential(*gpt_layers(GPTConfig(heads=4, layers=2))), 2)
+        2
+    """
+    if tp < 1:
+        raise ConfigError(f"tp={tp}: the tensor-parallel size must be >= 1")
+    if tp == 1:
+        return 0
+    return len([_plan(block, tp) for block in _blocks(module)])
 
 
 def _blocks(module: nn.Module) -> Iterator[nn.Module]:

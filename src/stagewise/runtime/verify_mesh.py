@@ -19,6 +19,7 @@ import copy
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.mesh import (
@@ -46,6 +47,7 @@ def check_mesh_rank(
     spec: MeshSpec,
     schedules: list[str],
     overlap: bool = False,
+    llama: bool = False,
     num_microbatches: int = 4,
     batch_size: int = 8,
     steps: int = 2,
@@ -54,7 +56,9 @@ def check_mesh_rank(
     """Run each named schedule over the mesh; return the mismatches found on this rank.
 
     ``overlap`` averages gradients with :class:`OverlappedAverage` (during the step) instead
-    of :func:`average_gradients` (after it).
+    of :func:`average_gradients` (after it). ``llama`` also shards a tiny Llama's decoder
+    layers over this rank's tp group (as :func:`check_llama_tp_rank`; its mismatches under
+    the key ``"llama"``), saving a launch.
 
     Mismatches are collected, not raised, so every rank stays in step and every case runs.
     """
@@ -71,6 +75,7 @@ def check_mesh_rank(
         reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
         pipe = Pipeline(
             schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store,
+            count_saved=True,
             on_action=reducer.on_action if overlap else None,
         )
         params = [p for module in mine.values() for p in module.parameters()]
@@ -110,6 +115,8 @@ def check_mesh_rank(
         if compared == 0:
             problems.append(f"{name} rank {context.rank}: nothing was compared")
         results[name] = problems
+    if llama:
+        results["llama"] = _check_llama(groups.tp_mesh, f"llama rank {context.rank}")
     return results
 
 
@@ -161,6 +168,15 @@ def check_llama_tp_rank(
         ConfigError: ``heads`` or ``kv_heads`` do not divide by the number of ranks.
     """
     from torch.distributed.device_mesh import init_device_mesh
+
+    tp_mesh = init_device_mesh("cpu", (context.world_size,), mesh_dim_names=("tp",))
+    return _check_llama(tp_mesh, f"llama rank {context.rank}", heads, kv_heads, layers)
+
+
+def _check_llama(
+    tp_mesh: DeviceMesh, label: str, heads: int = 4, kv_heads: int = 2, layers: int = 2
+) -> list[str]:
+    """:func:`check_llama_tp_rank` on a given tp mesh (a collective over it)."""
     from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(
@@ -172,10 +188,9 @@ def check_llama_tp_rank(
         model = LlamaModel(config)
         hidden = torch.randn(2, 8, config.hidden_size)
     reference = copy.deepcopy(model.layers)
-    tp_mesh = init_device_mesh("cpu", (context.world_size,), mesh_dim_names=("tp",))
     problems: list[str] = []
     if apply_tensor_parallel(model.layers, tp_mesh) != layers:
-        problems.append(f"rank {context.rank}: not every decoder layer was sharded")
+        problems.append(f"{label}: not every decoder layer was sharded")
     positions = torch.arange(hidden.shape[1]).unsqueeze(0)
     rotary = model.rotary_emb(hidden, positions)
     outputs = []
@@ -188,7 +203,6 @@ def check_llama_tp_rank(
         assert x.grad is not None, "the input got no gradient"
         outputs.append((out.detach(), x.grad))
     (out, grad), (ref_out, ref_grad) = outputs
-    label = f"llama rank {context.rank}"
     compared = _close(out, ref_out, f"{label} output", problems)
     compared += _close(grad, ref_grad, f"{label} input gradient", problems)
     compared += _compare_grads(
