@@ -83,7 +83,7 @@ def run_config(plan: Plan, steps: int = 30, lr: float = 3e-3, toy: bool = False)
             nodes=plan.cluster.nodes, gpus_per_node=plan.cluster.gpus_per_node,
             configuration=f"{cfg.describe()} (m={plan.num_microbatches}, layers per stage "
             f"{_layers(plan.layers)})",
-            predicted_step_s=round(time, 6),
+            predicted_step_s=time,
             memory_per_gpu_gib=round(plan.memory.total / GIB, 3),
             notes=tuple(notes),
         ),
