@@ -21,11 +21,13 @@ of the seed and ``s`` alone (e.g. ``torch.Generator().manual_seed(seed * 1_000_0
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,8 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     keep: int | None = None,
 ) -> Path:
-    """Write a checkpoint of step ``step``; a collective over every rank of the default group.
+    """Write a checkpoint of step ``step``; a collective over every rank of the default group
+    (without a process group, this process saves alone).
 
     Call it after the optimizer's step (an optimizer without state gets one by a zero-lr step
     on zero gradients, DCP's way of learning the state's shapes, which AdamW would count).
@@ -121,21 +124,21 @@ def save_checkpoint(
     root = Path(folder)
     final = root / _name(step)
     partial = final.with_name(final.name + ".partial")
-    rank = dist.get_rank()
+    rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that crashed
         partial.mkdir()
-    dist.barrier()
+    _barrier()
     _write_state(_state(layers, optimizer), partial)
     if rank == 0:
         torch.save({"step": step, "extra": dict(extra or {})}, partial / EXTRA)
-    dist.barrier()  # every rank's files are written
+    _barrier()  # every rank's files are written
     if rank == 0:
         _complete(partial, final, step)
         if keep is not None:
             _prune(root, keep)
-    dist.barrier()  # no rank goes on (or saves again) before the checkpoint is complete
+    _barrier()  # no rank goes on (or saves again) before the checkpoint is complete
     return final
 
 
@@ -207,7 +210,8 @@ def load_checkpoint(
     _check_layers(where, layers)
     model = _as_module(layers)
     state = _state(layers, optimizer)
-    dcp.load(state, checkpoint_id=where)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=where, no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=_OPTIONS)
     else:
@@ -215,6 +219,33 @@ def load_checkpoint(
                        optim_state_dict=state["optim"], options=_OPTIONS)
     saved = torch.load(where / EXTRA, weights_only=True)
     return {"step": int(saved["step"]), "extra": saved["extra"]}
+
+
+def _distributed() -> bool:
+    """Whether a default process group exists (without one, this process is the only rank)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that it runs in one process (intended here without a group)."""
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _name(step: int) -> str:
@@ -239,14 +270,15 @@ def _state(
 
 def _write_state(state: dict[str, Any], folder: Path) -> None:
     """Every rank's share of ``state`` into ``folder`` (DCP; replicated keys written once)."""
-    dcp.save(state, checkpoint_id=folder)
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=folder, no_dist=not _distributed())
 
 
 def _complete(partial: Path, final: Path, step: int) -> None:
     """Mark ``partial`` complete and move it to ``final`` (rank 0, after every rank wrote)."""
     marker = partial / MARKER
     with marker.open("w") as file:
-        json.dump({"step": step, "world_size": dist.get_world_size()}, file)
+        json.dump({"step": step, "world_size": _world_size()}, file)
         file.flush()
         os.fsync(file.fileno())
     if final.exists():  # saved again at the same step: replace it
@@ -316,8 +348,10 @@ def _check_layers(path: Path, layers: Mapping[int, nn.Module]) -> None:
                     "from (same sizes) or start from scratch"
                 )
     # Every rank learns every rank's verdict, so all raise together (none waits in the load).
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (problem, mine))
+    everyone: list[Any] = [(problem, mine)]
+    if _distributed():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (problem, mine))
     problems = [found for found, _ in everyone if found is not None]
     if problems:
         raise ConfigError(problems[0])

@@ -1,0 +1,238 @@
+"""Checkpoints: kill and resume with identical losses, resume onto another layout, interrupted
+writes, clear errors.
+
+The multi-process runs train the tiny GPT with AdamW (``verify_checkpoint.train_run``); step
+``s``'s batch depends on the seed and ``s`` alone. The uninterrupted 2-rank 1F1B run is the
+reference for exact equality after a resume under the same layout, and is itself checked
+against the whole model trained in this one process; a resume under another layout is
+compared to the checkpoint's tensors and, for the losses, to the uninterrupted run with a
+tolerance (other layouts add in another order).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stagewise.errors import ConfigError, RuntimeFailure
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from stagewise.runtime.checkpoint import (  # noqa: E402
+    latest_checkpoint,
+    load_checkpoint,
+    rank_layers,
+)
+from stagewise.runtime.launch import launch  # noqa: E402
+from stagewise.runtime.tiny_gpt import gpt_layers, lm_loss  # noqa: E402
+from stagewise.runtime.verify_checkpoint import (  # noqa: E402
+    CONFIG,
+    LR,
+    Run,
+    batch,
+    snapshot,
+    train_run,
+)
+
+STEPS = 6
+
+
+def _merge(results: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """Every rank's snapshot ``key`` ("loaded" or "final") in one, by layer-keyed name."""
+    merged: dict[str, dict[str, Any]] = {"params": {}, "optim": {}}
+    for result in results:
+        for part in ("params", "optim"):
+            merged[part].update(result[key][part])
+    return merged
+
+
+def _losses(results: list[dict[str, Any]]) -> dict[int, float]:
+    losses: dict[int, float] = {}
+    for result in results:
+        losses.update(result["losses"])
+    return losses
+
+
+def _assert_equal(got: dict[str, dict[str, Any]], want: dict[str, dict[str, Any]]) -> None:
+    for part in ("params", "optim"):
+        assert sorted(got[part]) == sorted(want[part])
+        for name, tensor in want[part].items():
+            assert torch.equal(got[part][name], tensor), f"{part} {name} differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> dict[str, Any]:
+    """The 2-rank 1F1B run of STEPS steps, no checkpoints: losses by step, final snapshot."""
+    results = launch(train_run, 2, (Run(steps=STEPS),), timeout=120)
+    return {"losses": _losses(results), "final": _merge(results, "final")}
+
+
+@pytest.fixture(scope="module")
+def saved_pp2_dp2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A checkpoint of step 4 written by pp=2 x dp=2 (4 ranks), and the state it holds."""
+    folder = tmp_path_factory.mktemp("pp2dp2")
+    run = Run(steps=4, pp=2, dp=2, folder=str(folder), save_every=4)
+    results = launch(train_run, 4, (run,), timeout=120)
+    return {"folder": folder, "final": _merge(results, "final")}
+
+
+def test_uninterrupted_run_matches_one_process(uninterrupted: dict[str, Any]) -> None:
+    model = nn.Sequential(*gpt_layers(CONFIG, seed=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        inputs, targets = batch(0, step)
+        loss = lm_loss(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.testing.assert_close(uninterrupted["losses"][step + 1], loss.item())
+    assert uninterrupted["losses"][STEPS] < uninterrupted["losses"][1]
+
+
+def test_killed_run_resumes_with_identical_losses(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    folder = str(tmp_path)
+    with pytest.raises(RuntimeFailure, match="rank 1 was killed by SIGKILL"):
+        launch(train_run, 2, (Run(steps=STEPS, folder=folder, save_every=2, die_after=4,
+                                  keep=2),), timeout=120, grace=3)
+    assert latest_checkpoint(folder) == tmp_path / "step-00000004"
+    _fake(tmp_path, "step-00000006.partial", json.dumps({"step": 6}))  # a save cut short
+    resumed = launch(train_run, 2, (Run(steps=STEPS, folder=folder, save_every=2, resume=True,
+                                        keep=2),), timeout=120)
+    assert [r["start"] for r in resumed] == [4, 4]
+    assert resumed[0]["extra"] == {"seed": 0, "layout": "pp=2,dp=1,v=1"}
+    losses = _losses(resumed)
+    assert losses == {s: uninterrupted["losses"][s] for s in (5, 6)}  # exact, not close
+    _assert_equal(_merge(resumed, "final"), uninterrupted["final"])
+    # The step-6 save replaced the stale partial folder; keep=2 removed step 2.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000006"]
+
+
+def test_resume_onto_interleaved_stages_cut_by_params(
+    saved_pp2_dp2: dict[str, Any], uninterrupted: dict[str, Any]
+) -> None:
+    run = Run(steps=STEPS, pp=2, schedule="interleaved-1f1b", chunks=2, method="params",
+              folder=str(saved_pp2_dp2["folder"]), resume=True)
+    results = launch(train_run, 2, (run,), timeout=120)
+    assert {r["start"] for r in results} == {4}
+    loaded = _merge(results, "loaded")
+    _assert_equal(loaded, saved_pp2_dp2["final"])
+    assert {name.split(".")[0] for name in loaded["params"]} == {str(i) for i in range(6)}
+    losses = _losses(results)
+    assert sorted(losses) == [5, 6]
+    for step, loss in losses.items():
+        torch.testing.assert_close(loss, uninterrupted["losses"][step], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_in_one_process_without_a_group(
+    saved_pp2_dp2: dict[str, Any], uninterrupted: dict[str, Any]
+) -> None:
+    model = nn.Sequential(*gpt_layers(CONFIG, seed=2))  # other weights: all must be loaded
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    layers = rank_layers({0: model}, [len(model)])
+    path = latest_checkpoint(saved_pp2_dp2["folder"], required=True)
+    assert path is not None
+    info = load_checkpoint(path, layers, optimizer)
+    assert info == {"step": 4, "extra": {"seed": 0, "layout": "pp=2,dp=2,v=1"}}
+    _assert_equal(snapshot(layers, optimizer), saved_pp2_dp2["final"])
+    for step in (4, 5):
+        inputs, targets = batch(0, step)
+        loss = lm_loss(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.testing.assert_close(loss.item(), uninterrupted["losses"][step + 1])
+
+
+def test_save_killed_midway_is_not_taken(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+    with pytest.raises(RuntimeFailure, match="rank 1 was killed by SIGKILL"):
+        launch(train_run, 2, (Run(steps=4, folder=folder, save_every=2, die_in_save=4),),
+               timeout=120, grace=3)
+    partial = tmp_path / "step-00000004.partial"
+    # Every rank's data and DCP's metadata were written; only the marker is missing.
+    assert (partial / ".metadata").is_file() and not (partial / "COMPLETE").exists()
+    assert latest_checkpoint(folder) == tmp_path / "step-00000002"
+
+
+def _fake(folder: Path, name: str, marker: str | None, metadata: bool = True) -> None:
+    path = folder / name
+    path.mkdir()
+    (path / "extra.pt").write_bytes(b"")
+    if metadata:
+        (path / ".metadata").write_bytes(b"")
+    if marker is not None:
+        (path / "COMPLETE").write_text(marker)
+
+
+def test_latest_skips_partial_unmarked_and_corrupt(tmp_path: Path) -> None:
+    _fake(tmp_path, "step-00000002", json.dumps({"step": 2}))
+    _fake(tmp_path, "step-00000003", json.dumps({"step": 3}), metadata=False)
+    _fake(tmp_path, "step-00000004.partial", json.dumps({"step": 4}))  # marked, not renamed
+    _fake(tmp_path, "step-00000006", None)
+    _fake(tmp_path, "step-00000008", '{"step": 8')  # cut short
+    _fake(tmp_path, "step-00000010", json.dumps({"step": 12}))  # names another step
+    _fake(tmp_path, "step-12", json.dumps({"step": 12}))
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    _fake(tmp_path, "step-00000014", json.dumps({"step": 14}))
+    assert latest_checkpoint(tmp_path, required=True) == tmp_path / "step-00000014"
+
+
+def test_resume_without_a_checkpoint_names_the_folder(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path / "missing") is None
+    with pytest.raises(ConfigError, match=r"does not exist.*drop --resume"):
+        latest_checkpoint(tmp_path / "missing", required=True)
+    with pytest.raises(ConfigError, match="it is empty"):
+        latest_checkpoint(tmp_path, required=True)
+    _fake(tmp_path, "step-00000002.partial", None)
+    with pytest.raises(ConfigError, match=r"holds only step-00000002\.partial"):
+        latest_checkpoint(tmp_path, required=True)
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        load_checkpoint(tmp_path / "step-00000002.partial", {})
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"dim": 32}, "0.tokens.weight has shape [16, 16] there but [16, 32] in this model"),
+        ({"layers": 5}, "has no 5.norm1.weight (layer 5, Block)"),
+        ({"layers": 3}, "(layer 4, Head)"),
+    ],
+    ids=["wider", "deeper", "shallower"],
+)
+def test_mismatched_model_names_the_first_difference(
+    saved_pp2_dp2: dict[str, Any], changes: dict[str, int], words: str
+) -> None:
+    model = nn.Sequential(*gpt_layers(replace(CONFIG, **changes), seed=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    path = latest_checkpoint(saved_pp2_dp2["folder"], required=True)
+    assert path is not None
+    with pytest.raises(ConfigError) as info:
+        load_checkpoint(path, dict(enumerate(model)), optimizer)
+    assert words in str(info.value)
+
+
+def test_layers_of_the_checkpoint_nobody_holds_are_refused(saved_pp2_dp2: dict[str, Any]) -> None:
+    model = nn.Sequential(*gpt_layers(CONFIG, seed=1))
+    path = latest_checkpoint(saved_pp2_dp2["folder"], required=True)
+    assert path is not None
+    # This one process holds layers 0-4 only: layer 5 of the checkpoint has no home.
+    with pytest.raises(ConfigError, match=r"holds 5\.\S+, which no rank's layers have"):
+        load_checkpoint(path, dict(enumerate(list(model)[:5])))
+
+
+def test_rank_layers_numbers_layers_across_stages() -> None:
+    stages = [nn.Sequential(nn.Linear(2, 2), nn.Tanh()), nn.Sequential(nn.Linear(2, 3))]
+    layers = rank_layers({1: stages[1], 0: stages[0]}, [2, 1])
+    assert list(layers) == [0, 1, 2] and layers[2] is stages[1][0]
+    with pytest.raises(ConfigError, match="gives it 1"):
+        rank_layers({0: stages[0]}, [1, 2])
+    with pytest.raises(ConfigError, match="outside the cut"):
+        rank_layers({2: stages[1]}, [2, 1])
