@@ -38,6 +38,7 @@ MODELS = [
     ("llama", LLAMA),
     ("llama", {**LLAMA, "num_hidden_layers": 3, "tie_word_embeddings": True}),
     ("gpt2", GPT2),
+    ("gpt2", {**GPT2, "attn_implementation": "eager"}),
 ]
 
 
@@ -160,6 +161,7 @@ def test_config_file_is_read_over_hugging_face_defaults(tmp_path: Path) -> None:
     ("llama", "/no/such/config.json", None, "does not exist"),
     ("llama", {"model_type": "gpt2"}, None, "model_type 'gpt2', not 'llama'"),
     ("gpt2", None, 129, "seq_len 129 is outside 1..128"),
+    ("gpt2", {"attn_implementation": "flash_attention_2"}, None, "use one of sdpa, eager"),
 ])
 def test_hf_errors_name_the_value_and_fix(
     family: str, config: Any, seq_len: int | None, words: str

@@ -22,6 +22,7 @@ Parameter in this process and are listed in ``ModelParts.ties`` for the pipeline
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ from stagewise.runtime.model_parts import ModelParts
 __all__ = ["FAMILIES", "build_hf_model", "hf_config", "hf_layers", "hf_parts"]
 
 FAMILIES = ("llama", "gpt2")
-ATTENTION = "sdpa"  # deterministic on CPU; equal to the whole model's (tested)
+ATTENTIONS = ("sdpa", "eager")  # deterministic on CPU; the first is the default
 DEFAULT_SEQ_LEN = 32
 
 # Tiny defaults (dropout 0): fields a mapping given to ``hf_config`` overrides.
@@ -98,7 +99,8 @@ def hf_config(family: str, config: Mapping[str, Any] | str | Path | None = None)
         config: None for the tiny default (hidden 64, 4 layers, vocabulary 64, dropout 0); a
             mapping of config fields laid over that tiny default; or the path of a
             ``config.json``, read as Hugging Face reads it (its fields over the library's
-            defaults, which for GPT-2 include dropout 0.1).
+            defaults, which for GPT-2 include dropout 0.1). An ``attn_implementation`` field
+            may pick ``"eager"``; the default is ``"sdpa"``.
 
     Raises:
         ConfigError: unknown family, missing or non-JSON file, a config of another
@@ -123,12 +125,18 @@ def hf_config(family: str, config: Mapping[str, Any] | str | Path | None = None)
             f"hf:{model_type} if that family is supported ({', '.join(FAMILIES)}), or a "
             f"{family} config"
         )
+    attention = fields.pop("attn_implementation", ATTENTIONS[0])
+    if attention not in ATTENTIONS:
+        raise ConfigError(
+            f"attn_implementation {attention!r} is not supported here: use one of "
+            f"{', '.join(ATTENTIONS)}"
+        )
     cls = transformers.CONFIG_MAPPING[family]
     try:
         result = cls.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where} is not a valid {family} config: {err}") from None
-    result._attn_implementation = ATTENTION
+    result._attn_implementation = attention
     return result
 
 
@@ -189,10 +197,14 @@ class DecoderBlock(nn.Module):
         self.block = block
         self.rotary = rotary
         self.config = config
+        from transformers.masking_utils import create_causal_mask
+
+        # transformers 5 renamed the mask builder's arguments; 4.x also needs cache positions.
+        self.new_mask_api = "inputs_embeds" in inspect.signature(create_causal_mask).parameters
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = _causal_mask(self.config, hidden, positions)
+        mask = _causal_mask(self.config, hidden, positions, self.new_mask_api)
         if self.rotary is not None:
             out: Any = self.block(
                 hidden, attention_mask=mask, position_ids=positions,
@@ -204,19 +216,18 @@ class DecoderBlock(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _causal_mask(config: Any, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
+def _causal_mask(
+    config: Any, hidden: torch.Tensor, positions: torch.Tensor, new_api: bool
+) -> Any:
     """The causal mask the Hugging Face model builds for ``hidden`` (None when the attention
     implementation applies causality itself)."""
-    import inspect
-
     from transformers.masking_utils import create_causal_mask
 
-    if "inputs_embeds" in inspect.signature(create_causal_mask).parameters:
+    if new_api:
         return create_causal_mask(
             config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
             position_ids=positions,
         )
-    # transformers 4.x spells the arguments differently and needs the cache positions.
     return create_causal_mask(
         config=config, input_embeds=hidden, attention_mask=None,
         cache_position=positions[0], past_key_values=None, position_ids=positions,
