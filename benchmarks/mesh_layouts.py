@@ -129,18 +129,43 @@ def _config(bench: Bench, layout: Layout) -> TrainConfig:
 # --- measured runs ---------------------------------------------------------------------------
 
 
-def layouts_rank(context: RankContext, bench: Bench) -> list[dict[str, list[float]]] | None:
+@dataclass(frozen=True)
+class Run:
+    """What one ``train_rank`` run of a layout reported.
+
+    Attributes:
+        tokens_per_second: global tokens / median step (first step left out).
+        pipeline: median measured makespan of the pipeline part of a step (no all-reduce or
+            optimizer), replica 0.
+        simulated: the simulator's makespan from the per-stage costs measured in this run.
+        compute: one micro-batch's forward plus backward over all stages, as timed in this
+            run (mean per action).
+        load: the machine's 1-minute load average when the run ended.
+    """
+
+    tokens_per_second: float
+    pipeline: float
+    simulated: float
+    compute: float
+    load: float
+
+
+def layouts_rank(context: RankContext, bench: Bench) -> list[dict[str, list[Run]]] | None:
     """Every layout in turn through ``train_rank``, round after round, repeated; on rank 0
-    returns per repeat ``{layout: [tokens/s of each round]}``."""
-    results: list[dict[str, list[float]]] = []
+    returns per repeat ``{layout: [the run of each round]}``."""
+    results: list[dict[str, list[Run]]] = []
     for repeat in range(bench.repeats):
-        found: dict[str, list[float]] = {layout.name: [] for layout in bench.layouts}
+        found: dict[str, list[Run]] = {layout.name: [] for layout in bench.layouts}
         for round_ in range(bench.rounds):
             shift = (repeat * bench.rounds + round_) % len(bench.layouts)
             for layout in bench.layouts[shift:] + bench.layouts[:shift]:
                 report = train_rank(context, _config(bench, layout))
                 if report is not None:
-                    found[layout.name].append(report.tokens_per_second)
+                    costs = report.stage_costs
+                    found[layout.name].append(Run(
+                        report.tokens_per_second, report.measured_step, report.predicted_step,
+                        sum(costs["forward"]) + sum(costs["backward"]), os.getloadavg()[0],
+                    ))
         results.append(found)
     return results if context.rank == 0 else None
 
@@ -362,7 +387,7 @@ def _planner_step(layout: Layout, costs: MeasuredCosts, link: Link, factor: floa
 # --- report ----------------------------------------------------------------------------------
 
 
-def _rows(bench: Bench, machine: Machine, measured: list[dict[str, list[float]]]) -> list[dict[
+def _rows(bench: Bench, machine: Machine, measured: list[dict[str, list[Run]]]) -> list[dict[
         str, Any]]:
     tokens = bench.batch_size * bench.model.seq_len
     factor = max(1.0, WORLD / bench.cores)
@@ -375,13 +400,21 @@ def _rows(bench: Bench, machine: Machine, measured: list[dict[str, list[float]]]
             "contended": predict_step(schedule, costs, link, factor=factor),
             "shared": shared_cores_step(schedule, costs, link, bench.cores, layout.dp),
         }
-        runs = [x for repeat in measured for x in repeat[layout.name]]
+        runs = [run for repeat in measured for run in repeat[layout.name]]
         row: dict[str, Any] = {
             "layout": layout.name, "pp": layout.pp, "dp": layout.dp,
             "microbatches": layout.microbatches, "rows": layout.rows(bench.batch_size),
-            "measured": statistics.median(runs),
-            "repeats": [statistics.median(repeat[layout.name]) for repeat in measured],
-            "runs": [repeat[layout.name] for repeat in measured],
+            "measured": statistics.median(r.tokens_per_second for r in runs),
+            "repeats": [statistics.median(r.tokens_per_second for r in repeat[layout.name])
+                        for repeat in measured],
+            "runs": [[asdict(r) for r in repeat[layout.name]] for repeat in measured],
+            "in_run": {
+                "pipeline": statistics.median(r.pipeline for r in runs),
+                "simulated": statistics.median(r.simulated for r in runs),
+                "slowdown": statistics.median(r.compute for r in runs) / (
+                    sum(costs.forward) + sum(costs.backward)),
+                "load": [min(r.load for r in runs), max(r.load for r in runs)],
+            },
             "planner": tokens / _planner_step(layout, costs, link, 1.0),
             "planner_contended": tokens / _planner_step(layout, costs, link, factor),
             "costs": asdict(costs),
@@ -457,13 +490,26 @@ def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
         ]
         print(f"| {row['layout']} | " + " | ".join(cells)
               + f" | {row['planner']:,.0f} | {row['planner_contended']:,.0f} |")
+    print("\ninside the runs (medians over runs; train_rank's own report):\n\n| layout | "
+          "pipeline ms | simulated from in-run costs ms | ratio | in-run compute / "
+          "single-process | load average |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        inside = row["in_run"]
+        print(f"| {row['layout']} | {inside['pipeline'] * 1e3:.1f} | "
+              f"{inside['simulated'] * 1e3:.1f} | {inside['pipeline'] / inside['simulated']:.2f} "
+              f"| {inside['slowdown']:.2f} | {inside['load'][0]:.1f}-{inside['load'][1]:.1f} |")
     print(
         "\nmeasured: train_rank's tokens/s, median over every round of every repeat. "
         "predicted: stagewise.sim.simulate from the measured costs, then per rank the "
         "gradient all-reduce (started at its stage's last backward), loss all-reduce and AdamW "
         f"(the tail). x{factor:g}: every compute cost x ranks/cores. shared cores: "
         "plan.measured.shared_cores_step, the ranks computing at each instant share the "
-        "cores. planner: PipelineCache (the planner's pipeline model) on the same costs."
+        "cores. planner: PipelineCache (the planner's pipeline model) on the same costs. "
+        "Inside the runs: the pipeline part of a step (no all-reduce, no optimizer) measured, "
+        "and simulated from the forward/backward times measured in the same run; in-run compute "
+        "/ single-process: how much slower a forward plus backward ran inside the run than "
+        "alone (the contention actually seen); load average: the machine's, over the runs."
     )
 
 
