@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from stagewise.cli.main import build_parser, cli
-from stagewise.plan import get_model
-from stagewise.plan.models import hf_family_and_config
+from stagewise.plan import catalog_models, get_model, hf_family_and_config, model_from_hf_config
 from stagewise.runconfig import RunConfig, load_run_config
 
 LESSON = ["plan", "--model", "llama-2-70b", "--gpu", "H100", "--seq", "4096",
@@ -264,3 +263,15 @@ def test_emit_config_refuses_what_it_cannot_run(
 def test_toy_without_emit_config_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli([*TOY, "--toy"]) == 2
     assert "add --emit-config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", catalog_models())
+def test_emitted_hf_config_rebuilds_the_planned_model(name: str) -> None:
+    """hf_family_and_config is the inverse of the planner's own Hugging Face reader."""
+    planned = get_model(name)
+    family, fields = hf_family_and_config(planned)
+    rebuilt = model_from_hf_config({"model_type": family, **fields}, name=name)
+    keep = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "mlp", "norm",
+            "tied_embeddings", "position", "bias", "dropout", "max_seq")
+    assert {k: getattr(rebuilt, k) for k in keep} == {k: getattr(planned, k) for k in keep}
+    assert rebuilt.num_params == planned.num_params

@@ -147,6 +147,8 @@ def test_unknown_names_and_wrong_types(text: str, message: str) -> None:
      "num_attention_heads = 8\nnum_key_value_heads = 2",
      r"tp = 4 does not divide the model's 2 key/value heads: choose a tp that divides 2"),
     ("[mesh]\ntp = 3", r"tp = 3 does not divide the model's 4 attention heads"),
+    ("[batch]\nseq_len = 256\n[model]\nspec = \"hf:gpt2\"\n[model.hf_config]\n"
+     "n_positions = 128", r"seq_len = 256 is longer than the model's 128 positions"),
     ('[schedule]\nname = "zb-v"\nchunks = 3', r"zb-v runs exactly 2 chunk\(s\) per rank: set "
      r"chunks = 2"),
     ('[schedule]\nname = "one-f-one-b"', r"'one-f-one-b' is not a schedule: choose one of "

@@ -28,6 +28,7 @@ TINY_DEFAULTS = {"layers": 6, "dim": 64}  # stagewise train's --layers and --dim
 _HF_LAYERS = ("num_hidden_layers", "n_layer")
 _HF_HEADS = ("num_attention_heads", "n_head")
 _HF_KV_HEADS = ("num_key_value_heads",)
+_HF_POSITIONS = ("max_position_embeddings", "n_positions")
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,11 @@ class ModelConfig:
         return self.layers if self.spec == "tiny" else self._hf(_HF_LAYERS)
 
     @property
+    def max_positions(self) -> int | None:
+        """Longest sequence an ``hf:`` config allows, when it says (None otherwise)."""
+        return None if self.spec == "tiny" else self._hf(_HF_POSITIONS)
+
+    @property
     def num_heads(self) -> int | None:
         """Attention (query) heads, when the config says."""
         return self.heads if self.spec == "tiny" else self._hf(_HF_HEADS)
@@ -294,6 +300,12 @@ class RunConfig:
             raise ConfigError(
                 f"pp x chunks = {mesh.pp} x {schedule.chunks} = {stages} stages but the model "
                 f"has {layers} layers: lower [mesh] pp or [schedule] chunks, or add layers"
+            )
+        positions = model.max_positions
+        if positions is not None and batch.seq_len > positions:
+            raise ConfigError(
+                f"[batch] seq_len = {batch.seq_len} is longer than the model's {positions} "
+                "positions: shorten seq_len or raise max_position_embeddings (n_positions)"
             )
         for label, heads in (("attention heads", model.num_heads),
                              ("key/value heads", model.num_kv_heads)):
