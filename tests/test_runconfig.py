@@ -151,6 +151,9 @@ def test_unknown_names_and_wrong_types(text: str, message: str) -> None:
      "n_positions = 128", r"seq_len = 256 is longer than the model's 128 positions"),
     ('[schedule]\nname = "zb-v"\nchunks = 3', r"zb-v runs exactly 2 chunk\(s\) per rank: set "
      r"chunks = 2"),
+    ('[mesh]\npp = 4\n[schedule]\nname = "dualpipev"\nmicrobatches = 3\n[batch]\n'
+     "global_batch = 3", r"\[schedule\] with \[mesh\] pp = 4: dualpipev needs at least 2p = 8 "
+     r"micro-batches"),
     ('[schedule]\nname = "one-f-one-b"', r"'one-f-one-b' is not a schedule: choose one of "
      r"gpipe, 1f1b"),
     ('[training]\nrecompute = "selective"', r"recompute = 'selective': choose one of 'none', "

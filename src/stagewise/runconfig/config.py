@@ -9,7 +9,7 @@ from typing import Any
 
 from stagewise.errors import ConfigError, ScheduleError
 from stagewise.runconfig._toml import _check_toml_values, _check_type, _positive, _section
-from stagewise.schedules import get, names
+from stagewise.schedules import build, get, names
 
 __all__ = [
     "RECOMPUTE",
@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 RECOMPUTE = ("none", "full")
+UNBUILT = ("auto",)  # schedules not built to check a config: auto searches (seconds)
 TINY_DEFAULTS = {"layers": 6, "dim": 64}  # stagewise train's --layers and --dim defaults
 # Hugging Face config keys that give layers, query heads and key/value heads, per family.
 _HF_LAYERS = ("num_hidden_layers", "n_layer")
@@ -269,7 +270,8 @@ class RunConfig:
     """One training run, complete: ``stagewise train --config`` needs nothing else.
 
     Checked on construction: every section's values, then the sections together (the batch
-    splits into micro-batches, the stages fit the layers, TP divides the heads).
+    splits into micro-batches, the schedule builds for pp ranks and m micro-batches, the
+    stages fit the layers, TP divides the heads, the sequence fits the positions).
 
     Example:
         >>> config = RunConfig(mesh=MeshConfig(pp=2, dp=2),
@@ -294,6 +296,12 @@ class RunConfig:
                 f"microbatches x dp = {batch.micro_batch_size} x {schedule.microbatches} x "
                 f"{mesh.dp} = {per_step}: set global_batch = {per_step} or change the others"
             )
+        if schedule.name not in UNBUILT:
+            try:
+                build(schedule.name, num_ranks=mesh.pp, num_microbatches=schedule.microbatches,
+                      num_chunks=schedule.chunks)
+            except ScheduleError as err:
+                raise ConfigError(f"[schedule] with [mesh] pp = {mesh.pp}: {err}") from None
         stages = mesh.pp * schedule.chunks
         layers = model.num_layers
         if layers is not None and stages > layers:
