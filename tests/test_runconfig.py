@@ -159,6 +159,7 @@ def test_unknown_names_and_wrong_types(text: str, message: str) -> None:
     ('[training]\nrecompute = "selective"', r"recompute = 'selective': choose one of 'none', "
      r"'full'"),
     ("[training]\nlr = -1.0", r"lr must be a positive number"),
+    ("[training]\nsteps = 1", r"steps = 1: stagewise train needs steps >= 2"),
     ('[model]\nspec = "llama"', r"spec = 'llama': write \"tiny\", \"hf:llama\""),
     ('[model]\nspec = "hf:llama"\nlayers = 4', r"layers apply to spec = \"tiny\" only"),
     ('[model]\nspec = "tiny"\n[model.hf_config]\nhidden_size = 8',

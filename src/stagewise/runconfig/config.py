@@ -125,6 +125,11 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _positive("training", "steps", self.steps)
+        if self.steps < 2:
+            raise ConfigError(
+                f"[training] steps = {self.steps}: stagewise train needs steps >= 2 (the first "
+                "step is warm-up): set steps = 2 or more"
+            )
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
             raise ConfigError(f"[training] lr must be a number, got {self.lr!r}: write lr = 0.003")
         if not math.isfinite(self.lr) or self.lr <= 0:
