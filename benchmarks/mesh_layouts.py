@@ -279,10 +279,12 @@ def comm_rank(
     for key, group, members in (("allreduce2", pair, 2), ("allreduce4", None, 4)):
         for size in reduce_bytes:
             flat = torch.zeros(max(1, size // FLOAT))
+
+            def reduce(flat: torch.Tensor = flat, group: Any = group) -> None:
+                dist.all_reduce(flat, group=group)
+
             if rank < members:
-                found[key][size] = _fastest_seconds(
-                    reps, lambda flat=flat, group=group: dist.all_reduce(flat, group=group)
-                )
+                found[key][size] = _fastest_seconds(reps, reduce)
             dist.barrier()
     return found if rank == 0 else None
 
