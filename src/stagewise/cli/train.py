@@ -36,9 +36,12 @@ def add_parser(verbs: Any) -> None:
     add_schedule_options(parser)
     parser.set_defaults(ranks=None, microbatches=None)  # 4 and 8 unless a file says otherwise
     parser.add_argument("--mesh", metavar="AXES", default=None,
-                        help="pipeline x data parallelism, e.g. pp=2,dp=2: pp ranks per pipeline "
-                        "(the schedule's ranks), dp replicas each on its share of --batch-size; "
-                        "starts pp*dp ranks")
+                        help="3D parallelism, e.g. pp=2,dp=2,tp=2: pp ranks per pipeline "
+                        "(the schedule's ranks), dp replicas each on its share of --batch-size, "
+                        "tp ranks sharding every transformer block; starts pp*dp*tp ranks")
+    parser.add_argument("--config", metavar="RUN.toml", default=None,
+                        help="run a configuration written by `stagewise plan --emit-config`; "
+                        "flags given here as well override the file's")
     parser.add_argument("--model", default="tiny", metavar="SPEC",
                         help="tiny (default: the tiny GPT of --dim/--layers), hf:llama, hf:gpt2 "
                         "(Hugging Face, random weights from --seed, nothing downloaded) or "
@@ -58,6 +61,9 @@ def add_parser(verbs: Any) -> None:
                         help="tokens per sequence (default 32)")
     parser.add_argument("--dim", type=int, default=64, help="model width (default 64)")
     parser.add_argument("--layers", type=int, default=6, help="transformer blocks (default 6)")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="attention heads of the tiny GPT (default 4, or 1 when --dim is "
+                        "not a multiple of 4)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     parser.add_argument("--partition", choices=("even", "params", "time"), default="params",
                         help="how layers are cut into stages (default params)")
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from stagewise.runtime.launch import in_torchrun
 
     torchrun = in_torchrun()
+    if args.config is not None:
+        args = _apply_run_config(args)
     mesh = _mesh(args, torchrun)
     if args.ranks is None and (torchrun or not args.schedule_file):
         args.ranks = int(os.environ["WORLD_SIZE"]) if torchrun else 4
@@ -101,6 +109,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_report(report, written)
     return 0
+
+
+def _apply_run_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the ``--config`` file's settings under every flag left at its default."""
+    from stagewise.runconfig import load_run_config
+
+    config = load_run_config(args.config)
+    parser = argparse.ArgumentParser(prog="stagewise train", add_help=False)
+    add_parser(parser.add_subparsers())
+    defaults = parser.parse_args(["train"])
+    merged = parser.parse_args(["train", *config.train_args()])
+    for key, value in vars(args).items():
+        if value != getattr(defaults, key, None):
+            setattr(merged, key, value)  # given on the command line: it wins
+    if config.model.spec.startswith("hf:") and config.model.hf_config and not args.model_config:
+        merged.model_config = dict(config.model.hf_config)
+    if config.model.spec == "tiny" and config.model.heads is not None and args.heads is None:
+        merged.heads = config.model.heads
+    return merged
 
 
 def _mesh(args: argparse.Namespace, torchrun: bool) -> Any:
@@ -128,7 +155,7 @@ def _config(args: argparse.Namespace, mesh: Any = None) -> Any:
     for name in ("steps", "batch_size", "seq_len", "dim", "layers", "threads"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    heads = 4 if args.dim % 4 == 0 else 1
+    heads = args.heads or (4 if args.dim % 4 == 0 else 1)
     return TrainConfig(
         schedule=schedule_from_args(args),
         steps=args.steps,
@@ -193,7 +220,8 @@ def _print_header(config: Any) -> None:
         f"{s.num_microbatches} micro-batches, {config.batch_size} x {model.seq_len} tokens "
         f"per step, {config.steps} steps"
         + ("" if config.mesh is None else
-           f", mesh pp={config.mesh.pp} x dp={config.mesh.dp} ({config.world_size} processes, "
+           f", mesh pp={config.mesh.pp} x dp={config.mesh.dp} x tp={config.mesh.tp} "
+           f"({config.world_size} processes, "
            f"{config.batch_size // config.mesh.dp} sequences per replica)"),
         flush=True,
     )

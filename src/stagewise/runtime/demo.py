@@ -107,8 +107,19 @@ class TrainConfig:
 
     @property
     def world_size(self) -> int:
-        """Processes the run needs: the schedule's ranks times the data-parallel replicas."""
-        return self.schedule.num_ranks * self.replicas
+        """Processes the run needs: the schedule's ranks x data-parallel replicas x tp."""
+        return self.schedule.num_ranks * self.replicas * self.tensor_parallel
+
+    @property
+    def tensor_parallel(self) -> int:
+        """Tensor-parallel ranks per pipeline rank (1 without a mesh)."""
+        return self.mesh.tp if self.mesh is not None else 1
+
+    def mesh_text(self) -> str:
+        """The mesh as ``pp=2,dp=2,tp=2`` (the schedule's ranks alone without a mesh)."""
+        if self.mesh is None:
+            return f"pp={self.schedule.num_ranks}"
+        return f"pp={self.mesh.pp},dp={self.mesh.dp},tp={self.mesh.tp}"
 
     @property
     def replicas(self) -> int:
@@ -118,6 +129,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # The model has an embedding, the blocks and a head: fail here, before any rank starts.
         balance([1.0] * self.num_layers(), self.schedule.num_stages)
+        if self.tensor_parallel > 1:
+            from torch import nn
+
+            from stagewise.runtime.tensor_parallel import check_tensor_parallel
+
+            check_tensor_parallel(nn.Sequential(*self.parts().layers), self.tensor_parallel)
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
         if self.mesh is not None:
@@ -190,7 +207,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     schedule = config.schedule
     if context.world_size != config.world_size:
         what = f"schedule {schedule.name!r}" if config.mesh is None else (
-            f"mesh pp={config.mesh.pp},dp={config.mesh.dp}"
+            f"mesh {config.mesh_text()}"
         )
         raise ConfigError(
             f"{what} needs {config.world_size} ranks but "
@@ -199,6 +216,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     groups = build_mesh(config.mesh) if config.mesh is not None else None
     pp_rank = groups.pp_rank if groups is not None else context.rank
     dp_rank = groups.dp_rank if groups is not None else 0
+    tp_rank = groups.tp_rank if groups is not None else 0
     torch.manual_seed(config.seed)
     parts = config.parts()
     # A replica's micro-batch is the first rows of the global batch's first micro-batch.
@@ -209,6 +227,11 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     if config.recompute:
         stages = [recomputed(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
+    if groups is not None and config.tensor_parallel > 1:
+        from stagewise.runtime.tensor_parallel import apply_tensor_parallel
+
+        for module in mine.values():
+            apply_tensor_parallel(module, groups.tp_mesh)
     ties = stage_ties(parts.ties, sizes)
     reducer = None
     on_action = context.report_action
@@ -230,7 +253,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     )
     params = [p for module in mine.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
-    shows = config.progress and schedule.num_stages - 1 in mine and dp_rank == 0
+    shows = config.progress and schedule.num_stages - 1 in mine and dp_rank == tp_rank == 0
     bar = _progress_bar(config.steps) if shows else None
     tokens = config.batch_size * parts.seq_len
     losses: list[float] = []
@@ -266,7 +289,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    mine_data = (pp_rank, losses, step_seconds, recorded, dp_rank)
+    mine_data = (pp_rank, losses, step_seconds, recorded, dp_rank + tp_rank)
     gathered: list[Any] = [None] * context.world_size
     dist.all_gather_object(gathered, mine_data)
     if context.rank != 0:
@@ -295,7 +318,7 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
     losses = next(g[1] for g in gathered if g[1])
     # Step time as the slowest rank saw it, per step.
     step_seconds = [max(g[2][i] for g in gathered) for i in range(config.steps)]
-    # Timelines and memory from the first data-parallel replica (the others run the same).
+    # Timelines and memory from the first replica's first tp shard (the others run the same).
     gathered = [g for g in gathered if g[4] == 0]
     timelines, saved_per_step = [], []
     for step in range(config.steps - 1):
@@ -343,5 +366,7 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
         link_latency=latency,
         timeline=timeline,
         predicted=predicted,
-        mesh=None if config.mesh is None else {"pp": config.mesh.pp, "dp": config.mesh.dp},
+        mesh=None if config.mesh is None else {
+            "pp": config.mesh.pp, "dp": config.mesh.dp, "tp": config.mesh.tp
+        },
     )
