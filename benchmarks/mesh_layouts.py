@@ -20,7 +20,8 @@ fastest of ``--reps`` timings (the cost least disturbed by other load on a share
   step (and ``zero_grad``) on each stage's parameters.
 - communication, in a launch of 4 processes: gloo send/recv ping-pong between 2 ranks (a line
   ``latency + bytes / bandwidth`` fitted to it gives the simulator's ``Link``), and all-reduce
-  of each stage's flattened gradients over 2 and over 4 ranks (the other ranks wait).
+  of each stage's flattened gradients (and of the loss) over as many ranks as the layout has
+  replicas (the other ranks wait).
 
 Each layout's step is then (``stagewise.plan.measured``): the pipeline from
 ``stagewise.sim.simulate(schedule, Costs.per_stage(...), Link(...))``; on each rank, after its
@@ -65,10 +66,9 @@ from torch import nn
 
 from stagewise.plan.measured import MeasuredCosts, predict_step, shared_cores_step
 from stagewise.plan.pipeline import PipelineCache
-from stagewise.runtime import RankContext, balance, launch, partition
+from stagewise.runtime import RankContext, launch, partition
 from stagewise.runtime.demo import TrainConfig, train_rank
 from stagewise.runtime.mesh import MeshSpec
-from stagewise.runtime.partition import layer_weights
 from stagewise.runtime.saved import SavedBytes
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules import Schedule, build
@@ -254,14 +254,13 @@ def optimizer_seconds(stage: nn.Module, reps: int) -> float:
 
 
 def comm_rank(
-    context: RankContext, p2p_bytes: Sequence[int], reduce_bytes: Sequence[int], reps: int
+    context: RankContext, p2p_bytes: Sequence[int], reduce_bytes: dict[int, list[int]], reps: int
 ) -> dict[str, dict[int, float]] | None:
-    """Gloo costs on 4 ranks; rank 0 returns ``{"p2p": {bytes: one-way s}, "allreduce2":
-    {bytes: s}, "allreduce4": {bytes: s}}``, each the fastest of ``reps``. Ranks outside a
-    measurement wait in a barrier."""
+    """Gloo costs; rank 0 returns ``{"p2p": {bytes: one-way s}, "allreduce<n>": {bytes: s}}``
+    for each ``n`` of ``reduce_bytes`` (ranks 0..n-1 reduce), each the fastest of ``reps``.
+    Ranks outside a measurement wait in a barrier."""
     rank = context.rank
-    pair = dist.new_group([0, 1])
-    found: dict[str, dict[int, float]] = {"p2p": {}, "allreduce2": {}, "allreduce4": {}}
+    found: dict[str, dict[int, float]] = {"p2p": {}}
     for size in p2p_bytes:
         buffer = torch.zeros(max(1, size // FLOAT))
 
@@ -276,15 +275,17 @@ def comm_rank(
         if rank < 2:
             found["p2p"][size] = _fastest_seconds(reps, ping) / 2
         dist.barrier()
-    for key, group, members in (("allreduce2", pair, 2), ("allreduce4", None, 4)):
-        for size in reduce_bytes:
+    for members, sizes in sorted(reduce_bytes.items()):
+        group = dist.new_group(list(range(members))) if members < context.world_size else None
+        found[f"allreduce{members}"] = {}
+        for size in sizes:
             flat = torch.zeros(max(1, size // FLOAT))
 
             def reduce(flat: torch.Tensor = flat, group: Any = group) -> None:
                 dist.all_reduce(flat, group=group)
 
             if rank < members:
-                found[key][size] = _fastest_seconds(reps, reduce)
+                found[f"allreduce{members}"][size] = _fastest_seconds(reps, reduce)
             dist.barrier()
     return found if rank == 0 else None
 
@@ -313,9 +314,9 @@ class Machine:
     seconds: float
 
 
-def _stage_sizes(model: GPTConfig, pp: int) -> tuple[list[int], list[nn.Sequential]]:
-    layers = gpt_layers(model, seed=0)
-    return balance(layer_weights(layers, "params"), pp), partition(layers, pp, "params")
+def _stages(model: GPTConfig, pp: int) -> list[nn.Sequential]:
+    """The stages the runtime makes (train_rank's default ``params`` partition)."""
+    return partition(gpt_layers(model, seed=0), pp, "params")
 
 
 def _grad_bytes(stage: nn.Module) -> int:
@@ -331,23 +332,29 @@ def measure_machine(bench: Bench) -> Machine:
     layers = {r: layer_costs(model, r, bench.reps) for r in rows}
     act_bytes = {r: FLOAT * r * model.seq_len * model.dim for r in rows}
     grads = {
-        layout.name: [_grad_bytes(s) for s in _stage_sizes(model, layout.pp)[1]]
-        for layout in bench.layouts
+        layout.name: [_grad_bytes(s) for s in _stages(model, layout.pp)] for layout in bench.layouts
     }
     p2p_sizes = sorted({FLOAT, *act_bytes.values(), 1 << 20, 4 << 20})
-    reduce_sizes = sorted({FLOAT, *(b for sizes in grads.values() for b in sizes)})
-    comm = launch(comm_rank, WORLD, (p2p_sizes, reduce_sizes, bench.reps), timeout=600)[0]
-    stages = {}
+    reduce_sizes: dict[int, set[int]] = {}
     for layout in bench.layouts:
-        sizes, modules = _stage_sizes(model, layout.pp)
+        if layout.dp > 1:
+            reduce_sizes.setdefault(layout.dp, {FLOAT}).update(grads[layout.name])
+    comm = launch(
+        comm_rank, WORLD,
+        (p2p_sizes, {n: sorted(sizes) for n, sizes in reduce_sizes.items()}, bench.reps),
+        timeout=600,
+    )[0]
+    stages = {}
+    kinds = ["embedding", *["block"] * model.layers, "head"]
+    for layout in bench.layouts:
+        modules = _stages(model, layout.pp)
         cost = layers[layout.rows(bench.batch_size)]
-        kinds = ["embedding", *["block"] * model.layers, "head"]
         forward, backward, start_layer = [], [], 0
-        for size in sizes:
-            mine = [getattr(cost, kind) for kind in kinds[start_layer : start_layer + size]]
+        for module in modules:
+            mine = [getattr(cost, kind) for kind in kinds[start_layer : start_layer + len(module)]]
             forward.append(sum(f for f, _ in mine))
             backward.append(sum(b for _, b in mine))
-            start_layer += size
+            start_layer += len(module)
         reduced = comm.get(f"allreduce{layout.dp}", {})
         stages[layout.name] = MeasuredCosts(
             forward=tuple(forward),
