@@ -253,7 +253,9 @@ def test_emit_config_refuses_what_it_cannot_run(
     path = tmp_path / "run.toml"
     code = cli([*argv, "--emit-config", str(path)])
     if message is None:  # GPT-2 shapes are emitted as hf:gpt2
-        assert code == 0 and load_run_config(path).model.spec == "hf:gpt2"
+        config = load_run_config(path)
+        assert code == 0 and config.model.spec == "hf:gpt2"
+        assert config.model.hf_config["n_positions"] == 4096  # gpt2-xl's 1024 raised to seq
         return
     assert code == 2 and not path.exists()
     err = capsys.readouterr().err

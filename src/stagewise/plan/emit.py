@@ -65,6 +65,9 @@ def run_config(plan: Plan, steps: int = 30, lr: float = 3e-3, toy: bool = False)
         model = toy_model(model, cfg.pp * cfg.vp, cfg.tp)
         seq = min(seq, TOY_SEQ)
     family, fields = hf_family_and_config(model)
+    for key in ("max_position_embeddings", "n_positions"):  # as Megatron's export: >= seq
+        if key in fields:
+            fields[key] = max(fields[key], seq)
     time = plan.time.step_s if plan.fits else 0.0
     notes = run_notes(plan, family)
     if toy:
