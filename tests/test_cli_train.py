@@ -85,6 +85,54 @@ def test_recompute_trains_the_same_with_less_activation_memory(
         assert after < before / 3
 
 
+@pytest.mark.timeout(240)
+def test_tensor_parallel_mesh_trains_like_one_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
+    reports = []
+    for extra in (["-p", "2"], ["--mesh", "pp=2,tp=2"]):
+        code = cli(["train", "-m", "4", "--steps", "3", "--json", "--no-plots", *SMALL, *extra])
+        assert code == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    plain, sharded = reports
+    assert sharded["mesh"] == {"pp": 2, "dp": 1, "tp": 2}
+    # The same model and data; only the summation order inside the sharded matmuls differs.
+    assert sharded["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+
+
+@pytest.mark.timeout(240)
+def test_plan_emit_config_runs_under_train_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stagewise.runconfig import load_run_config
+
+    path = tmp_path / "run.toml"
+    assert cli(["plan", "--model", "tiny-llama", "--gpu", "cpu", "--nodes", "1",
+                "--gpus-per-node", "4", "--seq", "16", "--global-batch", "8", "--pp", "2",
+                "--tp", "2", "--emit-config", str(path)]) == 0
+    capsys.readouterr()
+    planned = load_run_config(path)
+    # Flags given beside --config override the file's (here: fewer steps).
+    assert cli(["train", "--config", str(path), "--steps", "2", "--json", "--no-plots"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    mesh = planned.mesh
+    assert report["mesh"] == {"pp": mesh.pp, "dp": mesh.dp, "tp": mesh.tp} == {
+        "pp": 2, "dp": 1, "tp": 2}
+    assert report["schedule"] == planned.schedule.name
+    assert report["num_microbatches"] == planned.schedule.microbatches
+    assert report["steps"] == 2
+    assert report["tokens_per_step"] == planned.batch.global_batch * planned.batch.seq_len
+    assert len(report["losses"]) == 2
+
+
+@pytest.mark.parametrize("model", ["hf:llama", "hf:gpt2"])
+@pytest.mark.timeout(180)
+def test_hugging_face_models_train(model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli(["train", "--model", model, "-s", "1f1b", "-p", "2", "-m", "2", "--steps", "6",
+                "--lr", "1e-2", "--seq-len", "16", "--batch-size", "8", "--json", "--no-plots"])
+    assert code == 0
+    losses = json.loads(capsys.readouterr().out)["losses"]
+    assert losses[-1] < losses[0]
+
+
 def test_impossible_split_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "-s", "interleaved-1f1b", "-p", "4", "-m", "4", "--layers", "1",
                 "--no-plots"])
