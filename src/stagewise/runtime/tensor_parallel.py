@@ -46,8 +46,9 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: object) -> int:
         How many blocks were sharded (0 for a size-1 mesh or a stage of embeddings/heads only).
 
     Raises:
-        ConfigError: heads, kv heads or the MLP width do not divide by the tp size, or the
-            stage holds a block type tensor parallelism does not support (GPT-2).
+        ConfigError: heads, kv heads or the MLP width do not divide by the tp size, the
+            stage holds a block type tensor parallelism does not support (GPT-2), or a block
+            is already sharded.
 
     Example (on each rank, after ``groups = build_mesh(MeshSpec(pp=2, tp=2))``)::
 
@@ -131,15 +132,32 @@ def _kind(module: nn.Module) -> str | None:
 
 def _plan(block: nn.Module, size: int) -> dict[str, ParallelStyle]:
     """The ``parallelize_module`` plan of one block, after checking its sizes divide."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in block.parameters()):
+        raise ConfigError(
+            f"a {type(block).__name__} is already sharded: call apply_tensor_parallel once "
+            "per stage"
+        )
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleOutput,
+        RowwiseParallel,
+    )
 
     from stagewise.runtime.tiny_gpt import Block
 
     colwise, rowwise = ColwiseParallel(), RowwiseParallel()
+    # A norm feeding several column-parallel matmuls hands them one replicated DTensor, so
+    # backward sums their partial input gradients and all-reduces once, not once per matmul.
+    shared = PrepareModuleOutput(
+        output_layouts=Replicate(), desired_output_layouts=Replicate(), use_local_output=False
+    )
     if isinstance(block, Block):
         _divides("attention heads", block.heads, size, "GPTConfig(heads=...)")
         _divides("MLP width", _out_features(block, "mlp.0"), size, "GPTConfig(dim=...)")
-        return {"q": colwise, "k": colwise, "v": colwise, "proj": rowwise,
+        return {"norm1": shared, "q": colwise, "k": colwise, "v": colwise, "proj": rowwise,
                 "mlp.0": colwise, "mlp.2": rowwise}
     config = getattr(block.get_submodule("self_attn"), "config", None)
     head_dim = int(getattr(block.get_submodule("self_attn"), "head_dim", 0)) or None
@@ -148,7 +166,9 @@ def _plan(block: nn.Module, size: int) -> dict[str, ParallelStyle]:
     _divides("attention heads", heads, size, "num_attention_heads")
     _divides("key/value heads", kv_heads, size, "num_key_value_heads")
     _divides("MLP width", _out_features(block, "mlp.up_proj"), size, "intermediate_size")
+    norms = ("input_layernorm", "post_attention_layernorm")
     return {
+        **{name: shared for name in norms if isinstance(getattr(block, name, None), nn.Module)},
         "self_attn.q_proj": colwise, "self_attn.k_proj": colwise, "self_attn.v_proj": colwise,
         "self_attn.o_proj": rowwise,
         "mlp.gate_proj": colwise, "mlp.up_proj": colwise, "mlp.down_proj": rowwise,

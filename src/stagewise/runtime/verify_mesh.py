@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from stagewise.errors import ConfigError
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.mesh import (
     MeshSpec,
@@ -177,6 +178,7 @@ def _check_llama(
     tp_mesh: DeviceMesh, label: str, heads: int = 4, kv_heads: int = 2, layers: int = 2
 ) -> list[str]:
     """:func:`check_llama_tp_rank` on a given tp mesh (a collective over it)."""
+    from torch.distributed.tensor.debug import CommDebugMode
     from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(
@@ -191,18 +193,29 @@ def _check_llama(
     problems: list[str] = []
     if apply_tensor_parallel(model.layers, tp_mesh) != layers:
         problems.append(f"{label}: not every decoder layer was sharded")
+    try:
+        apply_tensor_parallel(model.layers, tp_mesh)
+        problems.append(f"{label}: sharding the layers twice was not refused")
+    except ConfigError:
+        pass
     positions = torch.arange(hidden.shape[1]).unsqueeze(0)
     rotary = model.rotary_emb(hidden, positions)
     outputs = []
-    for layers_run in (model.layers, reference):
-        x = hidden.clone().requires_grad_()
-        out = x
-        for layer in layers_run:
-            out = layer(out, position_embeddings=rotary, position_ids=positions)
-        out.square().mean().backward()
-        assert x.grad is not None, "the input got no gradient"
-        outputs.append((out.detach(), x.grad))
+    with CommDebugMode() as comms:
+        for layers_run in (model.layers, reference):
+            x = hidden.clone().requires_grad_()
+            out = x
+            for layer in layers_run:
+                out = layer(out, position_embeddings=rotary, position_ids=positions)
+            out.square().mean().backward()
+            assert x.grad is not None, "the input got no gradient"
+            outputs.append((out.detach(), x.grad))
     (out, grad), (ref_out, ref_grad) = outputs
+    # Per layer: forward all-reduces after o_proj and down_proj; backward one per norm that
+    # feeds column-parallel matmuls (q/k/v share one, gate/up another).
+    reduces = sum(n for op, n in comms.get_comm_counts().items() if "all_reduce" in str(op))
+    if reduces != 4 * layers:
+        problems.append(f"{label}: {reduces} all-reduces for {layers} layers, expected 4 each")
     compared = _close(out, ref_out, f"{label} output", problems)
     compared += _close(grad, ref_grad, f"{label} input gradient", problems)
     compared += _compare_grads(
