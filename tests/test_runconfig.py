@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from stagewise.cli.main import cli
 from stagewise.errors import ConfigError
 from stagewise.runconfig import (
     BatchConfig,
@@ -190,3 +193,29 @@ def test_import_pulls_in_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_planned_config_trains_with_stagewise_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """plan -> run.toml -> stagewise train: the run uses the file's schedule, sizes and model."""
+    pytest.importorskip("transformers")
+    path, hf_json = tmp_path / "run.toml", tmp_path / "config.json"
+    assert cli(["plan", "--model", "tiny-llama", "--gpu", "cpu", "--gpus", "2", "--pp", "2",
+                "--seq", "16", "--global-batch", "4", "--micro-batch-size", "1",
+                "--emit-config", str(path), "--steps", "2"]) == 0
+    config = load_run_config(path)
+    hf_json.write_text(json.dumps(config.model.hf_config))
+    capsys.readouterr()
+    assert cli(["train", *config.train_args(str(hf_json)), "--no-plots", "--json",
+                "--timeout", "60"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schedule"] == config.schedule.name
+    assert report["num_ranks"] == config.mesh.pp
+    assert report["num_stages"] == config.mesh.pp * config.schedule.chunks
+    assert report["num_microbatches"] == config.schedule.microbatches
+    assert len(report["losses"]) == config.training.steps
+    # Random weights start near ln(vocab): the emitted vocabulary (256), not the runtime's
+    # small default (64, ln 64 = 4.2), reached the model.
+    assert config.model.hf_config["vocab_size"] == 256
+    assert abs(report["losses"][0] - math.log(256)) < 0.5
