@@ -26,7 +26,7 @@ from stagewise.runtime import launch  # noqa: E402
 from stagewise.runtime.hf_models import build_hf_model, hf_layers, hf_parts  # noqa: E402
 from stagewise.runtime.models import resolve_model  # noqa: E402
 from stagewise.runtime.tiny_gpt import lm_loss  # noqa: E402
-from stagewise.runtime.verify_models import ModelCase, check_hf_rank  # noqa: E402
+from stagewise.runtime.verify_models import ModelCase, check_model_rank  # noqa: E402
 
 LLAMA = {
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -129,7 +129,7 @@ def test_pipelined_models_equal_one_process() -> None:
         ModelCase("gpt2", "1f1b", GPT2),
         ModelCase("gpt2", "zb-h1", GPT2),
     ]
-    results = launch(check_hf_rank, 2, (cases, 60.0), timeout=150)
+    results = launch(check_model_rank, 2, (cases, 60.0), timeout=150)
     assert len(results) == 2
     for rank, result in enumerate(results):
         assert set(result) == {case.label for case in cases}

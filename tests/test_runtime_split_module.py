@@ -1,5 +1,5 @@
 """A user's nn.Module cut by submodule names: the same outputs and gradients as the module,
-shared weights as ties, and clear errors for bad cuts."""
+shared weights as ties (also pipelined on 2 ranks), and clear errors for bad cuts."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
+from stagewise.runtime import launch  # noqa: E402
 from stagewise.runtime.model_parts import ModelParts, stage_ties  # noqa: E402
 from stagewise.runtime.split_module import expand_names, split_by_names  # noqa: E402
 from stagewise.runtime.tiny_gpt import GPTConfig, lm_loss, make_batch  # noqa: E402
+from stagewise.runtime.verify_models import ModelCase, check_model_rank  # noqa: E402
 
 DATA = GPTConfig(vocab=16, seq_len=6)
 
@@ -133,3 +135,15 @@ def test_unknown_name_lists_the_children() -> None:
         _split(Toy(), ["embed", "body", "head"])
     with pytest.raises(ConfigError, match="give the names"):
         _split(Toy(), [])
+
+
+def test_pipelined_split_module_with_a_tie_across_ranks_equals_one_process() -> None:
+    # TiedToyLM's head projection is its embedding: under 1F1B on 2 ranks the two copies live
+    # on different ranks, under ZB-V both on rank 0 (stages 0 and 3).
+    cases = [ModelCase("toy", "1f1b"), ModelCase("toy", "zb-v")]
+    results = launch(check_model_rank, 2, (cases, 60.0), timeout=120)
+    assert len(results) == 2
+    for rank, result in enumerate(results):
+        assert set(result) == {case.label for case in cases}
+        for label, problems in result.items():
+            assert problems == [], f"rank {rank} {label}: {problems[:3]}"

@@ -1,11 +1,15 @@
-"""Check a pipelined Hugging Face model against the whole model in one process.
+"""Check a pipelined model against the whole model in one process.
 
-:func:`check_hf_rank` runs on every rank of a launched group: it builds the model from a seed,
-cuts it with :func:`~stagewise.runtime.hf_models.hf_layers`, partitions the layers into the
-schedule's stages (tied embeddings become the pipeline's ties via ``stage_ties``), trains a few
-SGD steps, and compares the loss and the gradient of every parameter of its own stages with a
-second copy of the unsplit Hugging Face model (built from the same seed) trained here on the
-whole batch. Parameters are matched by name through the model the layers were cut from.
+:func:`check_model_rank` runs on every rank of a launched group: it builds the model from a seed
+(a Hugging Face model, or a user's module from a factory), cuts it (``hf_layers``, or
+``split_by_names``), partitions the layers into the schedule's stages (tied weights become the
+pipeline's ties via ``stage_ties``), trains a few SGD steps, and compares the loss and the
+gradient of every parameter of its own stages with a second copy of the unsplit model (built
+from the same seed) trained here on the whole batch. Parameters are matched by name through the
+model the layers were cut from.
+
+:class:`TiedToyLM` is such a user's module (embedding, a ModuleList of blocks, a head whose
+projection is the embedding's weight), for the ``split_by_names`` check.
 """
 
 from __future__ import annotations
@@ -15,17 +19,39 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from stagewise.runtime.hf_models import build_hf_model, hf_layers
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.model_parts import stage_ties
 from stagewise.runtime.partition import partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.tiny_gpt import GPTConfig, lm_loss, make_batch
+from stagewise.runtime.split_module import split_by_names
+from stagewise.runtime.tiny_gpt import Block, GPTConfig, lm_loss, make_batch
 from stagewise.runtime.verify import _close
 from stagewise.schedules.registry import build
 
-__all__ = ["ModelCase", "check_hf_rank"]
+__all__ = ["ModelCase", "TiedToyLM", "check_model_rank"]
+
+TOY = GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=2)
+
+
+class TiedToyLM(nn.Module):
+    """A user's language model: embedding, blocks, norm and a head tied to the embedding."""
+
+    def __init__(self, config: GPTConfig = TOY) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, config.vocab))
+        self.head[1].weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        out: torch.Tensor = self.head(x)
+        return out
 
 
 @dataclass(frozen=True)
@@ -33,8 +59,8 @@ class ModelCase:
     """One equivalence check of a Hugging Face model under a schedule.
 
     Attributes:
-        family: ``"llama"`` or ``"gpt2"``.
-        config: Hugging Face config fields over the tiny default.
+        family: ``"llama"`` or ``"gpt2"``, or ``"toy"`` for :class:`TiedToyLM` split by names.
+        config: Hugging Face config fields over the tiny default (not used by ``"toy"``).
         schedule: a registered schedule name, built for the launched ranks.
         num_microbatches: micro-batches per step.
         batch_size: rows per step.
@@ -56,7 +82,7 @@ class ModelCase:
         return f"{self.family} {self.schedule} {dict(self.config)}"
 
 
-def check_hf_rank(
+def check_model_rank(
     context: RankContext, cases: list[ModelCase], timeout: float = 60.0
 ) -> dict[str, list[str]]:
     """Run every case on this rank; per case label, the mismatches found (empty: all equal)."""
@@ -67,11 +93,10 @@ def _check_case(context: RankContext, case: ModelCase, timeout: float) -> list[s
     schedule = build(
         case.schedule, num_ranks=context.world_size, num_microbatches=case.num_microbatches
     )
-    model = build_hf_model(case.family, case.config, seed=1)
-    reference = build_hf_model(case.family, case.config, seed=1)
+    model, layers, ties, vocab = _build(case)
+    reference = _build(case)[0]
     names = {id(p): n for n, p in model.named_parameters()}
     ref_params = dict(reference.named_parameters())
-    layers, ties = hf_layers(model)
     stages = partition(layers, schedule.num_stages)
     mine = stages_for_rank(schedule, stages, context.rank)
     pipe = Pipeline(
@@ -81,8 +106,6 @@ def _check_case(context: RankContext, case: ModelCase, timeout: float) -> list[s
     params = list({id(p): p for m in mine.values() for p in m.parameters()}.values())
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    config: Any = model.config
-    vocab = int(config.vocab_size)
     data = GPTConfig(vocab=vocab, seq_len=case.seq_len)
     generator = torch.Generator().manual_seed(7)
     problems: list[str] = []
@@ -90,7 +113,8 @@ def _check_case(context: RankContext, case: ModelCase, timeout: float) -> list[s
     for step in range(case.steps):
         inputs, targets = make_batch(data, case.batch_size, generator)
         loss = pipe.step(inputs, targets)
-        ref_loss = lm_loss(reference(input_ids=inputs).logits, targets)
+        output = reference(inputs)
+        ref_loss = lm_loss(output if isinstance(output, torch.Tensor) else output.logits, targets)
         ref_loss.backward()
         label = f"rank {context.rank} step {step}"
         if (loss is not None) != (schedule.num_stages - 1 in mine):
@@ -110,3 +134,22 @@ def _check_case(context: RankContext, case: ModelCase, timeout: float) -> list[s
     if compared == 0:
         problems.append(f"rank {context.rank}: nothing was compared")
     return problems
+
+
+def _build(
+    case: ModelCase,
+) -> tuple[nn.Module, list[nn.Module], tuple[dict[int, str], ...], int]:
+    """The whole model (weights from seed 1), its layers, their ties, its vocabulary size."""
+    if case.family != "toy":
+        model = build_hf_model(case.family, case.config, seed=1)
+        layers, ties = hf_layers(model)
+        config: Any = model.config
+        return model, layers, ties, int(config.vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        toy = TiedToyLM()
+    parts = split_by_names(
+        toy, ["embed", "blocks", "head"], loss_fn=lm_loss, seq_len=TOY.seq_len,
+        make_batch=lambda rows, generator: make_batch(TOY, rows, generator),
+    )
+    return toy, list(parts.layers), tuple(dict(t) for t in parts.ties), TOY.vocab
