@@ -92,12 +92,21 @@ def test_model_from_hf_config_file(capsys: pytest.CaptureFixture[str], tmp_path:
     config.write_text(json.dumps({
         "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
         "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "rope_scaling": None, "architectures": ["LlamaForCausalLM"],
+        "quantization": {"bits": 8, "group": None},
     }))
+    run = tmp_path / "run.toml"
     doc = _json(capsys, ["plan", "--model-config", str(config), "--gpu", "h100", "--nodes", "1",
                          "--gpus-per-node", "8", "--seq", "4096", "--global-batch", "8",
-                         "--tp", "8", "--pp", "1", "--json"])
+                         "--tp", "8", "--pp", "1", "--json", "--emit-config", str(run)])
     assert doc["num_params"] == 6_738_415_616  # Llama-2-7B's published count
+    # The emitted model keeps the file's other fields (nulls dropped: TOML has none).
+    fields = load_run_config(run).model.hf_config
+    assert fields["rms_norm_eps"] == 1e-05 and fields["rope_theta"] == 10000.0
+    assert fields["architectures"] == ["LlamaForCausalLM"] and "rope_scaling" not in fields
+    assert fields["quantization"] == {"bits": 8} and "model_type" not in fields
+    assert fields["num_key_value_heads"] == 32  # the planned shape, filled in
 
 
 @pytest.mark.parametrize(

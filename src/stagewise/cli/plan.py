@@ -194,7 +194,10 @@ def _emit(args: argparse.Namespace, best: Any) -> Any:
             f"nothing fits, so --emit-config wrote no {args.emit_config}: run the plan without "
             "it to see what would fit, then plan that"
         )
-    config = run_config(best, steps=args.steps, lr=args.lr, toy=args.toy)
+    original = None
+    if args.model_config:  # already read once by _model, so it is a JSON object
+        original = json.loads(Path(args.model_config).read_text())
+    config = run_config(best, steps=args.steps, lr=args.lr, toy=args.toy, hf_config=original)
     try:
         Path(args.emit_config).write_text(config.to_toml(), encoding="utf-8")
     except OSError as err:

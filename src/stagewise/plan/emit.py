@@ -14,6 +14,9 @@ runtime differs from what was planned (sequence parallelism, the distributed opt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from stagewise.errors import PlanError
 from stagewise.plan.evaluate import Plan
 from stagewise.plan.memory import GIB
@@ -33,7 +36,13 @@ __all__ = ["TOY_SEQ", "run_config", "run_notes"]
 TOY_SEQ = 32  # tokens per sequence of a toy run (at most)
 
 
-def run_config(plan: Plan, steps: int = 30, lr: float = 3e-3, toy: bool = False) -> RunConfig:
+def run_config(
+    plan: Plan,
+    steps: int = 30,
+    lr: float = 3e-3,
+    toy: bool = False,
+    hf_config: Mapping[str, Any] | None = None,
+) -> RunConfig:
     """The :class:`RunConfig` that trains ``plan`` with ``stagewise train``.
 
     Args:
@@ -41,6 +50,9 @@ def run_config(plan: Plan, steps: int = 30, lr: float = 3e-3, toy: bool = False)
         steps, lr: the training steps and AdamW learning rate (not planned).
         toy: shrink the model (and the sequence) but keep the layout, to rehearse the plan
             on one machine.
+        hf_config: the Hugging Face config the plan's model was read from, if any: its
+            other fields (rotary base, norm epsilon, ...) are kept beside the planned shape
+            (ignored with ``toy``; ``model_type`` and null fields are dropped).
 
     Raises:
         PlanError: the plan recomputes selectively (the runtime recomputes whole layers
@@ -65,6 +77,9 @@ def run_config(plan: Plan, steps: int = 30, lr: float = 3e-3, toy: bool = False)
         model = toy_model(model, cfg.pp * cfg.vp, cfg.tp)
         seq = min(seq, TOY_SEQ)
     family, fields = hf_family_and_config(model)
+    if hf_config is not None and not toy:
+        kept = _without_nulls({k: v for k, v in hf_config.items() if k != "model_type"})
+        fields = {**kept, **fields}
     for key in ("max_position_embeddings", "n_positions"):  # as Megatron's export: >= seq
         if key in fields:
             fields[key] = max(fields[key], seq)
@@ -122,3 +137,11 @@ def _layers(layers: tuple[int, ...]) -> str:
     if len(set(layers)) == 1:
         return f"{layers[0]} x {len(layers)}"
     return " ".join(str(n) for n in layers)
+
+
+def _without_nulls(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` without null values, in nested tables too (TOML has no null)."""
+    return {
+        key: _without_nulls(value) if isinstance(value, Mapping) else value
+        for key, value in fields.items() if value is not None
+    }
