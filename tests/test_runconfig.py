@@ -31,6 +31,7 @@ LLAMA = {
     "max_position_embeddings": 128, "tie_word_embeddings": False, "hidden_act": "silu",
     "rms_norm_eps": 1e-05, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
     "name_or_path": 'quote " and \\ backslash', "layer_types": ["full", "full"],
+    "odd key": "tab\t newline\n del\x7f nul\x00 \u00e9 \U0001f600",
 }
 
 
@@ -61,7 +62,7 @@ def test_toml_round_trip_gives_an_equal_config(config: RunConfig, tmp_path: Path
     text = config.to_toml()
     tomllib.loads(text)  # the standard library reads what we write by hand
     path = tmp_path / "run.toml"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     assert load_run_config(path) == config
     assert parse_run_config(text).to_toml() == text
 

@@ -32,7 +32,12 @@ def _section(lines: list[str], name: str, values: Mapping[str, Any],
 
 
 def _key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return key if _BARE_KEY.fullmatch(key) else _string(key)
+
+
+def _string(text: str) -> str:
+    """A TOML basic string: JSON's escapes, which TOML shares, plus DEL (JSON leaves it)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml(value: Any, key: str) -> str:
@@ -44,7 +49,7 @@ def _toml(value: Any, key: str) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else repr(value)  # repr: shortest exact, "inf" ok
     if isinstance(value, str):
-        return json.dumps(value)  # JSON's escapes are valid in a TOML basic string
+        return _string(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(v, key) for v in value) + "]"
     if isinstance(value, Mapping):
