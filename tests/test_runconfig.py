@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stagewise.cli.main import cli
 from stagewise.errors import ConfigError
@@ -220,3 +222,22 @@ def test_planned_config_trains_with_stagewise_train(
     # small default (64, ln 64 = 4.2), reached the model.
     assert config.model.hf_config["vocab_size"] == 256
     assert abs(report["losses"][0] - math.log(256)) < 0.5
+
+
+_SCALARS = (st.text(max_size=12) | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+            | st.floats(allow_nan=False))
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                  max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fields=st.dictionaries(st.text(min_size=1, max_size=10), _VALUES, max_size=6),
+       lr=st.floats(min_value=1e-12, max_value=1e3), steps=st.integers(2, 10**9))
+def test_any_hf_config_round_trips(fields: dict, lr: float, steps: int) -> None:
+    config = RunConfig(model=ModelConfig("hf:llama", hf_config=fields),
+                       training=TrainingConfig(steps=steps, lr=lr))
+    assert parse_run_config(config.to_toml()) == config
