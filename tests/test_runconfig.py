@@ -13,7 +13,7 @@ import tomllib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stagewise.cli.main import cli
+from stagewise.cli.main import build_parser, cli
 from stagewise.errors import ConfigError
 from stagewise.runconfig import (
     BatchConfig,
@@ -241,3 +241,19 @@ def test_any_hf_config_round_trips(fields: dict, lr: float, steps: int) -> None:
     config = RunConfig(model=ModelConfig("hf:llama", hf_config=fields),
                        training=TrainingConfig(steps=steps, lr=lr))
     assert parse_run_config(config.to_toml()) == config
+
+
+@pytest.mark.parametrize("config", [_full(), RunConfig(model=ModelConfig(layers=4, dim=32))],
+                         ids=["hf", "tiny"])
+def test_train_defaults_equal_parsing_train_args(config: RunConfig) -> None:
+    """set_defaults(**train_defaults()) gives what parsing the flags gives; flags still win."""
+    flags = ["train", *config.train_args()]
+    from_flags = vars(build_parser(flags).parse_args(flags))
+    parser = build_parser(["train"])
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr,index]
+    defaults = config.train_defaults()
+    train.set_defaults(**{k: v for k, v in defaults.items() if k != "heads"})
+    from_file = vars(parser.parse_args(["train"]))
+    from_flags["model_config"] = defaults["model_config"]  # no flag: the dict itself
+    assert from_file == from_flags
+    assert vars(parser.parse_args(["train", "--steps", "7"]))["steps"] == 7

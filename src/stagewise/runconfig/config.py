@@ -366,6 +366,29 @@ class RunConfig:
             args.append("--recompute")
         return args
 
+    def train_defaults(self) -> dict[str, Any]:
+        """The config as ``stagewise train`` argument values, keyed by argparse ``dest``.
+
+        ``parser.set_defaults(**config.train_defaults())`` before parsing makes the file the
+        defaults and flags given on the command line override it. ``model_config`` is the
+        ``hf_config`` dict itself (the trainer takes a mapping or a path); ``heads`` is the
+        tiny GPT's head count, which has no flag.
+        """
+        mesh, schedule, batch, training, model = (
+            self.mesh, self.schedule, self.batch, self.training, self.model)
+        values: dict[str, Any] = {
+            "mesh": mesh.text(), "schedule": schedule.name,
+            "chunks": schedule.chunks if schedule.takes_chunks else None,
+            "microbatches": schedule.microbatches, "batch_size": batch.global_batch,
+            "seq_len": batch.seq_len, "steps": training.steps, "lr": training.lr,
+            "recompute": training.recompute == "full", "model": model.spec,
+            "model_config": dict(model.hf_config) if model.hf_config else None,
+            "split": ",".join(model.split) if model.split else None,
+        }
+        if model.spec == "tiny":
+            values.update(dim=model.dim, layers=model.layers, heads=model.heads)
+        return values
+
     def to_toml(self) -> str:
         """The configuration as TOML (``tomllib`` reads it back to an equal RunConfig)."""
         schedule_comments = {"chunks": "v, virtual stages per pipeline rank",
