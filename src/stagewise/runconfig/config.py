@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from stagewise.errors import ConfigError, ScheduleError
-from stagewise.runconfig._toml import _check_toml_values, _check_type, _positive, _section
+from stagewise.runconfig._toml import _check_type, _positive, _section
+from stagewise.runconfig.model import ModelConfig
 from stagewise.schedules import build, get, names
 
 __all__ = [
@@ -24,12 +24,6 @@ __all__ = [
 
 RECOMPUTE = ("none", "full")
 UNBUILT = ("auto",)  # schedules not built to check a config: auto searches (seconds)
-TINY_DEFAULTS = {"layers": 6, "dim": 64}  # stagewise train's --layers and --dim defaults
-# Hugging Face config keys that give layers, query heads and key/value heads, per family.
-_HF_LAYERS = ("num_hidden_layers", "n_layer")
-_HF_HEADS = ("num_attention_heads", "n_head")
-_HF_KV_HEADS = ("num_key_value_heads",)
-_HF_POSITIONS = ("max_position_embeddings", "n_positions")
 
 
 @dataclass(frozen=True)
@@ -140,102 +134,6 @@ class TrainingConfig:
                 f"[training] recompute = {self.recompute!r}: choose one of "
                 f"{', '.join(repr(r) for r in RECOMPUTE)}"
             )
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What is trained.
-
-    Attributes:
-        spec: ``"tiny"`` (stagewise's tiny GPT), ``"hf:llama"``, ``"hf:gpt2"`` (Hugging Face
-            model with random weights) or ``"py:package.module:function"``.
-        layers, dim, heads: the tiny GPT's blocks, width and attention heads (``tiny`` only;
-            defaults 6, 64 and 4, or 1 head when the width is not a multiple of 4).
-        hf_config: Hugging Face config fields for ``hf:`` models (``hidden_size``,
-            ``num_hidden_layers``, ...); empty for the runtime's small default.
-        split: for ``py:`` models, submodule names in the order they run.
-    """
-
-    spec: str = "tiny"
-    layers: int | None = None
-    dim: int | None = None
-    heads: int | None = None
-    hf_config: dict[str, Any] = field(default_factory=dict)
-    split: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        spec = self.spec
-        if not isinstance(spec, str) or not (
-            spec == "tiny" or (spec.startswith(("hf:", "py:")) and len(spec) > 3)
-        ):
-            raise ConfigError(
-                f"[model] spec = {spec!r}: write \"tiny\", \"hf:llama\", \"hf:gpt2\" or "
-                "\"py:package.module:function\""
-            )
-        tiny = ("layers", "dim", "heads")
-        if spec == "tiny":
-            dim = TINY_DEFAULTS["dim"] if self.dim is None else self.dim
-            defaults = {"layers": TINY_DEFAULTS["layers"], "dim": dim,
-                        "heads": 4 if isinstance(dim, int) and dim % 4 == 0 else 1}
-            for name in tiny:
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, defaults[name])
-                _positive("model", name, getattr(self, name))
-            if self.dim % self.heads:  # type: ignore[operator]
-                raise ConfigError(
-                    f"[model] dim = {self.dim} is not a multiple of heads = {self.heads}: "
-                    "choose heads that divide dim"
-                )
-        else:
-            given = [name for name in tiny if getattr(self, name) is not None]
-            if given:
-                raise ConfigError(
-                    f"[model] {', '.join(given)} apply to spec = \"tiny\" only; for {spec!r} "
-                    "set the sizes in [model.hf_config] (e.g. num_hidden_layers, hidden_size)"
-                )
-        if not isinstance(self.hf_config, Mapping):
-            raise ConfigError(f"[model.hf_config] must be a table, got {self.hf_config!r}")
-        if self.hf_config and not spec.startswith("hf:"):
-            raise ConfigError(
-                f"[model.hf_config] applies to hf: models only, not {spec!r}: remove it"
-            )
-        object.__setattr__(self, "hf_config", dict(self.hf_config))
-        _check_toml_values("model.hf_config", self.hf_config)
-        split = self.split
-        if isinstance(split, list):
-            split = tuple(split)
-            object.__setattr__(self, "split", split)
-        if not isinstance(split, tuple) or not all(isinstance(s, str) and s for s in split):
-            raise ConfigError(f"[model] split must be a list of names, got {split!r}")
-        if split and not spec.startswith("py:"):
-            raise ConfigError(f"[model] split applies to py: models only, not {spec!r}")
-
-    def _hf(self, keys: tuple[str, ...]) -> int | None:
-        for key in keys:
-            value = self.hf_config.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        return None
-
-    @property
-    def num_layers(self) -> int | None:
-        """Transformer blocks, when the config says (None: the runtime decides)."""
-        return self.layers if self.spec == "tiny" else self._hf(_HF_LAYERS)
-
-    @property
-    def max_positions(self) -> int | None:
-        """Longest sequence an ``hf:`` config allows, when it says (None otherwise)."""
-        return None if self.spec == "tiny" else self._hf(_HF_POSITIONS)
-
-    @property
-    def num_heads(self) -> int | None:
-        """Attention (query) heads, when the config says."""
-        return self.heads if self.spec == "tiny" else self._hf(_HF_HEADS)
-
-    @property
-    def num_kv_heads(self) -> int | None:
-        """Key/value heads, when the config says (the query heads without grouped query)."""
-        return self._hf(_HF_KV_HEADS) or self.num_heads
 
 
 @dataclass(frozen=True)
