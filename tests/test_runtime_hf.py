@@ -10,6 +10,7 @@ a second copy of the unsplit model trained in one process on the whole batch.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,9 @@ def test_resolve_model_errors(
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     with pytest.raises(ConfigError, match=words):
         resolve_model(spec, **options)
+
+
+def test_missing_transformers_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    with pytest.raises(ConfigError, match=r"pip install 'stagewise\[hf\]'"):
+        hf_parts("gpt2")
