@@ -10,7 +10,7 @@ replicas are written once (DCP removes duplicate keys) and read by every replica
 parameters (tensor parallelism) are saved and resharded by DCP.
 
 On disk, ``folder/step-00000012/`` holds DCP's files, ``extra.pt`` (the step and the caller's
-small extras, written by rank 0) and a completion marker, ``COMPLETE``. Every rank writes into
+small extras, written by one rank) and a completion marker, ``COMPLETE``. Every rank writes into
 ``step-00000012.partial/``; after a barrier rank 0 writes the marker and renames the folder
 (atomic on one filesystem), so a save cut short by a crash leaves only a ``.partial`` folder,
 which :func:`latest_checkpoint` never takes.
@@ -107,8 +107,10 @@ def save_checkpoint(
         step: optimizer steps done (the folder's name; resume runs step ``step`` next).
         layers: this rank's layers by model layer index (:func:`rank_layers`).
         optimizer: this rank's optimizer, over exactly these layers' parameters.
-        extra: small values rank 0 saves beside (losses so far...): tensors, numbers,
-            strings, and lists, tuples and dicts of them. Only rank 0's is kept.
+        extra: small values saved beside (losses so far...): tensors, numbers, strings,
+            and lists, tuples and dicts of them. Pass it on the ranks that have it (e.g. the
+            last stage's, which has the losses) and None elsewhere: the lowest rank passing
+            one writes it.
         keep: keep only the newest ``keep`` complete checkpoints (None keeps all).
 
     Returns:
@@ -131,7 +133,7 @@ def save_checkpoint(
         partial.mkdir()
     _barrier()
     _write_state(_state(layers, optimizer), partial)
-    if rank == 0:
+    if rank == _extra_writer(extra is not None):
         torch.save({"step": step, "extra": dict(extra or {})}, partial / EXTRA)
     _barrier()  # every rank's files are written
     if rank == 0:
@@ -195,7 +197,7 @@ def load_checkpoint(
             parameters alone.
 
     Returns:
-        ``{"step": steps done, "extra": what rank 0 saved}``; the same on every rank.
+        ``{"step": steps done, "extra": the extra saved}``; the same on every rank.
 
     Raises:
         ConfigError: ``path`` is not a complete checkpoint, or the checkpoint's layers do not
@@ -232,6 +234,15 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
+
+
+def _extra_writer(has_extra: bool) -> int:
+    """The lowest rank with an extra to save, or 0 when none has; a collective."""
+    if not _distributed():
+        return 0
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, has_extra)
+    return next((rank for rank, has in enumerate(everyone) if has), 0)
 
 
 def _barrier() -> None:

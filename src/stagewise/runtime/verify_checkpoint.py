@@ -127,12 +127,16 @@ def train_run(context: RankContext, run: Run) -> dict[str, Any]:
                     timeout=60.0, store=context.store)
     optimizer = torch.optim.AdamW([p for m in mine.values() for p in m.parameters()], lr=LR)
     result: dict[str, Any] = {"start": 0, "losses": {}, "loaded": None, "extra": None}
+    # Every loss so far (those of the checkpoint's steps too), on the rank that records them.
+    records = schedule.num_stages - 1 in mine and dp_rank == 0
+    history: dict[int, float] = {}
     if run.resume:
         assert run.folder is not None
         path = latest_checkpoint(run.folder, required=True)
         assert path is not None
         info = load_checkpoint(path, layers, optimizer)
         result.update(start=info["step"], extra=info["extra"], loaded=snapshot(layers, optimizer))
+        history.update(info["extra"]["losses"])
     dies = run.die_in_save is not None and context.rank == run.die_rank
     with _dying_write(run) if dies else contextlib.nullcontext():
         for step in range(result["start"], run.steps):
@@ -147,11 +151,12 @@ def train_run(context: RankContext, run: Run) -> dict[str, Any]:
                     loss = average_loss(loss, groups.dp_group)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if loss is not None and dp_rank == 0:
-                result["losses"][step + 1] = float(loss)
+            if loss is not None and records:
+                result["losses"][step + 1] = history[step + 1] = float(loss)
             done = step + 1
             if run.folder is not None and run.save_every and done % run.save_every == 0:
-                extra = {"seed": run.seed, "layout": f"pp={run.pp},dp={run.dp},v={run.chunks}"}
+                layout = f"pp={run.pp},dp={run.dp},v={run.chunks}"
+                extra = {"seed": run.seed, "layout": layout, "losses": history} if records else None
                 save_checkpoint(run.folder, done, layers, optimizer, extra=extra, keep=run.keep)
                 if done == run.die_after and context.rank == run.die_rank:
                     os.kill(os.getpid(), signal.SIGKILL)
