@@ -149,7 +149,7 @@ def test_planner_imports_neither_torch_nor_matplotlib() -> None:
 TOY = ["plan", "--model", "tiny-llama", "--gpu", "cpu", "--nodes", "1", "--gpus-per-node", "8",
        "--seq", "32", "--global-batch", "16"]
 # train flags the lead adds with --config; until then their absence skips that part of a test
-PENDING_TRAIN_FLAGS = ("--model", "--model-config", "--recompute")
+PENDING_TRAIN_FLAGS = ("--model", "--model-config", "--recompute", "--heads")
 
 
 def _assert_config_is_the_plan(config: RunConfig, plan: dict, seq: int) -> None:

@@ -94,6 +94,8 @@ def test_train_args() -> None:
         "--seq-len", "16", "--steps", "30", "--lr", "0.003", "--dim", "64", "--layers", "4",
     ]
     assert _full().train_args("cfg.json")[-3:] == ["--model-config", "cfg.json", "--recompute"]
+    two_heads = RunConfig(model=ModelConfig(dim=32, heads=2)).train_args()
+    assert two_heads[-6:] == ["--dim", "32", "--layers", "6", "--heads", "2"]
 
 
 def test_missing_keys_take_trains_defaults_and_derive_the_micro_batch() -> None:
@@ -243,8 +245,9 @@ def test_any_hf_config_round_trips(fields: dict, lr: float, steps: int) -> None:
     assert parse_run_config(config.to_toml()) == config
 
 
-@pytest.mark.parametrize("config", [_full(), RunConfig(model=ModelConfig(layers=4, dim=32))],
-                         ids=["hf", "tiny"])
+@pytest.mark.parametrize("config", [_full(), RunConfig(model=ModelConfig(layers=4, dim=32)),
+                                    RunConfig(model=ModelConfig(layers=4, dim=32, heads=2))],
+                         ids=["hf", "tiny", "tiny-2-heads"])
 def test_train_defaults_equal_parsing_train_args(config: RunConfig) -> None:
     """set_defaults(**train_defaults()) gives what parsing the flags gives; flags still win."""
     flags = ["train", *config.train_args()]
@@ -252,7 +255,7 @@ def test_train_defaults_equal_parsing_train_args(config: RunConfig) -> None:
     parser = build_parser(["train"])
     train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr,index]
     defaults = config.train_defaults()
-    train.set_defaults(**{k: v for k, v in defaults.items() if k != "heads"})
+    train.set_defaults(**defaults)
     from_file = vars(parser.parse_args(["train"]))
     from_flags["model_config"] = defaults["model_config"]  # no flag: the dict itself
     assert from_file == from_flags

@@ -235,9 +235,9 @@ class RunConfig:
         """The ``stagewise train`` flags that run this configuration.
 
         Flags equal to train's defaults that older trainers lack are left out: ``--model``
-        for the tiny GPT, ``--recompute`` unless full. ``--chunks`` is given whenever the
-        schedule takes any v. The tiny GPT's ``heads`` and an ``hf:`` model's
-        ``hf_config`` have no flag (the trainer reads them from the config); pass
+        for the tiny GPT, ``--heads`` when it is the default for the width, ``--recompute``
+        unless full. ``--chunks`` is given whenever the schedule takes any v. An ``hf:``
+        model's ``hf_config`` has no flag (the trainer reads it from the config); pass
         ``model_config`` (a config.json path holding ``hf_config``) to get ``--model-config``.
         """
         mesh, schedule, batch, training, model = (
@@ -254,6 +254,8 @@ class RunConfig:
         ]
         if model.spec == "tiny":
             args += ["--dim", str(model.dim), "--layers", str(model.layers)]
+            if model.heads != model.default_heads:
+                args += ["--heads", str(model.heads)]
         else:
             args += ["--model", model.spec]
         if model_config is not None:
@@ -269,8 +271,8 @@ class RunConfig:
 
         ``parser.set_defaults(**config.train_defaults())`` before parsing makes the file the
         defaults and flags given on the command line override it. ``model_config`` is the
-        ``hf_config`` dict itself (the trainer takes a mapping or a path); ``heads`` is the
-        tiny GPT's head count, which has no flag.
+        ``hf_config`` dict itself (the trainer takes a mapping or a path); ``heads`` is None
+        when it is train's default for the width, as in :meth:`train_args`.
         """
         mesh, schedule, batch, training, model = (
             self.mesh, self.schedule, self.batch, self.training, self.model)
@@ -284,7 +286,8 @@ class RunConfig:
             "split": ",".join(model.split) if model.split else None,
         }
         if model.spec == "tiny":
-            values.update(dim=model.dim, layers=model.layers, heads=model.heads)
+            heads = None if model.heads == model.default_heads else model.heads
+            values.update(dim=model.dim, layers=model.layers, heads=heads)
         return values
 
     def to_toml(self) -> str:

@@ -52,8 +52,8 @@ class ModelConfig:
         tiny = ("layers", "dim", "heads")
         if spec == "tiny":
             dim = TINY_DEFAULTS["dim"] if self.dim is None else self.dim
-            defaults = {"layers": TINY_DEFAULTS["layers"], "dim": dim,
-                        "heads": 4 if isinstance(dim, int) and dim % 4 == 0 else 1}
+            object.__setattr__(self, "dim", dim)
+            defaults = {"layers": TINY_DEFAULTS["layers"], "dim": dim, "heads": self.default_heads}
             for name in tiny:
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, defaults[name])
@@ -86,6 +86,12 @@ class ModelConfig:
             raise ConfigError(f"[model] split must be a list of names, got {split!r}")
         if split and not spec.startswith("py:"):
             raise ConfigError(f"[model] split applies to py: models only, not {spec!r}")
+
+    @property
+    def default_heads(self) -> int:
+        """``stagewise train``'s head count for the tiny GPT's width: 4, or 1 if 4 does not
+        divide it."""
+        return 4 if isinstance(self.dim, int) and self.dim % 4 == 0 else 1
 
     def _hf(self, keys: tuple[str, ...]) -> int | None:
         for key in keys:
