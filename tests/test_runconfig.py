@@ -203,17 +203,15 @@ def test_import_pulls_in_no_torch() -> None:
 def test_planned_config_trains_with_stagewise_train(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """plan -> run.toml -> stagewise train: the run uses the file's schedule, sizes and model."""
+    """plan --emit-config run.toml -> train --config run.toml: the run is the file's."""
     pytest.importorskip("transformers")
-    path, hf_json = tmp_path / "run.toml", tmp_path / "config.json"
+    path = tmp_path / "run.toml"
     assert cli(["plan", "--model", "tiny-llama", "--gpu", "cpu", "--gpus", "2", "--pp", "2",
                 "--seq", "16", "--global-batch", "4", "--micro-batch-size", "1",
                 "--emit-config", str(path), "--steps", "2"]) == 0
     config = load_run_config(path)
-    hf_json.write_text(json.dumps(config.model.hf_config))
     capsys.readouterr()
-    assert cli(["train", *config.train_args(str(hf_json)), "--no-plots", "--json",
-                "--timeout", "60"]) == 0
+    assert cli(["train", "--config", str(path), "--no-plots", "--json", "--timeout", "60"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["schedule"] == config.schedule.name
     assert report["num_ranks"] == config.mesh.pp
