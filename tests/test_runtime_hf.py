@@ -10,6 +10,7 @@ a second copy of the unsplit model trained in one process on the whole batch.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,14 @@ def test_missing_transformers_says_how_to_install(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
     with pytest.raises(ConfigError, match=r"pip install 'stagewise\[hf\]'"):
         hf_parts("gpt2")
+
+
+def test_importing_the_model_modules_does_not_import_transformers() -> None:
+    code = (
+        "import sys, stagewise.runtime, stagewise.runtime.models, stagewise.runtime.hf_models, "
+        "stagewise.runtime.split_module, stagewise.runtime.verify_models; "
+        "print('transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False"
