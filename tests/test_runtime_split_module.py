@@ -130,6 +130,13 @@ def test_submodules_in_the_wrong_order_fail_the_chain_check() -> None:
         _split(Toy(), ["blocks", "embed", "head"], sample=inputs)
 
 
+def test_dropout_in_training_mode_still_passes_the_chain_check() -> None:
+    # Module and chain run from the same random state, so dropout draws the same masks.
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Dropout(0.5), nn.Linear(8, 16)).train()
+    inputs, _ = _sample()
+    assert len(_split(model, ["0", "1", "2"], sample=inputs).layers) == 3
+
+
 def test_unknown_name_lists_the_children() -> None:
     with pytest.raises(ConfigError, match=r"no submodule 'body'.*embed, blocks, head"):
         _split(Toy(), ["embed", "body", "head"])
