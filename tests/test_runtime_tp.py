@@ -1,4 +1,4 @@
-"""Tensor parallelism: the mesh's tp axis, sharded blocks equal to one process.
+"""Tensor parallelism (and FSDP on the dp axis): sharded runs equal to one process.
 
 Each multi-process run compares loss and every gradient (sharded ones gathered whole) with a
 deep copy of the unsharded model trained in one process on the whole global batch, over 2
@@ -14,13 +14,14 @@ from stagewise.errors import ConfigError
 torch = pytest.importorskip("torch")
 
 from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.mesh import MeshSpec  # noqa: E402
+from stagewise.runtime.mesh import MeshSpec, check_shard_replicas  # noqa: E402
 from stagewise.runtime.tensor_parallel import (  # noqa: E402
     apply_tensor_parallel,
     check_tensor_parallel,
 )
 from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers  # noqa: E402
 from stagewise.runtime.verify_mesh import check_mesh_rank  # noqa: E402
+from stagewise.schedules.registry import build  # noqa: E402
 
 
 def test_parse_with_tp() -> None:
@@ -31,6 +32,21 @@ def test_parse_with_tp() -> None:
         MeshSpec.parse("pp=2,dp=2,tp=2", world_size=4)
     with pytest.raises(ConfigError, match="tp=0"):
         MeshSpec.parse("pp=2,tp=0")
+
+
+def test_parse_fsdp_is_sharded_dp() -> None:
+    assert MeshSpec.parse("pp=2,fsdp=2,tp=2") == MeshSpec(pp=2, dp=2, tp=2, dp_shard=True)
+    assert MeshSpec.parse("fsdp=4").world_size == 4
+    with pytest.raises(ConfigError, match="dp and fsdp are the same axis"):
+        MeshSpec.parse("dp=2,fsdp=2")
+
+
+def test_fsdp_refuses_split_backward_and_ties() -> None:
+    check_shard_replicas(build("interleaved-1f1b", num_ranks=2, num_microbatches=4))
+    with pytest.raises(ConfigError, match=r"cannot run schedule 'zb-h1'.*I and W.*1f1b"):
+        check_shard_replicas(build("zb-h1", num_ranks=2, num_microbatches=4))
+    with pytest.raises(ConfigError, match="tied across stages"):
+        check_shard_replicas(build("1f1b", num_ranks=2, num_microbatches=4), [{0: "w", 1: "w"}])
 
 
 def test_check_counts_blocks_and_names_what_does_not_divide() -> None:
@@ -93,4 +109,14 @@ def test_pp2_dp2_tp2_equals_one_process() -> None:
     spec = MeshSpec(pp=2, dp=2, tp=2)
     results = launch(check_mesh_rank, 8, (spec, names, True), timeout=130)
     assert len(results) == 8
+    _no_problems(results, names)
+
+
+@pytest.mark.timeout(150)
+def test_pp2_fsdp2_equals_one_process() -> None:
+    # FSDP2 over dp: weights, gradients and optimizer state sharded; no averaging call.
+    names = ["1f1b", "interleaved-1f1b"]
+    spec = MeshSpec(pp=2, dp=2, dp_shard=True)
+    results = launch(check_mesh_rank, 4, (spec, names), timeout=130)
+    assert len(results) == 4
     _no_problems(results, names)

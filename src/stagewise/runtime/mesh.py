@@ -15,11 +15,17 @@ a mean loss.
 :func:`average_gradients` reduces after the step; :class:`OverlappedAverage` starts each
 stage's reduction (asynchronously) as soon as the rank's schedule has finished that stage's
 last backward or weight-gradient action, so it overlaps the rest of the cooldown.
+
+Sharded data parallelism (``fsdp=2`` in place of ``dp=2``, ``MeshSpec(dp_shard=True)``): instead
+of every replica keeping every weight, :func:`shard_replicas` applies torch's FSDP2
+(``fully_shard``) over the dp axis to each layer of each stage: a replica keeps a 1/dp shard of
+each weight and of its optimizer state, gathers a layer's weights for its forward and backward,
+and reduce-scatters (averages) its gradients in each backward, so no averaging call follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +37,10 @@ from stagewise.errors import ConfigError
 from stagewise.schedules.ir import Action, Op, Schedule
 
 __all__ = ["MeshGroups", "MeshSpec", "OverlappedAverage", "average_gradients", "average_loss",
-           "build_mesh", "replica_slice"]
+           "build_mesh", "check_shard_replicas", "replica_slice", "shard_replicas"]
 
 _AXES = ("pp", "dp", "tp")
+_SHARDED_DP = "fsdp"  # in mesh text, fsdp=N is dp=N with dp_shard
 
 
 @dataclass(frozen=True)
@@ -44,11 +51,14 @@ class MeshSpec:
         pp: pipeline ranks per replica (the schedule's ranks).
         dp: data-parallel replicas (each on its own slice of the global batch).
         tp: tensor-parallel ranks per pipeline rank (each block sharded over them).
+        dp_shard: the replicas shard weights, gradients and optimizer state over dp (FSDP2,
+            see :func:`shard_replicas`) instead of each holding all and all-reducing.
     """
 
     pp: int = 1
     dp: int = 1
     tp: int = 1
+    dp_shard: bool = False
 
     def __post_init__(self) -> None:
         for axis in _AXES:
@@ -65,6 +75,8 @@ class MeshSpec:
     def parse(cls, text: str, world_size: int | None = None) -> MeshSpec:
         """Parse ``"pp=2,dp=2,tp=2"`` (axes in any order; a missing axis has size 1).
 
+        ``fsdp=N`` in place of ``dp=N`` gives ``N`` sharded replicas (``dp_shard=True``).
+
         Args:
             text: comma-separated ``axis=size`` pairs.
             world_size: when given, the product of the sizes must equal it.
@@ -75,7 +87,7 @@ class MeshSpec:
 
         Example:
             >>> MeshSpec.parse("pp=2,dp=2")
-            MeshSpec(pp=2, dp=2, tp=1)
+            MeshSpec(pp=2, dp=2, tp=1, dp_shard=False)
         """
         sizes: dict[str, int] = {}
         for part in text.split(","):
@@ -84,12 +96,17 @@ class MeshSpec:
                 raise ConfigError(
                     f"mesh {text!r}: {part.strip()!r} is not axis=size; write e.g. pp=2,dp=2,tp=2"
                 )
-            if axis not in _AXES:
+            if axis not in (*_AXES, _SHARDED_DP):
                 raise ConfigError(
-                    f"mesh {text!r}: unknown axis {axis!r}; the axes are pp, dp and tp"
+                    f"mesh {text!r}: unknown axis {axis!r}; the axes are pp, dp (or fsdp) and tp"
                 )
             if axis in sizes:
                 raise ConfigError(f"mesh {text!r}: axis {axis} is given twice; give it once")
+            if {axis, *sizes} >= {"dp", _SHARDED_DP}:
+                raise ConfigError(
+                    f"mesh {text!r}: dp and fsdp are the same axis (replicas, whole or sharded); "
+                    "give one of them"
+                )
             try:
                 size = int(value)
             except ValueError:
@@ -99,7 +116,10 @@ class MeshSpec:
             if size < 1:
                 raise ConfigError(f"mesh {text!r}: {axis}={size}; every size must be >= 1")
             sizes[axis] = size
-        spec = cls(**sizes)
+        shard = _SHARDED_DP in sizes
+        if shard:
+            sizes["dp"] = sizes.pop(_SHARDED_DP)
+        spec = cls(**sizes, dp_shard=shard)
         if world_size is not None and spec.world_size != world_size:
             raise ConfigError(
                 f"mesh {text!r} needs pp*dp*tp = {spec.world_size} ranks but the world has "
@@ -124,6 +144,8 @@ class MeshGroups:
         tp_mesh: the 1-D tensor-parallel ``DeviceMesh`` (pass it to
             ``apply_tensor_parallel``); always a mesh, of size 1 when ``tp=1`` (then
             ``apply_tensor_parallel`` leaves the stages as they are).
+        dp_mesh: the 1-D data-parallel ``DeviceMesh`` (what :func:`shard_replicas` shards
+            over), of size 1 when ``dp=1``.
     """
 
     spec: MeshSpec
@@ -134,6 +156,7 @@ class MeshGroups:
     tp_group: dist.ProcessGroup
     tp_rank: int
     tp_mesh: DeviceMesh
+    dp_mesh: DeviceMesh
 
 
 def build_mesh(spec: MeshSpec) -> MeshGroups:
@@ -156,7 +179,7 @@ def build_mesh(spec: MeshSpec) -> MeshGroups:
     pp_group, dp_group, tp_group = (mesh.get_group(axis) for axis in ("pp", "dp", "tp"))
     groups = MeshGroups(
         spec, pp_group, dp_group, dist.get_rank(pp_group), dist.get_rank(dp_group),
-        tp_group, dist.get_rank(tp_group), mesh["tp"],
+        tp_group, dist.get_rank(tp_group), mesh["tp"], mesh["dp"],
     )
     expected = (groups.dp_rank * spec.pp + groups.pp_rank) * spec.tp + groups.tp_rank
     assert dist.get_rank() == expected, "unexpected mesh layout"
@@ -191,6 +214,8 @@ def average_gradients(modules: Iterable[nn.Module], group: dist.ProcessGroup) ->
     size = dist.get_world_size(group)
     if size == 1:
         return
+    modules = list(modules)
+    _refuse_sharded(modules)
     for module in modules:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -253,6 +278,7 @@ class OverlappedAverage:
         stages: Mapping[int, nn.Module],
         group: dist.ProcessGroup,
     ) -> None:
+        _refuse_sharded(stages.values())
         self._group = group
         self._size = dist.get_world_size(group)
         self._params = {
@@ -294,6 +320,69 @@ class OverlappedAverage:
         work = dist.all_reduce(flat, group=self._group, async_op=True)
         assert work is not None
         self._pending.append((stage, flat, work))
+
+
+def shard_replicas(
+    stages: Mapping[int, nn.Module],
+    groups: MeshGroups,
+    schedule: Schedule,
+    ties: Sequence[Mapping[int, str]] = (),
+) -> None:
+    """Shard this rank's stages over the dp axis with FSDP2 (``fully_shard``), in place.
+
+    Each layer of each stage (an ``nn.Sequential``) becomes its own FSDP unit, gathered for
+    its forward and backward and resharded after; the stage itself is the root unit. Call it
+    after ``apply_tensor_parallel`` and before making the ``Pipeline`` and the optimizer; do
+    not average gradients afterwards (the reduce-scatter already averaged them over dp).
+
+    Args:
+        stages: this rank's ``{stage: module}``.
+        groups: this rank's mesh (its ``dp_mesh`` is used).
+        schedule: the schedule the stages run (checked for split backward).
+        ties: the pipeline's tied weights (refused: tied copies are summed as whole tensors).
+
+    Raises:
+        ConfigError: as :func:`check_shard_replicas`.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    check_shard_replicas(schedule, ties)
+    for module in stages.values():
+        for layer in module.children():
+            fully_shard(layer, mesh=groups.dp_mesh)
+        fully_shard(module, mesh=groups.dp_mesh)
+
+
+def check_shard_replicas(schedule: Schedule, ties: Sequence[Mapping[int, str]] = ()) -> None:
+    """Check, before any process starts, that :func:`shard_replicas` can run ``schedule``.
+
+    Raises:
+        ConfigError: the schedule splits backward into I and W (zero-bubble schedules), or
+            there are tied weights.
+    """
+    split = sorted({a.op.value for row in schedule.actions for a in row if a.op in (Op.I, Op.W)})
+    if split:
+        raise ConfigError(
+            f"sharded data parallelism (fsdp) cannot run schedule {schedule.name!r}: it splits "
+            f"backward into {' and '.join(split)}, and FSDP frees the gathered weights after "
+            "the input-gradient pass that the weight-gradient pass still needs; use a schedule "
+            "without I/W (1f1b, interleaved-1f1b, gpipe) or dp instead of fsdp"
+        )
+    if ties:
+        raise ConfigError(
+            "sharded data parallelism (fsdp) does not support weights tied across stages "
+            "(their copies are summed whole): use dp instead of fsdp, or untie them"
+        )
+
+
+def _refuse_sharded(modules: Iterable[nn.Module]) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in modules):
+        raise ConfigError(
+            "these stages are sharded over dp (fsdp): their gradients are already averaged "
+            "by FSDP's reduce-scatter; do not average them again"
+        )
 
 
 def average_loss(loss: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

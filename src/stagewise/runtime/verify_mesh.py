@@ -30,6 +30,7 @@ from stagewise.runtime.mesh import (
     average_loss,
     build_mesh,
     replica_slice,
+    shard_replicas,
 )
 from stagewise.runtime.partition import partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
@@ -57,9 +58,10 @@ def check_mesh_rank(
     """Run each named schedule over the mesh; return the mismatches found on this rank.
 
     ``overlap`` averages gradients with :class:`OverlappedAverage` (during the step) instead
-    of :func:`average_gradients` (after it). ``llama`` also shards a tiny Llama's decoder
-    layers over this rank's tp group (as :func:`check_llama_tp_rank`; its mismatches under
-    the key ``"llama"``), saving a launch.
+    of :func:`average_gradients` (after it); with ``spec.dp_shard`` the stages are sharded
+    over dp by :func:`shard_replicas` and nothing averages afterwards. ``llama`` also shards
+    a tiny Llama's decoder layers over this rank's tp group (as :func:`check_llama_tp_rank`;
+    its mismatches under the key ``"llama"``), saving a launch.
 
     Mismatches are collected, not raised, so every rank stays in step and every case runs.
     """
@@ -73,11 +75,14 @@ def check_mesh_rank(
         mine = stages_for_rank(schedule, stages, groups.pp_rank)
         sharded = sum(apply_tensor_parallel(m, groups.tp_mesh) for m in mine.values())
         blocks = sum(isinstance(layer, Block) for m in mine.values() for layer in m.modules())
-        reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
+        reducer = None
+        if spec.dp_shard:
+            shard_replicas(mine, groups, schedule)
+        elif overlap:
+            reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
         pipe = Pipeline(
             schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store,
-            count_saved=True,
-            on_action=reducer.on_action if overlap else None,
+            count_saved=True, on_action=reducer.on_action if reducer is not None else None,
         )
         params = [p for module in mine.values() for p in module.parameters()]
         optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
@@ -93,9 +98,9 @@ def check_mesh_rank(
                 replica_slice(inputs, spec.dp, groups.dp_rank),
                 replica_slice(targets, spec.dp, groups.dp_rank),
             )
-            if overlap:
+            if reducer is not None:
                 reducer.finish()
-            else:
+            elif not spec.dp_shard:
                 average_gradients(mine.values(), groups.dp_group)
             ref_loss = lm_loss(reference(inputs), targets)
             ref_loss.backward()
