@@ -119,7 +119,7 @@ def test_killed_run_resumes_with_identical_losses(
     assert [r["start"] for r in resumed] == [4, 4]
     # The last stage's rank (1) wrote the extra: the losses of steps 1-4.
     before = {s: uninterrupted["losses"][s] for s in (1, 2, 3, 4)}
-    assert resumed[0]["extra"] == {"seed": 0, "layout": "pp=2,dp=1,v=1", "losses": before}
+    assert resumed[0]["extra"] == {"seed": 0, "layout": "pp=2,dp=1,tp=1,v=1", "losses": before}
     losses = _losses(resumed)
     assert losses == {s: uninterrupted["losses"][s] for s in (5, 6)}  # exact, not close
     _assert_equal(_merge(resumed, "final"), uninterrupted["final"])
@@ -153,7 +153,7 @@ def test_resume_in_one_process_without_a_group(
     assert path is not None
     info = load_checkpoint(path, layers, optimizer)
     assert info["step"] == 4
-    assert info["extra"]["layout"] == "pp=2,dp=2,v=1" and sorted(info["extra"]["losses"]) == [
+    assert info["extra"]["layout"] == "pp=2,dp=2,tp=1,v=1" and sorted(info["extra"]["losses"]) == [
         1, 2, 3, 4]
     _assert_equal(snapshot(layers, optimizer), saved_pp2_dp2["final"])
     for step in (4, 5):
@@ -163,6 +163,22 @@ def test_resume_in_one_process_without_a_group(
         optimizer.step()
         optimizer.zero_grad()
         torch.testing.assert_close(loss.item(), uninterrupted["losses"][step + 1])
+
+
+def test_tensor_parallel_checkpoint_loads_whole_in_one_process(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    run = Run(steps=2, pp=1, tp=2, folder=str(tmp_path), save_every=2)
+    results = launch(train_run, 2, (run,), timeout=120)
+    saved = _merge(results, "final")
+    model = nn.Sequential(*gpt_layers(CONFIG, seed=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    layers = dict(enumerate(model))
+    load_checkpoint(tmp_path / "step-00000002", layers, optimizer)
+    _assert_equal(snapshot(layers, optimizer), saved)
+    inputs, targets = batch(0, 2)
+    loss = lm_loss(model(inputs), targets)
+    torch.testing.assert_close(loss.item(), uninterrupted["losses"][3])
 
 
 def test_save_killed_midway_is_not_taken(tmp_path: Path) -> None:

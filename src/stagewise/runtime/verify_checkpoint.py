@@ -56,8 +56,10 @@ class Run:
 
     Attributes:
         steps: train until this many optimizer steps are done.
-        pp: pipeline ranks; ``pp * dp`` processes in all.
+        pp: pipeline ranks.
         dp: data-parallel replicas (a mesh when > 1).
+        tp: tensor-parallel ranks per pipeline rank (a mesh when > 1; blocks sharded, their
+            weights ``DTensor`` parameters); ``pp * dp * tp`` processes in all.
         schedule: schedule name.
         chunks: stages per rank (interleaved schedules).
         method: partition method.
@@ -75,6 +77,7 @@ class Run:
     steps: int
     pp: int = 2
     dp: int = 1
+    tp: int = 1
     schedule: str = "1f1b"
     chunks: int = 1
     method: str = "even"
@@ -95,15 +98,22 @@ def batch(seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def snapshot(layers: dict[int, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Copies of every parameter and its AdamW state, keyed ``"<layer>.<name>[.<state>]"``."""
+    """Copies of every parameter and its AdamW state, keyed ``"<layer>.<name>[.<state>]"``;
+    a ``DTensor`` gathered whole (a collective over its mesh: every tp rank calls this)."""
     params: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
-    for index, layer in layers.items():
+    for index, layer in sorted(layers.items()):
         for name, param in layer.named_parameters():
-            params[f"{index}.{name}"] = param.detach().clone()
+            params[f"{index}.{name}"] = _whole(param.detach()).clone()
             for key, value in optimizer.state.get(param, {}).items():
-                state[f"{index}.{name}.{key}"] = torch.as_tensor(value).clone()
+                state[f"{index}.{name}.{key}"] = _whole(torch.as_tensor(value)).clone()
     return {"params": params, "optim": state}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def train_run(context: RankContext, run: Run) -> dict[str, Any]:
@@ -114,7 +124,8 @@ def train_run(context: RankContext, run: Run) -> dict[str, Any]:
         "loaded": snapshot after the load (resume only), "final": snapshot at the end,
         "extra": the loaded extra}``.
     """
-    groups = build_mesh(MeshSpec(pp=run.pp, dp=run.dp)) if run.dp > 1 else None
+    spec = MeshSpec(pp=run.pp, dp=run.dp, tp=run.tp)
+    groups = build_mesh(spec) if spec.world_size > run.pp else None
     pp_rank = groups.pp_rank if groups is not None else context.rank
     dp_rank = groups.dp_rank if groups is not None else 0
     schedule = build(run.schedule, num_ranks=run.pp, num_microbatches=MICROBATCHES,
@@ -122,6 +133,11 @@ def train_run(context: RankContext, run: Run) -> dict[str, Any]:
     stages = partition(gpt_layers(CONFIG, seed=1), schedule.num_stages, run.method)
     sizes = [len(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
+    if groups is not None and run.tp > 1:
+        from stagewise.runtime.tensor_parallel import apply_tensor_parallel
+
+        for module in mine.values():
+            apply_tensor_parallel(module, groups.tp_mesh)
     layers = rank_layers(mine, sizes)
     pipe = Pipeline(schedule, mine, lm_loss, group=groups.pp_group if groups else None,
                     timeout=60.0, store=context.store)
@@ -155,7 +171,7 @@ def train_run(context: RankContext, run: Run) -> dict[str, Any]:
                 result["losses"][step + 1] = history[step + 1] = float(loss)
             done = step + 1
             if run.folder is not None and run.save_every and done % run.save_every == 0:
-                layout = f"pp={run.pp},dp={run.dp},v={run.chunks}"
+                layout = f"pp={run.pp},dp={run.dp},tp={run.tp},v={run.chunks}"
                 extra = {"seed": run.seed, "layout": layout, "losses": history} if records else None
                 save_checkpoint(run.folder, done, layers, optimizer, extra=extra, keep=run.keep)
                 if done == run.die_after and context.rank == run.die_rank:
