@@ -54,6 +54,16 @@ def add_parser(verbs: Any) -> None:
     parser.add_argument("--recompute", action="store_true",
                         help="full activation recomputation: each layer keeps only its input and "
                         "runs its forward again in backward")
+    parser.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                        help="where checkpoints are written and read (torch.distributed.checkpoint"
+                        ", one folder per step, keyed by model layer: any layout can resume it)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="write a checkpoint after every N steps (default 0: never)")
+    parser.add_argument("--keep", type=int, default=None, metavar="K",
+                        help="keep only the newest K checkpoints (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in --checkpoint-dir "
+                        "(same data and losses as a run that was never stopped)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="sequences per step (default 16)")
@@ -172,6 +182,10 @@ def _config(args: argparse.Namespace, mesh: Any = None) -> Any:
         model_config=args.model_config,
         split_names=tuple(n.strip() for n in args.split.split(",")) if args.split else (),
         recompute=args.recompute,
+        checkpoint_dir=args.checkpoint_dir,
+        save_every=args.save_every,
+        resume=args.resume,
+        keep=args.keep,
     )
 
 

@@ -19,6 +19,12 @@ import torch
 import torch.distributed as dist
 
 from stagewise.errors import ConfigError
+from stagewise.runtime.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rank_layers,
+    save_checkpoint,
+)
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.measure import (
     link_latency,
@@ -70,6 +76,10 @@ class TrainConfig:
             ``hf:`` models; None for a tiny default.
         split_names: for ``py:`` models, the submodules in the order they run.
         recompute: full activation recomputation (each layer keeps only its input).
+        checkpoint_dir: where checkpoints go (``runtime.checkpoint``); None for none.
+        save_every: write a checkpoint after every this many steps (0: never).
+        resume: continue from the newest complete checkpoint in ``checkpoint_dir``.
+        keep: keep only this many newest checkpoints (None: all).
     """
 
     schedule: Schedule
@@ -87,6 +97,10 @@ class TrainConfig:
     model_config: Mapping[str, Any] | str | None = None
     split_names: tuple[str, ...] = ()
     recompute: bool = False
+    checkpoint_dir: str | None = None
+    save_every: int = 0
+    resume: bool = False
+    keep: int | None = None
 
     def parts(self) -> ModelParts:
         """Build the model (the same weights on every call: they come from ``seed``)."""
@@ -135,6 +149,11 @@ class TrainConfig:
             from stagewise.runtime.tensor_parallel import check_tensor_parallel
 
             check_tensor_parallel(nn.Sequential(*self.parts().layers), self.tensor_parallel)
+        if (self.save_every or self.resume) and not self.checkpoint_dir:
+            raise ConfigError("saving or resuming checkpoints needs a folder: pass "
+                              "--checkpoint-dir DIR")
+        if self.save_every < 0:
+            raise ConfigError(f"save_every must be >= 0 steps, got {self.save_every}")
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
         if self.mesh is not None:
@@ -187,6 +206,7 @@ class TrainReport:
     timeline: Timeline = field(repr=False)
     predicted: Timeline = field(repr=False)
     mesh: dict[str, int] | None = None
+    resumed_from: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The report without the timelines, for ``--json``."""
@@ -254,12 +274,13 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     params = [p for module in mine.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     shows = config.progress and schedule.num_stages - 1 in mine and dp_rank == tp_rank == 0
-    bar = _progress_bar(config.steps) if shows else None
+    layers = rank_layers(mine, sizes)
+    first_step, losses = _resume(config, layers, optimizer)
+    bar = _progress_bar(config.steps - first_step) if shows else None
     tokens = config.batch_size * parts.seq_len
-    losses: list[float] = []
     step_seconds: list[float] = []
     recorded: list[tuple[list[Event], dict[tuple[int, int], int]]] = []
-    for step in range(config.steps):
+    for step in range(first_step, config.steps):
         start = time.perf_counter()
         inputs, targets = _batch(parts, config, step)
         if groups is not None:
@@ -276,17 +297,21 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)
-        if step > 0:
+        if step > first_step:
             recorded.append((list(pipe.events), dict(pipe.saved_bytes)))
         if loss is not None:
             losses.append(float(loss))
-            if bar is not None:
-                seconds = step_seconds[-1]
-                bar.set_postfix_str(f"loss {losses[-1]:.3f}  {seconds * 1e3:.0f} ms  "
-                                    f"{tokens / seconds:,.0f} tok/s")
-                bar.write(f"step {step + 1:>4}  loss {losses[-1]:7.4f}  step {seconds:.3f} s  "
-                          f"{tokens / seconds:9,.0f} tokens/s")
-                bar.update(1)
+        if config.save_every and (step + 1) % config.save_every == 0:
+            assert config.checkpoint_dir is not None
+            save_checkpoint(config.checkpoint_dir, step + 1, layers, optimizer,
+                            extra=None if loss is None else {"losses": losses}, keep=config.keep)
+        if loss is not None and bar is not None:
+            seconds = step_seconds[-1]
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}  {seconds * 1e3:.0f} ms  "
+                                f"{tokens / seconds:,.0f} tok/s")
+            bar.write(f"step {step + 1:>4}  loss {losses[-1]:7.4f}  step {seconds:.3f} s  "
+                      f"{tokens / seconds:9,.0f} tokens/s")
+            bar.update(1)
     if bar is not None:
         bar.close()
     mine_data = (pp_rank, losses, step_seconds, recorded, dp_rank + tp_rank)
@@ -294,7 +319,26 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     dist.all_gather_object(gathered, mine_data)
     if context.rank != 0:
         return None
-    return _report(config, gathered, tokens)
+    return _report(config, gathered, tokens, first_step)
+
+
+def _resume(
+    config: TrainConfig, layers: dict[int, torch.nn.Module], optimizer: torch.optim.Optimizer
+) -> tuple[int, list[float]]:
+    """The step to start from and the losses before it: 0 and none unless resuming."""
+    if not config.resume:
+        return 0, []
+    assert config.checkpoint_dir is not None
+    path = latest_checkpoint(config.checkpoint_dir, required=True)
+    assert path is not None
+    state = load_checkpoint(path, layers, optimizer)
+    step = state["step"]
+    if config.steps - step < 2:
+        raise ConfigError(
+            f"the checkpoint {str(path)!r} is at step {step} of {config.steps}: fewer than 2 "
+            f"steps are left (the first is warm-up); raise --steps above {step + 1}"
+        )
+    return step, list(state["extra"].get("losses", []))
 
 
 def _batch(parts: ModelParts, config: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,15 +357,18 @@ def _progress_bar(steps: int) -> Any:
     )
 
 
-def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainReport:
+def _report(
+    config: TrainConfig, gathered: list[Any], tokens: int, first_step: int
+) -> TrainReport:
     schedule = config.schedule
     losses = next(g[1] for g in gathered if g[1])
     # Step time as the slowest rank saw it, per step.
-    step_seconds = [max(g[2][i] for g in gathered) for i in range(config.steps)]
+    ran = config.steps - first_step
+    step_seconds = [max(g[2][i] for g in gathered) for i in range(ran)]
     # Timelines and memory from the first replica's first tp shard (the others run the same).
     gathered = [g for g in gathered if g[4] == 0]
     timelines, saved_per_step = [], []
-    for step in range(config.steps - 1):
+    for step in range(ran - 1):
         events = [e for g in gathered for e in g[3][step][0]]
         saved: dict[tuple[int, int], int] = {}
         for g in gathered:
@@ -366,6 +413,7 @@ def _report(config: TrainConfig, gathered: list[Any], tokens: int) -> TrainRepor
         link_latency=latency,
         timeline=timeline,
         predicted=predicted,
+        resumed_from=first_step or None,
         mesh=None if config.mesh is None else {
             "pp": config.mesh.pp, "dp": config.mesh.dp, "tp": config.mesh.tp
         },
