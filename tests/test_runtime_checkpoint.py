@@ -211,6 +211,9 @@ def test_latest_skips_partial_unmarked_and_corrupt(tmp_path: Path) -> None:
     _fake(tmp_path, "step-00000010", json.dumps({"step": 12}))  # names another step
     _fake(tmp_path, "step-12", json.dumps({"step": 12}))
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    # A complete checkpoint named directly is taken as it is; an incomplete one is not.
+    assert latest_checkpoint(tmp_path / "step-00000002") == tmp_path / "step-00000002"
+    assert latest_checkpoint(tmp_path / "step-00000006") is None
     _fake(tmp_path, "step-00000014", json.dumps({"step": 14}))
     assert latest_checkpoint(tmp_path, required=True) == tmp_path / "step-00000014"
 

@@ -151,13 +151,16 @@ def latest_checkpoint(folder: str | os.PathLike[str], required: bool = False) ->
     folders (a save cut short) and folders with a missing or unreadable marker are skipped.
 
     Args:
-        folder: the checkpoint folder given to :func:`save_checkpoint`.
+        folder: the checkpoint folder given to :func:`save_checkpoint`, or one complete
+            checkpoint in it (``.../step-00000012``: that one is returned).
         required: raise instead of returning None (resume was asked for explicitly).
 
     Raises:
         ConfigError: ``required`` and there is no complete checkpoint.
     """
     root = Path(folder)
+    if (match := _NAME.match(root.name)) and _is_complete(root, int(match.group(1))):
+        return root
     found = sorted(
         (int(match.group(1)), path)
         for path in (root.iterdir() if root.is_dir() else ())
