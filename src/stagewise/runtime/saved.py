@@ -2,7 +2,9 @@
 
 ``saved_tensors_hooks`` sees every tensor an operation keeps for its backward. A storage is
 counted once however many ops save views of it, and parameters are not activations, so their
-storages are left out. A ``DTensor`` (tensor parallelism) counts its local shard's storage.
+storages are left out: those of the parameters given, and any parameter (or view of one)
+autograd saves, which covers weights FSDP gathers for the forward into fresh storage and frees
+after it. A ``DTensor`` (tensor parallelism) counts its local shard's storage.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 import torch
+from torch import nn
 
 __all__ = ["SavedBytes"]
 
@@ -33,6 +36,8 @@ class SavedBytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):
+            return tensor
         storage = _storage(tensor)
         pointer = storage.data_ptr()
         if pointer not in self._skip and pointer not in self._seen:

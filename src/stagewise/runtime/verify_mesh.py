@@ -34,6 +34,7 @@ from stagewise.runtime.mesh import (
 )
 from stagewise.runtime.partition import partition, stages_for_rank
 from stagewise.runtime.pipeline import Pipeline
+from stagewise.runtime.saved import SavedBytes
 from stagewise.runtime.tensor_parallel import apply_tensor_parallel
 from stagewise.runtime.tiny_gpt import Block, GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.runtime.verify import _close
@@ -114,6 +115,9 @@ def check_mesh_rank(
                 compared += _compare_grads(
                     module, ref_module, groups.tp_group, f"{label} stage {stage}", problems
                 )
+            if number == 0 and spec.tp == 1:
+                rows = batch_size // spec.dp // num_microbatches
+                compared += _check_saved(pipe, inputs[:rows], stages, reference, label, problems)
             optimizer.step()
             ref_optimizer.step()
             optimizer.zero_grad()
@@ -124,6 +128,33 @@ def check_mesh_rank(
     if llama:
         results["llama"] = _check_llama(groups.tp_mesh, f"llama rank {context.rank}")
     return results
+
+
+def _check_saved(
+    pipe: Pipeline,
+    ids: torch.Tensor,
+    stages: list[nn.Sequential],
+    reference: nn.Sequential,
+    label: str,
+    problems: list[str],
+) -> int:
+    """Bytes saved for backward per micro-batch equal the unsharded stage's (FSDP's gathered
+    weights are not activations)."""
+    compared = 0
+    for (stage, microbatch), nbytes in sorted(pipe.saved_bytes.items()):
+        if microbatch:
+            continue
+        first = sum(len(s) for s in stages[:stage])
+        ref_stage = reference[first : first + len(stages[stage])]
+        x = ids if stage == 0 else torch.randn(*ids.shape, CONFIG.dim, requires_grad=True)
+        with SavedBytes(ref_stage.parameters()) as saved:
+            ref_stage(x)
+        if nbytes != saved.nbytes:
+            problems.append(
+                f"{label} stage {stage}: saved {nbytes} bytes, unsharded {saved.nbytes}"
+            )
+        compared += 1
+    return compared
 
 
 def _compare_grads(
