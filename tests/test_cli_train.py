@@ -133,6 +133,41 @@ def test_hugging_face_models_train(model: str, capsys: pytest.CaptureFixture[str
     assert losses[-1] < losses[0]
 
 
+def _losses(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert cli(["train", "--json", "--no-plots", *SMALL, *argv]) == 0
+    report: dict = json.loads(capsys.readouterr().out)
+    return report
+
+
+@pytest.mark.timeout(300)
+def test_resume_repeats_the_uninterrupted_losses_on_any_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = str(tmp_path / "ckpt")
+    whole = _losses(capsys, ["-p", "2", "-m", "4", "--steps", "6"])["losses"]
+    first = _losses(capsys, ["-p", "2", "-m", "4", "--steps", "4", "--checkpoint-dir", folder,
+                             "--save-every", "2", "--keep", "1"])
+    assert first["losses"] == whole[:4]
+    assert sorted(p.name for p in Path(folder).iterdir()) == ["step-00000004"]
+    same = _losses(capsys, ["-p", "2", "-m", "4", "--steps", "6", "--checkpoint-dir", folder,
+                            "--resume"])
+    assert same["resumed_from"] == 4
+    assert same["losses"] == whole  # bit for bit: same layout, same data, same arithmetic
+    other = _losses(capsys, ["--mesh", "pp=1,dp=2", "-m", "2", "--steps", "6",
+                             "--checkpoint-dir", folder, "--resume"])
+    assert other["losses"][:4] == whole[:4]
+    assert other["losses"][4:] == pytest.approx(whole[4:], rel=1e-5)
+
+
+def test_resume_without_a_checkpoint_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli(["train", "-p", "2", "-m", "2", "--steps", "3", "--no-plots", *SMALL,
+                "--checkpoint-dir", str(tmp_path), "--resume"])
+    assert code == 2
+    assert "cannot resume: no complete checkpoint" in capsys.readouterr().err
+
+
 def test_impossible_split_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "-s", "interleaved-1f1b", "-p", "4", "-m", "4", "--layers", "1",
                 "--no-plots"])

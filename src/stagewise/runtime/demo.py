@@ -154,6 +154,9 @@ class TrainConfig:
                               "--checkpoint-dir DIR")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0 steps, got {self.save_every}")
+        if self.resume:
+            assert self.checkpoint_dir is not None
+            latest_checkpoint(self.checkpoint_dir, required=True)  # fail before any rank starts
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
         if self.mesh is not None:
@@ -276,6 +279,8 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     shows = config.progress and schedule.num_stages - 1 in mine and dp_rank == tp_rank == 0
     layers = rank_layers(mine, sizes)
     first_step, losses = _resume(config, layers, optimizer)
+    if schedule.num_stages - 1 not in mine:
+        losses = []  # only the ranks holding the last stage report losses
     bar = _progress_bar(config.steps - first_step) if shows else None
     tokens = config.batch_size * parts.seq_len
     step_seconds: list[float] = []
