@@ -28,6 +28,7 @@ from stagewise.runtime.checkpoint import (  # noqa: E402
     latest_checkpoint,
     load_checkpoint,
     rank_layers,
+    save_checkpoint,
 )
 from stagewise.runtime.launch import launch  # noqa: E402
 from stagewise.runtime.tiny_gpt import gpt_layers, lm_loss  # noqa: E402
@@ -259,6 +260,33 @@ def test_layers_of_the_checkpoint_nobody_holds_are_refused(saved_pp2_dp2: dict[s
     # This one process holds layers 0-4 only: layer 5 of the checkpoint has no home.
     with pytest.raises(ConfigError, match=r"holds 5\.\S+, which no rank's layers have"):
         load_checkpoint(path, dict(enumerate(list(model)[:5])))
+
+
+def test_one_process_keeps_the_newest_replaces_a_step_and_refuses_an_older_one(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    layers: dict[int, nn.Module] = {0: nn.Linear(3, 3), 1: nn.Linear(3, 2)}
+    optimizer = torch.optim.AdamW(nn.ModuleList(layers.values()).parameters(), lr=0.1)
+
+    def train() -> None:
+        layers[1](layers[0](torch.ones(2, 3))).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for step in (1, 2, 3):
+        train()
+        save_checkpoint(tmp_path, step, layers, optimizer, extra={"at": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
+    train()  # step 3 again (as after resuming from step 2): the new state replaces the old
+    save_checkpoint(tmp_path, 3, layers, optimizer, keep=2)
+    fresh: dict[int, nn.Module] = {0: nn.Linear(3, 3), 1: nn.Linear(3, 2)}
+    fresh_optimizer = torch.optim.AdamW(nn.ModuleList(fresh.values()).parameters(), lr=0.1)
+    info = load_checkpoint(tmp_path / "step-00000003", fresh, fresh_optimizer)
+    assert info == {"step": 3, "extra": {}}
+    _assert_equal(snapshot(fresh, fresh_optimizer), snapshot(layers, optimizer))
+    with pytest.raises(ConfigError, match="already holds step-00000003, a later step"):
+        save_checkpoint(tmp_path, 2, layers, optimizer)
 
 
 def test_rank_layers_numbers_layers_across_stages() -> None:

@@ -117,7 +117,8 @@ def save_checkpoint(
         The complete checkpoint's folder, ``folder/step-<step, 8 digits>``.
 
     Raises:
-        ConfigError: ``step`` or ``keep`` below 0 or 1.
+        ConfigError: ``step`` or ``keep`` below 0 or 1, or ``folder`` already holds a complete
+            checkpoint of a later step (another run's: a resume would take it).
     """
     if step < 0:
         raise ConfigError(f"checkpoint step must be >= 0, got {step}")
@@ -126,6 +127,14 @@ def save_checkpoint(
     root = Path(folder)
     final = root / _name(step)
     partial = final.with_name(final.name + ".partial")
+    # Every rank looks (the same folder, before any collective), so all raise together.
+    later = [path for number, path in _complete_checkpoints(root) if number > step]
+    if later:
+        raise ConfigError(
+            f"cannot save step {step} in {str(root)!r}: it already holds {later[-1].name}, a "
+            "later step (another run's, which a resume would take): use an empty "
+            "--checkpoint-dir, or resume from the newest checkpoint"
+        )
     rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -161,11 +170,7 @@ def latest_checkpoint(folder: str | os.PathLike[str], required: bool = False) ->
     root = Path(folder)
     if (match := _NAME.match(root.name)) and _is_complete(root, int(match.group(1))):
         return root
-    found = sorted(
-        (int(match.group(1)), path)
-        for path in (root.iterdir() if root.is_dir() else ())
-        if (match := _NAME.match(path.name)) and _is_complete(path, int(match.group(1)))
-    )
+    found = _complete_checkpoints(root)
     if found:
         return found[-1][1]
     if not required:
@@ -305,6 +310,17 @@ def _complete(partial: Path, final: Path, step: int) -> None:
         partial.rename(final)
 
 
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint in ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if (match := _NAME.match(path.name)) and _is_complete(path, int(match.group(1)))
+    )
+
+
 def _is_complete(path: Path, step: int) -> bool:
     """Whether ``path`` holds a marker naming ``step`` and DCP's metadata."""
     try:
@@ -321,11 +337,7 @@ def _is_complete(path: Path, step: int) -> bool:
 
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and older ``.partial`` ones."""
-    complete = sorted(
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if (match := _NAME.match(path.name)) and _is_complete(path, int(match.group(1)))
-    )
+    complete = _complete_checkpoints(root)
     for _, path in complete[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     newest = complete[-1][0] if complete else -1
