@@ -77,11 +77,14 @@ def test_check_llama_heads_and_kv_heads() -> None:
         check_tensor_parallel(_llama(4, 1), 2)
 
 
-def test_gpt2_blocks_are_refused() -> None:
+def test_unrecognised_blocks_are_refused() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=64, n_positions=8, n_embd=16, n_layer=1, n_head=2)
     with pytest.raises(ConfigError, match=r"not supported for GPT-2.*use tp=1"):
         check_tensor_parallel(transformers.GPT2Model(config), 2)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    with pytest.raises(ConfigError, match="not supported for TransformerEncoderLayer"):
+        check_tensor_parallel(torch.nn.Sequential(layer), 2)
 
 
 def _no_problems(results: list[dict[str, list[str]]], names: list[str]) -> None:

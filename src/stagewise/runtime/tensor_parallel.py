@@ -98,7 +98,11 @@ def check_tensor_parallel(module: nn.Module, tp: int) -> int:
 
 
 def _blocks(module: nn.Module) -> Iterator[nn.Module]:
-    """Every recognised block inside ``module`` (not descending into one); refuse GPT-2."""
+    """Every recognised block inside ``module`` (not descending into one).
+
+    Refuses a block with attention that is not recognised (GPT-2, a mixture-of-experts MLP,
+    ``nn.TransformerEncoderLayer``): left whole, it would run unsharded on every tp rank.
+    """
     if _kind(module) is not None:
         yield module
         return
@@ -106,6 +110,12 @@ def _blocks(module: nn.Module) -> Iterator[nn.Module]:
         raise ConfigError(
             "tensor parallelism is not supported for GPT-2 blocks (their fused Conv1D "
             "attention mixes q, k and v in one weight): use tp=1 for this model"
+        )
+    if isinstance(getattr(module, "self_attn", None), nn.Module):
+        raise ConfigError(
+            f"tensor parallelism is not supported for {type(module).__name__} blocks (only "
+            "the tiny GPT's and Llama-style q/k/v/o_proj with gate/up/down_proj MLPs are "
+            "sharded): use tp=1 for this model"
         )
     for child in module.children():
         yield from _blocks(child)
