@@ -289,6 +289,28 @@ def test_one_process_keeps_the_newest_replaces_a_step_and_refuses_an_older_one(
         save_checkpoint(tmp_path, 2, layers, optimizer)
 
 
+def test_one_process_optimizer_hyperparameters_and_another_optimizer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    layers: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
+    optimizer = torch.optim.AdamW(layers[0].parameters(), lr=0.1)
+    layers[0](torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 1, layers, optimizer)
+    fresh: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
+    # The checkpoint's hyperparameters win; one it lacks (a newer option) keeps its value.
+    later = torch.optim.AdamW(fresh[0].parameters(), lr=0.5)
+    later.param_groups[0]["added_option"] = 7
+    load_checkpoint(path, fresh, later)
+    assert later.param_groups[0]["lr"] == 0.1 and later.param_groups[0]["added_option"] == 7
+    assert torch.equal(fresh[0].weight, layers[0].weight)
+    other: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
+    sgd = torch.optim.SGD(other[0].parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ConfigError, match=r"no optimizer state 0\.\w+\.momentum_buffer"):
+        load_checkpoint(path, other, sgd)
+    load_checkpoint(path, other)  # the parameters alone
+    assert torch.equal(other[0].bias, layers[0].bias)
+
+
 def test_rank_layers_numbers_layers_across_stages() -> None:
     stages = [nn.Sequential(nn.Linear(2, 2), nn.Tanh()), nn.Sequential(nn.Linear(2, 3))]
     layers = rank_layers({1: stages[1], 0: stages[0]}, [2, 1])

@@ -208,8 +208,9 @@ def load_checkpoint(
         ``{"step": steps done, "extra": the extra saved}``; the same on every rank.
 
     Raises:
-        ConfigError: ``path`` is not a complete checkpoint, or the checkpoint's layers do not
-            match the model (a name or shape missing, different, or left over).
+        ConfigError: ``path`` is not a complete checkpoint, the checkpoint's layers do not
+            match the model (a name or shape missing, different, or left over), or it lacks
+            optimizer state ``optimizer`` has (saved with another optimizer).
     """
     where = Path(path)
     if not (where / MARKER).is_file():
@@ -217,11 +218,14 @@ def load_checkpoint(
             f"{str(where)!r} is not a complete checkpoint (no {MARKER} marker): pass a folder "
             "that latest_checkpoint() returns"
         )
-    _check_layers(where, layers)
     model = _as_module(layers)
     state = _state(layers, optimizer)
+    _check(where, layers, [k for k in state.get("optim", {}) if k.startswith("state.")])
+    # Partial: a hyperparameter the checkpoint lacks (an optimizer option added since) keeps
+    # its current value; every tensor was checked to be there.
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=where, no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=where, planner=planner, no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=_OPTIONS)
     else:
@@ -347,9 +351,10 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_layers(path: Path, layers: Mapping[int, nn.Module]) -> None:
+def _check(path: Path, layers: Mapping[int, nn.Module], optim_state: list[str]) -> None:
     """Raise ConfigError (on every rank alike) at the first tensor of the model that the
-    checkpoint lacks or holds with another shape, or a tensor of the checkpoint no rank holds."""
+    checkpoint lacks or holds with another shape, a tensor of the checkpoint no rank holds,
+    or optimizer state (flattened names ``optim_state``) the checkpoint lacks."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     mine: list[str] = []
     problem = None
@@ -373,6 +378,13 @@ def _check_layers(path: Path, layers: Mapping[int, nn.Module]) -> None:
                     f"{list(tensor.shape)} in this model: load it into the model it was saved "
                     "from (same sizes) or start from scratch"
                 )
+    missing = [key for key in optim_state if f"optim.{key}" not in saved]
+    if problem is None and missing:
+        problem = (
+            f"checkpoint {str(path)!r} has no optimizer state {missing[0][len('state.'):]}: it "
+            "was saved with another optimizer; resume with the optimizer it was saved with, or "
+            "load the parameters alone (optimizer=None)"
+        )
     # Every rank learns every rank's verdict, so all raise together (none waits in the load).
     everyone: list[Any] = [(problem, mine)]
     if _distributed():
