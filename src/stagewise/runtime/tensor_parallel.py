@@ -7,16 +7,19 @@ place, every block it recognises with torch's tensor-parallel API (``parallelize
   the blocks reshape with ``-1`` heads, so they run on the local heads unchanged), the output
   projection row-parallel (one all-reduce of the output);
 - MLP: the first matmul(s) column-parallel, the last row-parallel (one all-reduce).
+- the norm before each group of column-parallel matmuls hands them one replicated ``DTensor``,
+  so backward all-reduces their summed input gradient once per group, not once per matmul:
+  per block 2 all-reduces forward and 2 backward.
 
 So a block takes and returns ordinary replicated tensors: the pipeline sends plain tensors
 between stages, and embeddings, norms and the head stay replicated (their gradients agree over
-the tp ranks because the block's input gradient is all-reduced). The sharded weights become
+the tp ranks because the input gradients are all-reduced). The sharded weights become
 ``DTensor`` parameters (their ``.grad`` too); an optimizer works on them as it is.
 
 Recognised blocks: the tiny GPT's ``Block`` and Hugging Face Llama decoder layers (also any
-decoder layer with ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``, as Qwen2 and
-Mistral have). GPT-2's fused ``Conv1D`` attention cannot be column-sharded by head and is
-refused.
+decoder layer with ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``, the layout
+Qwen2 and Mistral share; only Llama is tested). Any other block with a ``self_attn`` and
+GPT-2's blocks (fused ``Conv1D`` attention, not shardable by head) are refused.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: object) -> int:
 
     Raises:
         ConfigError: heads, kv heads or the MLP width do not divide by the tp size, the
-            stage holds a block type tensor parallelism does not support (GPT-2), or a block
-            is already sharded.
+            stage holds a block type tensor parallelism does not support (GPT-2, any other
+            unrecognised block with ``self_attn``), or a block is already sharded.
 
     Example (on each rank, after ``groups = build_mesh(MeshSpec(pp=2, tp=2))``)::
 
