@@ -15,6 +15,7 @@ all ranks (tp only, no pipeline): output, input gradient and every parameter gra
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ def check_mesh_rank(
     context: RankContext,
     spec: MeshSpec,
     schedules: list[str],
-    overlap: bool = False,
+    overlap: bool | Collection[str] = False,
     llama: bool = False,
     num_microbatches: int = 4,
     batch_size: int = 8,
@@ -59,10 +60,11 @@ def check_mesh_rank(
     """Run each named schedule over the mesh; return the mismatches found on this rank.
 
     ``overlap`` averages gradients with :class:`OverlappedAverage` (during the step) instead
-    of :func:`average_gradients` (after it); with ``spec.dp_shard`` the stages are sharded
-    over dp by :func:`shard_replicas` and nothing averages afterwards. ``llama`` also shards
-    a tiny Llama's decoder layers over this rank's tp group (as :func:`check_llama_tp_rank`;
-    its mismatches under the key ``"llama"``), saving a launch.
+    of :func:`average_gradients` (after it), for every schedule (True) or for the names it
+    lists; with ``spec.dp_shard`` the stages are sharded over dp by :func:`shard_replicas`
+    and nothing averages afterwards. ``llama`` also shards a tiny Llama's decoder layers over
+    this rank's tp group (as :func:`check_llama_tp_rank`; its mismatches under the key
+    ``"llama"``), saving a launch.
 
     Mismatches are collected, not raised, so every rank stays in step and every case runs.
     """
@@ -79,7 +81,7 @@ def check_mesh_rank(
         reducer = None
         if spec.dp_shard:
             shard_replicas(mine, groups, schedule)
-        elif overlap:
+        elif overlap is True or (not isinstance(overlap, bool) and name in overlap):
             reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
         pipe = Pipeline(
             schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store,
