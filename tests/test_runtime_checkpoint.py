@@ -289,6 +289,28 @@ def test_one_process_keeps_the_newest_replaces_a_step_and_refuses_an_older_one(
         save_checkpoint(tmp_path, 2, layers, optimizer)
 
 
+def test_one_process_no_optimizer_state_is_saved_as_none_and_loaded_as_none(
+    tmp_path: Path,
+) -> None:
+    def model() -> dict[int, nn.Module]:
+        return {0: nn.Linear(3, 3), 1: nn.Linear(3, 3)}
+
+    torch.manual_seed(0)
+    layers = model()
+    optimizer = torch.optim.AdamW(nn.ModuleList(layers.values()).parameters(), lr=0.1)
+    save_checkpoint(tmp_path, 0, layers, optimizer)
+    assert not optimizer.state  # the save took no (zero-lr) step
+    layers[0](torch.ones(2, 3)).sum().backward()  # layer 1 unused: no gradient, no state
+    optimizer.step()
+    save_checkpoint(tmp_path, 1, layers, optimizer)
+    for step, with_state in ((0, 0), (1, 2)):
+        fresh = model()
+        fresh_optimizer = torch.optim.AdamW(nn.ModuleList(fresh.values()).parameters(), lr=0.1)
+        load_checkpoint(tmp_path / f"step-{step:08d}", fresh, fresh_optimizer)
+        assert len(fresh_optimizer.state) == with_state
+    _assert_equal(snapshot(fresh, fresh_optimizer), snapshot(layers, optimizer))
+
+
 def test_one_process_optimizer_hyperparameters_and_another_optimizer(tmp_path: Path) -> None:
     torch.manual_seed(0)
     layers: dict[int, nn.Module] = {0: nn.Linear(3, 3)}

@@ -99,8 +99,7 @@ def save_checkpoint(
     """Write a checkpoint of step ``step``; a collective over every rank of the default group
     (without a process group, this process saves alone).
 
-    Call it after the optimizer's step (an optimizer without state gets one by a zero-lr step
-    on zero gradients, DCP's way of learning the state's shapes, which AdamW would count).
+    An optimizer without state yet (no step taken) saves none, and gets none back at the load.
 
     Args:
         folder: where checkpoints live (created if missing); the same path on every rank.
@@ -141,7 +140,9 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that crashed
         partial.mkdir()
     _barrier()
-    _write_state(_state(layers, optimizer), partial)
+    # No state yet (no step taken): save none rather than let DCP make some by a zero-lr
+    # step, which AdamW would count.
+    _write_state(_state(layers, optimizer if optimizer.state else None), partial)
     if rank == _extra_writer(extra is not None):
         torch.save({"step": step, "extra": dict(extra or {})}, partial / EXTRA)
     _barrier()  # every rank's files are written
@@ -220,7 +221,8 @@ def load_checkpoint(
         )
     model = _as_module(layers)
     state = _state(layers, optimizer)
-    _check(where, layers, [k for k in state.get("optim", {}) if k.startswith("state.")])
+    params = _optimizer_params(model, optimizer, state.get("optim", {}))
+    stateless = _check(where, layers, params)
     # Partial: a hyperparameter the checkpoint lacks (an optimizer option added since) keeps
     # its current value; every tensor was checked to be there.
     planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
@@ -231,6 +233,8 @@ def load_checkpoint(
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=_OPTIONS)
+        for name in stateless:  # none at the save (no step yet): none now either
+            optimizer.state.pop(params[name][0], None)
     saved = torch.load(where / EXTRA, weights_only=True)
     return {"step": int(saved["step"]), "extra": saved["extra"]}
 
@@ -283,7 +287,8 @@ def _as_module(layers: Mapping[int, nn.Module]) -> nn.ModuleDict:
 def _state(
     layers: Mapping[int, nn.Module], optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
-    """``{"model": ..., "optim": ...}`` keyed by layer index, as DCP saves and loads it."""
+    """``{"model": ..., "optim": ...}`` keyed by layer index, as DCP saves and loads it (an
+    optimizer without state gets some: a zero-lr step on zero gradients)."""
     model = _as_module(layers)
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=_OPTIONS)}
@@ -351,10 +356,38 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _check(path: Path, layers: Mapping[int, nn.Module], optim_state: list[str]) -> None:
+def _optimizer_params(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, flat: Mapping[str, Any]
+) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """``{name: (parameter, its state's names)}`` for every parameter with optimizer state,
+    named as the flattened optimizer state ``flat`` names it (``"state.<name>.<state>"``)."""
+    if optimizer is None:
+        return {}
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    found: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    for owner, values in optimizer.state.items():  # keyed by parameter
+        keys = list(values)
+        for name in names.get(id(owner), []):
+            if keys and f"state.{name}.{keys[0]}" in flat:
+                found[name] = (owner, keys)
+                break
+    return found
+
+
+def _check(
+    path: Path,
+    layers: Mapping[int, nn.Module],
+    optim_params: Mapping[str, tuple[torch.Tensor, list[str]]],
+) -> list[str]:
     """Raise ConfigError (on every rank alike) at the first tensor of the model that the
     checkpoint lacks or holds with another shape, a tensor of the checkpoint no rank holds,
-    or optimizer state (flattened names ``optim_state``) the checkpoint lacks."""
+    or optimizer state of ``optim_params`` other than the checkpoint's for a parameter.
+
+    Returns:
+        The parameters of ``optim_params`` without state in the checkpoint.
+    """
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     mine: list[str] = []
     problem = None
@@ -378,12 +411,17 @@ def _check(path: Path, layers: Mapping[int, nn.Module], optim_state: list[str]) 
                     f"{list(tensor.shape)} in this model: load it into the model it was saved "
                     "from (same sizes) or start from scratch"
                 )
-    missing = [key for key in optim_state if f"optim.{key}" not in saved]
+    with_state = _state_owners(saved)
+    stateless = [name for name in optim_params if name not in with_state]
+    missing = [
+        f"{name}.{key}" for name, (_, keys) in optim_params.items() if name in with_state
+        for key in keys if f"optim.state.{name}.{key}" not in saved
+    ]
     if problem is None and missing:
         problem = (
-            f"checkpoint {str(path)!r} has no optimizer state {missing[0][len('state.'):]}: it "
-            "was saved with another optimizer; resume with the optimizer it was saved with, or "
-            "load the parameters alone (optimizer=None)"
+            f"checkpoint {str(path)!r} has no optimizer state {missing[0]}: it was saved with "
+            "another optimizer; resume with the optimizer it was saved with, or load the "
+            "parameters alone (optimizer=None)"
         )
     # Every rank learns every rank's verdict, so all raise together (none waits in the load).
     everyone: list[Any] = [(problem, mine)]
@@ -401,3 +439,15 @@ def _check(path: Path, layers: Mapping[int, nn.Module], optim_state: list[str]) 
             f"have ({len(left)} such tensors): it was written for a bigger or different model; "
             "load it into the model it was saved from"
         )
+    return stateless
+
+
+def _state_owners(saved: Mapping[str, Any]) -> set[str]:
+    """Every name that some ``optim.state.<name>.<state>`` key of ``saved`` could have (all
+    dotted prefixes: the split between parameter and state name is not marked)."""
+    owners: set[str] = set()
+    for key in saved:
+        if key.startswith("optim.state."):
+            parts = key[len("optim.state."):].split(".")
+            owners.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return owners
