@@ -10,10 +10,9 @@ replicas are written once (DCP removes duplicate keys) and read by every replica
 parameters (tensor parallelism) are saved and resharded by DCP.
 
 On disk, ``folder/step-00000012/`` holds DCP's files, ``extra.pt`` (the step and the caller's
-small extras, written by one rank) and a completion marker, ``COMPLETE``. Every rank writes into
-``step-00000012.partial/``; after a barrier rank 0 writes the marker and renames the folder
-(atomic on one filesystem), so a save cut short by a crash leaves only a ``.partial`` folder,
-which :func:`latest_checkpoint` never takes.
+small extras, written by one rank) and a completion marker; a save cut short by a crash leaves
+only a ``.partial`` folder, which :func:`latest_checkpoint` never takes (see
+``checkpoint_folders``).
 
 For a resumed run to repeat the uninterrupted one exactly, step ``s``'s data must be a function
 of the seed and ``s`` alone (e.g. ``torch.Generator().manual_seed(seed * 1_000_003 + s)``).
@@ -22,9 +21,7 @@ of the seed and ``s`` alone (e.g. ``torch.Generator().manual_seed(seed * 1_000_0
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,12 +41,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from stagewise.errors import ConfigError
+from stagewise.runtime.checkpoint_folders import (
+    EXTRA,
+    MARKER,
+    checkpoint_name,
+    complete_checkpoints,
+    latest_checkpoint,
+    mark_complete,
+    prune,
+)
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "rank_layers", "save_checkpoint"]
 
-MARKER = "COMPLETE"
-EXTRA = "extra.pt"
-_NAME = re.compile(r"^step-(\d{8})$")
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -124,10 +127,10 @@ def save_checkpoint(
     if keep is not None and keep < 1:
         raise ConfigError(f"keep must be >= 1 checkpoints (or None for all), got {keep}")
     root = Path(folder)
-    final = root / _name(step)
+    final = root / checkpoint_name(step)
     partial = final.with_name(final.name + ".partial")
     # Every rank looks (the same folder, before any collective), so all raise together.
-    later = [path for number, path in _complete_checkpoints(root) if number > step]
+    later = [path for number, path in complete_checkpoints(root) if number > step]
     if later:
         raise ConfigError(
             f"cannot save step {step} in {str(root)!r}: it already holds {later[-1].name}, a "
@@ -147,47 +150,11 @@ def save_checkpoint(
         torch.save({"step": step, "extra": dict(extra or {})}, partial / EXTRA)
     _barrier()  # every rank's files are written
     if rank == 0:
-        _complete(partial, final, step)
+        mark_complete(partial, final, step, _world_size())
         if keep is not None:
-            _prune(root, keep)
+            prune(root, keep)
     _barrier()  # no rank goes on (or saves again) before the checkpoint is complete
     return final
-
-
-def latest_checkpoint(folder: str | os.PathLike[str], required: bool = False) -> Path | None:
-    """The newest complete checkpoint in ``folder``, or None.
-
-    A folder counts only with its completion marker naming its own step; ``.partial``
-    folders (a save cut short) and folders with a missing or unreadable marker are skipped.
-
-    Args:
-        folder: the checkpoint folder given to :func:`save_checkpoint`, or one complete
-            checkpoint in it (``.../step-00000012``: that one is returned).
-        required: raise instead of returning None (resume was asked for explicitly).
-
-    Raises:
-        ConfigError: ``required`` and there is no complete checkpoint.
-    """
-    root = Path(folder)
-    if (match := _NAME.match(root.name)) and _is_complete(root, int(match.group(1))):
-        return root
-    found = _complete_checkpoints(root)
-    if found:
-        return found[-1][1]
-    if not required:
-        return None
-    if not root.is_dir():
-        raise ConfigError(
-            f"cannot resume: checkpoint folder {str(root)!r} does not exist; check "
-            "--checkpoint-dir, or drop --resume to start from scratch"
-        )
-    others = sorted(p.name for p in root.iterdir())
-    what = f"it holds only {', '.join(others[:5])}" if others else "it is empty"
-    raise ConfigError(
-        f"cannot resume: no complete checkpoint in {str(root)!r} ({what}; a folder counts "
-        f"once its {MARKER} marker is written); check --checkpoint-dir, or drop --resume "
-        "to start from scratch"
-    )
 
 
 def load_checkpoint(
@@ -275,10 +242,6 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-def _name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def _as_module(layers: Mapping[int, nn.Module]) -> nn.ModuleDict:
     """The layers as one module whose parameter names are ``"<layer index>.<name>"``."""
     return nn.ModuleDict({str(index): layer for index, layer in sorted(layers.items())})
@@ -300,60 +263,6 @@ def _write_state(state: dict[str, Any], folder: Path) -> None:
     """Every rank's share of ``state`` into ``folder`` (DCP; replicated keys written once)."""
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=folder, no_dist=not _distributed())
-
-
-def _complete(partial: Path, final: Path, step: int) -> None:
-    """Mark ``partial`` complete and move it to ``final`` (rank 0, after every rank wrote)."""
-    marker = partial / MARKER
-    with marker.open("w") as file:
-        json.dump({"step": step, "world_size": _world_size()}, file)
-        file.flush()
-        os.fsync(file.fileno())
-    if final.exists():  # saved again at the same step: replace it
-        stale = final.with_name(final.name + ".stale")
-        shutil.rmtree(stale, ignore_errors=True)
-        final.rename(stale)
-        partial.rename(final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        partial.rename(final)
-
-
-def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete checkpoint in ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if (match := _NAME.match(path.name)) and _is_complete(path, int(match.group(1)))
-    )
-
-
-def _is_complete(path: Path, step: int) -> bool:
-    """Whether ``path`` holds a marker naming ``step`` and DCP's metadata."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(marker, dict)
-        and marker.get("step") == step
-        and (path / ".metadata").is_file()
-        and (path / EXTRA).is_file()
-    )
-
-
-def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and older ``.partial`` ones."""
-    complete = _complete_checkpoints(root)
-    for _, path in complete[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    newest = complete[-1][0] if complete else -1
-    for path in root.iterdir():
-        match = re.match(r"^step-(\d{8})\.partial$", path.name)
-        if match and int(match.group(1)) < newest:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _optimizer_params(
