@@ -93,7 +93,7 @@ def test_tensor_parallel_mesh_trains_like_one_pipeline(capsys: pytest.CaptureFix
         assert code == 0
         reports.append(json.loads(capsys.readouterr().out))
     plain, sharded = reports
-    assert sharded["mesh"] == {"pp": 2, "dp": 1, "tp": 2}
+    assert sharded["mesh"] == {"pp": 2, "dp": 1, "tp": 2, "fsdp": False}
     # The same model and data; only the summation order inside the sharded matmuls differs.
     assert sharded["losses"] == pytest.approx(plain["losses"], rel=1e-4)
 
@@ -114,8 +114,8 @@ def test_plan_emit_config_runs_under_train_config(
     assert cli(["train", "--config", str(path), "--steps", "2", "--json", "--no-plots"]) == 0
     report = json.loads(capsys.readouterr().out)
     mesh = planned.mesh
-    assert report["mesh"] == {"pp": mesh.pp, "dp": mesh.dp, "tp": mesh.tp} == {
-        "pp": 2, "dp": 1, "tp": 2}
+    assert report["mesh"] == {"pp": mesh.pp, "dp": mesh.dp, "tp": mesh.tp, "fsdp": False} == {
+        "pp": 2, "dp": 1, "tp": 2, "fsdp": False}
     assert report["schedule"] == planned.schedule.name
     assert report["num_microbatches"] == planned.schedule.microbatches
     assert report["steps"] == 2

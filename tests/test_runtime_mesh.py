@@ -77,7 +77,7 @@ def test_train_with_mesh_matches_one_pipeline(capsys: pytest.CaptureFixture[str]
     code = cli(["train", "--mesh", "pp=2,dp=2", "--steps", "2", "--json", "--no-plots", *SMALL])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["mesh"] == {"pp": 2, "dp": 2, "tp": 1}
+    assert report["mesh"] == {"pp": 2, "dp": 2, "tp": 1, "fsdp": False}
     assert report["num_ranks"] == 2 and report["tokens_per_step"] == 8 * 8
     assert len(report["losses"]) == 2 and len(report["step_seconds"]) == 2
     # One pipeline on the whole batch (same seed, same data) reaches the same losses.

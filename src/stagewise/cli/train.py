@@ -38,7 +38,9 @@ def add_parser(verbs: Any) -> None:
     parser.add_argument("--mesh", metavar="AXES", default=None,
                         help="3D parallelism, e.g. pp=2,dp=2,tp=2: pp ranks per pipeline "
                         "(the schedule's ranks), dp replicas each on its share of --batch-size, "
-                        "tp ranks sharding every transformer block; starts pp*dp*tp ranks")
+                        "tp ranks sharding every transformer block; starts pp*dp*tp ranks. "
+                        "fsdp=N instead of dp=N shards parameters, gradients and optimizer "
+                        "state over the replicas (FSDP2)")
     parser.add_argument("--config", metavar="RUN.toml", default=None,
                         help="run a configuration written by `stagewise plan --emit-config`; "
                         "flags given here as well override the file's")
@@ -234,7 +236,7 @@ def _print_header(config: Any) -> None:
         f"{s.num_microbatches} micro-batches, {config.batch_size} x {model.seq_len} tokens "
         f"per step, {config.steps} steps"
         + ("" if config.mesh is None else
-           f", mesh pp={config.mesh.pp} x dp={config.mesh.dp} x tp={config.mesh.tp} "
+           f", mesh {config.mesh_text().replace(',', ' x ')} "
            f"({config.world_size} processes, "
            f"{config.batch_size // config.mesh.dp} sequences per replica)"),
         flush=True,

@@ -38,7 +38,9 @@ from stagewise.runtime.mesh import (
     average_gradients,
     average_loss,
     build_mesh,
+    check_shard_replicas,
     replica_slice,
+    shard_replicas,
 )
 from stagewise.runtime.model_parts import ModelParts, stage_ties, tiny_gpt_parts
 from stagewise.runtime.partition import balance, partition, stages_for_rank
@@ -133,7 +135,8 @@ class TrainConfig:
         """The mesh as ``pp=2,dp=2,tp=2`` (the schedule's ranks alone without a mesh)."""
         if self.mesh is None:
             return f"pp={self.schedule.num_ranks}"
-        return f"pp={self.mesh.pp},dp={self.mesh.dp},tp={self.mesh.tp}"
+        dp = "fsdp" if self.mesh.dp_shard else "dp"
+        return f"pp={self.mesh.pp},{dp}={self.mesh.dp},tp={self.mesh.tp}"
 
     @property
     def replicas(self) -> int:
@@ -149,6 +152,8 @@ class TrainConfig:
             from stagewise.runtime.tensor_parallel import check_tensor_parallel
 
             check_tensor_parallel(nn.Sequential(*self.parts().layers), self.tensor_parallel)
+        if self.mesh is not None and self.mesh.dp_shard:
+            check_shard_replicas(self.schedule, self.parts().ties)
         if (self.save_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("saving or resuming checkpoints needs a folder: pass "
                               "--checkpoint-dir DIR")
@@ -208,7 +213,7 @@ class TrainReport:
     link_latency: float
     timeline: Timeline = field(repr=False)
     predicted: Timeline = field(repr=False)
-    mesh: dict[str, int] | None = None
+    mesh: dict[str, int | bool] | None = None
     resumed_from: int | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -255,12 +260,17 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
 
         for module in mine.values():
             apply_tensor_parallel(module, groups.tp_mesh)
+    sharded = groups is not None and groups.spec.dp_shard
+    if sharded:
+        assert groups is not None
+        # FSDP2 over dp: its reduce-scatter averages the gradients, so no reducer below.
+        shard_replicas(mine, groups, schedule, stage_ties(parts.ties, sizes))
     ties = stage_ties(parts.ties, sizes)
     reducer = None
     on_action = context.report_action
     # Tied copies get their summed gradient at the end of the step, after an overlapped
     # reduction would have started: with ties, average after the step instead.
-    if groups is not None and not ties:
+    if groups is not None and not ties and not sharded:
         reducer = OverlappedAverage(schedule, pp_rank, mine, groups.dp_group)
 
         def on_action(action: Action) -> None:
@@ -295,7 +305,7 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
         if groups is not None:
             if reducer is not None:
                 reducer.finish()
-            else:
+            elif not sharded:
                 average_gradients(mine.values(), groups.dp_group)
             if loss is not None:
                 loss = average_loss(loss, groups.dp_group)
@@ -420,6 +430,7 @@ def _report(
         predicted=predicted,
         resumed_from=first_step or None,
         mesh=None if config.mesh is None else {
-            "pp": config.mesh.pp, "dp": config.mesh.dp, "tp": config.mesh.tp
+            "pp": config.mesh.pp, "dp": config.mesh.dp, "tp": config.mesh.tp,
+            "fsdp": config.mesh.dp_shard,
         },
     )
