@@ -168,6 +168,15 @@ def test_resume_without_a_checkpoint_is_a_config_error(
     assert "cannot resume: no complete checkpoint" in capsys.readouterr().err
 
 
+def test_fsdp_with_a_split_backward_schedule_is_refused_before_launch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = cli(["train", "--mesh", "pp=2,fsdp=2", "-s", "zb-h1", "-m", "4", "--no-plots", *SMALL])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fsdp" in err and "'zb-h1'" in err and "use a schedule without I/W" in err
+
+
 def test_impossible_split_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "-s", "interleaved-1f1b", "-p", "4", "-m", "4", "--layers", "1",
                 "--no-plots"])
