@@ -47,6 +47,11 @@ full-speed prediction:
   block, they do not spin), so for a pipeline this is pessimistic.
 - ``shared cores``: ``plan.measured.shared_cores_step``, the same rules as an event simulation
   in which the ranks computing at each instant (of every replica) share the cores evenly.
+
+Other programs on a shared machine take cores too. The report therefore also shows what
+``train_rank`` saw inside each run (its pipeline makespan beside the simulator's from the
+per-stage times of that run, and how much slower a forward plus backward ran than alone), and
+a shared-cores prediction with the cores the dp=4 runs effectively got (fitted on dp=4).
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class Bench:
     repeats: int
     layouts: tuple[Layout, ...]
     reps: int
-    cores: int
+    cores: float
 
 
 def _layouts(pipeline_microbatches: int, dp_microbatches: int) -> tuple[Layout, ...]:
@@ -433,7 +438,27 @@ def _rows(bench: Bench, machine: Machine, measured: list[dict[str, list[Run]]]) 
             row[f"{name}_step"] = {"step": prediction.step, "pipeline": prediction.pipeline,
                                    "tail": prediction.tail}
         rows.append(row)
+    _calibrate(bench, machine, rows)
     return rows
+
+
+def _calibrate(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
+    """Add a shared-cores prediction with the cores the dp=4 runs actually got.
+
+    In dp=4 every rank computes all the time, so its in-run slowdown s says how many cores
+    the 4 ranks effectively shared, ``4 / s`` (less than the machine's when other programs
+    run too). Fitted on dp=4's runs, so for dp=4 itself it is not a prediction.
+    """
+    dp4 = [row for row in rows if row["pp"] == 1 and row["dp"] == WORLD]
+    if not dp4:
+        return
+    cores = min(float(bench.cores), WORLD / dp4[0]["in_run"]["slowdown"])
+    tokens = bench.batch_size * bench.model.seq_len
+    for layout, row in zip(bench.layouts, rows, strict=True):
+        costs = machine.stages[layout.name]
+        step = shared_cores_step(layout.schedule(), costs, machine.link, cores, layout.dp)
+        row["calibrated"] = tokens / step.step
+        row["calibrated_cores"] = cores
 
 
 def _print_costs(machine: Machine) -> None:
@@ -463,7 +488,7 @@ def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
     print(
         f"tiny GPT: {model.layers} blocks, width {model.dim}, seq {model.seq_len}, vocab "
         f"{model.vocab}; {bench.batch_size} sequences per step; {SCHEDULE}; 1 thread per rank; "
-        f"{WORLD} ranks on {bench.cores} cores (contention factor {factor:g}); {bench.steps} "
+        f"{WORLD} ranks on {bench.cores:g} cores (contention factor {factor:g}); {bench.steps} "
         f"steps per run (first left out), {bench.rounds} rounds x {bench.repeats} repeats"
     )
     _print_costs(machine)
@@ -499,6 +524,14 @@ def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
         ]
         print(f"| {row['layout']} | " + " | ".join(cells)
               + f" | {row['planner']:,.0f} | {row['planner_contended']:,.0f} |")
+    if "calibrated" in rows[0]:
+        print(f"\nshared cores with the {rows[0]['calibrated_cores']:.2f} cores the dp=4 runs "
+              "effectively got (4 / their in-run slowdown; fitted on dp=4):\n\n"
+              "| layout | measured tok/s | predicted tok/s | measured/predicted |")
+        print("|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['layout']} | {row['measured']:,.0f} | {row['calibrated']:,.0f} | "
+                  f"{row['measured'] / row['calibrated']:.2f} |")
     print("\ninside the runs (medians over runs; train_rank's own report):\n\n| layout | "
           "pipeline ms | simulated from in-run costs ms | ratio | in-run compute / "
           "single-process | load average |")
@@ -536,7 +569,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each layout per repeat")
     parser.add_argument("--repeats", type=int, default=2, help="times the rounds are repeated")
     parser.add_argument("--reps", type=int, default=20, help="timings per measured cost")
-    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--cores", type=float, default=len(os.sched_getaffinity(0)),
                         help="cores the ranks share (default: this process's affinity)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args()
