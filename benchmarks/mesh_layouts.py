@@ -1,6 +1,6 @@
 """Tokens/s of three layouts of one tiny GPT on 4 ranks, measured and predicted side by side.
 
-    .venv/bin/python benchmarks/mesh_layouts.py            # defaults: about 4 minutes
+    .venv/bin/python benchmarks/mesh_layouts.py            # defaults: 2 to 4 minutes
     .venv/bin/python benchmarks/mesh_layouts.py --json     # the same figures as JSON
 
 Layouts (the same model, the same global batch, 1F1B, one torch thread per rank):
