@@ -148,8 +148,6 @@ def test_planner_imports_neither_torch_nor_matplotlib() -> None:
 
 TOY = ["plan", "--model", "tiny-llama", "--gpu", "cpu", "--nodes", "1", "--gpus-per-node", "8",
        "--seq", "32", "--global-batch", "16"]
-# train flags the lead adds with --config; until then their absence skips that part of a test
-PENDING_TRAIN_FLAGS = ("--model", "--model-config", "--recompute", "--heads")
 
 
 def _assert_config_is_the_plan(config: RunConfig, plan: dict, seq: int) -> None:
@@ -189,11 +187,7 @@ def _parse_train(config: RunConfig) -> argparse.Namespace:
     """Parse ``stagewise train`` + the config's flags with the train verb's own parser."""
     argv = ["train", *config.train_args()]
     parsed, unknown = build_parser(argv).parse_known_args(argv)
-    missing = [a for a in unknown if a.startswith("-")]
-    assert set(missing) <= set(PENDING_TRAIN_FLAGS), f"stagewise train lacks {missing}"
-    if missing:
-        pytest.skip(f"stagewise train has no {', '.join(missing)} yet (the lead adds them)")
-    assert not unknown
+    assert not unknown, f"stagewise train does not take {unknown}"
     return parsed
 
 
