@@ -423,6 +423,7 @@ def _rows(bench: Bench, machine: Machine, measured: list[dict[str, list[Run]]]) 
                         for repeat in measured],
             "runs": [[asdict(r) for r in repeat[layout.name]] for repeat in measured],
             "in_run": {
+                "step": statistics.median(tokens / r.tokens_per_second for r in runs),
                 "pipeline": statistics.median(r.pipeline for r in runs),
                 "simulated": statistics.median(r.simulated for r in runs),
                 "slowdown": statistics.median(r.compute for r in runs) / (
@@ -533,14 +534,15 @@ def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
             print(f"| {row['layout']} | {row['measured']:,.0f} | {row['calibrated']:,.0f} | "
                   f"{row['measured'] / row['calibrated']:.2f} |")
     print("\ninside the runs (medians over runs; train_rank's own report):\n\n| layout | "
-          "pipeline ms | simulated from in-run costs ms | ratio | in-run compute / "
-          "single-process | load average |")
-    print("|---|---|---|---|---|---|")
+          "step ms | pipeline ms | simulated from in-run costs ms | ratio | step - pipeline ms "
+          "| in-run compute / single-process | load average |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         inside = row["in_run"]
-        print(f"| {row['layout']} | {inside['pipeline'] * 1e3:.1f} | "
+        print(f"| {row['layout']} | {inside['step'] * 1e3:.1f} | {inside['pipeline'] * 1e3:.1f} | "
               f"{inside['simulated'] * 1e3:.1f} | {inside['pipeline'] / inside['simulated']:.2f} "
-              f"| {inside['slowdown']:.2f} | {inside['load'][0]:.1f}-{inside['load'][1]:.1f} |")
+              f"| {(inside['step'] - inside['pipeline']) * 1e3:.1f} | {inside['slowdown']:.2f} | "
+              f"{inside['load'][0]:.1f}-{inside['load'][1]:.1f} |")
     print(
         "\nmeasured: train_rank's tokens/s, median over every round of every repeat. "
         "predicted: stagewise.sim.simulate from the measured costs, then per rank the "
@@ -548,7 +550,8 @@ def _print(bench: Bench, machine: Machine, rows: list[dict[str, Any]]) -> None:
         f"(the tail). x{factor:g}: every compute cost x ranks/cores. shared cores: "
         "plan.measured.shared_cores_step, the ranks computing at each instant share the "
         "cores. planner: PipelineCache (the planner's pipeline model) on the same costs. "
-        "Inside the runs: the pipeline part of a step (no all-reduce, no optimizer) measured, "
+        "Inside the runs: step = tokens / tokens/s; the pipeline part of a step (no all-reduce, "
+        "no optimizer; replica 0's ranks) measured, "
         "and simulated from the forward/backward times measured in the same run; in-run compute "
         "/ single-process: how much slower a forward plus backward ran inside the run than "
         "alone (the contention actually seen); load average: the machine's, over the runs."
