@@ -227,3 +227,43 @@ def test_a_failure_under_torchrun_exits_non_zero_with_the_first_error(tmp_path: 
     assert done.returncode != 0
     assert "training failed: rank 1 failed at 1F0" in done.stderr
     assert "NonFiniteLoss" in done.stderr
+
+
+def _merged(argv: list[str]) -> object:
+    """What ``stagewise train`` would run for ``argv`` (parsed and merged, nothing launched)."""
+    from stagewise.cli.main import build_parser
+    from stagewise.cli.train import _apply_run_config
+
+    args = build_parser(argv).parse_args(argv)
+    args.argv = argv
+    return _apply_run_config(args)
+
+
+def test_config_flags_equal_to_train_defaults_still_win(tmp_path: Path) -> None:
+    from stagewise.runconfig import (
+        MeshConfig,
+        ModelConfig,
+        RunConfig,
+        ScheduleConfig,
+        TrainingConfig,
+    )
+
+    path = tmp_path / "run.toml"
+    path.write_text(RunConfig(
+        mesh=MeshConfig(pp=2, dp=2),
+        schedule=ScheduleConfig(name="interleaved-1f1b", chunks=2, microbatches=4),
+        training=TrainingConfig(steps=5, lr=0.01, recompute="full"),
+        model=ModelConfig(layers=8, dim=32),
+    ).to_toml())
+    plain = _merged(["train", "--config", str(path)])
+    assert (plain.steps, plain.lr, plain.recompute, plain.chunks, plain.layers) == (  # type: ignore[attr-defined]
+        5, 0.01, True, 2, 8)
+    # 30 steps, lr 3e-3 and 6 layers are train's own defaults: given, they still override.
+    given = _merged(["train", "--config", str(path), "--steps", "30", "--lr", "3e-3",
+                     "--layers", "6", "--no-recompute"])
+    assert (given.steps, given.lr, given.recompute, given.layers) == (  # type: ignore[attr-defined]
+        30, 3e-3, False, 6)
+    assert given.mesh == "pp=2,dp=2" and given.microbatches == 4  # type: ignore[attr-defined]
+    # Another schedule on the command line does not inherit the file's v.
+    other = _merged(["train", "--config", str(path), "-s", "1f1b"])
+    assert (other.schedule, other.chunks) == ("1f1b", None)  # type: ignore[attr-defined]

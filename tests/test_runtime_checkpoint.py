@@ -341,3 +341,50 @@ def test_rank_layers_numbers_layers_across_stages() -> None:
         rank_layers({0: stages[0]}, [1, 2])
     with pytest.raises(ConfigError, match="outside the cut"):
         rank_layers({2: stages[1]}, [2, 1])
+
+
+def test_checkpoint_settings_that_would_fail_in_the_ranks_fail_before_launch(
+    tmp_path: Path,
+) -> None:
+    from stagewise.runtime.demo import TrainConfig
+    from stagewise.runtime.tiny_gpt import GPTConfig
+    from stagewise.schedules import build
+
+    def config(**changes: Any) -> TrainConfig:
+        settings: dict[str, Any] = {"steps": 10, **changes}
+        return TrainConfig(schedule=build("1f1b", num_ranks=2, num_microbatches=2),
+                           batch_size=4, model=GPTConfig(layers=2, dim=16, heads=2, seq_len=8),
+                           checkpoint_dir=str(tmp_path), **settings)
+
+    _fake(tmp_path, "step-00000009", json.dumps({"step": 9}))
+    with pytest.raises(ConfigError, match=r"at step 9 of 10: fewer than 2 steps.*above 10"):
+        config(resume=True)
+    assert config(resume=True, steps=11).resume  # two steps left: fine
+    with pytest.raises(ConfigError, match=r"holds step-00000009.*first save \(step 4\).*--resume"):
+        config(save_every=4)
+    assert config(save_every=9).save_every == 9  # saving step 9 again replaces it
+    with pytest.raises(ConfigError, match="--keep must be >= 1"):
+        config(save_every=9, keep=0)
+
+
+def test_resume_trains_on_with_this_runs_learning_rate(tmp_path: Path) -> None:
+    """load_checkpoint restores the saved lr; a resumed ``train --lr X`` must use X."""
+    from stagewise.runtime.demo import TrainConfig, _resume
+    from stagewise.runtime.tiny_gpt import GPTConfig
+    from stagewise.schedules import build
+
+    torch.manual_seed(0)
+    layers: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
+    optimizer = torch.optim.AdamW(layers[0].parameters(), lr=0.1)
+    layers[0](torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, 1, layers, optimizer, extra={"losses": [2.5]})
+    config = TrainConfig(schedule=build("1f1b", num_ranks=2, num_microbatches=2), steps=4,
+                         batch_size=4, model=GPTConfig(layers=2, dim=16, heads=2, seq_len=8),
+                         lr=0.02, checkpoint_dir=str(tmp_path), resume=True)
+    fresh: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
+    fresh_optimizer = torch.optim.AdamW(fresh[0].parameters(), lr=0.02)
+    assert _resume(config, fresh, fresh_optimizer) == (1, [2.5])
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.02
+    assert torch.equal(fresh[0].weight, layers[0].weight)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1

@@ -123,3 +123,17 @@ def test_pp2_fsdp2_equals_one_process() -> None:
     results = launch(check_mesh_rank, 4, (spec, names), timeout=130)
     assert len(results) == 4
     _no_problems(results, names)
+
+
+def test_tensor_parallel_over_a_model_without_blocks_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pathlib import Path
+
+    from stagewise.runtime.demo import TrainConfig
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    with pytest.raises(ConfigError, match=r"tp=2 but model .*no block.*use tp=1"):
+        TrainConfig(schedule=build("1f1b", num_ranks=2, num_microbatches=2), steps=2, batch_size=4,
+                    mesh=MeshSpec(pp=2, dp=1, tp=2), model_spec="py:test_runtime_hf:toy_lm",
+                    split_names=("embed", "blocks", "head"))

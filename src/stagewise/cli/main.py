@@ -58,6 +58,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv  # a verb may need to know which flags were given (train --config)
         code: int = args.run(args)
         return code
     except SystemExit as stop:

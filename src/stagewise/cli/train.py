@@ -53,7 +53,7 @@ def add_parser(verbs: Any) -> None:
     parser.add_argument("--split", metavar="NAMES", default=None,
                         help="py: models: comma-separated submodule names in the order they "
                         "run, e.g. embed,blocks,head (a ModuleList name stands for its children)")
-    parser.add_argument("--recompute", action="store_true",
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False,
                         help="full activation recomputation: each layer keeps only its input and "
                         "runs its forward again in backward")
     parser.add_argument("--checkpoint-dir", metavar="DIR", default=None,
@@ -124,22 +124,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _apply_run_config(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with the ``--config`` file's settings under every flag left at its default."""
+    """``args`` with the ``--config`` file's settings as the defaults: a flag given on the
+    command line wins, even when its value equals train's own default."""
     from stagewise.runconfig import load_run_config
 
     config = load_run_config(args.config)
+    given = _given_flags(args)
     parser = argparse.ArgumentParser(prog="stagewise train", add_help=False)
-    add_parser(parser.add_subparsers())
-    defaults = parser.parse_args(["train"])
-    merged = parser.parse_args(["train", *config.train_args()])
-    for key, value in vars(args).items():
-        if value != getattr(defaults, key, None):
-            setattr(merged, key, value)  # given on the command line: it wins
-    if config.model.spec.startswith("hf:") and config.model.hf_config and not args.model_config:
-        merged.model_config = dict(config.model.hf_config)
-    if config.model.spec == "tiny" and config.model.heads is not None and args.heads is None:
-        merged.heads = config.model.heads
+    verbs = parser.add_subparsers()
+    add_parser(verbs)
+    train = verbs.choices["train"]
+    defaults = config.train_defaults()
+    if "schedule" in given and "chunks" not in given:
+        defaults["chunks"] = None  # the file's v belongs to the file's schedule
+    if "schedule_file" in given:
+        defaults.update(schedule=None, chunks=None)  # a schedule file replaces the file's
+    train.set_defaults(**defaults)
+    merged = parser.parse_args(["train", *_argv_after_verb(args)])
+    if given:
+        for key in given:
+            setattr(merged, key, getattr(args, key))
+    merged.argv = getattr(args, "argv", None)
     return merged
+
+
+def _argv_after_verb(args: argparse.Namespace) -> list[str]:
+    argv = list(getattr(args, "argv", None) or ())
+    return argv[argv.index("train") + 1:] if "train" in argv else []
+
+
+def _given_flags(args: argparse.Namespace) -> set[str]:
+    """The argparse dests the command line set explicitly (a second parse with no defaults)."""
+    if getattr(args, "argv", None) is None:  # called without cli(): compare with the defaults
+        parser = argparse.ArgumentParser(prog="stagewise train", add_help=False)
+        add_parser(parser.add_subparsers())
+        defaults = vars(parser.parse_args(["train"]))
+        return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    parser = argparse.ArgumentParser(prog="stagewise train", add_help=False)
+    verbs = parser.add_subparsers()
+    add_parser(verbs)
+    train = verbs.choices["train"]
+    train._defaults.clear()
+    for action in train._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(["train", *_argv_after_verb(args)]))
+    return set(given) - {"config"}
 
 
 def _mesh(args: argparse.Namespace, torchrun: bool) -> Any:

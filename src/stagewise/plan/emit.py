@@ -117,8 +117,11 @@ def run_notes(plan: Plan, family: str) -> list[str]:
         notes.append("planned with sequence parallelism; stagewise train keeps activations "
                      "outside the blocks whole on every TP rank (more activation memory)")
     if cfg.distributed_optimizer:
-        notes.append(f"planned with the optimizer state sharded over DP={cfg.dp}; stagewise "
-                     "train keeps the whole optimizer state on every replica")
+        notes.append(f"planned with the optimizer state sharded over DP={cfg.dp}; this file "
+                     "runs plain dp (the whole optimizer state on every replica); "
+                     f"--mesh pp={cfg.pp},fsdp={cfg.dp}" + (f",tp={cfg.tp}" if cfg.tp > 1 else "")
+                     + " shards it (FSDP2 shards parameters and gradients too; not for "
+                     "zero-bubble schedules or tied embeddings)")
     if training.mode == "lora":
         notes.append("planned as LoRA fine-tuning; stagewise train trains every weight")
     if len(set(plan.layers)) > 1:

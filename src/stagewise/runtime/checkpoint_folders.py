@@ -21,6 +21,7 @@ __all__ = [
     "EXTRA",
     "MARKER",
     "checkpoint_name",
+    "checkpoint_step",
     "complete_checkpoints",
     "is_complete",
     "latest_checkpoint",
@@ -67,6 +68,19 @@ def latest_checkpoint(folder: str | os.PathLike[str], required: bool = False) ->
         f"once its {MARKER} marker is written); check --checkpoint-dir, or drop --resume "
         "to start from scratch"
     )
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step a complete checkpoint folder (``.../step-00000012``) holds.
+
+    Example:
+        >>> checkpoint_step("ckpt/step-00000012")
+        12
+    """
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ConfigError(f"{str(path)!r} is not a checkpoint folder (step-NNNNNNNN)")
+    return int(match.group(1))
 
 
 def checkpoint_name(step: int) -> str:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from stagewise.runtime.checkpoint import (
     rank_layers,
     save_checkpoint,
 )
+from stagewise.runtime.checkpoint_folders import checkpoint_step, complete_checkpoints
 from stagewise.runtime.launch import RankContext
 from stagewise.runtime.measure import (
     link_latency,
@@ -103,6 +105,7 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     keep: int | None = None
+    _num_layers: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def parts(self) -> ModelParts:
         """Build the model (the same weights on every call: they come from ``seed``)."""
@@ -119,7 +122,10 @@ class TrainConfig:
         """Layers the partitioner can cut between (embedding and head included)."""
         if self.model_spec == "tiny":
             return self.model.layers + 2
-        return len(self.parts().layers)
+        if self._num_layers is None:
+            object.__setattr__(self, "_num_layers", len(self.parts().layers))
+        assert self._num_layers is not None
+        return self._num_layers
 
     @property
     def world_size(self) -> int:
@@ -138,6 +144,29 @@ class TrainConfig:
         dp = "fsdp" if self.mesh.dp_shard else "dp"
         return f"pp={self.mesh.pp},{dp}={self.mesh.dp},tp={self.mesh.tp}"
 
+    def _check_checkpoints(self, folder: str) -> None:
+        """Checkpoint settings that would fail inside the ranks: refuse them before launch."""
+        if self.keep is not None and self.keep < 1:
+            raise ConfigError(f"--keep must be >= 1 checkpoints, got {self.keep}")
+        if self.resume:
+            path = latest_checkpoint(folder, required=True)
+            assert path is not None
+            step = checkpoint_step(path)
+            if self.steps - step < 2:
+                raise ConfigError(
+                    f"the checkpoint {str(path)!r} is at step {step} of {self.steps}: fewer "
+                    f"than 2 steps are left (the first is warm-up); raise --steps above "
+                    f"{step + 1}"
+                )
+        elif self.save_every:
+            later = [p for n, p in complete_checkpoints(Path(folder)) if n > self.save_every]
+            if later:
+                raise ConfigError(
+                    f"{folder!r} already holds {later[-1].name}, a later step than this run's "
+                    f"first save (step {self.save_every}): pass --resume to continue it, or use "
+                    "an empty --checkpoint-dir"
+                )
+
     @property
     def replicas(self) -> int:
         """Data-parallel replicas (1 without a mesh)."""
@@ -145,25 +174,38 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # The model has an embedding, the blocks and a head: fail here, before any rank starts.
+        # Other models are built once here (a big Hugging Face model takes a while).
+        parts = None if self.model_spec == "tiny" else self.parts()
+        if parts is not None:
+            object.__setattr__(self, "_num_layers", len(parts.layers))
         balance([1.0] * self.num_layers(), self.schedule.num_stages)
+        if self.tensor_parallel > 1 or (self.mesh is not None and self.mesh.dp_shard):
+            parts = parts or self.parts()
         if self.tensor_parallel > 1:
             from torch import nn
 
             from stagewise.runtime.tensor_parallel import check_tensor_parallel
 
-            check_tensor_parallel(nn.Sequential(*self.parts().layers), self.tensor_parallel)
+            assert parts is not None
+            blocks = check_tensor_parallel(nn.Sequential(*parts.layers), self.tensor_parallel)
+            if blocks == 0:
+                raise ConfigError(
+                    f"tp={self.tensor_parallel} but model {self.model_spec!r} has no block "
+                    "stagewise can shard (attention with q/k/v/o projections and a two- or "
+                    "three-matrix MLP): it would run whole on every tp rank; use tp=1"
+                )
         if self.mesh is not None and self.mesh.dp_shard:
-            check_shard_replicas(self.schedule, self.parts().ties)
+            assert parts is not None
+            check_shard_replicas(self.schedule, parts.ties)
         if (self.save_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("saving or resuming checkpoints needs a folder: pass "
                               "--checkpoint-dir DIR")
         if self.save_every < 0:
             raise ConfigError(f"save_every must be >= 0 steps, got {self.save_every}")
-        if self.resume:
-            assert self.checkpoint_dir is not None
-            latest_checkpoint(self.checkpoint_dir, required=True)  # fail before any rank starts
         if self.steps < 2:
             raise ConfigError(f"steps must be >= 2 (the first step is warm-up), got {self.steps}")
+        if self.checkpoint_dir is not None:
+            self._check_checkpoints(self.checkpoint_dir)
         if self.mesh is not None:
             if self.mesh.pp != self.schedule.num_ranks:
                 raise ConfigError(
@@ -347,6 +389,8 @@ def _resume(
     path = latest_checkpoint(config.checkpoint_dir, required=True)
     assert path is not None
     state = load_checkpoint(path, layers, optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr  # this run's --lr, not the checkpoint's
     step = state["step"]
     if config.steps - step < 2:
         raise ConfigError(
@@ -364,8 +408,13 @@ def _batch(parts: ModelParts, config: TrainConfig, step: int) -> tuple[torch.Ten
 
 
 def _progress_bar(steps: int) -> Any:
+    import threading
+
     from tqdm import tqdm
 
+    # tqdm's default lock includes a multiprocessing semaphore that a rank, ending with
+    # os._exit, would leave behind (the launcher's resource tracker then warns about a leak).
+    tqdm.set_lock(threading.RLock())
     # The bar only on a terminal (disable=None); the per-step lines always, on stdout.
     return tqdm(
         total=steps, desc="training", unit="step", file=sys.stderr, leave=False, disable=None

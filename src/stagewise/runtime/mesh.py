@@ -25,6 +25,7 @@ and reduce-scatters (averages) its gradients in each backward, so no averaging c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -347,6 +348,11 @@ def shard_replicas(
     from torch.distributed.fsdp import fully_shard
 
     check_shard_replicas(schedule, ties)
+    # FSDP2 warns once per unit whose output is a view (a reshape in the head, a block's last
+    # op): an in-place op on it would skip the pre-backward all-gather. The pipeline never
+    # changes a stage's output in place (it sends it, or feeds it to the next layer, and calls
+    # backward on it), so the warning says nothing about these runs.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for module in stages.values():
         for layer in module.children():
             fully_shard(layer, mesh=groups.dp_mesh)
