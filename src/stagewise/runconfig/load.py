@@ -34,9 +34,16 @@ def load_run_config(path: str | Path) -> RunConfig:
             that do not fit together (see :class:`RunConfig`). Messages start with the path.
 
     Example:
-        >>> config = load_run_config("run.toml")  # doctest: +SKIP
-        >>> config.mesh.pp, config.schedule.name  # doctest: +SKIP
-        (2, 'interleaved-1f1b')
+        >>> import tempfile
+        >>> from stagewise.runconfig import MeshConfig, RunConfig, ScheduleConfig
+        >>> path = Path(tempfile.mkdtemp()) / "run.toml"
+        >>> _ = path.write_text(RunConfig(
+        ...     mesh=MeshConfig(pp=2, dp=2),
+        ...     schedule=ScheduleConfig("interleaved-1f1b", chunks=2, microbatches=4),
+        ... ).to_toml())
+        >>> config = load_run_config(path)
+        >>> config.mesh.pp, config.schedule.name, config.schedule.chunks
+        (2, 'interleaved-1f1b', 2)
     """
     path = Path(path)
     try:
