@@ -63,3 +63,15 @@ def echo_rank(context: RankContext, value: int) -> tuple[int, int, int]:
     """Return (rank, world size, value + rank) after a barrier: the launcher round trip."""
     torch.distributed.barrier()
     return context.rank, context.world_size, value + context.rank
+
+
+def pipeline_groups(context: RankContext, spec: object) -> tuple[list[int], list[int], str]:
+    """This rank's mesh pp group and the gloo pp group built for an NCCL mesh, as ranks."""
+    import torch.distributed as dist
+
+    from stagewise.runtime.mesh import _gloo_pp_group, build_mesh
+
+    groups = build_mesh(spec)  # type: ignore[arg-type]
+    gloo = _gloo_pp_group(spec)  # type: ignore[arg-type]
+    return (dist.get_process_group_ranks(groups.pp_group), dist.get_process_group_ranks(gloo),
+            dist.get_backend(gloo))

@@ -267,3 +267,29 @@ def test_config_flags_equal_to_train_defaults_still_win(tmp_path: Path) -> None:
     # Another schedule on the command line does not inherit the file's v.
     other = _merged(["train", "--config", str(path), "-s", "1f1b"])
     assert (other.schedule, other.chunks) == ("1f1b", None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without GPUs"
+)
+def test_device_cuda_without_a_gpu_is_refused_before_launch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli(["train", "--device", "cuda", "-p", "2", "-m", "2", "--steps", "2", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda but this machine has no CUDA GPU" in err and "--device cpu" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_device_cuda_refuses_more_local_ranks_than_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from stagewise.cli.train import _check_gpus
+    from stagewise.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _check_gpus(1, "local processes")
+    with pytest.raises(ConfigError, match=r"4 local processes need 4 GPUs and this machine has 1"):
+        _check_gpus(4, "local processes")

@@ -9,6 +9,8 @@ global batch with a mean loss.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +99,15 @@ def test_train_bad_mesh_exits_2_with_one_line(
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
+
+
+@pytest.mark.timeout(60)
+def test_gloo_pipeline_groups_for_an_nccl_mesh_match_the_mesh() -> None:
+    """On CUDA the mesh is NCCL and the pipeline's transfers need a gloo twin of pp_group."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from runtime_workers import pipeline_groups
+
+    results = launch(pipeline_groups, 4, (MeshSpec(pp=2, dp=1, tp=2),), timeout=50)
+    for rank, (mesh_ranks, gloo_ranks, backend) in enumerate(results):
+        assert mesh_ranks == gloo_ranks == [rank % 2, rank % 2 + 2]  # tp innermost
+        assert backend == "gloo"

@@ -66,6 +66,10 @@ def add_parser(verbs: Any) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in --checkpoint-dir "
                         "(same data and losses as a run that was never stopped)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default; gloo) or cuda: one GPU per rank (GPU LOCAL_RANK "
+                        "under torchrun), NCCL for data and tensor parallelism, pipeline "
+                        "transfers through host memory over gloo")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="sequences per step (default 16)")
@@ -217,6 +221,7 @@ def _config(args: argparse.Namespace, mesh: Any = None) -> Any:
         save_every=args.save_every,
         resume=args.resume,
         keep=args.keep,
+        device=args.device,
     )
 
 
@@ -224,10 +229,12 @@ def _train_local(config: Any, args: argparse.Namespace) -> Any:
     from stagewise.runtime.demo import train_rank
     from stagewise.runtime.launch import launch
 
+    if config.device == "cuda":
+        _check_gpus(config.world_size, "local processes")
     limit = args.timeout + 30.0 + config.steps * 10.0
     results = launch(
         train_rank, config.world_size, (config,), timeout=limit,
-        grace=min(args.timeout, 10.0), threads=args.threads,
+        grace=min(args.timeout, 10.0), threads=args.threads, backend=config.backend,
     )
     return results[0]
 
@@ -240,7 +247,9 @@ def _train_torchrun(config: Any, args: argparse.Namespace) -> Any:
     from stagewise.runtime.launch import torchrun_context
 
     torch.set_num_threads(args.threads)
-    context = torchrun_context("gloo", timeout=args.timeout)
+    if config.device == "cuda":
+        _check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "processes per node")
+    context = torchrun_context(config.backend, timeout=args.timeout)
     try:
         report = train_rank(context, config)
     except RuntimeFailure as err:
@@ -251,6 +260,18 @@ def _train_torchrun(config: Any, args: argparse.Namespace) -> Any:
         os._exit(1)
     dist.destroy_process_group()
     return report
+
+
+def _check_gpus(ranks: int, what: str) -> None:
+    """NCCL cannot put two ranks on one GPU: refuse more ranks than GPUs on this machine."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if ranks > gpus:
+        raise ConfigError(
+            f"--device cuda runs one rank per GPU but {ranks} {what} need {ranks} GPUs and "
+            f"this machine has {gpus}: use a smaller mesh, or --device cpu"
+        )
 
 
 def _print_header(config: Any) -> None:
@@ -267,7 +288,8 @@ def _print_header(config: Any) -> None:
         + ("" if config.mesh is None else
            f", mesh {config.mesh_text().replace(',', ' x ')} "
            f"({config.world_size} processes, "
-           f"{config.batch_size // config.mesh.dp} sequences per replica)"),
+           f"{config.batch_size // config.mesh.dp} sequences per replica)")
+        + (", one GPU per rank" if config.device == "cuda" else ""),
         flush=True,
     )
 

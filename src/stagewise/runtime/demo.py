@@ -8,6 +8,7 @@ prediction from the measured per-stage costs, and activation memory measured and
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -84,6 +85,8 @@ class TrainConfig:
         save_every: write a checkpoint after every this many steps (0: never).
         resume: continue from the newest complete checkpoint in ``checkpoint_dir``.
         keep: keep only this many newest checkpoints (None: all).
+        device: ``"cpu"`` or ``"cuda"`` (each rank on GPU ``LOCAL_RANK``, or its rank when
+            launched locally; the process group must then be NCCL: see ``backend``).
     """
 
     schedule: Schedule
@@ -105,6 +108,7 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     keep: int | None = None
+    device: str = "cpu"
     _num_layers: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def parts(self) -> ModelParts:
@@ -168,12 +172,27 @@ class TrainConfig:
                 )
 
     @property
+    def backend(self) -> str:
+        """The process group's backend for ``device``: gloo on CPU, NCCL on CUDA."""
+        return "nccl" if self.device == "cuda" else "gloo"
+
+    def _check_device(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device {self.device!r}: choose cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "--device cuda but this machine has no CUDA GPU that torch can use (or the "
+                "installed torch is a CPU build): use --device cpu"
+            )
+
+    @property
     def replicas(self) -> int:
         """Data-parallel replicas (1 without a mesh)."""
         return self.mesh.dp if self.mesh is not None else 1
 
     def __post_init__(self) -> None:
         # The model has an embedding, the blocks and a head: fail here, before any rank starts.
+        self._check_device()
         # Other models are built once here (a big Hugging Face model takes a while).
         parts = None if self.model_spec == "tiny" else self.parts()
         if parts is not None:
@@ -257,6 +276,7 @@ class TrainReport:
     predicted: Timeline = field(repr=False)
     mesh: dict[str, int | bool] | None = None
     resumed_from: int | None = None
+    device: str = "cpu"
 
     def as_json(self) -> dict[str, Any]:
         """The report without the timelines, for ``--json``."""
@@ -283,7 +303,10 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
             f"{what} needs {config.world_size} ranks but "
             f"{context.world_size} were started: start {config.world_size} processes"
         )
-    groups = build_mesh(config.mesh) if config.mesh is not None else None
+    if config.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", context.rank))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    groups = build_mesh(config.mesh, config.device) if config.mesh is not None else None
     pp_rank = groups.pp_rank if groups is not None else context.rank
     dp_rank = groups.dp_rank if groups is not None else 0
     tp_rank = groups.tp_rank if groups is not None else 0
@@ -297,6 +320,8 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     if config.recompute:
         stages = [recomputed(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
+    if config.device == "cuda":
+        mine = {stage: module.to(torch.cuda.current_device()) for stage, module in mine.items()}
     if groups is not None and config.tensor_parallel > 1:
         from stagewise.runtime.tensor_parallel import apply_tensor_parallel
 
@@ -478,6 +503,7 @@ def _report(
         timeline=timeline,
         predicted=predicted,
         resumed_from=first_step or None,
+        device=config.device,
         mesh=None if config.mesh is None else {
             "pp": config.mesh.pp, "dp": config.mesh.dp, "tp": config.mesh.tp,
             "fsdp": config.mesh.dp_shard,

@@ -160,8 +160,14 @@ class MeshGroups:
     dp_mesh: DeviceMesh
 
 
-def build_mesh(spec: MeshSpec) -> MeshGroups:
+def build_mesh(spec: MeshSpec, device: str = "cpu") -> MeshGroups:
     """Build the ``(dp, pp, tp)`` device mesh over the default group; a collective on every rank.
+
+    Args:
+        spec: the mesh's sizes.
+        device: ``"cpu"`` (gloo) or ``"cuda"`` (the default group is NCCL; the pipeline's
+            ``pp_group`` is then a gloo group over the same ranks, which the pipeline's
+            transfers need, made here because every rank must create every group).
 
     Raises:
         ConfigError: the default group's size is not ``spec.world_size``.
@@ -175,9 +181,11 @@ def build_mesh(spec: MeshSpec) -> MeshGroups:
             f"world has {world}: start {spec.world_size} ranks or change the sizes"
         )
     mesh = init_device_mesh(
-        "cpu", (spec.dp, spec.pp, spec.tp), mesh_dim_names=("dp", "pp", "tp")
+        device, (spec.dp, spec.pp, spec.tp), mesh_dim_names=("dp", "pp", "tp")
     )
     pp_group, dp_group, tp_group = (mesh.get_group(axis) for axis in ("pp", "dp", "tp"))
+    if dist.get_backend(pp_group) != "gloo":
+        pp_group = _gloo_pp_group(spec)
     groups = MeshGroups(
         spec, pp_group, dp_group, dist.get_rank(pp_group), dist.get_rank(dp_group),
         tp_group, dist.get_rank(tp_group), mesh["tp"], mesh["dp"],
@@ -185,6 +193,20 @@ def build_mesh(spec: MeshSpec) -> MeshGroups:
     expected = (groups.dp_rank * spec.pp + groups.pp_rank) * spec.tp + groups.tp_rank
     assert dist.get_rank() == expected, "unexpected mesh layout"
     return groups
+
+
+def _gloo_pp_group(spec: MeshSpec) -> dist.ProcessGroup:
+    """This rank's pipeline as a gloo group (every rank creates every pipeline's group)."""
+    mine = None
+    rank = dist.get_rank()
+    for dp in range(spec.dp):
+        for tp in range(spec.tp):
+            ranks = [(dp * spec.pp + pp) * spec.tp + tp for pp in range(spec.pp)]
+            group = dist.new_group(ranks=ranks, backend="gloo")
+            if rank in ranks:
+                mine = group
+    assert mine is not None
+    return mine
 
 
 def replica_slice(batch: torch.Tensor, dp: int, dp_rank: int) -> torch.Tensor:
