@@ -133,6 +133,21 @@ def test_hugging_face_models_train(model: str, capsys: pytest.CaptureFixture[str
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.timeout(240)
+def test_ranks_that_fill_only_their_stages_train_the_whole_builds_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """hf: models: --partition params builds empty and fills each rank's stages; time builds
+    the whole model on every rank. GPT-2's tied embedding and head sit on different ranks."""
+    runs = {}
+    for partition in ("params", "time"):
+        assert cli(["train", "--model", "hf:gpt2", "-s", "1f1b", "-p", "2", "-m", "2",
+                    "--steps", "3", "--seq-len", "16", "--batch-size", "4", "--json",
+                    "--no-plots", "--partition", partition]) == 0
+        runs[partition] = json.loads(capsys.readouterr().out)["losses"]
+    assert runs["params"] == pytest.approx(runs["time"], rel=1e-5)
+
+
 def _losses(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
     assert cli(["train", "--json", "--no-plots", *SMALL, *argv]) == 0
     report: dict = json.loads(capsys.readouterr().out)

@@ -234,3 +234,45 @@ def test_importing_the_model_modules_does_not_import_transformers() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_an_empty_build_holds_no_weights_and_has_the_planned_parameter_count() -> None:
+    """Llama-2-70B built empty: no memory for its 69 B parameters, shapes the planner counts."""
+    from stagewise.plan.models import get_model, hf_family_and_config
+    from stagewise.runtime.lazy_init import is_empty
+
+    planned = get_model("llama-2-70b")
+    family, fields = hf_family_and_config(planned)
+    parts = hf_parts(family, fields, empty=True, seq_len=16)
+    assert all(is_empty(layer) for layer in parts.layers) and parts.materialize is not None
+    count = sum(p.numel() for layer in parts.layers for p in layer.parameters())
+    assert count == planned.num_params and 68e9 < count < 70e9
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layers_filled_on_their_own_equal_the_whole_build(family: str) -> None:
+    """What a rank fills for its stages is what a whole build holds (ties included)."""
+    from stagewise.runtime.lazy_init import is_empty
+
+    config = {**LLAMA, "tie_word_embeddings": True} if family == "llama" else GPT2
+    whole = hf_parts(family, config, seed=3)
+    empty = hf_parts(family, config, seed=3, empty=True)
+    last = len(empty.layers) - 1
+    assert empty.materialize is not None and empty.ties  # tied embeddings in both families
+    empty.materialize([empty.layers[last], empty.layers[2]])  # the head before the embedding
+    assert is_empty(empty.layers[0]) and is_empty(empty.layers[1])
+    empty.materialize([empty.layers[0]])
+    for index in (0, 2, last):
+        ours = dict(empty.layers[index].named_parameters())
+        theirs = dict(whole.layers[index].named_parameters())
+        assert ours.keys() == theirs.keys()
+        for name, value in theirs.items():
+            torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=name)
+    # Norms are one, biases zero, matrices drawn with the config's initializer_range.
+    matrix = next(p for p in whole.layers[1].parameters() if p.dim() == 2)
+    assert abs(float(matrix.detach().std()) - 0.02) < 0.004
+    # Filled in one process, the tied embedding and head stay one Parameter.
+    tie = empty.ties[0]
+    (first, first_name), (other, other_name) = sorted(tie.items())
+    assert (empty.layers[first].get_parameter(first_name)
+            is empty.layers[other].get_parameter(other_name))

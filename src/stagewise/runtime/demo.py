@@ -111,15 +111,19 @@ class TrainConfig:
     device: str = "cpu"
     _num_layers: int | None = field(default=None, init=False, repr=False, compare=False)
 
-    def parts(self) -> ModelParts:
-        """Build the model (the same weights on every call: they come from ``seed``)."""
+    def parts(self, empty: bool = False) -> ModelParts:
+        """Build the model (the same weights on every call: they come from ``seed``).
+
+        ``empty``: a Hugging Face model's parameters stay on the meta device (no memory) until
+        ``parts.materialize`` fills those a rank keeps; other models are built whole.
+        """
         if self.model_spec == "tiny":
             return tiny_gpt_parts(self.model, seed=self.seed)
         from stagewise.runtime.models import resolve_model
 
         return resolve_model(
             self.model_spec, config=self.model_config, seed=self.seed,
-            seq_len=self.model.seq_len, names=self.split_names or None,
+            seq_len=self.model.seq_len, names=self.split_names or None, empty=empty,
         )
 
     def num_layers(self) -> int:
@@ -127,7 +131,7 @@ class TrainConfig:
         if self.model_spec == "tiny":
             return self.model.layers + 2
         if self._num_layers is None:
-            object.__setattr__(self, "_num_layers", len(self.parts().layers))
+            object.__setattr__(self, "_num_layers", len(self.parts(empty=True).layers))
         assert self._num_layers is not None
         return self._num_layers
 
@@ -194,12 +198,12 @@ class TrainConfig:
         # The model has an embedding, the blocks and a head: fail here, before any rank starts.
         self._check_device()
         # Other models are built once here (a big Hugging Face model takes a while).
-        parts = None if self.model_spec == "tiny" else self.parts()
+        parts = None if self.model_spec == "tiny" else self.parts(empty=True)
         if parts is not None:
             object.__setattr__(self, "_num_layers", len(parts.layers))
         balance([1.0] * self.num_layers(), self.schedule.num_stages)
         if self.tensor_parallel > 1 or (self.mesh is not None and self.mesh.dp_shard):
-            parts = parts or self.parts()
+            parts = parts or self.parts(empty=True)
         if self.tensor_parallel > 1:
             from torch import nn
 
@@ -311,7 +315,8 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     dp_rank = groups.dp_rank if groups is not None else 0
     tp_rank = groups.tp_rank if groups is not None else 0
     torch.manual_seed(config.seed)
-    parts = config.parts()
+    # A Hugging Face model is built without weights; this rank fills only its own stages.
+    parts = config.parts(empty=config.partition != "time")
     # A replica's micro-batch is the first rows of the global batch's first micro-batch.
     sample, _ = _batch(parts, config, 0)
     sample = sample[: config.batch_size // config.replicas // schedule.num_microbatches]
@@ -320,6 +325,8 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     if config.recompute:
         stages = [recomputed(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
+    if parts.materialize is not None:
+        parts.materialize(mine.values())
     if config.device == "cuda":
         mine = {stage: module.to(torch.cuda.current_device()) for stage, module in mine.items()}
     if groups is not None and config.tensor_parallel > 1:

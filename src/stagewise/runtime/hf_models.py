@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from stagewise.errors import ConfigError
+from stagewise.runtime.lazy_init import Materializer, empty_parameters, materialize
 from stagewise.runtime.model_parts import ModelParts
 
 __all__ = ["FAMILIES", "build_hf_model", "hf_config", "hf_layers", "hf_parts"]
@@ -141,22 +142,37 @@ def hf_config(family: str, config: Mapping[str, Any] | str | Path | None = None)
 
 
 def build_hf_model(
-    family: str, config: Mapping[str, Any] | str | Path | None = None, *, seed: int = 0
+    family: str,
+    config: Mapping[str, Any] | str | Path | None = None,
+    *,
+    seed: int = 0,
+    empty: bool = False,
 ) -> nn.Module:
     """The causal LM of ``family`` with random weights drawn from ``seed`` (float32).
 
-    The caller's random state is left as it was. See :func:`hf_config` for ``config``.
+    The weights follow ``runtime.lazy_init``'s rule (normal with the config's
+    ``initializer_range`` for matrices, zero biases, unit norms), each parameter drawn from
+    ``seed`` and its name, so any subset of layers filled on its own gets the same values.
+    ``empty`` leaves the parameters on the meta device (fill them with
+    ``lazy_init.Materializer``). The caller's random state is not touched. See
+    :func:`hf_config` for ``config``.
     """
     cfg = hf_config(family, config)
     transformers = _transformers()
     cls = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[family]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), empty_parameters():
         try:
             model: nn.Module = cls(cfg)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"cannot build {family} from its config: {err}") from None
-    return model.float().train()
+    model = model.float().train()
+    if not empty:
+        materialize(model, seed, _init_std(model))
+    return model
+
+
+def _init_std(model: nn.Module) -> float:
+    return float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
 
 
 class LlamaEmbedding(nn.Module):
@@ -288,6 +304,7 @@ def hf_parts(
     *,
     seed: int = 0,
     seq_len: int | None = None,
+    empty: bool = False,
 ) -> ModelParts:
     """A Hugging Face causal LM as :class:`ModelParts` (layers, loss, data, ties).
 
@@ -297,6 +314,8 @@ def hf_parts(
         seed: weights come from this seed (the same model on every rank).
         seq_len: tokens per sequence of the generated data; None for
             ``min(32, max_position_embeddings)``.
+        empty: leave the parameters on the meta device; ``parts.materialize(modules)`` fills
+            those of the modules a rank keeps (the values of a full build).
 
     Returns:
         Parts whose ``loss_fn`` is the mean next-token cross-entropy and whose ``make_batch``
@@ -313,7 +332,7 @@ def hf_parts(
     """
     from stagewise.runtime.tiny_gpt import GPTConfig, lm_loss, make_batch
 
-    model = build_hf_model(family, config, seed=seed)
+    model = build_hf_model(family, config, seed=seed, empty=empty)
     cfg: Any = model.config
     limit = int(cfg.max_position_embeddings)
     length = min(DEFAULT_SEQ_LEN, limit) if seq_len is None else seq_len
@@ -331,4 +350,5 @@ def hf_parts(
     return ModelParts(
         name=f"hf:{family}", layers=tuple(layers), loss_fn=lm_loss, make_batch=batch,
         seq_len=length, ties=ties,
+        materialize=Materializer(model, seed, _init_std(model)) if empty else None,
     )

@@ -9,7 +9,7 @@ per layer, into the per-stage names the :class:`~stagewise.runtime.pipeline.Pipe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +36,9 @@ class ModelParts:
         ties: weights that are one tensor in the model but live in two layers, each
             ``{layer index: parameter name inside that layer}``.
         seq_len: tokens per sequence of ``make_batch``.
+        materialize: None when every parameter is real; else the layers' parameters are on
+            the meta device (built by ``runtime.lazy_init``) and ``materialize(modules)``
+            fills those inside ``modules``: call it on the stages a rank keeps.
     """
 
     name: str
@@ -44,6 +47,7 @@ class ModelParts:
     make_batch: BatchFn
     seq_len: int
     ties: tuple[Mapping[int, str], ...] = field(default=())
+    materialize: Callable[[Iterable[nn.Module]], None] | None = None
 
     def __post_init__(self) -> None:
         for tie in self.ties:

@@ -44,6 +44,7 @@ def resolve_model(
     seq_len: int | None = None,
     tiny: GPTConfig | None = None,
     names: tuple[str, ...] | list[str] | None = None,
+    empty: bool = False,
 ) -> ModelParts:
     """The model ``spec`` names, as :class:`ModelParts` (see the module docstring for forms).
 
@@ -56,6 +57,8 @@ def resolve_model(
         seq_len: tokens per sequence; None for the model's default.
         tiny: the tiny GPT's sizes (``tiny`` only).
         names: ``py:`` modules only: the submodules in the order they run.
+        empty: ``hf:`` models are built with their parameters on the meta device, to be
+            filled per rank by ``parts.materialize`` (others are built whole regardless).
 
     Raises:
         ConfigError: an unknown form, options that do not apply to it, a ``py:`` target that
@@ -80,7 +83,7 @@ def resolve_model(
     if spec.startswith("hf:"):
         from stagewise.runtime.hf_models import hf_parts
 
-        return hf_parts(spec[3:], config, seed=seed, seq_len=seq_len)
+        return hf_parts(spec[3:], config, seed=seed, seq_len=seq_len, empty=empty)
     if spec.startswith("py:"):
         return _python_model(spec, config, seed, seq_len, names)
     raise ConfigError(f"unknown model {spec!r}: use one of {', '.join(FORMS)}")
