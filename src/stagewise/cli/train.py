@@ -134,22 +134,26 @@ def _apply_run_config(args: argparse.Namespace) -> argparse.Namespace:
 
     config = load_run_config(args.config)
     given = _given_flags(args)
-    parser = argparse.ArgumentParser(prog="stagewise train", add_help=False)
-    verbs = parser.add_subparsers()
-    add_parser(verbs)
-    train = verbs.choices["train"]
     defaults = config.train_defaults()
     if "schedule" in given and "chunks" not in given:
         defaults["chunks"] = None  # the file's v belongs to the file's schedule
     if "schedule_file" in given:
         defaults.update(schedule=None, chunks=None)  # a schedule file replaces the file's
+    parser, train = _train_parser()
     train.set_defaults(**defaults)
     merged = parser.parse_args(["train", *_argv_after_verb(args)])
-    if given:
-        for key in given:
-            setattr(merged, key, getattr(args, key))
+    for key in given:  # without argv (run() called directly) the flags come from args
+        setattr(merged, key, getattr(args, key))
     merged.argv = getattr(args, "argv", None)
     return merged
+
+
+def _train_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """A fresh parser with the train verb alone, and train's own sub-parser."""
+    parser = argparse.ArgumentParser(prog="stagewise", add_help=False)
+    verbs = parser.add_subparsers()
+    add_parser(verbs)
+    return parser, verbs.choices["train"]
 
 
 def _argv_after_verb(args: argparse.Namespace) -> list[str]:
@@ -159,15 +163,10 @@ def _argv_after_verb(args: argparse.Namespace) -> list[str]:
 
 def _given_flags(args: argparse.Namespace) -> set[str]:
     """The argparse dests the command line set explicitly (a second parse with no defaults)."""
+    parser, train = _train_parser()
     if getattr(args, "argv", None) is None:  # called without cli(): compare with the defaults
-        parser = argparse.ArgumentParser(prog="stagewise train", add_help=False)
-        add_parser(parser.add_subparsers())
         defaults = vars(parser.parse_args(["train"]))
         return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
-    parser = argparse.ArgumentParser(prog="stagewise train", add_help=False)
-    verbs = parser.add_subparsers()
-    add_parser(verbs)
-    train = verbs.choices["train"]
     train._defaults.clear()
     for action in train._actions:
         action.default = argparse.SUPPRESS
