@@ -207,7 +207,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(180)
-def test_same_command_runs_under_torchrun_on_two_nodes(tmp_path: Path) -> None:
+def test_same_command_runs_under_torchrun_on_two_nodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = []
@@ -215,8 +217,8 @@ def test_same_command_runs_under_torchrun_on_two_nodes(tmp_path: Path) -> None:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
             "--nproc-per-node", "2", "--node-rank", str(node), "--master-addr", "127.0.0.1",
-            "--master-port", str(port), "-m", "stagewise", "train", "-m", "4", "--steps", "3",
-            "--json", "--no-plots", "--timeout", "60", *SMALL,
+            "--master-port", str(port), "-m", "stagewise", "train", "-m", "2", "--steps", "3",
+            "--mesh", "pp=2,dp=2", "--json", "--no-plots", "--timeout", "60", *SMALL,
         ]
         nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env, cwd=tmp_path))
@@ -225,8 +227,13 @@ def test_same_command_runs_under_torchrun_on_two_nodes(tmp_path: Path) -> None:
         assert node.returncode == 0, err[-2000:]
     out = outputs[0][0]
     report = json.loads(out[out.index("{"):])
-    assert report["num_ranks"] == 4 and len(report["losses"]) == 3
+    # The mesh spans both "nodes": dp rank 1's pipeline runs on the second node's processes.
+    assert report["mesh"] == {"pp": 2, "dp": 2, "tp": 1, "fsdp": False}
+    assert report["num_ranks"] == 2 and len(report["losses"]) == 3
     assert outputs[1][0].strip() == ""  # only global rank 0 prints
+    # The same flags on local processes train the same model on the same data.
+    local = _losses(capsys, ["-m", "2", "--steps", "3", "--mesh", "pp=2,dp=2"])
+    assert report["losses"] == pytest.approx(local["losses"], rel=1e-6)
 
 
 @pytest.mark.timeout(120)
