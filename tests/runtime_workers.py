@@ -66,12 +66,15 @@ def echo_rank(context: RankContext, value: int) -> tuple[int, int, int]:
 
 
 def pipeline_groups(context: RankContext, spec: object) -> tuple[list[int], list[int], str]:
-    """This rank's mesh pp group and the gloo pp group built for an NCCL mesh, as ranks."""
+    """This rank's pp group from a gloo mesh, and from the same mesh taken for NCCL (which
+    makes build_mesh replace it with a gloo twin), as ranks; and the twin's backend."""
     import torch.distributed as dist
 
-    from stagewise.runtime.mesh import _gloo_pp_group, build_mesh
+    from stagewise.runtime import mesh
 
-    groups = build_mesh(spec)  # type: ignore[arg-type]
-    gloo = _gloo_pp_group(spec)  # type: ignore[arg-type]
-    return (dist.get_process_group_ranks(groups.pp_group), dist.get_process_group_ranks(gloo),
-            dist.get_backend(gloo))
+    plain = mesh.build_mesh(spec)  # type: ignore[arg-type]
+    mesh._backend = lambda group: "nccl"  # type: ignore[assignment]
+    twin = mesh.build_mesh(spec)  # type: ignore[arg-type]
+    assert twin.pp_group is not plain.pp_group
+    return (dist.get_process_group_ranks(plain.pp_group),
+            dist.get_process_group_ranks(twin.pp_group), dist.get_backend(twin.pp_group))

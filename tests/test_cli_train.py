@@ -289,6 +289,14 @@ def test_config_flags_equal_to_train_defaults_still_win(tmp_path: Path) -> None:
     # Another schedule on the command line does not inherit the file's v.
     other = _merged(["train", "--config", str(path), "-s", "1f1b"])
     assert (other.schedule, other.chunks) == ("1f1b", None)  # type: ignore[attr-defined]
+    same = _merged(["train", "--config", str(path), "-s", "interleaved-1f1b"])
+    assert same.chunks == 2  # type: ignore[attr-defined]
+    # A schedule file brings its own sizes; another model does not take the file's shape.
+    csv = _merged(["train", "--config", str(path), "--schedule-file", "s.csv"])
+    assert (csv.schedule, csv.chunks, csv.microbatches) == (None, None, None)  # type: ignore[attr-defined]
+    hf = _merged(["train", "--config", str(path), "--model", "hf:llama"])
+    assert (hf.model, hf.layers, hf.dim, hf.model_config) == (  # type: ignore[attr-defined]
+        "hf:llama", 6, 64, None)
 
 
 @pytest.mark.skipif(

@@ -9,7 +9,6 @@ global batch with a mean loss.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -102,12 +101,18 @@ def test_train_bad_mesh_exits_2_with_one_line(
 
 
 @pytest.mark.timeout(60)
-def test_gloo_pipeline_groups_for_an_nccl_mesh_match_the_mesh() -> None:
+@pytest.mark.parametrize("sizes", [(2, 2, 1), (2, 1, 2)], ids=["pp2-dp2", "pp2-tp2"])
+def test_gloo_pipeline_groups_for_an_nccl_mesh_match_the_mesh(
+    sizes: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On CUDA the mesh is NCCL and the pipeline's transfers need a gloo twin of pp_group."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from runtime_workers import pipeline_groups
 
-    results = launch(pipeline_groups, 4, (MeshSpec(pp=2, dp=1, tp=2),), timeout=50)
-    for rank, (mesh_ranks, gloo_ranks, backend) in enumerate(results):
-        assert mesh_ranks == gloo_ranks == [rank % 2, rank % 2 + 2]  # tp innermost
+    pp, dp, tp = sizes
+    results = launch(pipeline_groups, 4, (MeshSpec(pp=pp, dp=dp, tp=tp),), timeout=50)
+    for rank, (mesh_ranks, twin_ranks, backend) in enumerate(results):
+        dp_rank, tp_rank = rank // (pp * tp), rank % tp  # rank = (dp * pp + pp_rank) * tp + tp
+        expected = [(dp_rank * pp + p) * tp + tp_rank for p in range(pp)]
+        assert mesh_ranks == twin_ranks == expected
         assert backend == "gloo"

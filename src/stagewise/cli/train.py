@@ -135,16 +135,21 @@ def _apply_run_config(args: argparse.Namespace) -> argparse.Namespace:
     config = load_run_config(args.config)
     given = _given_flags(args)
     defaults = config.train_defaults()
-    if "schedule" in given and "chunks" not in given:
-        defaults["chunks"] = None  # the file's v belongs to the file's schedule
-    if "schedule_file" in given:
-        defaults.update(schedule=None, chunks=None)  # a schedule file replaces the file's
     parser, train = _train_parser()
+    own = vars(parser.parse_args(["train"]))  # train's defaults without the file
+    if "schedule" in given and "chunks" not in given and args.schedule != config.schedule.name:
+        defaults["chunks"] = None  # the file's v belongs to the file's schedule
+    if "schedule_file" in given:  # a schedule file replaces the file's schedule and sizes
+        defaults.update(schedule=None, chunks=None, microbatches=None)
+    if "model" in given and args.model != config.model.spec:  # another model: not its shape
+        for key in ("model_config", "split", "dim", "layers", "heads"):
+            defaults[key] = own[key]
     train.set_defaults(**defaults)
     merged = parser.parse_args(["train", *_argv_after_verb(args)])
     for key in given:  # without argv (run() called directly) the flags come from args
         setattr(merged, key, getattr(args, key))
     merged.argv = getattr(args, "argv", None)
+    merged.mesh_from_file = "mesh" not in given
     return merged
 
 
@@ -183,9 +188,11 @@ def _mesh(args: argparse.Namespace, torchrun: bool) -> Any:
     world = int(os.environ["WORLD_SIZE"]) if torchrun else None
     spec = MeshSpec.parse(args.mesh, world)
     if args.ranks is not None and args.ranks != spec.pp:
+        source = (f"the mesh {args.mesh} of {args.config}" if getattr(args, "mesh_from_file", False)
+                  else f"--mesh {args.mesh}")
         raise ConfigError(
-            f"--ranks {args.ranks} disagrees with --mesh {args.mesh} (pp={spec.pp}): "
-            "drop --ranks; the mesh's pp is the pipeline's ranks"
+            f"-p {args.ranks} disagrees with {source} (pp={spec.pp}): drop -p, or give "
+            f"--mesh with pp={args.ranks}; the mesh's pp is the pipeline's ranks"
         )
     if not args.schedule_file:
         args.ranks = spec.pp

@@ -19,6 +19,7 @@ compare a pipeline with.
 from __future__ import annotations
 
 import contextlib
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -28,12 +29,25 @@ from torch import nn
 __all__ = ["Materializer", "empty_parameters", "is_empty", "materialize"]
 
 
+_state = threading.local()  # .depth: how many empty_parameters blocks this thread is in
+_lock = threading.Lock()
+_users = 0  # threads inside a block, all of them (the patch is installed while any is)
+_original = nn.Module.register_parameter
+
+
+def _register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    if getattr(_state, "depth", 0) and param is not None and param.device.type != "meta":
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _original(module, name, param)
+
+
 @contextlib.contextmanager
 def empty_parameters() -> Iterator[None]:
     """Within the block, every parameter a module registers is moved to the meta device.
 
-    A parameter that is already on meta is kept as it is, so a weight assigned to a second
-    module (tied embeddings) stays the same Parameter object.
+    Only the calling thread is affected (other threads build real modules meanwhile), and
+    blocks may nest. A parameter that is already on meta is kept as it is, so a weight
+    assigned to a second module (tied embeddings) stays the same Parameter object.
 
     Example:
         >>> with empty_parameters():
@@ -41,18 +55,20 @@ def empty_parameters() -> Iterator[None]:
         >>> layer.weight.device.type, tuple(layer.weight.shape)
         ('meta', (3, 4))
     """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    global _users
+    with _lock:
+        if _users == 0:
+            nn.Module.register_parameter = _register  # type: ignore[method-assign,assignment]
+        _users += 1
+    _state.depth = getattr(_state, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _state.depth -= 1
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                nn.Module.register_parameter = _original  # type: ignore[method-assign]
 
 
 def is_empty(module: nn.Module) -> bool:
