@@ -60,3 +60,18 @@ def test_fill_is_per_name_whatever_the_order_and_ties_stay_shared() -> None:
     other = build()
     Materializer(other, seed=2, std=0.5)([other])
     assert not torch.equal(other[0].weight, forward[0].weight)  # another seed, other values
+
+
+def test_filled_parameters_are_not_kept_alive_unless_tied() -> None:
+    """A rank fills a layer, then shards or moves it: the whole tensor must be freeable."""
+    import gc
+    import weakref
+
+    with empty_parameters():
+        net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    fill = Materializer(net, seed=0, std=0.1)
+    fill([net[0]])
+    whole = weakref.ref(net[0].weight)
+    net[0].weight = nn.Parameter(torch.zeros(2, 4))  # as sharding replaces it
+    gc.collect()
+    assert whole() is None

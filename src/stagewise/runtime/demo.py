@@ -325,15 +325,18 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     if config.recompute:
         stages = [recomputed(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
-    if parts.materialize is not None:
-        parts.materialize(mine.values())
-    if config.device == "cuda":
-        mine = {stage: module.to(torch.cuda.current_device()) for stage, module in mine.items()}
-    if groups is not None and config.tensor_parallel > 1:
-        from stagewise.runtime.tensor_parallel import apply_tensor_parallel
+    # Layer by layer: fill it (an empty build), move it, shard it over tp; so a rank holds
+    # at most one whole layer beside its shards.
+    for module in mine.values():
+        for layer in module.children():
+            if parts.materialize is not None:
+                parts.materialize([layer])
+            if config.device == "cuda":
+                layer.to(torch.cuda.current_device())
+            if groups is not None and config.tensor_parallel > 1:
+                from stagewise.runtime.tensor_parallel import apply_tensor_parallel
 
-        for module in mine.values():
-            apply_tensor_parallel(module, groups.tp_mesh)
+                apply_tensor_parallel(layer, groups.tp_mesh)
     sharded = groups is not None and groups.spec.dp_shard
     if sharded:
         assert groups is not None

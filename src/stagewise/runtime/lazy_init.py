@@ -88,9 +88,15 @@ class Materializer:
 
     def __init__(self, model: nn.Module, seed: int, std: float) -> None:
         self.names = {id(p): name for name, p in model.named_parameters()}
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        self._shared = {key for key, count in uses.items() if count > 1}
         self.seed = seed
         self.std = std
-        self._filled: dict[int, nn.Parameter] = {}  # meta Parameter id -> its real one
+        # A parameter held by two modules (a tie) -> its real one, so both get the same object.
+        # Only those are kept: a filled layer sharded or moved afterwards must not stay alive.
+        self._filled: dict[int, nn.Parameter] = {}
 
     def __call__(self, modules: Iterable[nn.Module]) -> None:
         """Fill every meta parameter inside ``modules`` (on the CPU), in place."""
@@ -102,7 +108,8 @@ class Materializer:
                     real = self._filled.get(id(param))
                     if real is None:
                         real = self._draw(param)
-                        self._filled[id(param)] = real
+                        if id(param) in self._shared:
+                            self._filled[id(param)] = real
                     owner._parameters[key] = real
 
     def _draw(self, param: nn.Parameter) -> nn.Parameter:
