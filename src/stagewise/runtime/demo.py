@@ -128,11 +128,7 @@ class TrainConfig:
 
     def num_layers(self) -> int:
         """Layers the partitioner can cut between (embedding and head included)."""
-        if self.model_spec == "tiny":
-            return self.model.layers + 2
-        if self._num_layers is None:
-            object.__setattr__(self, "_num_layers", len(self.parts(empty=True).layers))
-        assert self._num_layers is not None
+        assert self._num_layers is not None  # set by __post_init__
         return self._num_layers
 
     @property
@@ -197,19 +193,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # The model has an embedding, the blocks and a head: fail here, before any rank starts.
         self._check_device()
-        # Other models are built once here (a big Hugging Face model takes a while).
-        parts = None if self.model_spec == "tiny" else self.parts(empty=True)
-        if parts is not None:
-            object.__setattr__(self, "_num_layers", len(parts.layers))
+        # The model is built once here, without weights (a Hugging Face model's parameters
+        # stay on the meta device): enough for its layer count, shapes and ties.
+        parts = self.parts(empty=True)
+        object.__setattr__(self, "_num_layers", len(parts.layers))
         balance([1.0] * self.num_layers(), self.schedule.num_stages)
-        if self.tensor_parallel > 1 or (self.mesh is not None and self.mesh.dp_shard):
-            parts = parts or self.parts(empty=True)
         if self.tensor_parallel > 1:
             from torch import nn
 
             from stagewise.runtime.tensor_parallel import check_tensor_parallel
 
-            assert parts is not None
             blocks = check_tensor_parallel(nn.Sequential(*parts.layers), self.tensor_parallel)
             if blocks == 0:
                 raise ConfigError(
@@ -218,7 +211,6 @@ class TrainConfig:
                     "three-matrix MLP): it would run whole on every tp rank; use tp=1"
                 )
         if self.mesh is not None and self.mesh.dp_shard:
-            assert parts is not None
             check_shard_replicas(self.schedule, parts.ties)
         if (self.save_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("saving or resuming checkpoints needs a folder: pass "
@@ -327,6 +319,8 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
     mine = stages_for_rank(schedule, stages, pp_rank)
     # Layer by layer: fill it (an empty build), move it, shard it over tp; so a rank holds
     # at most one whole layer beside its shards.
+    from stagewise.runtime.tensor_parallel import apply_tensor_parallel
+
     for module in mine.values():
         for layer in module.children():
             if parts.materialize is not None:
@@ -334,8 +328,6 @@ def train_rank(context: RankContext, config: TrainConfig) -> TrainReport | None:
             if config.device == "cuda":
                 layer.to(torch.cuda.current_device())
             if groups is not None and config.tensor_parallel > 1:
-                from stagewise.runtime.tensor_parallel import apply_tensor_parallel
-
                 apply_tensor_parallel(layer, groups.tp_mesh)
     sharded = groups is not None and groups.spec.dp_shard
     if sharded:
@@ -426,13 +418,8 @@ def _resume(
     state = load_checkpoint(path, layers, optimizer)
     for group in optimizer.param_groups:
         group["lr"] = config.lr  # this run's --lr, not the checkpoint's
-    step = state["step"]
-    if config.steps - step < 2:
-        raise ConfigError(
-            f"the checkpoint {str(path)!r} is at step {step} of {config.steps}: fewer than 2 "
-            f"steps are left (the first is warm-up); raise --steps above {step + 1}"
-        )
-    return step, list(state["extra"].get("losses", []))
+    # TrainConfig checked before launch that at least 2 steps are left after this one.
+    return state["step"], list(state["extra"].get("losses", []))
 
 
 def _batch(parts: ModelParts, config: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
