@@ -10,8 +10,8 @@ last stage) with a memory limit of p units (1F1B's peak), on one and on two chun
 
 Columns: makespan; bubble as idle share of the step and relative to ideal compute (both
 definitions, DESIGN.md); the lower bound (largest per-rank busy time) and the gap to it; the
-fill bound (busy time plus the wait for the first forward, search.fill_bound); the peak live
-activations over ranks in stage-micro-batch units. Run:
+fill bound (busy time plus the wait for the first forward, stagewise.search.fill_bound); the
+peak live activations over ranks in stage-micro-batch units. Run:
 
     .venv/bin/python benchmarks/schedule_table.py            # the full table (markdown)
     .venv/bin/python benchmarks/schedule_table.py -p 4 -m 8  # one size
@@ -24,7 +24,7 @@ import time
 
 from stagewise.errors import StagewiseError
 from stagewise.schedules import build, get, names
-from stagewise.schedules.search import fill_bound, lower_bound, search_schedule
+from stagewise.search import fill_bound, lower_bound, search_schedule
 from stagewise.sim import Costs, simulate
 
 

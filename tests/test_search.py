@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from stagewise.errors import ConfigError
 from stagewise.schedules import Schedule, build, check, names
-from stagewise.schedules.search import SearchResult, fill_bound, lower_bound, search_schedule
+from stagewise.search import ScheduleSearchResult, fill_bound, lower_bound, search_schedule
 from stagewise.sim import Costs, Link, simulate
 
 
@@ -47,7 +47,7 @@ def best_named(p: int, m: int, costs: Costs, link: Link | None, limit: float,
 def test_result_unpacks_and_its_figures_are_the_simulators() -> None:
     costs = costs_for(4, 1, last=1.5)
     result = search_schedule(4, 8, costs, memory_limit=4, max_variants=0)
-    assert isinstance(result, SearchResult)
+    assert isinstance(result, ScheduleSearchResult)
     schedule, makespan, bound = result
     check(schedule)
     assert makespan == simulate(schedule, costs).makespan

@@ -1,8 +1,8 @@
 """stagewise: pipeline-parallel training for PyTorch, with schedules as data.
 
-The schedule IR, the simulator and the planner are pure Python; ``import stagewise`` does not
-import torch. The runtime names (``Pipeline``, ``partition``, ``launch``, ...) are loaded on
-first use, which imports torch then.
+The schedule IR, the simulator, the schedule search and the planner are pure Python;
+``import stagewise`` does not import torch. The runtime names (``Pipeline``, ``partition``,
+``launch``, ...) are loaded on first use, which imports torch then.
 
 Example:
     >>> import stagewise
@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from stagewise import schedules, sim
+# stagewise.search sits above schedules and sim; importing it registers the `auto` schedule.
+from stagewise import schedules, search, sim
 from stagewise.errors import ConfigError, PlanError, RuntimeFailure, ScheduleError, StagewiseError
 from stagewise.schedules import Action, Op, Schedule, build, names
 from stagewise.sim import Costs, Link, Timeline, simulate
@@ -46,6 +47,7 @@ __all__ = [
     "names",
     "partition",
     "schedules",
+    "search",
     "sim",
     "simulate",
     "stages_for_rank",

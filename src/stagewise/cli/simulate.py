@@ -17,7 +17,7 @@ from stagewise.cli._common import (
 )
 from stagewise.cli._report import fmt_fraction, timeline_summary
 from stagewise.errors import ConfigError
-from stagewise.schedules.search import SearchResult
+from stagewise.search import ScheduleSearchResult, search_schedule
 from stagewise.sim import simulate
 
 __all__ = ["add_parser", "run", "search_from_args"]
@@ -103,10 +103,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def search_from_args(args: argparse.Namespace) -> SearchResult:
+def search_from_args(args: argparse.Namespace) -> ScheduleSearchResult:
     """Run the schedule search for the sizes, costs, link and limit the options give."""
-    from stagewise.schedules.search import search_schedule
-
     if args.ranks is None or args.microbatches is None:
         raise ConfigError("-s auto needs -p RANKS and -m MICROBATCHES")
     for label, value in (("p", args.ranks), ("m", args.microbatches), ("v", args.chunks or 1)):

@@ -1,9 +1,11 @@
-"""Pipeline schedules as data: the IR, the generators, the validator, the registry, the search.
+"""Pipeline schedules as data: the IR, the generators, the validator, the registry.
 
-Pure Python; importing this package does not import torch.
+Pure Python; importing this package does not import torch. It depends on nothing in stagewise
+but ``stagewise.errors``: the schedule search (and the ``auto`` schedule it registers) lives in
+:mod:`stagewise.search`, above the simulator.
 """
 
-# Importing _register_zb registers looped-bfs, zb-h1, zb-h2, zb-v, dualpipev and auto.
+# Importing _register_zb registers looped-bfs, zb-h1, zb-h2, zb-v and dualpipev.
 import stagewise.schedules._register_zb  # noqa: F401
 from stagewise.schedules.dualpipe import dualpipe_v
 from stagewise.schedules.gpipe import gpipe
@@ -12,7 +14,6 @@ from stagewise.schedules.ir import Action, Op, Schedule, parse_action
 from stagewise.schedules.looped_bfs import looped_bfs
 from stagewise.schedules.one_f_one_b import one_f_one_b
 from stagewise.schedules.registry import Generator, build, get, names, register
-from stagewise.schedules.search import SearchResult, search_schedule
 from stagewise.schedules.validate import check, execution_order, is_valid
 from stagewise.schedules.zbv import zb_v
 from stagewise.schedules.zero_bubble import zb_h1, zb_h2
@@ -22,7 +23,6 @@ __all__ = [
     "Generator",
     "Op",
     "Schedule",
-    "SearchResult",
     "build",
     "check",
     "dualpipe_v",
@@ -36,7 +36,6 @@ __all__ = [
     "one_f_one_b",
     "parse_action",
     "register",
-    "search_schedule",
     "zb_h1",
     "zb_h2",
     "zb_v",

@@ -36,17 +36,18 @@ from typing import NamedTuple
 
 from stagewise.errors import ConfigError, ScheduleError
 from stagewise.schedules.ir import Op, Schedule
-from stagewise.schedules.list_scheduler import ListScheduler, Policy, fixed_policies, random_policy
+from stagewise.schedules.registry import build, get, names
+from stagewise.search.list_scheduler import ListScheduler, Policy, fixed_policies, random_policy
 from stagewise.sim.costs import Costs, Link
 from stagewise.sim.simulate import simulate
 
-__all__ = ["SearchResult", "fill_bound", "lower_bound", "search_schedule"]
+__all__ = ["ScheduleSearchResult", "fill_bound", "lower_bound", "search_schedule"]
 
 _EPS = 1e-9
 _MIN_FIXED = 8  # fixed list-scheduling variants that run whatever the time budget
 
 
-class SearchResult(NamedTuple):
+class ScheduleSearchResult(NamedTuple):
     """What :func:`search_schedule` returns; unpacks as ``schedule, makespan, lower_bound``.
 
     Attributes:
@@ -93,8 +94,6 @@ def _placements(num_ranks: int, num_stages: int, placement: str | None) -> list[
 
 
 def _named(num_ranks: int, num_microbatches: int, placement: tuple[int, ...]) -> list[Schedule]:
-    from stagewise.schedules.registry import build, get, names
-
     v = len(placement) // num_ranks
     found = []
     for name in names():
@@ -191,7 +190,7 @@ def search_schedule(
     max_variants: int | None = None,
     max_moves: int | None = None,
     seed: int = 0,
-) -> SearchResult:
+) -> ScheduleSearchResult:
     """Find a schedule for these costs that fits ``memory_limit``, as fast as possible.
 
     Runs, in order: every registered named schedule with the same stages and placement; the
@@ -218,7 +217,7 @@ def search_schedule(
         seed: seed of the random variants and moves.
 
     Returns:
-        ``SearchResult(schedule, makespan, lower_bound)``; the makespan is never larger than
+        ``ScheduleSearchResult(schedule, makespan, lower_bound)``; the makespan is never larger than
         that of any registered named schedule with the same stages and placement that fits.
 
     Raises:
@@ -297,7 +296,7 @@ def search_schedule(
             f"{memory_limit} units: raise the limit"
         )
     bound = min(lower_bound(layout, num_microbatches, costs) for layout in layouts)
-    return SearchResult(best[0][1], best[0][0][0], bound)
+    return ScheduleSearchResult(best[0][1], best[0][0][0], bound)
 
 
 def _renamed(schedule: Schedule, name: str) -> Schedule:

@@ -11,7 +11,7 @@ forward there) only when the memory for all of that rank's chunks of it is avail
 banker's rule), so the construction never deadlocks and never exceeds the limit.
 
 :class:`Policy` holds the knobs one construction uses; :func:`fixed_policies` and
-:func:`random_policy` give the variants :mod:`stagewise.schedules.search` tries.
+:func:`random_policy` give the variants :mod:`stagewise.search.schedule_search` tries.
 """
 
 from __future__ import annotations
