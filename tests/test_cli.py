@@ -31,8 +31,8 @@ def test_simulate_json_fields(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_json(capsys, "simulate", "-s", "interleaved-1f1b", "-p", "4", "-m", "8",
                       "-v", "2", "--forward", "1", "--backward", "2")
     assert isinstance(result, dict)
-    assert (result["schedule"], result["ranks"], result["stages"], result["microbatches"],
-            result["chunks"]) == ("interleaved-1f1b", 4, 8, 8, 2)
+    assert (result["schedule"], result["num_ranks"], result["num_stages"],
+            result["num_microbatches"], result["num_chunks"]) == ("interleaved-1f1b", 4, 8, 8, 2)
     assert result["makespan"] == pytest.approx(28.5)
     assert result["bubble"]["vs_ideal"] == pytest.approx(3 / 16)
     assert [r["rank"] for r in result["per_rank"]] == [0, 1, 2, 3]

@@ -36,7 +36,7 @@ def add_schedule_options(parser: argparse.ArgumentParser, sizes_required: bool =
     parser.add_argument("-m", "--microbatches", type=int, help="micro-batches per step m")
     parser.add_argument(
         "-v", "--chunks", type=int, default=None,
-        help="chunks (virtual stages) per rank v, for interleaved schedules",
+        help="chunks per rank v (each chunk one virtual stage), for interleaved schedules",
     )
 
 

@@ -26,10 +26,10 @@ def timeline_summary(schedule: Schedule, timeline: Timeline) -> dict[str, Any]:
         per_rank.append(row)
     return {
         "schedule": schedule.name,
-        "ranks": schedule.num_ranks,
-        "stages": schedule.num_stages,
-        "microbatches": schedule.num_microbatches,
-        "chunks": schedule.num_chunks,
+        "num_ranks": schedule.num_ranks,
+        "num_stages": schedule.num_stages,
+        "num_microbatches": schedule.num_microbatches,
+        "num_chunks": schedule.num_chunks,
         "makespan": timeline.makespan,
         "bubble": {"of_step": bubble.of_step, "vs_ideal": bubble.vs_ideal},
         "per_rank": per_rank,

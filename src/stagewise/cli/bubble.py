@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     peaks = [timeline.peak_activations(r) for r in range(schedule.num_ranks)]
     result: dict[str, Any] = {
         "schedule": schedule.name,
-        "ranks": schedule.num_ranks,
-        "microbatches": schedule.num_microbatches,
-        "chunks": schedule.num_chunks,
+        "num_ranks": schedule.num_ranks,
+        "num_microbatches": schedule.num_microbatches,
+        "num_chunks": schedule.num_chunks,
         "simulated": {
             "bubble": {"of_step": simulated.of_step, "vs_ideal": simulated.vs_ideal},
             "peak_activations": peaks,

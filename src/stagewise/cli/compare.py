@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         peaks = " ".join(f"{r['peak_activations']:g}" for r in row["per_rank"])
         print(
-            f"{row['schedule']:<18}{row['chunks']:>3}{row['makespan']:>10.4g}"
+            f"{row['schedule']:<18}{row['num_chunks']:>3}{row['makespan']:>10.4g}"
             f"{fmt_fraction(row['bubble']['of_step']):>9}"
             f"{fmt_fraction(row['bubble']['vs_ideal']):>10}  {peaks}"
         )

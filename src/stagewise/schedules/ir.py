@@ -5,7 +5,8 @@ torch.distributed.pipelining uses, so schedules move between the two projects. A
 holds, for each rank, the ordered tuple of its compute actions; communication is implied by the
 placement (which rank holds each stage) and added by whoever executes the schedule.
 
-Notation used in docstrings: p ranks, m micro-batches, v chunks (virtual stages) per rank.
+Notation used in docstrings: p ranks, m micro-batches, v chunks per rank (each chunk one
+virtual stage).
 """
 
 from __future__ import annotations

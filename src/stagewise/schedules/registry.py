@@ -47,7 +47,7 @@ _GENERATORS: dict[str, Generator] = {
         Generator(
             "interleaved-1f1b",
             interleaved_1f1b,
-            "1F1B over v looped chunks per rank (Megatron virtual stages)",
+            "1F1B over v looped chunks per rank (Megatron's virtual stages)",
             default_chunks=2,
             fixed_chunks=None,
         ),
@@ -98,17 +98,18 @@ def build(
         4
     """
     generator = get(name)
-    chunks = generator.default_chunks if num_chunks is None else num_chunks
-    if generator.fixed_chunks is not None and chunks != generator.fixed_chunks:
+    if num_chunks is None:
+        num_chunks = generator.default_chunks
+    if generator.fixed_chunks is not None and num_chunks != generator.fixed_chunks:
         raise ScheduleError(
-            f"{name} runs exactly {generator.fixed_chunks} chunk(s) per rank, got v={chunks}: "
+            f"{name} runs exactly {generator.fixed_chunks} chunk(s) per rank, got v={num_chunks}: "
             f"drop -v or use interleaved-1f1b for more chunks per rank"
         )
-    for label, value in (("p", num_ranks), ("m", num_microbatches), ("v", chunks)):
+    for label, value in (("p", num_ranks), ("m", num_microbatches), ("v", num_chunks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ScheduleError(
                 f"{name}: {label} must be a positive integer, got {value!r}: pass {label} >= 1"
             )
-    schedule = generator.make(num_ranks, num_microbatches, chunks)
+    schedule = generator.make(num_ranks, num_microbatches, num_chunks)
     check(schedule)
     return schedule

@@ -1,6 +1,6 @@
 """List scheduling: build a schedule action by action, each rank picking by priority.
 
-Notation: p ranks, m micro-batches, v chunks (stages) per rank.
+Notation: p ranks, m micro-batches, v chunks per rank (each chunk one virtual stage).
 
 An event-driven construction: whenever a rank is free it picks, among the actions whose
 inputs have arrived (with the link's latency), first an input-gradient I (it unblocks the
@@ -71,10 +71,10 @@ class ListScheduler:
             self.remaining[rank] += m * (costs.forward[stage] + costs.backward[stage])
 
     def _cap(self, rank: int) -> int:
-        chunks = self.limit_chunks
+        limit = self.limit_chunks
         if self.policy.cap is not None:
-            chunks = min(chunks, round(self.policy.cap(rank, self.p) * self.v))
-        return max(chunks, self.v)
+            limit = min(limit, round(self.policy.cap(rank, self.p) * self.v))
+        return max(limit, self.v)
 
     # --- readiness -----------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Schedule search: list scheduling under a memory limit, never worse than the named schedules.
 
-Notation: p ranks, m micro-batches, v chunks (stages) per rank, S = p v stages.
+Notation: p ranks, m micro-batches, v chunks per rank (each chunk one virtual stage), S = p v
+stages.
 
 Given per-stage costs (F, I, W may differ per stage), a link and a per-rank activation limit,
 :func:`search_schedule` builds candidate schedules with an event-driven *list scheduler*: each

@@ -1,6 +1,7 @@
 """Closed-form bubble and activation figures for GPipe, 1F1B and interleaved 1F1B.
 
-Notation: p pipeline ranks, m micro-batches, v chunks (virtual stages) per rank, r a rank.
+Notation: p pipeline ranks, m micro-batches, v chunks per rank (each chunk one virtual stage),
+r a rank.
 They hold for uniform costs (every rank does the same work per micro-batch, any forward to
 backward ratio) and free communication; the simulator gives the exact figure otherwise.
 

@@ -174,14 +174,14 @@ def _draw(axes: Axes, timeline: Timeline, panel: _Size, span: float) -> None:
     """Boxes, labels and axes of one Gantt panel ``panel`` inches big, ``span`` units wide."""
     factor, axis_label = display_time(timeline)
     origin = timeline.start
-    chunks = chunk_numbers(timeline)
+    chunk_of = chunk_numbers(timeline)
     shades = {
         (op, chunk): shade(OP_COLOURS[op], chunk, timeline.num_chunks)
         for op in Op
-        for chunk in range(max(chunks.values(), default=0) + 1)
+        for chunk in range(max(chunk_of.values(), default=0) + 1)
     }
     events = timeline.events
-    faces = [shades[(event.op, chunks[(event.rank, event.stage)])] for event in events]
+    faces = [shades[(event.op, chunk_of[(event.rank, event.stage)])] for event in events]
     px_per_unit = panel.width * DPI / span
     widths = [event.duration * factor * px_per_unit for event in events]
     edge = 0.6 if min(widths, default=0.0) >= 4 else 0.0

@@ -152,7 +152,7 @@ def _metadata(timeline: Timeline, scale: float) -> list[dict[str, Any]]:
 
 
 def _actions(timeline: Timeline, clock: _Clock) -> list[dict[str, Any]]:
-    chunks = chunk_numbers(timeline)
+    chunk_of = chunk_numbers(timeline)
     ordered = sorted(timeline.events, key=lambda e: (e.rank, e.start, e.end))
     events = []
     for event in ordered:
@@ -170,7 +170,7 @@ def _actions(timeline: Timeline, clock: _Clock) -> list[dict[str, Any]]:
                     "stage": event.stage,
                     "microbatch": event.microbatch,
                     "op": event.op.value,
-                    "chunk": chunks[(event.rank, event.stage)],
+                    "chunk": chunk_of[(event.rank, event.stage)],
                 },
             }
         )
