@@ -1,6 +1,6 @@
 """How close the planner's step time and memory come to published Megatron-LM measurements.
 
-Reads ``shared/reference/calibration_runs.json`` (Korthikanti et al. 2022 on A100-80GB), builds
+Reads ``benchmarks/data/calibration_runs.json`` (Korthikanti et al. 2022 on A100-80GB), builds
 each run's model and configuration, predicts its iteration time and memory with the planner's
 global constants (no per-case input beyond the run's own configuration), and prints the error
 of every case, the median and the worst.
@@ -33,9 +33,7 @@ from stagewise.plan import (
 )
 from stagewise.plan.memory import GIB
 
-DEFAULT_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "calibration_runs.json"
-)
+DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "calibration_runs.json"
 
 
 def case_inputs(run: dict[str, Any]) -> tuple[ModelSpec, Cluster, TrainingSpec, ParallelConfig]:
@@ -54,22 +52,22 @@ def case_inputs(run: dict[str, Any]) -> tuple[ModelSpec, Cluster, TrainingSpec, 
         position="learned",
         bias=True,
         dropout=True,
-        max_seq=run["seq_len"],
+        max_seq_len=run["seq_len"],
     )
     gpu = get_gpu("A100-SXM4-80GB")
     cluster = Cluster.of_gpus(gpu, run["num_gpus"])
     training = TrainingSpec(
-        seq=run["seq_len"],
+        seq_len=run["seq_len"],
         global_batch=run["global_batch_size"],
         attention="unfused",
         dp_overlap=False,
     )
     recompute = "full" if run["recompute"].startswith("full") else "selective"
-    config = ParallelConfig(
+    config = ParallelConfig.of(
         tp=run["tp"],
         pp=run["pp"],
         dp=run["dp"],
-        vp=run["vp"],
+        num_chunks=run["vp"],
         micro_batch_size=run["micro_batch_size"],
         recompute=recompute,
         sequence_parallel=run["sequence_parallel"],

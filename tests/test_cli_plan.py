@@ -14,9 +14,9 @@ from stagewise.cli.main import build_parser, cli
 from stagewise.plan import catalog_models, get_model, hf_family_and_config, model_from_hf_config
 from stagewise.runconfig import RunConfig, load_run_config
 
-LESSON = ["plan", "--model", "llama-2-70b", "--gpu", "H100", "--seq", "4096",
+LESSON = ["plan", "--model", "llama-2-70b", "--gpu", "H100", "--seq-len", "4096",
           "--global-batch", "64"]
-REQUIRED = {"tp", "pp", "dp", "vp", "micro_batch_size", "recompute", "schedule", "fits",
+REQUIRED = {"tp", "pp", "dp", "num_chunks", "micro_batch_size", "recompute", "schedule", "fits",
             "memory_gib", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu"}
 
 
@@ -77,7 +77,7 @@ def test_lesson_four_nodes_recommends_compares_layouts_and_emits_the_run_config(
 def test_text_output_names_the_flop_count_and_both_bubble_fractions(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = ["plan", "--model", "llama-2-7b", "--gpu", "a100", "--gpus", "8", "--seq", "2048",
+    argv = ["plan", "--model", "llama-2-7b", "--gpu", "a100", "--gpus", "8", "--seq-len", "2048",
             "--global-batch", "16", "--tp", "2", "--pp", "2", "--micro-batch-size", "1",
             "--recompute", "none", "--sequence-parallel", "--schedule", "1f1b",
             "--distributed-optimizer"]
@@ -98,7 +98,7 @@ def test_model_from_hf_config_file(capsys: pytest.CaptureFixture[str], tmp_path:
     }))
     run = tmp_path / "run.toml"
     doc = _json(capsys, ["plan", "--model-config", str(config), "--gpu", "h100", "--nodes", "1",
-                         "--gpus-per-node", "8", "--seq", "4096", "--global-batch", "8",
+                         "--gpus-per-node", "8", "--seq-len", "4096", "--global-batch", "8",
                          "--tp", "8", "--pp", "1", "--json", "--emit-config", str(run)])
     assert doc["num_params"] == 6_738_415_616  # Llama-2-7B's published count
     # The emitted model keeps the file's other fields (nulls dropped: TOML has none).
@@ -126,7 +126,7 @@ def test_model_from_hf_config_file(capsys: pytest.CaptureFixture[str], tmp_path:
 def test_bad_input_exits_2_with_one_line(
     capsys: pytest.CaptureFixture[str], extra: list[str], message: str
 ) -> None:
-    argv = ["plan", "--model", "llama-2-70b", "--seq", "4096", "--global-batch", "64", *extra]
+    argv = ["plan", "--model", "llama-2-70b", "--seq-len", "4096", "--global-batch", "64", *extra]
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("stagewise: error:")
@@ -147,14 +147,14 @@ def test_planner_imports_neither_torch_nor_matplotlib() -> None:
 # --- plan --emit-config: the planner's choice as a run configuration for stagewise train ---
 
 TOY = ["plan", "--model", "tiny-llama", "--gpu", "cpu", "--nodes", "1", "--gpus-per-node", "8",
-       "--seq", "32", "--global-batch", "16"]
+       "--seq-len", "32", "--global-batch", "16"]
 
 
 def _assert_config_is_the_plan(config: RunConfig, plan: dict, seq: int) -> None:
     """Every knob of the emitted file equals the plan's own JSON."""
     assert (config.mesh.pp, config.mesh.dp, config.mesh.tp) == (plan["pp"], plan["dp"], plan["tp"])
     assert config.schedule.name == plan["schedule"]
-    assert config.schedule.chunks == plan["vp"]
+    assert config.schedule.chunks == plan["num_chunks"]
     assert config.schedule.microbatches == plan["num_microbatches"]
     assert config.batch.micro_batch_size == plan["micro_batch_size"]
     assert config.batch.seq_len == seq
@@ -168,7 +168,7 @@ def _assert_config_is_the_plan(config: RunConfig, plan: dict, seq: int) -> None:
 def _check_emitted_70b(doc: dict, path: Path) -> None:
     """--emit-config for Llama-2-70B on 4 x 8 H100 wrote the recommended plan."""
     config = load_run_config(path)
-    _assert_config_is_the_plan(config, doc["recommended"], doc["seq"])
+    _assert_config_is_the_plan(config, doc["recommended"], doc["seq_len"])
     assert config.batch.global_batch == doc["global_batch"]
     assert config.world_size == doc["nodes"] * doc["gpus_per_node"]
     assert config.mesh.tp <= doc["gpus_per_node"]  # TP inside a node
@@ -212,7 +212,7 @@ def test_toy_plan_on_cpu_emits_a_config_train_parses(
     assert (parsed.steps, parsed.lr) == (30, 3e-3)
     assert parsed.model == "hf:llama" and parsed.recompute == (best["recompute"] == "full")
     if config.schedule.takes_chunks:
-        assert parsed.chunks == best["vp"]
+        assert parsed.chunks == best["num_chunks"]
 
 
 def test_toy_option_keeps_the_layout_and_shrinks_the_model(
@@ -274,6 +274,22 @@ def test_emitted_hf_config_rebuilds_the_planned_model(name: str) -> None:
     family, fields = hf_family_and_config(planned)
     rebuilt = model_from_hf_config({"model_type": family, **fields}, name=name)
     keep = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "mlp", "norm",
-            "tied_embeddings", "position", "bias", "dropout", "max_seq")
+            "tied_embeddings", "position", "bias", "dropout", "max_seq_len")
     assert {k: getattr(rebuilt, k) for k in keep} == {k: getattr(planned, k) for k in keep}
     assert rebuilt.num_params == planned.num_params
+
+
+@pytest.mark.parametrize(("old", "new"), [("--seq", "--seq-len"), ("--vp", "--num-chunks")])
+def test_old_flag_spellings_work_with_a_deprecation_message(
+    capsys: pytest.CaptureFixture[str], old: str, new: str
+) -> None:
+    argv = ["plan", "--model", "llama-2-7b", "--gpu", "h100", "--gpus", "8", "--global-batch",
+            "16", "--tp", "2", "--pp", "2", "--schedule", "interleaved-1f1b", "--json"]
+    values = {"--seq-len": "2048", "--num-chunks": "2"}
+    old_argv = [*argv, old, values[new], *(a for f, v in values.items() if f != new
+                                            for a in (f, v))]
+    new_argv = [*argv, *(a for f, v in values.items() for a in (f, v))]
+    assert cli(old_argv) == 0
+    captured = capsys.readouterr()
+    assert f"{old} is deprecated; use {new}" in captured.err
+    assert json.loads(captured.out)["recommended"] == _json(capsys, new_argv)["recommended"]

@@ -40,13 +40,13 @@ def _megatron_parser() -> argparse.ArgumentParser:
 
 def _plan(**kw: object) -> Plan:
     base: dict[str, object] = {
-        "tp": 4, "pp": 4, "dp": 2, "vp": 5, "micro_batch_size": 1,
-        "sequence_parallel": True, "distributed_optimizer": True,
+        "tp": 4, "pp": 4, "dp": 2, "num_chunks": 5, "micro_batch_size": 1,
+        "sequence_parallel": True, "dp_sharding": "optimizer",
         "schedule": "interleaved-1f1b", "recompute": "full",
     }
     base.update(kw)
     return evaluate(get_model("llama-2-70b"), Cluster(get_gpu("h100"), 4, 8),
-                    TrainingSpec(seq=4096, global_batch=64), ParallelConfig(**base))  # type: ignore[arg-type]
+                    TrainingSpec(seq_len=4096, global_batch=64), ParallelConfig.of(**base))  # type: ignore[arg-type]
 
 
 def test_megatron_line_parses_and_round_trips_the_plan() -> None:
@@ -71,8 +71,8 @@ def test_megatron_line_parses_and_round_trips_the_plan() -> None:
 
 def test_megatron_selective_recompute_and_uneven_split() -> None:
     plan = evaluate(get_model("llama-3-405b"), Cluster.of_gpus(get_gpu("h100"), 128),
-                    TrainingSpec(seq=8192, global_batch=16),
-                    ParallelConfig(tp=8, pp=16, dp=1, recompute="selective"))
+                    TrainingSpec(seq_len=8192, global_batch=16),
+                    ParallelConfig.of(tp=8, pp=16, dp=1, recompute="selective"))
     ns = _megatron_parser().parse_args(megatron_args(plan))
     assert ns.recompute_activations and ns.recompute_granularity is None
     assert (ns.decoder_first_pipeline_num_layers, ns.decoder_last_pipeline_num_layers) == (7, 7)
@@ -81,8 +81,8 @@ def test_megatron_selective_recompute_and_uneven_split() -> None:
 
 def test_gpt_model_keeps_biases_dropout_and_tied_embeddings() -> None:
     plan = evaluate(get_model("gpt-22b"), Cluster(get_gpu("a100"), 1, 8),
-                    TrainingSpec(seq=2048, global_batch=4, attention="unfused"),
-                    ParallelConfig(tp=8, pp=1, dp=1, micro_batch_size=4))
+                    TrainingSpec(seq_len=2048, global_batch=4, attention="unfused"),
+                    ParallelConfig.of(tp=8, pp=1, dp=1, micro_batch_size=4))
     args = megatron_args(plan)
     ns = _megatron_parser().parse_args(args)
     assert not ns.disable_bias_linear and not ns.untie_embeddings_and_output_weights
@@ -91,7 +91,7 @@ def test_gpt_model_keeps_biases_dropout_and_tied_embeddings() -> None:
 
 
 def test_non_megatron_schedule_is_flagged() -> None:
-    plan = _plan(schedule="zb-v", vp=2)
+    plan = _plan(schedule="zb-v", num_chunks=2)
     notes = export_notes(plan)
     assert any("zb-v" in note for note in notes)
     toml = tomllib.loads(torchtitan_toml(plan))
@@ -112,5 +112,5 @@ def test_torchtitan_toml_parses_and_matches_the_plan() -> None:
                                   "seq_len": 4096}
     assert config["activation_checkpoint"]["mode"] == "full"
     assert (config["model"]["name"], config["model"]["flavor"]) == ("llama2", "70B")
-    plain = tomllib.loads(torchtitan_toml(_plan(distributed_optimizer=False)))
+    plain = tomllib.loads(torchtitan_toml(_plan(dp_sharding="none")))
     assert plain["parallelism"]["data_parallel_replicate_degree"] == 2

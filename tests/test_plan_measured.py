@@ -1,13 +1,19 @@
-"""Step predictions from measured costs: the simulator path and the shared-cores model."""
+"""Step predictions from measured costs (``benchmarks/measured_step.py``, which serves the
+``mesh_layouts`` benchmark): the simulator path and the shared-cores model."""
 
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
 from stagewise.errors import ConfigError
-from stagewise.plan.measured import MeasuredCosts, predict_step, shared_cores_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from measured_step import MeasuredCosts, predict_step, shared_cores_step
+
 from stagewise.schedules import Schedule, build
 from stagewise.sim import Link, simulate
 

@@ -21,18 +21,18 @@ from stagewise.plan.rank import lora_params_per_block
 GPT22 = get_model("gpt-22b")
 S, B, H, A, T = 2048, 4, 6144, 64, 8
 SBH = S * B * H
-UNFUSED = TrainingSpec(seq=S, global_batch=4, attention="unfused")
+UNFUSED = TrainingSpec(seq_len=S, global_batch=4, attention="unfused")
 
 
 def _cfg(**kw: object) -> ParallelConfig:
     base: dict[str, object] = {"tp": T, "pp": 1, "dp": 1, "micro_batch_size": B}
     base.update(kw)
-    return ParallelConfig(**base)  # type: ignore[arg-type]
+    return ParallelConfig.of(**base)  # type: ignore[arg-type]
 
 
 def test_gpt_block_activations_match_korthikanti_table_2() -> None:
     # No parallelism at all: sbh(34 + 5as/h).
-    one = ParallelConfig(tp=1, pp=1, dp=1, micro_batch_size=B)
+    one = ParallelConfig.of(tp=1, pp=1, dp=1, micro_batch_size=B)
     assert layer_activation_bytes(GPT22, UNFUSED, one) == pytest.approx(SBH * (34 + 5 * A * S / H))
     # TP only: sbh(10 + 24/t + 5as/(ht)).
     expected = SBH * (10 + 24 / T + 5 * A * S / (H * T))
@@ -48,8 +48,8 @@ def test_gpt_block_activations_match_korthikanti_table_2() -> None:
 
 def test_llama_block_without_dropout_with_flash_attention() -> None:
     llama = get_model("llama-2-70b")
-    run = TrainingSpec(seq=4096, global_batch=8)
-    cfg = ParallelConfig(tp=8, pp=1, dp=1, micro_batch_size=1, sequence_parallel=True)
+    run = TrainingSpec(seq_len=4096, global_batch=8)
+    cfg = ParallelConfig.of(tp=8, pp=1, dp=1, micro_batch_size=1, sequence_parallel=True)
     s, h, f, k, a = 4096, 8192, 28672, 1024, 64
     # norms 8sbh + Q 2sbh + K,V 4sbk + out 2sbh + SwiGLU 6sbf + fp32 log-sum-exp 4as, all / t
     expected = (8 * s * h + 2 * s * h + 4 * s * k + 2 * s * h + 6 * s * f + 4 * a * s) / 8
@@ -70,10 +70,10 @@ def test_calibration_case_22b_model_states_are_18_bytes_per_parameter() -> None:
 def test_distributed_optimizer_is_6_plus_12_over_d_bytes() -> None:
     model = get_model("llama-2-7b")
     cluster = Cluster(get_gpu("h100"), 1, 8)
-    run = TrainingSpec(seq=2048, global_batch=8)
-    plain = evaluate(model, cluster, run, ParallelConfig(tp=1, pp=1, dp=8))
-    sharded = evaluate(model, cluster, run, ParallelConfig(tp=1, pp=1, dp=8,
-                                                           distributed_optimizer=True))
+    run = TrainingSpec(seq_len=2048, global_batch=8)
+    plain = evaluate(model, cluster, run, ParallelConfig.of(tp=1, pp=1, dp=8))
+    sharded = evaluate(model, cluster, run, ParallelConfig.of(tp=1, pp=1, dp=8,
+                                                           dp_sharding="optimizer"))
     params = plain.memory.weights / 2
     assert plain.memory.gradients == pytest.approx(4 * params)
     assert plain.memory.optimizer == pytest.approx(12 * params)
@@ -84,8 +84,8 @@ def test_interleaving_keeps_p_times_1_plus_p_minus_1_over_pv_microbatches() -> N
     # Korthikanti eq. (175B row of the calibration): rank 0 holds p(1 + (p-1)/(pv)) stage units.
     gpt = get_model("gpt-3-175b")
     cluster = Cluster(get_gpu("a100-80gb"), 8, 8)
-    run = TrainingSpec(seq=2048, global_batch=64, attention="unfused")
-    cfg = ParallelConfig(tp=8, pp=8, dp=1, vp=3, micro_batch_size=1,
+    run = TrainingSpec(seq_len=2048, global_batch=64, attention="unfused")
+    cfg = ParallelConfig.of(tp=8, pp=8, dp=1, num_chunks=3, micro_batch_size=1,
                          schedule="interleaved-1f1b")
     plan = evaluate(gpt, cluster, run, cfg)
     per_layer = layer_activation_bytes(gpt, run, cfg)
@@ -101,9 +101,9 @@ def test_interleaving_keeps_p_times_1_plus_p_minus_1_over_pv_microbatches() -> N
 def test_one_f_one_b_holds_fewer_microbatches_than_gpipe() -> None:
     model = get_model("llama-2-7b")
     cluster = Cluster(get_gpu("h100"), 1, 8)
-    run = TrainingSpec(seq=2048, global_batch=32)
-    gpipe = evaluate(model, cluster, run, ParallelConfig(tp=1, pp=4, dp=2, schedule="gpipe"))
-    ofob = evaluate(model, cluster, run, ParallelConfig(tp=1, pp=4, dp=2, schedule="1f1b"))
+    run = TrainingSpec(seq_len=2048, global_batch=32)
+    gpipe = evaluate(model, cluster, run, ParallelConfig.of(tp=1, pp=4, dp=2, schedule="gpipe"))
+    ofob = evaluate(model, cluster, run, ParallelConfig.of(tp=1, pp=4, dp=2, schedule="1f1b"))
     per_stage = 8 * layer_activation_bytes(model, run, ofob.config)
     assert gpipe.memory.activations >= 16 * per_stage  # all m = 16 micro-batches
     assert ofob.memory.activations < 5 * per_stage  # p = 4 in flight on rank 0
@@ -112,8 +112,8 @@ def test_one_f_one_b_holds_fewer_microbatches_than_gpipe() -> None:
 def test_lora_freezes_the_base_and_trains_only_adapters() -> None:
     model = get_model("llama-2-70b")
     cluster = Cluster(get_gpu("h100"), 1, 8)
-    run = TrainingSpec(seq=4096, global_batch=8, mode="lora", lora_rank=16)
-    plan = evaluate(model, cluster, run, ParallelConfig(tp=8, pp=1, dp=1))
+    run = TrainingSpec(seq_len=4096, global_batch=8, mode="lora", lora_rank=16)
+    plan = evaluate(model, cluster, run, ParallelConfig.of(tp=8, pp=1, dp=1))
     h, k, f = 8192, 1024, 28672
     per_block = 16 * ((h + h) + 2 * (h + k) + (h + h) + 2 * (h + f) + (f + h))
     assert lora_params_per_block(model, 16) == per_block
@@ -127,8 +127,8 @@ def test_lora_freezes_the_base_and_trains_only_adapters() -> None:
 def test_tied_embeddings_put_a_head_copy_on_the_last_stage() -> None:
     gpt = get_model("gpt-22b")
     cluster = Cluster(get_gpu("a100-80gb"), 1, 8)
-    run = TrainingSpec(seq=2048, global_batch=8, attention="unfused")
-    plan = evaluate(gpt, cluster, run, ParallelConfig(tp=1, pp=2, dp=4))
+    run = TrainingSpec(seq_len=2048, global_batch=8, attention="unfused")
+    plan = evaluate(gpt, cluster, run, ParallelConfig.of(tp=1, pp=2, dp=4))
     assert plan.memory.rank in (0, 1)
     embed = gpt.padded_vocab(1) * gpt.hidden
     # Both ranks hold 24 blocks; rank 0 the embedding (+ positions), rank 1 a copy for the head.

@@ -14,21 +14,21 @@ H100 = get_gpu("h100")
 def test_candidates_respect_every_constraint() -> None:
     model = get_model("llama-2-70b")  # 64 heads, 8 key/value heads, 80 layers
     cluster = Cluster(H100, 4, 8)
-    run = TrainingSpec(seq=4096, global_batch=64)
+    run = TrainingSpec(seq_len=4096, global_batch=64)
     configs = list(candidates(model, cluster, run))
     assert configs
     for cfg in configs:
         assert cfg.tp * cfg.pp * cfg.dp == 32
         assert cfg.tp <= 8 and 8 % cfg.tp == 0 and model.kv_heads % cfg.tp == 0
         assert 64 % (cfg.dp * cfg.micro_batch_size) == 0
-        assert cfg.pp * cfg.vp <= model.layers
+        assert cfg.pp * cfg.num_chunks <= model.layers
         assert cfg.schedule not in ("gpipe", "auto")
         if cfg.tp == 1:
             assert not cfg.sequence_parallel
         if cfg.dp == 1:
-            assert not cfg.distributed_optimizer
+            assert cfg.dp_sharding == "none"
         if cfg.schedule == "interleaved-1f1b":
-            assert model.layers % (cfg.pp * cfg.vp) == 0
+            assert model.layers % (cfg.pp * cfg.num_chunks) == 0
     layouts = {(c.tp, c.pp) for c in configs}
     assert {(8, 1), (2, 4), (4, 2), (4, 4), (1, 32)} <= layouts
     assert all(c.recompute != "selective" for c in configs)  # flash: selective == none
@@ -36,14 +36,15 @@ def test_candidates_respect_every_constraint() -> None:
 
 def test_tp_that_does_not_divide_heads_is_never_proposed() -> None:
     model = get_model("gpt2-xl")  # 25 heads
-    configs = list(candidates(model, Cluster(H100, 1, 8), TrainingSpec(seq=1024, global_batch=8)))
+    run = TrainingSpec(seq_len=1024, global_batch=8)
+    configs = list(candidates(model, Cluster(H100, 1, 8), run))
     assert {c.tp for c in configs} == {1}
 
 
 def test_search_ranks_fitting_plans_by_step_time_and_explains_the_rest() -> None:
     model = get_model("llama-2-13b")
     cluster = Cluster(H100, 1, 8)
-    run = TrainingSpec(seq=4096, global_batch=16)
+    run = TrainingSpec(seq_len=4096, global_batch=16)
     seen: list[tuple[int, int]] = []
     result = search(model, cluster, run, {"micro_batch_size": 1, "sequence_parallel": True},
                     progress=lambda done, total: seen.append((done, total)))
@@ -77,7 +78,7 @@ def test_search_ranks_fitting_plans_by_step_time_and_explains_the_rest() -> None
 
 def test_fixed_knobs_are_held() -> None:
     model = get_model("llama-2-7b")
-    result = search(model, Cluster(H100, 1, 8), TrainingSpec(seq=2048, global_batch=32),
+    result = search(model, Cluster(H100, 1, 8), TrainingSpec(seq_len=2048, global_batch=32),
                     {"tp": 2, "pp": 2, "recompute": "full", "schedule": "1f1b"})
     assert result.plans
     for plan in result.plans:
@@ -87,10 +88,10 @@ def test_fixed_knobs_are_held() -> None:
 
 def test_uneven_layer_split_is_searched() -> None:
     model = get_model("llama-3-405b")  # 126 layers: pp = 4, 8, 16 split unevenly
-    result = search(model, Cluster.of_gpus(H100, 512), TrainingSpec(seq=8192, global_batch=64),
+    result = search(model, Cluster.of_gpus(H100, 512), TrainingSpec(seq_len=8192, global_batch=64),
                     {"tp": 8, "pp": 16, "schedule": "1f1b", "micro_batch_size": 1,
                      "recompute": "full", "sequence_parallel": True,
-                     "distributed_optimizer": True})
+                     "dp_sharding": "optimizer"})
     (plan,) = result.plans
     assert sum(plan.layers) == 126 and max(plan.layers) - min(plan.layers) == 1
     assert plan.layers[0] == 7 and plan.layers[-1] == 7  # the outer stages get fewer
@@ -99,17 +100,17 @@ def test_uneven_layer_split_is_searched() -> None:
 def test_nothing_valid_is_a_plan_error() -> None:
     with pytest.raises(PlanError, match="global batch"):
         search(get_model("llama-2-7b"), Cluster(H100, 1, 8),
-               TrainingSpec(seq=2048, global_batch=3), {"dp": 2})
+               TrainingSpec(seq_len=2048, global_batch=3), {"dp": 2})
 
 
 def test_evaluate_rejects_bad_configurations_with_the_fix() -> None:
     model = get_model("llama-2-70b")
     cluster = Cluster(H100, 1, 8)
-    run = TrainingSpec(seq=4096, global_batch=64)
+    run = TrainingSpec(seq_len=4096, global_batch=64)
     with pytest.raises(PlanError, match="not a multiple of dp x micro-batch size"):
-        evaluate(model, cluster, run, ParallelConfig(tp=8, pp=1, dp=1, micro_batch_size=3))
+        evaluate(model, cluster, run, ParallelConfig.of(tp=8, pp=1, dp=1, micro_batch_size=3))
     with pytest.raises(PlanError, match="key/value heads"):
-        evaluate(get_model("gpt2-xl"), cluster, TrainingSpec(seq=1024, global_batch=8),
-                 ParallelConfig(tp=2, pp=1, dp=4))
+        evaluate(get_model("gpt2-xl"), cluster, TrainingSpec(seq_len=1024, global_batch=8),
+                 ParallelConfig.of(tp=2, pp=1, dp=4))
     with pytest.raises(PlanError, match="cluster has 8 GPUs"):
-        evaluate(model, cluster, run, ParallelConfig(tp=8, pp=2, dp=1))
+        evaluate(model, cluster, run, ParallelConfig.of(tp=8, pp=2, dp=1))

@@ -102,7 +102,7 @@ def test_full_recompute_adds_one_forward_to_the_backward() -> None:
 def test_lower_bound_of_the_lesson_run() -> None:
     llama = get_model("llama-2-70b")
     cluster = Cluster(H100, 1, 8)
-    run = TrainingSpec(seq=4096, global_batch=64)
+    run = TrainingSpec(seq_len=4096, global_batch=64)
     h, s = 8192, 4096
     forward = 80 * (2 * llama.layer_matmul_params + 2 * s * h) + 2 * h * 32000  # causal
     expected = 3 * forward * 64 * s / (8 * 989.4e12)
@@ -113,8 +113,8 @@ def test_lower_bound_of_the_lesson_run() -> None:
 def test_step_time_parts_add_up_and_bubble_is_near_closed_form() -> None:
     model = get_model("llama-2-7b")
     cluster = Cluster(H100, 1, 8)
-    run = TrainingSpec(seq=4096, global_batch=32)
-    plan = evaluate(model, cluster, run, ParallelConfig(tp=2, pp=4, dp=1, micro_batch_size=2))
+    run = TrainingSpec(seq_len=4096, global_batch=32)
+    plan = evaluate(model, cluster, run, ParallelConfig.of(tp=2, pp=4, dp=1, micro_batch_size=2))
     t = plan.time
     parts = t.compute_s + t.tp_comm_s + t.bubble_s + t.dp_exposed_s + t.optimizer_s
     assert parts + t.embedding_sync_s == pytest.approx(t.step_s)
@@ -128,10 +128,10 @@ def test_step_time_parts_add_up_and_bubble_is_near_closed_form() -> None:
 def test_exposed_dp_reduction_is_all_of_it_without_overlap() -> None:
     model = get_model("llama-2-7b")
     cluster = Cluster(H100, 2, 8)
-    cfg = ParallelConfig(tp=2, pp=2, dp=4, micro_batch_size=1)
-    overlap = evaluate(model, cluster, TrainingSpec(seq=4096, global_batch=32), cfg).time
+    cfg = ParallelConfig.of(tp=2, pp=2, dp=4, micro_batch_size=1)
+    overlap = evaluate(model, cluster, TrainingSpec(seq_len=4096, global_batch=32), cfg).time
     exposed = evaluate(
-        model, cluster, TrainingSpec(seq=4096, global_batch=32, dp_overlap=False), cfg
+        model, cluster, TrainingSpec(seq_len=4096, global_batch=32, dp_overlap=False), cfg
     ).time
     assert exposed.dp_exposed_s == pytest.approx(exposed.dp_total_s)
     assert overlap.dp_exposed_s < exposed.dp_exposed_s
@@ -141,8 +141,8 @@ def test_exposed_dp_reduction_is_all_of_it_without_overlap() -> None:
 def test_single_replica_has_no_dp_reduction_and_lora_no_optimizer_to_speak_of() -> None:
     model = get_model("llama-2-7b")
     cluster = Cluster(H100, 1, 8)
-    run = TrainingSpec(seq=4096, global_batch=32, mode="lora")
-    t = evaluate(model, cluster, run, ParallelConfig(tp=2, pp=4, dp=1, vp=2,
+    run = TrainingSpec(seq_len=4096, global_batch=32, mode="lora")
+    t = evaluate(model, cluster, run, ParallelConfig.of(tp=2, pp=4, dp=1, num_chunks=2,
                                                      schedule="interleaved-1f1b")).time
     assert t.dp_exposed_s == 0.0 and t.dp_total_s == 0.0
     assert t.optimizer_s < 1e-3  # only the adapters are updated

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stagewise.cli._deprecated import add_deprecated
 from stagewise.errors import ConfigError, PlanError
 from stagewise.plan import Cluster, ModelSpec, TrainingSpec, get_gpu, get_model
 from stagewise.plan.advice import check_claim, what_would_fit
@@ -25,7 +26,7 @@ from stagewise.plan.export import export_notes, megatron_command, torchtitan_tom
 from stagewise.plan.models import model_from_hf_config
 from stagewise.plan.report import best_per_layout, describe_plan, plan_to_dict, table
 from stagewise.plan.search import SearchResult, search
-from stagewise.plan.spec import RECOMPUTE_MODES
+from stagewise.plan.spec import DP_SHARDING, PRECISIONS, RECOMPUTE_MODES
 
 __all__ = ["add_parser", "run"]
 
@@ -58,19 +59,29 @@ def add_parser(verbs: Any) -> None:
     where.add_argument("--gpus-per-node", type=int, help="GPUs per node (default the GPU's)")
     where.add_argument("--gpus", type=int, help="total GPUs (instead of --nodes)")
     how = parser.add_argument_group("training")
-    how.add_argument("--seq", type=int, required=True, help="sequence length")
+    how.add_argument("--seq-len", type=int, help="tokens per sequence (required)")
+    add_deprecated(how, "--seq", "--seq-len", type=int)
     how.add_argument("--global-batch", type=int, required=True, help="sequences per step")
     how.add_argument("--lora", type=int, metavar="RANK",
                      help="LoRA fine-tuning with adapters of this rank (frozen base weights)")
     how.add_argument("--attention", choices=("flash", "unfused"), default="flash")
+    how.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                     help="bf16, or fp8 block GEMMs (H100, H200, B200)")
     how.add_argument("--no-dp-overlap", action="store_true",
                      help="the DP gradient reduction does not overlap the backward")
     knobs = parser.add_argument_group("fixed knobs (each one narrows the search)")
-    for flag in ("tp", "pp", "dp", "vp", "micro-batch-size"):
+    for flag in ("tp", "pp", "dp", "micro-batch-size"):
         knobs.add_argument(f"--{flag}", type=int)
+    knobs.add_argument("--num-chunks", type=int, help="chunks (virtual stages) per pipeline rank")
+    add_deprecated(knobs, "--vp", "--num-chunks", type=int)
     knobs.add_argument("--recompute", choices=RECOMPUTE_MODES)
     knobs.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
-    knobs.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction)
+    knobs.add_argument("--dp-sharding", choices=DP_SHARDING,
+                       help="what the data-parallel replicas shard: none, optimizer (ZeRO-1), "
+                       "gradients (ZeRO-2) or weights (FSDP); default: none and optimizer "
+                       "searched")
+    knobs.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
+                       help="Megatron-LM's name: --dp-sharding optimizer (no-: none)")
     knobs.add_argument("--schedule", help="a stagewise schedule name")
     out = parser.add_argument_group("output")
     out.add_argument("--top", type=int, default=10, help="plans to list (default 10)")
@@ -116,7 +127,7 @@ def _model(args: argparse.Namespace) -> ModelSpec:
         norm="rmsnorm" if args.mlp == "swiglu" else "layernorm",
         tied_embeddings=args.tied_embeddings,
         position="rope" if args.mlp == "swiglu" else "learned",
-        max_seq=args.seq,
+        max_seq_len=args.seq_len,
     )
 
 
@@ -134,9 +145,17 @@ def _cluster(args: argparse.Namespace) -> Cluster:
 
 
 def _fixed(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("tp", "pp", "dp", "vp", "micro_batch_size", "recompute", "sequence_parallel",
-             "distributed_optimizer", "schedule")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    names = ("tp", "pp", "dp", "num_chunks", "micro_batch_size", "recompute",
+             "sequence_parallel", "dp_sharding", "schedule")
+    fixed = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.distributed_optimizer is not None:
+        sharding = "optimizer" if args.distributed_optimizer else "none"
+        if fixed.setdefault("dp_sharding", sharding) != sharding:
+            raise PlanError(
+                f"--distributed-optimizer asks for dp sharding {sharding!r} but --dp-sharding "
+                f"says {fixed['dp_sharding']!r}: give one of them"
+            )
+    return fixed
 
 
 def _progress(done: int, total: int) -> None:
@@ -150,6 +169,9 @@ def _progress(done: int, total: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Plan (see the module docstring); 0 on success, PlanError on bad input."""
+    if args.seq_len is None:
+        raise PlanError("give the sequence length: --seq-len N (tokens per sequence)")
     if args.toy and not args.emit_config:
         raise PlanError("--toy shrinks the model of the emitted run configuration: add "
                         "--emit-config RUN.toml")
@@ -157,9 +179,9 @@ def run(args: argparse.Namespace) -> int:
     if args.lora is not None and args.lora < 1:
         raise PlanError(f"--lora takes the adapter rank, a positive integer, got {args.lora}")
     training = TrainingSpec(
-        seq=args.seq, global_batch=args.global_batch,
+        seq_len=args.seq_len, global_batch=args.global_batch,
         mode="full" if args.lora is None else "lora", lora_rank=args.lora or 16,
-        attention=args.attention, dp_overlap=not args.no_dp_overlap,
+        attention=args.attention, dp_overlap=not args.no_dp_overlap, precision=args.precision,
     )
     fixed = _fixed(args)
     result = search(model, cluster, training, fixed, progress=_progress_for(args, model, cluster),
@@ -218,7 +240,7 @@ def _print_emitted(args: argparse.Namespace, config: Any, cluster: Cluster) -> N
 def _progress_for(args: argparse.Namespace, model: ModelSpec, cluster: Cluster) -> Any:
     from stagewise.plan.search import candidates
 
-    training = TrainingSpec(seq=args.seq, global_batch=args.global_batch)
+    training = TrainingSpec(seq_len=args.seq_len, global_batch=args.global_batch)
     count = sum(1 for _ in candidates(model, cluster, training, _fixed(args)))
     return _progress if count >= PROGRESS_FROM else None
 
@@ -250,7 +272,7 @@ def _print_text(
     print(
         f"{model.name} ({model.num_params / 1e9:.1f}B parameters), {recipe}, bf16 + Adam, "
         f"on {cluster.nodes} x {cluster.gpus_per_node} {gpu.name} ({gpu.memory_gib:g} GiB, "
-        f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16); seq {training.seq}, global batch "
+        f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16); seq_len {training.seq_len}, global batch "
         f"{training.global_batch}"
     )
     fitting = len(result.fitting)
@@ -312,7 +334,7 @@ def _print_json(
         "gpu": cluster.gpu.name,
         "nodes": cluster.nodes,
         "gpus_per_node": cluster.gpus_per_node,
-        "seq": training.seq,
+        "seq_len": training.seq_len,
         "global_batch": training.global_batch,
         "mode": training.mode,
         "evaluated": len(result.plans),

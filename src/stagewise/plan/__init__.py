@@ -25,7 +25,7 @@ from stagewise.plan.models import (
     model_from_hf_config,
     toy_model,
 )
-from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.search import SearchResult, candidates, search
 from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
 from stagewise.plan.steptime import StepTime

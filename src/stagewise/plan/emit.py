@@ -61,7 +61,7 @@ def run_config(
     Example:
         >>> from stagewise.plan import Cluster, TrainingSpec, get_gpu, get_model, search
         >>> best = search(get_model("tiny-llama"), Cluster(get_gpu("cpu"), 1, 4),
-        ...               TrainingSpec(seq=32, global_batch=8), {"pp": 2, "tp": 2}).best
+        ...               TrainingSpec(seq_len=32, global_batch=8), {"pp": 2, "tp": 2}).best
         >>> run_config(best).train_args()[:2]
         ['--mesh', 'pp=2,dp=1,tp=2']
     """
@@ -72,9 +72,9 @@ def run_config(
             "layers only: plan again with --recompute none or --recompute full"
         )
     model: ModelSpec = plan.model
-    seq = training.seq
+    seq = training.seq_len
     if toy:
-        model = toy_model(model, cfg.pp * cfg.vp, cfg.tp)
+        model = toy_model(model, cfg.pp * cfg.num_chunks, cfg.tp)
         seq = min(seq, TOY_SEQ)
     family, fields = hf_family_and_config(model)
     if hf_config is not None and not toy:
@@ -91,7 +91,7 @@ def run_config(
                      "for the planned model")
     return RunConfig(
         mesh=MeshConfig(pp=cfg.pp, dp=cfg.dp, tp=cfg.tp),
-        schedule=ScheduleConfig(cfg.schedule, chunks=cfg.vp, microbatches=plan.num_microbatches),
+        schedule=ScheduleConfig(cfg.schedule, chunks=cfg.num_chunks, microbatches=plan.num_microbatches),
         batch=BatchConfig(global_batch=training.global_batch,
                           micro_batch_size=cfg.micro_batch_size, seq_len=seq),
         training=TrainingConfig(steps=steps, lr=lr, recompute=cfg.recompute),
@@ -116,7 +116,7 @@ def run_notes(plan: Plan, family: str) -> list[str]:
     if cfg.sequence_parallel:
         notes.append("planned with sequence parallelism; stagewise train keeps activations "
                      "outside the blocks whole on every TP rank (more activation memory)")
-    if cfg.distributed_optimizer:
+    if cfg.dp_sharding in ("optimizer", "gradients"):
         notes.append(f"planned with the optimizer state sharded over DP={cfg.dp}; this file "
                      "runs plain dp (the whole optimizer state on every replica); "
                      f"--mesh pp={cfg.pp},fsdp={cfg.dp}" + (f",tp={cfg.tp}" if cfg.tp > 1 else "")

@@ -20,7 +20,7 @@ from stagewise.plan.flops import (
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.memory import GIB, MemoryBreakdown
 from stagewise.plan.models import ModelSpec
-from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.rank import RankSizes, rank_memory, rank_sizes
 from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
 from stagewise.plan.steptime import StageProfile, StepTime, stage_profile, step_time
@@ -77,7 +77,7 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.training.global_batch * self.training.seq
+        return self.training.global_batch * self.training.seq_len
 
     @property
     def tokens_per_s(self) -> float:
@@ -86,7 +86,7 @@ class Plan:
     @property
     def model_flops(self) -> float:
         """Model FLOPs of one step (see :data:`stagewise.plan.flops.MODEL_FLOPS_NAME`)."""
-        per_token = model_flops_per_token(self.model, self.training.seq, self.training.mode)
+        per_token = model_flops_per_token(self.model, self.training.seq_len, self.training.mode)
         return per_token * self.tokens_per_step
 
     @property
@@ -103,7 +103,7 @@ class Plan:
     def hfu(self) -> float:
         """Hardware FLOPs utilisation: recomputation counted."""
         flops = hardware_flops_per_token(
-            self.model, self.training.seq, self.config.recompute, self.training.mode
+            self.model, self.training.seq_len, self.config.recompute, self.training.mode
         )
         rate = flops * self.tokens_per_step / self.time.step_s / self.cluster.num_gpus
         return rate / self.cluster.gpu.peak_flops
@@ -140,15 +140,16 @@ def check_config(
             f"{cluster.gpus_per_node} and use PP across nodes"
         )
     config.num_microbatches(training)
-    if config.pp * config.vp > model.layers:
+    if config.pp * config.num_chunks > model.layers:
         raise PlanError(
-            f"pp x vp = {config.pp} x {config.vp} exceeds {model.layers} layers: lower pp or vp"
+            f"pp x num_chunks = {config.pp} x {config.num_chunks} exceeds {model.layers} "
+            "layers: lower pp or num_chunks"
         )
     generator = get(config.schedule)
-    if generator.fixed_chunks is not None and config.vp != generator.fixed_chunks:
+    if generator.fixed_chunks is not None and config.num_chunks != generator.fixed_chunks:
         raise PlanError(
             f"schedule {config.schedule} runs {generator.fixed_chunks} chunk(s) per rank, "
-            f"got vp={config.vp}: pick interleaved-1f1b for vp > 1"
+            f"got num_chunks={config.num_chunks}: pick interleaved-1f1b for num_chunks > 1"
         )
 
 
@@ -169,8 +170,8 @@ def evaluate(
     Example:
         >>> from stagewise.plan import Cluster, get_gpu, get_model
         >>> plan = evaluate(get_model("llama-2-7b"), Cluster(get_gpu("h100"), 1, 8),
-        ...                 TrainingSpec(seq=4096, global_batch=32),
-        ...                 ParallelConfig(tp=2, pp=2, dp=2, micro_batch_size=1))
+        ...                 TrainingSpec(seq_len=4096, global_batch=32),
+        ...                 ParallelConfig.of(tp=2, pp=2, dp=2, micro_batch_size=1))
         >>> plan.fits, plan.num_microbatches
         (True, 16)
     """
@@ -179,8 +180,8 @@ def evaluate(
         config = replace(config, sequence_parallel=False)
     cache = cache or PipelineCache()
     m = config.num_microbatches(training)
-    layers = split_layers(model.layers, config.pp * config.vp)
-    schedule = cache.schedule(config.schedule, config.pp, m, config.vp)
+    layers = split_layers(model.layers, config.pp * config.num_chunks)
+    schedule = cache.schedule(config.schedule, config.pp, m, config.num_chunks)
     sizes = rank_sizes(model, training, config, layers, schedule.placement)
     memory = _most_loaded(
         model, training, config, layers, sizes, cache, m, constants, cluster.gpu.memory_gib
@@ -235,7 +236,7 @@ def _most_loaded(
 
 def lower_bound_step_time(model: ModelSpec, cluster: Cluster, training: TrainingSpec) -> float:
     """Seconds a step needs at least: its fewest FLOPs at every GPU's dense peak, nothing else."""
-    tokens = training.global_batch * training.seq
-    flops = lower_bound_flops_per_token(model, training.seq, training.mode) * tokens
+    tokens = training.global_batch * training.seq_len
+    flops = lower_bound_flops_per_token(model, training.seq_len, training.mode) * tokens
     return flops / (cluster.num_gpus * cluster.gpu.peak_flops)
 

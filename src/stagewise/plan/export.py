@@ -38,8 +38,8 @@ def megatron_args(plan: Plan) -> list[str]:
         >>> from stagewise.plan import (Cluster, ParallelConfig, TrainingSpec, evaluate,
         ...                             get_gpu, get_model)
         >>> plan = evaluate(get_model("llama-2-7b"), Cluster(get_gpu("h100"), 1, 8),
-        ...                 TrainingSpec(seq=4096, global_batch=16),
-        ...                 ParallelConfig(tp=4, pp=2, dp=1, micro_batch_size=1))
+        ...                 TrainingSpec(seq_len=4096, global_batch=16),
+        ...                 ParallelConfig.of(tp=4, pp=2, dp=1, micro_batch_size=1))
         >>> megatron_args(plan)[:4]
         ['--tensor-model-parallel-size', '4', '--pipeline-model-parallel-size', '2']
     """
@@ -49,14 +49,16 @@ def megatron_args(plan: Plan) -> list[str]:
         "--pipeline-model-parallel-size", str(cfg.pp),
     ]
     uneven = _uneven_layers(plan)
-    if cfg.vp > 1 and uneven is None:
+    if cfg.num_chunks > 1 and uneven is None:
         args += ["--num-layers-per-virtual-pipeline-stage", str(plan.layers[0])]
-    elif uneven is not None and cfg.vp == 1:
+    elif uneven is not None and cfg.num_chunks == 1:
         args += ["--decoder-first-pipeline-num-layers", str(uneven[0]),
                  "--decoder-last-pipeline-num-layers", str(uneven[1])]
     if cfg.sequence_parallel:
         args.append("--sequence-parallel")
-    if cfg.distributed_optimizer:
+    if cfg.dp_sharding == "weights":
+        args.append("--use-torch-fsdp2")
+    elif cfg.shards("optimizer"):
         args.append("--use-distributed-optimizer")
     if cfg.recompute == "selective":
         args.append("--recompute-activations")
@@ -68,8 +70,8 @@ def megatron_args(plan: Plan) -> list[str]:
     args += [
         "--micro-batch-size", str(cfg.micro_batch_size),
         "--global-batch-size", str(run.global_batch),
-        "--seq-length", str(run.seq),
-        "--max-position-embeddings", str(max(run.seq, model.max_seq)),
+        "--seq-length", str(run.seq_len),
+        "--max-position-embeddings", str(max(run.seq_len, model.max_seq_len)),
         "--num-layers", str(model.layers),
         "--hidden-size", str(model.hidden),
         "--ffn-hidden-size", str(model.ffn),
@@ -111,19 +113,22 @@ def export_notes(plan: Plan) -> list[str]:
     notes = []
     cfg = plan.config
     if cfg.schedule not in ("1f1b", "interleaved-1f1b") and cfg.pp > 1:
-        nearest = "interleaved 1F1B" if cfg.vp > 1 else "1F1B"
+        nearest = "interleaved 1F1B" if cfg.num_chunks > 1 else "1F1B"
         notes.append(
             f"Megatron-LM has no {cfg.schedule} schedule: the line runs {nearest}; "
             "use torchtitan with the exported schedule instead"
         )
-    if cfg.vp > 1 and _uneven_layers(plan) is not None:
+    if cfg.num_chunks > 1 and _uneven_layers(plan) is not None:
         notes.append("layers do not split evenly into virtual stages: set the split by hand")
     if cfg.tp > 1 and not cfg.sequence_parallel:
         notes.append("torchtitan always shards the sequence over TP (sequence parallel)")
     if not re.fullmatch(r"llama-\d(?:\.\d)?-\d+b", plan.model.name):
         notes.append(f"torchtitan has no flavor {plan.model.name!r}: register the model's "
                      "arguments under that name")
-    if cfg.distributed_optimizer:
+    if cfg.dp_sharding == "gradients":
+        notes.append("Megatron-LM's distributed optimizer shards the optimizer state only "
+                     "(ZeRO-1): the line keeps whole fp32 gradients, more memory than planned")
+    if cfg.dp_sharding in ("optimizer", "gradients"):
         notes.append("torchtitan shards over DP with FSDP, which also shards weights and "
                      "gradients: less memory than the planned distributed optimizer")
     return notes
@@ -150,8 +155,8 @@ def torchtitan_toml(plan: Plan) -> str:
     cfg, run, model = plan.config, plan.training, plan.model
     family, flavor = _torchtitan_model(plan)
     parallelism: dict[str, object] = {
-        "data_parallel_replicate_degree": 1 if cfg.distributed_optimizer else cfg.dp,
-        "data_parallel_shard_degree": cfg.dp if cfg.distributed_optimizer else 1,
+        "data_parallel_replicate_degree": 1 if cfg.shards("optimizer") else cfg.dp,
+        "data_parallel_shard_degree": cfg.dp if cfg.shards("optimizer") else 1,
         "tensor_parallel_degree": cfg.tp,
         "pipeline_parallel_degree": cfg.pp,
         "context_parallel_degree": 1,
@@ -164,7 +169,7 @@ def torchtitan_toml(plan: Plan) -> str:
             parallelism["pipeline_parallel_schedule"] = TORCH_SCHEDULES[cfg.schedule]
         else:
             parallelism["pipeline_parallel_schedule_csv"] = (
-                f"{cfg.schedule}-p{cfg.pp}-m{plan.num_microbatches}-v{cfg.vp}.csv"
+                f"{cfg.schedule}-p{cfg.pp}-m{plan.num_microbatches}-v{cfg.num_chunks}.csv"
             )
     sections: dict[str, dict[str, object]] = {
         "job": {"description": f"{model.name}: {cfg.describe()} (stagewise plan)"},
@@ -172,7 +177,7 @@ def torchtitan_toml(plan: Plan) -> str:
         "training": {
             "local_batch_size": run.global_batch // cfg.dp,
             "global_batch_size": run.global_batch,
-            "seq_len": run.seq,
+            "seq_len": run.seq_len,
         },
         "parallelism": parallelism,
         "activation_checkpoint": {"mode": cfg.recompute},

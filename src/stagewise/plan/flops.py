@@ -31,9 +31,11 @@ MODEL_FLOPS_NAME = (
 )
 
 
-def _forward_per_token(model: ModelSpec, seq: int, causal: bool = False) -> tuple[float, float]:
+def _forward_per_token(
+    model: ModelSpec, seq_len: int, causal: bool = False
+) -> tuple[float, float]:
     """(block FLOPs, head FLOPs) of one token's forward pass."""
-    attention = 4.0 * seq * model.hidden * (0.5 if causal else 1.0)
+    attention = 4.0 * seq_len * model.hidden * (0.5 if causal else 1.0)
     blocks = model.layers * (2.0 * model.layer_matmul_params + attention)
     head = 2.0 * model.hidden * model.vocab
     return blocks, head
@@ -44,7 +46,7 @@ def _passes(mode: str) -> float:
     return 2.0 if mode == "lora" else 3.0
 
 
-def model_flops_per_token(model: ModelSpec, seq: int, mode: str = "full") -> float:
+def model_flops_per_token(model: ModelSpec, seq_len: int, mode: str = "full") -> float:
     """Model FLOPs of one training token (forward + backward), see the module docstring.
 
     Example:
@@ -52,27 +54,27 @@ def model_flops_per_token(model: ModelSpec, seq: int, mode: str = "full") -> flo
         >>> gpt = ModelSpec("g", layers=1, hidden=64, heads=1, kv_heads=1, ffn=256,
         ...                 vocab=100, mlp="gelu")
         >>> eq7 = 72 * 64**2 * (1 + 32 / (6 * 64) + 100 / (12 * 64))
-        >>> round(model_flops_per_token(gpt, seq=32) / eq7, 12)
+        >>> round(model_flops_per_token(gpt, seq_len=32) / eq7, 12)
         1.0
     """
-    blocks, head = _forward_per_token(model, seq)
+    blocks, head = _forward_per_token(model, seq_len)
     return _passes(mode) * (blocks + head)
 
 
 def hardware_flops_per_token(
-    model: ModelSpec, seq: int, recompute: str, mode: str = "full"
+    model: ModelSpec, seq_len: int, recompute: str, mode: str = "full"
 ) -> float:
     """FLOPs the GPUs actually run per token, recomputation included (HFU numerator)."""
-    blocks, head = _forward_per_token(model, seq)
+    blocks, head = _forward_per_token(model, seq_len)
     extra = 0.0
     if recompute == "full":
         extra = blocks
     elif recompute == "selective":
-        extra = model.layers * 4.0 * seq * model.hidden
+        extra = model.layers * 4.0 * seq_len * model.hidden
     return _passes(mode) * (blocks + head) + extra
 
 
-def lower_bound_flops_per_token(model: ModelSpec, seq: int, mode: str = "full") -> float:
+def lower_bound_flops_per_token(model: ModelSpec, seq_len: int, mode: str = "full") -> float:
     """The fewest FLOPs training can do per token: matmuls, causal attention, no recompute."""
-    blocks, head = _forward_per_token(model, seq, causal=True)
+    blocks, head = _forward_per_token(model, seq_len, causal=True)
     return _passes(mode) * (blocks + head)

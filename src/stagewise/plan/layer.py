@@ -53,7 +53,7 @@ class LayerSetup:
 
     tp: int
     micro_batch_size: int
-    seq: int
+    seq_len: int
     recompute: str = "none"
     sequence_parallel: bool = False
     attention: str = "flash"
@@ -116,7 +116,7 @@ def _gemms(
     model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
 ) -> tuple[float, float, float]:
     """(forward, input-gradient, weight-gradient) GEMM seconds, LoRA adapters included."""
-    tokens = setup.micro_batch_size * setup.seq
+    tokens = setup.micro_batch_size * setup.seq_len
     forward = dgrad = wgrad = 0.0
     for m, n, k in _gemm_shapes(model, tokens, setup.tp):
         forward += gemm_time(m, n, k, gpu, c)
@@ -136,7 +136,7 @@ def _attention(
     model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
 ) -> tuple[float, float]:
     """(forward, backward) seconds of the attention core (scores, softmax, scores x V)."""
-    b, s, t = setup.micro_batch_size, setup.seq, setup.tp
+    b, s, t = setup.micro_batch_size, setup.seq_len, setup.tp
     heads = model.heads / t
     if setup.attention == "flash":
         flops = 4.0 * b * s * s * model.hidden / t * 0.5
@@ -154,7 +154,7 @@ def _attention(
 
 
 def _elementwise_forward(model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants) -> float:
-    tokens = setup.micro_batch_size * setup.seq
+    tokens = setup.micro_batch_size * setup.seq_len
     h, t = model.hidden, setup.tp
     shard = t if setup.sequence_parallel else 1
     replicated = tokens * h / shard * (2 * 4 + 2 * (7 if setup.dropout else 6))
@@ -173,7 +173,7 @@ def _tp_comm(
     t = setup.tp
     if t == 1:
         return 0.0, 0.0
-    size = BYTES * setup.micro_batch_size * setup.seq * model.hidden
+    size = BYTES * setup.micro_batch_size * setup.seq_len * model.hidden
     bandwidth = setup.tp_bandwidth or gpu.nvlink_bandwidth
     if setup.sequence_parallel:
         gather = all_gather_time(size, t, bandwidth, c)

@@ -17,7 +17,7 @@ def layer_time(
     gpu: GpuSpec | str,
     tp: int,
     micro_batch_size: int,
-    seq: int,
+    seq_len: int,
     *,
     include_comm: bool = True,
     recompute: str = "none",
@@ -29,7 +29,7 @@ def layer_time(
 
     What is timed: the block's TP slice on one GPU, i.e. the block with heads/tp query heads,
     kv_heads/tp key/value heads and ffn/tp MLP width (hidden size unchanged), for one
-    micro-batch of ``micro_batch_size`` x ``seq`` tokens, in BF16:
+    micro-batch of ``micro_batch_size`` x ``seq_len`` tokens, in BF16:
 
     - forward_s: the GEMMs (fused QKV, attention output, MLP up/gate, MLP down), the attention
       core (``flash``: causal fused kernel; ``unfused``: score GEMMs + softmax), the
@@ -53,7 +53,7 @@ def layer_time(
         gpu: a :class:`GpuSpec` or a catalog name/alias (``"h100"``).
         tp: tensor-parallel size; must divide the model's kv_heads and ffn.
         micro_batch_size: sequences per micro-batch.
-        seq: sequence length.
+        seq_len: tokens per sequence.
         include_comm: add the TP collectives (0 for tp == 1).
         recompute: ``none``, ``selective`` or ``full`` (adds recomputation to backward_s).
         sequence_parallel: Megatron sequence parallelism.
@@ -65,7 +65,7 @@ def layer_time(
             unknown recompute or attention mode.
 
     Example:
-        >>> fwd, bwd = layer_time("llama-2-70b", "h100", tp=8, micro_batch_size=1, seq=4096)
+        >>> fwd, bwd = layer_time("llama-2-70b", "h100", tp=8, micro_batch_size=1, seq_len=4096)
         >>> 0 < fwd < bwd
         True
     """
@@ -84,7 +84,7 @@ def layer_time(
     setup = LayerSetup(
         tp=tp,
         micro_batch_size=micro_batch_size,
-        seq=seq,
+        seq_len=seq_len,
         recompute=recompute,
         sequence_parallel=sequence_parallel and tp > 1,
         attention=attention,

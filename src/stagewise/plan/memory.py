@@ -101,15 +101,15 @@ def layer_activation_bytes(
     Example:
         >>> from stagewise.plan.models import get_model
         >>> gpt = get_model("gpt-22b")
-        >>> run = TrainingSpec(seq=2048, global_batch=4, attention="unfused")
-        >>> cfg = ParallelConfig(tp=8, pp=1, dp=1, micro_batch_size=4)
+        >>> run = TrainingSpec(seq_len=2048, global_batch=4, attention="unfused")
+        >>> cfg = ParallelConfig.of(tp=8, pp=1, dp=1, micro_batch_size=4)
         >>> sbh = 2048 * 4 * 6144
         >>> korthikanti = 10 + 24 / 8 + 5 * 64 * 2048 / (6144 * 8)
         >>> round(layer_activation_bytes(gpt, run, cfg) / sbh / korthikanti, 12)
         1.0
     """
     mode = config.recompute if recompute is None else recompute
-    b, s, t = config.micro_batch_size, training.seq, config.tp
+    b, s, t = config.micro_batch_size, training.seq_len, config.tp
     h, f = model.hidden, model.ffn
     sbh = s * b * h
     shard = t if config.sequence_parallel else 1
@@ -134,8 +134,13 @@ def layer_state_bytes_per_param(
     """(weight, gradient, optimizer) bytes per trainable parameter on one GPU.
 
     bf16 weights (2), fp32 main gradients (``grad_bytes``, 4), and Adam's fp32 master weights,
-    first and second moments (12), the latter divided by dp with the distributed optimizer:
-    Megatron's 18 bytes, or 6 + 12/d (Megatron-LM ``docs/distrib_optimizer.md``).
+    first and second moments (12): Megatron's 18 bytes. Each part is divided by dp when the
+    replicas shard it (``config.dp_sharding``): ZeRO-1 (Megatron's distributed optimizer)
+    gives 6 + 12/d (Megatron-LM ``docs/distrib_optimizer.md``), ZeRO-2 2 + 16/d, FSDP 18/d
+    (the gathered weights of the blocks being computed are counted separately).
     """
-    optimizer = 12.0 / (config.dp if config.distributed_optimizer else 1)
-    return 2.0, float(training.grad_bytes), optimizer
+    d = config.dp
+    weights = 2.0 / (d if config.shards("weights") else 1)
+    gradients = float(training.grad_bytes) / (d if config.shards("gradients") else 1)
+    optimizer = 12.0 / (d if config.shards("optimizer") else 1)
+    return weights, gradients, optimizer

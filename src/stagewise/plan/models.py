@@ -42,10 +42,10 @@ class ModelSpec:
         mlp: ``"swiglu"`` (gate, up, down) or ``"gelu"`` (up, down).
         norm: ``"rmsnorm"`` (weight only) or ``"layernorm"`` (weight and bias).
         tied_embeddings: output head shares the input embedding matrix.
-        position: ``"rope"`` (no parameters) or ``"learned"`` (a max_seq x h table).
+        position: ``"rope"`` (no parameters) or ``"learned"`` (a max_seq_len x h table).
         bias: linear layers carry biases (GPT-2 style).
         dropout: the model trains with dropout (masks are stored for backward).
-        max_seq: longest sequence the model was built for (learned positions need it).
+        max_seq_len: longest sequence the model was built for (learned positions need it).
     """
 
     name: str
@@ -61,11 +61,11 @@ class ModelSpec:
     position: str = "rope"
     bias: bool = False
     dropout: bool = False
-    max_seq: int = 4096
+    max_seq_len: int = 4096
     source: str = ""
 
     def __post_init__(self) -> None:
-        for label in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_seq"):
+        for label in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_seq_len"):
             value = getattr(self, label)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PlanError(
@@ -134,7 +134,7 @@ class ModelSpec:
 
     def embedding_params(self, tp: int = 1) -> int:
         """Input embedding (padded vocabulary) plus learned positions, if any."""
-        positions = self.max_seq * self.hidden if self.position == "learned" else 0
+        positions = self.max_seq_len * self.hidden if self.position == "learned" else 0
         return self.padded_vocab(tp) * self.hidden + positions
 
     def head_params(self, tp: int = 1) -> int:
@@ -145,7 +145,7 @@ class ModelSpec:
     @property
     def num_params(self) -> int:
         """Total parameters (unpadded vocabulary), as a model card counts them."""
-        positions = self.max_seq * self.hidden if self.position == "learned" else 0
+        positions = self.max_seq_len * self.hidden if self.position == "learned" else 0
         embed = self.vocab * self.hidden
         norm = self.hidden * (2 if self.norm == "layernorm" else 1)
         head = 0 if self.tied_embeddings else embed
@@ -217,7 +217,7 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
                 position="rope",
                 bias=bool(config.get("attention_bias", False)),
                 dropout=float(config.get("attention_dropout", 0.0) or 0.0) > 0,
-                max_seq=int(config.get("max_position_embeddings", 4096)),
+                max_seq_len=int(config.get("max_position_embeddings", 4096)),
                 source=f"Hugging Face config ({kind})",
             )
         if kind == "gpt2":
@@ -236,7 +236,7 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
                 position="learned",
                 bias=True,
                 dropout=float(config.get("resid_pdrop", 0.1) or 0.0) > 0,
-                max_seq=int(config.get("n_positions", 1024)),
+                max_seq_len=int(config.get("n_positions", 1024)),
                 source="Hugging Face config (gpt2)",
             )
     except KeyError as err:
@@ -273,7 +273,7 @@ def hf_family_and_config(model: ModelSpec) -> tuple[str, dict[str, Any]]:
             "num_attention_heads": model.heads,
             "num_key_value_heads": model.kv_heads,
             "vocab_size": model.vocab,
-            "max_position_embeddings": model.max_seq,
+            "max_position_embeddings": model.max_seq_len,
             "tie_word_embeddings": model.tied_embeddings,
             "hidden_act": "silu",
             "attention_bias": model.bias,
@@ -288,7 +288,7 @@ def hf_family_and_config(model: ModelSpec) -> tuple[str, dict[str, Any]]:
             "n_layer": model.layers,
             "n_head": model.heads,
             "vocab_size": model.vocab,
-            "n_positions": model.max_seq,
+            "n_positions": model.max_seq_len,
             "tie_word_embeddings": model.tied_embeddings,
             "resid_pdrop": dropout,
             "embd_pdrop": dropout,
@@ -323,6 +323,6 @@ def toy_model(model: ModelSpec, num_stages: int, tp: int) -> ModelSpec:
     hidden = 16 * heads
     return replace(
         model, name=f"{model.name}-toy", layers=max(2, num_stages), hidden=hidden, heads=heads,
-        kv_heads=kv_heads, ffn=2 * hidden, vocab=256, max_seq=128,
+        kv_heads=kv_heads, ffn=2 * hidden, vocab=256, max_seq_len=128,
         source=f"toy of {model.name} (stagewise toy_model)",
     )

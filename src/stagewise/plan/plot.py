@@ -50,7 +50,7 @@ def plot_plans(plans: list[Plan], path: str | Path, chosen: Plan | None = None) 
     first = plans[0]
     axes.set_title(
         f"{first.model.name} on {first.cluster.nodes} x {first.cluster.gpus_per_node} "
-        f"{first.cluster.gpu.name}: seq {first.training.seq}, global batch "
+        f"{first.cluster.gpu.name}: seq {first.training.seq_len}, global batch "
         f"{first.training.global_batch}"
     )
     axes.legend(loc="best", fontsize=8)

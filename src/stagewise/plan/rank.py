@@ -18,7 +18,7 @@ from stagewise.plan.memory import (
     layer_state_bytes_per_param,
 )
 from stagewise.plan.models import ModelSpec
-from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 
 __all__ = ["RankSizes", "lora_params_per_block", "rank_memory", "rank_sizes"]
@@ -58,7 +58,7 @@ def _stage_bytes(
     model: ModelSpec, training: TrainingSpec, config: ParallelConfig, layers: tuple[int, ...]
 ) -> tuple[float, ...]:
     per_layer = layer_activation_bytes(model, training, config)
-    sbh = config.micro_batch_size * training.seq * model.hidden
+    sbh = config.micro_batch_size * training.seq_len * model.hidden
     shard = config.tp if config.sequence_parallel else 1
     dropout = training.uses_dropout(model)
     sizes = []
@@ -120,9 +120,10 @@ def rank_memory(
     weight_b, grad_b, optim_b = layer_state_bytes_per_param(training, config)
     frozen = sizes.params - sizes.trainable
     activations = cache.peak_activation_bytes(
-        config.schedule, config.pp, num_microbatches, config.vp, sizes.rank, sizes.stage_bytes
+        config.schedule, config.pp, num_microbatches, config.num_chunks, sizes.rank,
+        sizes.stage_bytes,
     )
-    tokens = config.micro_batch_size * training.seq
+    tokens = config.micro_batch_size * training.seq_len
     logits = 0.0
     if sizes.last:
         logits = tokens * model.padded_vocab(config.tp) / config.tp * (BYTES + 4)
@@ -136,6 +137,8 @@ def rank_memory(
         comm += 2.0 * activation / shard  # one receive buffer forward, one backward
     if config.sequence_parallel:
         comm += activation  # the gathered input of a column-parallel GEMM
+    if config.shards("weights"):  # FSDP: the block computing and the next one, prefetched
+        comm += 2.0 * BYTES * model.layer_params / config.tp
     return MemoryBreakdown(
         weights=weight_b * (sizes.trainable + frozen),
         gradients=grad_b * sizes.trainable,

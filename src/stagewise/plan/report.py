@@ -36,12 +36,13 @@ def plan_to_dict(
         "tp": cfg.tp,
         "pp": cfg.pp,
         "dp": cfg.dp,
-        "vp": cfg.vp,
+        "num_chunks": cfg.num_chunks,
         "micro_batch_size": cfg.micro_batch_size,
         "num_microbatches": plan.num_microbatches,
         "recompute": cfg.recompute,
         "sequence_parallel": cfg.sequence_parallel,
-        "distributed_optimizer": cfg.distributed_optimizer,
+        "dp_sharding": cfg.dp_sharding,
+        "mesh": cfg.mesh.text(),
         "schedule": cfg.schedule,
         "layers_per_stage": list(plan.layers),
         "fits": plan.fits,
@@ -133,8 +134,8 @@ def _layers(layers: tuple[int, ...]) -> str:
 
 
 HEADER = (
-    f"{'#':>3} {'TP':>3} {'PP':>4} {'DP':>5} {'VP':>3} {'mbs':>3} {'recompute':>9} {'SP':>3} "
-    f"{'dopt':>4} {'schedule':>16} {'step s':>9} {'tokens/s':>10} {'TFLOP/s':>7} {'MFU':>6} "
+    f"{'#':>3} {'TP':>3} {'PP':>4} {'DP':>5} {'v':>3} {'mbs':>3} {'recompute':>9} {'SP':>3} "
+    f"{'shard':>9} {'schedule':>16} {'step s':>9} {'tokens/s':>10} {'TFLOP/s':>7} {'MFU':>6} "
     f"{'GiB':>6}  note"
 )
 
@@ -143,9 +144,10 @@ def plan_row(index: int, plan: Plan, with_time: bool = True) -> str:
     """One table row for ``plan``."""
     cfg = plan.config
     head = (
-        f"{index:>3} {cfg.tp:>3} {cfg.pp:>4} {cfg.dp:>5} {cfg.vp:>3} {cfg.micro_batch_size:>3} "
+        f"{index:>3} {cfg.tp:>3} {cfg.pp:>4} {cfg.dp:>5} {cfg.num_chunks:>3} "
+        f"{cfg.micro_batch_size:>3} "
         f"{cfg.recompute:>9} {'y' if cfg.sequence_parallel else '-':>3} "
-        f"{'y' if cfg.distributed_optimizer else '-':>4} {cfg.schedule:>16} "
+        f"{cfg.dp_sharding if cfg.dp_sharding != 'none' else '-':>9} {cfg.schedule:>16} "
     )
     if with_time:
         speed = (

@@ -3,7 +3,7 @@
 Valid means: TP divides the query and key/value heads and the MLP width and stays inside a
 node; PP is at most the number of layers (uneven splits allowed); DP fills the rest;
 micro-batches m = G / (DP x micro-batch size) is whole, with micro-batch sizes 1, 2, 4, 8;
-interleaved schedules take v <= 8 chunks per rank when the layers split evenly into PP x v
+interleaved schedules take num_chunks <= 8 per rank when the layers split evenly into PP x v
 stages. Knobs given in ``fixed`` are held (any micro-batch size, any schedule). GPipe,
 looped-bfs and ``auto`` are searched only when asked for (see ``NOT_SEARCHED``). With flash
 attention, selective recomputation (of the attention core) equals no recomputation, so only
@@ -24,16 +24,19 @@ from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.evaluate import Plan, evaluate
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.models import ModelSpec
-from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.spec import RECOMPUTE_MODES, ParallelConfig, TrainingSpec
 from stagewise.schedules import get, names
 
 __all__ = ["SearchResult", "candidates", "search"]
 
 KNOBS = (
-    "tp", "pp", "dp", "vp", "micro_batch_size", "recompute", "sequence_parallel",
-    "distributed_optimizer", "schedule",
+    "tp", "pp", "dp", "num_chunks", "micro_batch_size", "recompute", "sequence_parallel",
+    "dp_sharding", "schedule",
 )
+# Searched when dp > 1 and dp_sharding is not fixed: whole replicas, and Megatron's distributed
+# optimizer (ZeRO-1). ZeRO-2 and FSDP are evaluated when asked for (--dp-sharding).
+SEARCHED_SHARDING = ("none", "optimizer")
 MICRO_BATCH_SIZES = (1, 2, 4, 8)  # searched when they divide the per-replica batch
 MAX_CHUNKS = 8
 # Searched only when asked for: gpipe and looped-bfs keep all m micro-batches in flight (1F1B's
@@ -82,7 +85,7 @@ def _schedule_options(
     model: ModelSpec, pp: int, fixed: dict[str, Any]
 ) -> list[tuple[str, int]]:
     if pp == 1:
-        return [(fixed.get("schedule", "1f1b"), fixed.get("vp", 1))]
+        return [(fixed.get("schedule", "1f1b"), fixed.get("num_chunks", 1))]
     wanted = [fixed["schedule"]] if "schedule" in fixed else [
         n for n in names() if n not in NOT_SEARCHED
     ]
@@ -91,8 +94,8 @@ def _schedule_options(
         generator = get(name)
         if generator.fixed_chunks is not None:
             chunks = [generator.fixed_chunks]
-        elif "vp" in fixed:
-            chunks = [fixed["vp"]]
+        elif "num_chunks" in fixed:
+            chunks = [fixed["num_chunks"]]
         else:
             chunks = [
                 v for v in range(2, MAX_CHUNKS + 1)
@@ -100,7 +103,7 @@ def _schedule_options(
             ]
         options.extend(
             (name, v) for v in chunks
-            if ("vp" not in fixed or v == fixed["vp"]) and pp * v <= model.layers
+            if ("num_chunks" not in fixed or v == fixed["num_chunks"]) and pp * v <= model.layers
         )
     return options
 
@@ -145,18 +148,18 @@ def candidates(
             sps = [fixed["sequence_parallel"]] if "sequence_parallel" in fixed else (
                 [False, True] if tp > 1 else [False]
             )
-            dopts = [fixed["distributed_optimizer"]] if "distributed_optimizer" in fixed else (
-                [False, True] if dp > 1 else [False]
+            dopts = [fixed["dp_sharding"]] if "dp_sharding" in fixed else (
+                list(SEARCHED_SHARDING) if dp > 1 else ["none"]
             )
-            for schedule, vp in _schedule_options(model, pp, fixed):
+            for schedule, v in _schedule_options(model, pp, fixed):
                 for mbs in mbss:
                     for recompute in modes:
                         for sp in sps:
                             for dopt in dopts:
-                                yield ParallelConfig(
-                                    tp=tp, pp=pp, dp=dp, vp=vp, micro_batch_size=mbs,
+                                yield ParallelConfig.of(
+                                    tp=tp, pp=pp, dp=dp, num_chunks=v, micro_batch_size=mbs,
                                     recompute=recompute, sequence_parallel=sp and tp > 1,
-                                    distributed_optimizer=dopt, schedule=schedule,
+                                    dp_sharding=dopt, schedule=schedule,
                                 )
 
 
@@ -205,7 +208,7 @@ def search(
     Example:
         >>> from stagewise.plan import get_gpu, get_model
         >>> result = search(get_model("llama-2-7b"), Cluster(get_gpu("h100"), 1, 8),
-        ...                 TrainingSpec(seq=4096, global_batch=16), {"tp": 2, "pp": 2})
+        ...                 TrainingSpec(seq_len=4096, global_batch=16), {"tp": 2, "pp": 2})
         >>> result.best.config.tp
         2
     """

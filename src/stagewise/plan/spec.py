@@ -3,18 +3,35 @@
 Notation: t tensor-parallel size, p pipeline ranks, d data-parallel replicas, v chunks (virtual
 stages) per pipeline rank, b micro-batch size, m micro-batches per step = G / (d b) for a
 global batch of G sequences.
+
+The mesh (t, p, d and whether the replicas shard their weights, FSDP) is the project's one mesh
+type, :class:`stagewise.mesh.Mesh`, so a plan, a run file and the runtime say it the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from stagewise.errors import PlanError
+from stagewise.errors import ConfigError, PlanError
+from stagewise.mesh import Mesh
 from stagewise.plan.models import ModelSpec
 
-__all__ = ["RECOMPUTE_MODES", "ParallelConfig", "TrainingSpec", "split_layers"]
+__all__ = [
+    "DP_SHARDING",
+    "PRECISIONS",
+    "RECOMPUTE_MODES",
+    "ParallelConfig",
+    "TrainingSpec",
+    "split_layers",
+]
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+PRECISIONS = ("bf16", "fp8")
+# What the data-parallel replicas shard (ZeRO stages 0-3): nothing; the optimizer state
+# (ZeRO-1, Megatron's distributed optimizer); optimizer state and gradients (ZeRO-2); and
+# weights too (ZeRO-3, FSDP: the mesh's dp_shard).
+DP_SHARDING = ("none", "optimizer", "gradients", "weights")
 
 
 @dataclass(frozen=True)
@@ -22,7 +39,7 @@ class TrainingSpec:
     """The run: sequence length, global batch and the training recipe.
 
     Attributes:
-        seq: tokens per sequence (s).
+        seq_len: tokens per sequence (s).
         global_batch: sequences per optimizer step (G).
         mode: ``"full"`` training or ``"lora"`` fine-tuning (frozen base weights).
         lora_rank: adapter rank r for LoRA; adapters go on every linear of every block.
@@ -32,9 +49,11 @@ class TrainingSpec:
         grad_bytes: bytes per gradient element kept and reduced (4: fp32 main grads, as
             Megatron does for bf16).
         dp_overlap: the data-parallel gradient reduction overlaps the last backward.
+        precision: ``"bf16"``, or ``"fp8"`` (the block GEMMs in FP8 with bf16 weights kept,
+            Transformer Engine style; GPUs without FP8 tensor cores refuse it).
     """
 
-    seq: int
+    seq_len: int
     global_batch: int
     mode: str = "full"
     lora_rank: int = 16
@@ -42,9 +61,10 @@ class TrainingSpec:
     dropout: bool | None = None
     grad_bytes: int = 4
     dp_overlap: bool = True
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
-        for label in ("seq", "global_batch", "lora_rank", "grad_bytes"):
+        for label in ("seq_len", "global_batch", "lora_rank", "grad_bytes"):
             value = getattr(self, label)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PlanError(f"{label} must be a positive integer, got {value!r}")
@@ -52,8 +72,13 @@ class TrainingSpec:
             raise PlanError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.attention not in ("flash", "unfused"):
             raise PlanError(f"attention must be 'flash' or 'unfused', got {self.attention!r}")
+        if self.precision not in PRECISIONS:
+            raise PlanError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
 
     def uses_dropout(self, model: ModelSpec) -> bool:
+        """Whether the run applies dropout (its own setting, else the model's)."""
         return model.dropout if self.dropout is None else self.dropout
 
 
@@ -62,29 +87,41 @@ class ParallelConfig:
     """One way to split the run over the cluster.
 
     Attributes:
-        tp: tensor-parallel size (inside a node).
-        pp: pipeline ranks.
-        dp: data-parallel replicas.
-        vp: chunks (virtual stages) per pipeline rank.
+        mesh: the tensor x pipeline x data split (:class:`stagewise.mesh.Mesh`); its
+            ``dp_shard`` (FSDP) is ``dp_sharding="weights"``, set either way.
+        num_chunks: chunks (virtual stages) per pipeline rank (v).
         micro_batch_size: sequences per micro-batch (b).
         recompute: ``none``, ``selective`` (attention core) or ``full`` (whole block).
         sequence_parallel: norms, dropout and residuals sharded over the TP group.
-        distributed_optimizer: optimizer state sharded over DP (ZeRO-1).
+        dp_sharding: what the data-parallel replicas shard (:data:`DP_SHARDING`): ``none``,
+            ``optimizer`` (ZeRO-1, Megatron's distributed optimizer), ``gradients`` (ZeRO-2)
+            or ``weights`` (ZeRO-3, FSDP).
         schedule: a stagewise schedule name (``1f1b``, ``interleaved-1f1b``, ...).
+
+    Raises:
+        PlanError: a size that is not a positive integer, an unknown recompute or sharding
+            mode, or a mesh whose ``dp_shard`` disagrees with ``dp_sharding``.
+
+    Example:
+        >>> cfg = ParallelConfig(Mesh(pp=4, dp=2, tp=8), micro_batch_size=1)
+        >>> cfg.tp, cfg.pp, cfg.dp, cfg.num_gpus
+        (8, 4, 2, 64)
+        >>> ParallelConfig.of(tp=2, pp=1, dp=4, dp_sharding="weights").mesh.text()
+        'pp=1,fsdp=4,tp=2'
     """
 
-    tp: int
-    pp: int
-    dp: int
-    vp: int = 1
+    mesh: Mesh
+    num_chunks: int = 1
     micro_batch_size: int = 1
     recompute: str = "none"
     sequence_parallel: bool = False
-    distributed_optimizer: bool = False
+    dp_sharding: str = "none"
     schedule: str = "1f1b"
 
     def __post_init__(self) -> None:
-        for label in ("tp", "pp", "dp", "vp", "micro_batch_size"):
+        if not isinstance(self.mesh, Mesh):
+            raise PlanError(f"mesh must be a stagewise.mesh.Mesh, got {self.mesh!r}")
+        for label in ("num_chunks", "micro_batch_size"):
             value = getattr(self, label)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PlanError(f"{label} must be a positive integer, got {value!r}")
@@ -92,10 +129,56 @@ class ParallelConfig:
             raise PlanError(
                 f"recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {self.recompute!r}"
             )
+        if self.dp_sharding not in DP_SHARDING:
+            raise PlanError(
+                f"dp_sharding must be one of {', '.join(DP_SHARDING)}, got {self.dp_sharding!r}"
+            )
+        if self.mesh.dp_shard and self.dp_sharding == "none":
+            object.__setattr__(self, "dp_sharding", "weights")
+        elif self.mesh.dp_shard != (self.dp_sharding == "weights"):
+            raise PlanError(
+                f"mesh {self.mesh.text()} {'shards' if self.mesh.dp_shard else 'does not shard'}"
+                f" weights over dp but dp_sharding={self.dp_sharding!r}: use fsdp= in the mesh "
+                "exactly when dp_sharding is 'weights'"
+            )
+
+    @classmethod
+    def of(cls, tp: int, pp: int, dp: int, **knobs: Any) -> ParallelConfig:
+        """A configuration from the three sizes (``dp_sharding="weights"`` sets FSDP).
+
+        Raises:
+            PlanError: a size that is not an integer >= 1 (the mesh's ConfigError, as the
+                planner's error), or a bad knob (see the class).
+        """
+        try:
+            mesh = Mesh(pp=pp, dp=dp, tp=tp, dp_shard=knobs.get("dp_sharding") == "weights")
+        except ConfigError as err:
+            raise PlanError(f"{err}: give tp, pp and dp as positive integers") from None
+        return cls(mesh, **knobs)
+
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel size (t)."""
+        return self.mesh.tp
+
+    @property
+    def pp(self) -> int:
+        """Pipeline ranks (p)."""
+        return self.mesh.pp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas (d)."""
+        return self.mesh.dp
 
     @property
     def num_gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        """GPUs the configuration uses: t x p x d."""
+        return self.mesh.world_size
+
+    def shards(self, state: str) -> bool:
+        """Whether ``state`` (``optimizer``, ``gradients`` or ``weights``) is sharded over dp."""
+        return DP_SHARDING.index(self.dp_sharding) >= DP_SHARDING.index(state)
 
     def num_microbatches(self, training: TrainingSpec) -> int:
         """m = G / (d b); raises PlanError when that is not a whole number."""
@@ -109,17 +192,21 @@ class ParallelConfig:
         return per_replica
 
     def describe(self) -> str:
+        """One line: ``TP=8 PP=4 DP=2 chunks=2 mbs=1 recompute=none SP zero-1 interleaved-1f1b``."""
         parts = [f"TP={self.tp}", f"PP={self.pp}", f"DP={self.dp}"]
-        if self.vp > 1:
-            parts.append(f"VP={self.vp}")
+        if self.num_chunks > 1:
+            parts.append(f"chunks={self.num_chunks}")
         parts.append(f"mbs={self.micro_batch_size}")
         parts.append(f"recompute={self.recompute}")
         if self.sequence_parallel:
             parts.append("SP")
-        if self.distributed_optimizer:
-            parts.append("dist-opt")
+        if self.dp_sharding != "none":
+            parts.append(_SHARDING_LABEL[self.dp_sharding])
         parts.append(self.schedule)
         return " ".join(parts)
+
+
+_SHARDING_LABEL = {"optimizer": "zero-1", "gradients": "zero-2", "weights": "fsdp"}
 
 
 def split_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:
@@ -138,7 +225,7 @@ def split_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:
     if num_stages > num_layers:
         raise PlanError(
             f"cannot split {num_layers} layers over {num_stages} (virtual) stages: every stage "
-            "needs at least one layer; lower pp or vp"
+            "needs at least one layer; lower pp or num_chunks"
         )
     base, extra = divmod(num_layers, num_stages)
     counts = [base] * num_stages

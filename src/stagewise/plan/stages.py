@@ -43,7 +43,7 @@ def edge_times(
     gradient all-reduced, and the embedding's output all-reduced (or reduce-scattered).
     """
     gpu, t = cluster.gpu, config.tp
-    tokens = config.micro_batch_size * training.seq
+    tokens = config.micro_batch_size * training.seq_len
     vocab = model.padded_vocab(t) / t
     hbm = gpu.hbm_bandwidth * c.hbm_efficiency
     size = BYTES * tokens * model.hidden
@@ -96,7 +96,7 @@ def hop_times(
     all-gathers the shares over NVLink. The last stage sends nothing.
     """
     t = config.tp
-    size = BYTES * config.micro_batch_size * training.seq * model.hidden
+    size = BYTES * config.micro_batch_size * training.seq_len * model.hidden
     gpu = cluster.gpu
     regather = 0.0
     if not config.sequence_parallel:

@@ -17,7 +17,7 @@ from stagewise.plan.constants import Constants
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.layer import BYTES, LayerSetup, LayerTime, block_time
 from stagewise.plan.models import ModelSpec
-from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.rank import RankSizes
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 from stagewise.plan.stages import edge_times, hop_times, node_of_rank, stage_costs
@@ -73,7 +73,7 @@ def _dp_reduce(
         return 0.0, 0.0
     bandwidth = group_bandwidth(cluster, config.dp, config.tp)
     grads = trainable * training.grad_bytes
-    if config.distributed_optimizer:
+    if config.shards("optimizer"):
         gather = all_gather_time(trainable * BYTES, config.dp, bandwidth, c)
         return all_gather_time(grads, config.dp, bandwidth, c), gather
     return all_reduce_time(grads, config.dp, bandwidth, c), 0.0
@@ -111,7 +111,7 @@ def stage_profile(
     setup = LayerSetup(
         tp=config.tp,
         micro_batch_size=config.micro_batch_size,
-        seq=training.seq,
+        seq_len=training.seq_len,
         recompute=config.recompute,
         sequence_parallel=config.sequence_parallel,
         attention=training.attention,
@@ -143,7 +143,7 @@ def step_time(
     profile = profile or stage_profile(model, cluster, training, config, layers, schedule, c)
     block, hops = profile.block, profile.hops
     m = schedule.num_microbatches
-    run = cache.run(config.schedule, config.pp, m, config.vp, profile.forward,
+    run = cache.run(config.schedule, config.pp, m, config.num_chunks, profile.forward,
                     profile.backward, profile.weight, hops)
 
     tail = (0.0, 0.0)  # (exposed DP, optimizer) of the rank that finishes last
@@ -161,7 +161,7 @@ def step_time(
             exposed = max(0.0, free) if reduce_s > 0 else 0.0
         else:
             exposed = reduce_s
-        state = size.trainable / (config.dp if config.distributed_optimizer else 1)
+        state = size.trainable / (config.dp if config.shards("optimizer") else 1)
         optimizer = ADAM_BYTES_PER_PARAM * state / hbm + 10 * c.kernel_overhead_s
         if exposed + gather_s + optimizer > sum(tail):
             tail = (exposed + gather_s, optimizer)
