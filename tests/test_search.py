@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from stagewise.errors import ConfigError
 from stagewise.schedules import Schedule, build, check, names
 from stagewise.search import ScheduleSearchResult, fill_bound, lower_bound, search_schedule
+from stagewise.search.list_scheduler import ListScheduler, fixed_policies
 from stagewise.sim import Costs, Link, simulate
 
 
@@ -185,3 +188,22 @@ def test_never_worse_than_named_for_random_costs(
     # both bounds are bounds: no schedule beats them
     assert result.lower_bound <= fill_bound(result.schedule.placement, m, costs, link)
     assert fill_bound(result.schedule.placement, m, costs, link) <= result.makespan + 1e-9
+
+
+def test_the_time_budget_is_honoured_on_a_large_pipeline() -> None:
+    # p=64, m=128 took 50 s whatever the budget: the fixed variants ran to completion. Now a
+    # run in progress stops at the budget and the best so far (a named schedule) comes back.
+    costs = costs_for(64, 1)
+    start = time.monotonic()
+    result = search_schedule(64, 128, costs, memory_limit=64, time_budget_s=1.0)
+    assert time.monotonic() - start < 10
+    check(result.schedule)
+    assert result.makespan <= best_named(64, 128, costs, None, 64, tuple(range(64))) + 1e-9
+
+
+def test_a_list_scheduling_run_stops_at_its_deadline() -> None:
+    costs = costs_for(8, 1)
+    scheduler = ListScheduler(8, 16, tuple(range(8)), costs, Link(), 8, fixed_policies()[0])
+    assert scheduler.run(deadline=time.monotonic() - 1) is None
+    again = ListScheduler(8, 16, tuple(range(8)), costs, Link(), 8, fixed_policies()[0])
+    assert again.run(deadline=time.monotonic() + 60) is not None

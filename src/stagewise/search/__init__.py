@@ -8,11 +8,7 @@ Pure Python; importing this package does not import torch.
 """
 
 from stagewise.search.auto import auto
-from stagewise.search.schedule_search import (
-    ScheduleSearchResult,
-    fill_bound,
-    lower_bound,
-    search_schedule,
-)
+from stagewise.search.bounds import fill_bound, lower_bound
+from stagewise.search.schedule_search import ScheduleSearchResult, search_schedule
 
 __all__ = ["ScheduleSearchResult", "auto", "fill_bound", "lower_bound", "search_schedule"]

@@ -17,6 +17,7 @@ banker's rule), so the construction never deadlocks and never exceeds the limit.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from stagewise.sim.costs import Costs, Link
 __all__ = ["ListScheduler", "Policy", "fixed_policies", "random_policy"]
 
 _EPS = 1e-9
+_CLOCK_EVERY = 256  # steps between looks at the deadline
 
 
 @dataclass(frozen=True)
@@ -177,12 +179,18 @@ class ListScheduler:
             self.weights[rank].pop(0)
             self.live[rank] -= 1
 
-    def run(self) -> Schedule | None:
-        """Build the rows; None when the policy gets stuck (it then yields no candidate)."""
+    def run(self, deadline: float | None = None) -> Schedule | None:
+        """Build the rows; None when the policy gets stuck (it then yields no candidate).
+
+        ``deadline`` (a :func:`time.monotonic` time) abandons the construction, also None,
+        once passed; it is looked at every few hundred steps.
+        """
         total = 3 * self.num_stages * self.m
         choices: list[tuple[Action, float] | None] = [None] * self.p
         dirty = set(range(self.p))
-        for _ in range(total):
+        for step in range(total):
+            if deadline is not None and not step % _CLOCK_EVERY and time.monotonic() > deadline:
+                return None
             for rank in dirty:  # only ranks whose inputs or state changed choose again
                 choices[rank] = self._choose(rank, self.free_at[rank])
             dirty.clear()

@@ -33,19 +33,21 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from stagewise.errors import ConfigError, ScheduleError
 from stagewise.schedules.ir import Op, Schedule
 from stagewise.schedules.registry import build, get, names
+from stagewise.search.bounds import lower_bound
 from stagewise.search.list_scheduler import ListScheduler, Policy, fixed_policies, random_policy
 from stagewise.sim.costs import Costs, Link
 from stagewise.sim.simulate import simulate
 
-__all__ = ["ScheduleSearchResult", "fill_bound", "lower_bound", "search_schedule"]
+__all__ = ["ScheduleSearchResult", "search_schedule"]
 
 _EPS = 1e-9
-_MIN_FIXED = 8  # fixed list-scheduling variants that run whatever the time budget
+_MIN_FIXED = 8  # fixed list-scheduling variants started whatever the 60 % mark of the budget
 
 
 class ScheduleSearchResult(NamedTuple):
@@ -61,14 +63,6 @@ class ScheduleSearchResult(NamedTuple):
     schedule: Schedule
     makespan: float
     lower_bound: float
-
-
-def lower_bound(placement: tuple[int, ...], num_microbatches: int, costs: Costs) -> float:
-    """The largest per-rank busy time: m x sum of F + B over the rank's stages."""
-    busy = [0.0] * (max(placement) + 1)
-    for stage, rank in enumerate(placement):
-        busy[rank] += num_microbatches * (costs.forward[stage] + costs.backward[stage])
-    return max(busy)
 
 
 def _placements(num_ranks: int, num_stages: int, placement: str | None) -> list[tuple[int, ...]]:
@@ -94,9 +88,10 @@ def _placements(num_ranks: int, num_stages: int, placement: str | None) -> list[
     raise ConfigError(f"placement must be 'looped', 'v' or None, got {placement!r}")
 
 
-def _named(num_ranks: int, num_microbatches: int, placement: tuple[int, ...]) -> list[Schedule]:
+def _named(num_ranks: int, num_microbatches: int,
+           placement: tuple[int, ...]) -> Iterator[Schedule]:
+    """The registered schedules (``auto`` aside) with this placement, built one at a time."""
     v = len(placement) // num_ranks
-    found = []
     for name in names():
         if name == "auto":
             continue
@@ -109,8 +104,7 @@ def _named(num_ranks: int, num_microbatches: int, placement: tuple[int, ...]) ->
         except ScheduleError:
             continue  # this m (or v) is not one the schedule runs
         if schedule.placement == placement:
-            found.append(schedule)
-    return found
+            yield schedule
 
 
 def _evaluate(schedule: Schedule, costs: Costs, link: Link,
@@ -129,31 +123,6 @@ def _evaluate(schedule: Schedule, costs: Costs, link: Link,
     ends = [max((e.end for e in timeline.rank_events(r)), default=0.0)
             for r in range(schedule.num_ranks)]
     return timeline.makespan, sum(ends), ends.index(max(ends))
-
-
-def fill_bound(placement: tuple[int, ...], num_microbatches: int, costs: Costs,
-               link: Link | None = None) -> float:
-    """A tighter bound than :func:`lower_bound`: each rank's busy time plus its fill.
-
-    Rank r cannot start before micro-batch 0's forward reaches its first stage (the forwards of
-    the earlier stages and the hops between ranks), so no step is shorter than the largest
-    (that fill + rank r's busy time). For uniform costs on one chunk per rank this is
-    m (F + B) + (p - 1) F, which ZB-H1 reaches when F = I = W.
-    """
-    link = link or Link()
-    num_ranks = max(placement) + 1
-    arrival = [0.0] * len(placement)
-    for stage in range(1, len(placement)):
-        hop = 0.0
-        if placement[stage] != placement[stage - 1]:
-            hop = link.transfer_time(costs.send_bytes[stage - 1] if costs.send_bytes else 0.0)
-        arrival[stage] = arrival[stage - 1] + costs.forward[stage - 1] + hop
-    busy = [0.0] * num_ranks
-    head = [float("inf")] * num_ranks
-    for stage, rank in enumerate(placement):
-        busy[rank] += num_microbatches * (costs.forward[stage] + costs.backward[stage])
-        head[rank] = min(head[rank], arrival[stage])
-    return max(h + b for h, b in zip(head, busy, strict=True))
 
 
 def _moved(schedule: Schedule, rng: random.Random, focus: int) -> Schedule | None:
@@ -207,9 +176,11 @@ def search_schedule(
             chunk's micro-batch is 1/v); ``None`` for no limit.
         placement: ``"looped"`` (stage s on rank s mod p), ``"v"`` (2 stages per rank, rank r
             holds r and 2p - 1 - r) or ``None`` (both when S = 2p).
-        time_budget_s: wall-clock budget. The named schedules and the first few fixed variants
-            always run; the rest stop at the budget (about 60 % for list scheduling, the rest
-            for local search).
+        time_budget_s: wall-clock budget, honoured to within one candidate's simulation:
+            about 60 % for list scheduling (the first few fixed variants start in any case),
+            the rest for local search. Once anything is found, every phase, a list-scheduling
+            run in progress included, stops at the budget and the best so far is returned;
+            until then the search goes on (it never returns empty-handed).
         max_variants: when given, the list-scheduling phase ignores the clock: every fixed
             variant and this many random ones run.
         max_moves: when given, the local search ignores the clock and tries this many moves
@@ -242,62 +213,92 @@ def search_schedule(
     link = link or Link()
     layouts = _placements(num_ranks, costs.num_stages, placement)
     v = costs.num_stages // num_ranks
-    limit_chunks = 10**9 if memory_limit is None else int(memory_limit * v + _EPS)
     clock = time.monotonic()
-    best: list[tuple[tuple[float, float, int], Schedule]] = []
-
-    def consider(schedule: Schedule | None, label: str, sideways: bool = False) -> None:
-        """Keep ``schedule`` if it beats the best; ``sideways`` also keeps equal ones."""
-        if schedule is None:
-            return
-        try:
-            score = _evaluate(schedule, costs, link, memory_limit)
-        except ScheduleError:
-            return  # a local-search move that deadlocks
-        if score is None:
-            return
-        if best:
-            makespan, finish, _ = best[0][0]
-            if score[0] > makespan + _EPS:
-                return
-            if score[0] > makespan - _EPS and score[1] > finish - _EPS and not (
-                    sideways and score[1] < finish + _EPS):
-                return
-        best[:] = [(score, _renamed(schedule, label))]
-
-    def build_with(layout: tuple[int, ...], policy: Policy) -> Schedule | None:
-        return ListScheduler(num_ranks, num_microbatches, layout, costs, link, limit_chunks,
-                        policy).run()
-
+    search = _Search(
+        num_ranks, num_microbatches, costs, link, memory_limit,
+        limit_chunks=10**9 if memory_limit is None else int(memory_limit * v + _EPS),
+        deadline=None if max_variants is not None else clock + time_budget_s,
+    )
     for layout in layouts:
         for schedule in _named(num_ranks, num_microbatches, layout):
-            consider(schedule, f"auto:{schedule.name}")
+            if search.out_of_time():
+                break
+            search.consider(schedule, f"auto:{schedule.name}")
     fixed = [(layout, policy) for policy in fixed_policies() for layout in layouts]
     for k, (layout, policy) in enumerate(fixed):
-        if (max_variants is None and k >= _MIN_FIXED
-                and time.monotonic() - clock > 0.6 * time_budget_s):
+        if search.out_of_time() or (max_variants is None and k >= _MIN_FIXED
+                                    and time.monotonic() - clock > 0.6 * time_budget_s):
             break
-        consider(build_with(layout, policy), "auto")
+        search.consider(search.list_scheduled(layout, policy), "auto")
     rng = random.Random(seed)
     tried = 0
     while (tried < max_variants) if max_variants is not None else (
             time.monotonic() - clock < 0.6 * time_budget_s):
-        consider(build_with(layouts[tried % len(layouts)], random_policy(rng)), "auto")
+        search.consider(search.list_scheduled(layouts[tried % len(layouts)],
+                                              random_policy(rng)), "auto")
         tried += 1
     if max_moves is None and max_variants is not None:
         max_moves = max_variants
     moves = 0
-    while best and ((moves < max_moves) if max_moves is not None else (
+    while search.best and ((moves < max_moves) if max_moves is not None else (
             time.monotonic() - clock < time_budget_s)):
-        consider(_moved(best[0][1], rng, best[0][0][2]), "auto", sideways=True)
+        score, schedule = search.best
+        search.consider(_moved(schedule, rng, score[2]), "auto", sideways=True)
         moves += 1
-    if not best:
+    if search.best is None:
         raise ConfigError(
             f"no schedule for p={num_ranks}, m={num_microbatches} fits a memory limit of "
             f"{memory_limit} units: raise the limit"
         )
     bound = min(lower_bound(layout, num_microbatches, costs) for layout in layouts)
-    return ScheduleSearchResult(best[0][1], best[0][0][0], bound)
+    return ScheduleSearchResult(search.best[1], search.best[0][0], bound)
+
+
+class _Search:
+    """The best candidate so far, and how to make and judge more of them.
+
+    ``deadline`` (a :func:`time.monotonic` time, None when the search ignores the clock) stops
+    list-scheduling runs in their stride, but only once a candidate has been found: the search
+    always returns a schedule.
+    """
+
+    def __init__(self, num_ranks: int, num_microbatches: int, costs: Costs, link: Link,
+                 memory_limit: float | None, limit_chunks: int,
+                 deadline: float | None) -> None:
+        self.num_ranks, self.num_microbatches = num_ranks, num_microbatches
+        self.costs, self.link, self.memory_limit = costs, link, memory_limit
+        self.limit_chunks, self.deadline = limit_chunks, deadline
+        self.best: tuple[tuple[float, float, int], Schedule] | None = None
+
+    def out_of_time(self) -> bool:
+        """True once the deadline has passed and there is something to return."""
+        return (self.deadline is not None and self.best is not None
+                and time.monotonic() > self.deadline)
+
+    def list_scheduled(self, layout: tuple[int, ...], policy: Policy) -> Schedule | None:
+        """One list-scheduling run; None when it gets stuck or runs out of time."""
+        scheduler = ListScheduler(self.num_ranks, self.num_microbatches, layout, self.costs,
+                                  self.link, self.limit_chunks, policy)
+        return scheduler.run(self.deadline if self.best is not None else None)
+
+    def consider(self, schedule: Schedule | None, label: str, sideways: bool = False) -> None:
+        """Keep ``schedule`` if it beats the best; ``sideways`` also keeps equal ones."""
+        if schedule is None:
+            return
+        try:
+            score = _evaluate(schedule, self.costs, self.link, self.memory_limit)
+        except ScheduleError:
+            return  # a local-search move that deadlocks
+        if score is None:
+            return
+        if self.best is not None:
+            makespan, finish, _ = self.best[0]
+            if score[0] > makespan + _EPS:
+                return
+            if score[0] > makespan - _EPS and score[1] > finish - _EPS and not (
+                    sideways and score[1] < finish + _EPS):
+                return
+        self.best = (score, _renamed(schedule, label))
 
 
 def _renamed(schedule: Schedule, name: str) -> Schedule:
