@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,11 @@ def test_compare_lists_every_schedule(capsys: pytest.CaptureFixture[str]) -> Non
         (["show"], "pass -p RANKS and -m MICROBATCHES"),
         (["simulate", "-p", "2", "-m", "2", "--plot", "x.jpg"], "write a .png or .svg file"),
         (["compare", "-p", "0", "-m", "4"], "positive integers"),
+        (["simulate", "-s", "zb-h1", "-p", "1000", "-m", "1000"],
+         "3,000,000 actions, over the simulator's limit of 1,000,000"),
+        (["show", "-s", "gpipe", "-p", "4", "-m", "1000000"], "use fewer ranks p or micro"),
+        (["bubble", "-s", "zb-v", "-p", "1000", "-m", "1000"], "limit of 1,000,000"),
+        (["simulate", "-s", "auto", "-p", "64", "-m", "10000"], "limit of 1,000,000"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv: list[str], message: str,
@@ -183,3 +189,20 @@ def test_compare_searches_on_its_own_costs(capsys: pytest.CaptureFixture[str]) -
     fitting = [row["makespan"] for row in rows if "makespan" in row
                and max(r["peak_activations"] for r in row["per_rank"]) <= 4 + 1e-9]
     assert auto["makespan"] <= min(fitting) + 1e-9
+
+
+def test_huge_inputs_are_refused_before_the_work(capsys: pytest.CaptureFixture[str]) -> None:
+    # compare -p 100000 -m 8 ran for minutes; bubble -m 1000000 for over a minute.
+    start = time.monotonic()
+    rows = run_json(capsys, "compare", "-p", "100000", "-m", "8")
+    assert [row["schedule"] for row in rows] == names()
+    assert all("over the simulator's limit of 1,000,000" in row["error"] for row in rows)
+    result = run_json(capsys, "bubble", "-s", "1f1b", "-p", "4", "-m", "1000000")
+    assert time.monotonic() - start < 10
+    assert result["simulated"] is None and "8,000,000 actions" in result["skipped"]
+    assert result["closed_form"]["bubble"]["vs_ideal"] == pytest.approx(3 / 1_000_000)
+    assert result["closed_form"]["peak_activations"] == [4, 3, 2, 1]
+    assert cli(["bubble", "-s", "interleaved-1f1b", "-p", "8", "-m", "100000", "-v", "4"]) == 0
+    assert "simulated       (skipped: interleaved-1f1b with p=8, m=100000, v=4 has 6,400,000" \
+        in capsys.readouterr().out
+

@@ -16,6 +16,7 @@ from stagewise.schedules import (
     Schedule,
     build,
     check,
+    get,
     gpipe,
     interleaved_1f1b,
     names,
@@ -165,3 +166,18 @@ def test_registry_lists_names_on_unknown() -> None:
 def test_build_rejects_bad_sizes(name: str, p: int, m: int, v: int | None, message: str) -> None:
     with pytest.raises(ScheduleError, match=message):
         build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
+
+
+@pytest.mark.parametrize("name", names())
+def test_generator_counts_its_actions_before_building(name: str) -> None:
+    generator = get(name)
+    for p, m, v in ((2, 3, None), (4, 8, 2), (3, 9, 1), (4, 16, 3)):
+        try:
+            schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
+        except ScheduleError:
+            continue
+        planned = generator.num_actions(p, m, v)
+        if name in ("dualpipev", "auto"):  # some or all backwards split: at most 3 per pair
+            assert schedule.num_actions <= planned
+        else:
+            assert schedule.num_actions == planned

@@ -9,6 +9,7 @@ import pytest
 from stagewise.errors import ConfigError
 from stagewise.schedules import Op, Schedule, build, parse_action
 from stagewise.sim import Costs, Event, Link, Timeline, simulate
+from stagewise.sim.limits import MAX_ACTIONS, require_simulable
 
 
 def two_stage_costs(**extra: object) -> Costs:
@@ -119,3 +120,10 @@ def test_cost_errors() -> None:
         simulate(schedule, Costs.per_stage(forward=[1], backward=[2]))
     with pytest.raises(ConfigError, match="latency"):
         Link(latency=-1)
+
+
+def test_the_size_limit_names_itself_and_the_fix() -> None:
+    require_simulable(MAX_ACTIONS, "at the limit")
+    with pytest.raises(ConfigError, match=r"1f1b p=4 has 1,000,001 actions, over the simulator's "
+                       r"limit of 1,000,000 per schedule: use fewer ranks p or micro-batches m"):
+        require_simulable(MAX_ACTIONS + 1, "1f1b p=4")

@@ -7,14 +7,16 @@ import json
 from typing import Any
 
 from stagewise.errors import ConfigError
-from stagewise.schedules import Schedule, build, check, names
+from stagewise.schedules import Schedule, build, check, get, names
 from stagewise.sim import Costs, Link
+from stagewise.sim.limits import require_simulable
 
 __all__ = [
     "add_cost_options",
     "add_schedule_options",
     "costs_from_args",
     "link_from_args",
+    "planned_size",
     "print_json",
     "schedule_from_args",
     "stage_costs_from_args",
@@ -44,6 +46,7 @@ def schedule_from_args(args: argparse.Namespace) -> Schedule:
     """Build the schedule the options name, or load and validate the CSV file."""
     if args.schedule_file:
         schedule = Schedule.load_csv(args.schedule_file)
+        require_simulable(schedule.num_actions, args.schedule_file)
         check(schedule)
         for label, given, actual in (
             ("-p", args.ranks, schedule.num_ranks),
@@ -60,12 +63,24 @@ def schedule_from_args(args: argparse.Namespace) -> Schedule:
             f"schedule {args.schedule!r} needs its sizes: pass -p RANKS and -m MICROBATCHES "
             "(or --schedule-file FILE.csv)"
         )
+    require_simulable(*planned_size(args))
     return build(
         args.schedule,
         num_ranks=args.ranks,
         num_microbatches=args.microbatches,
         num_chunks=args.chunks,
     )
+
+
+def planned_size(args: argparse.Namespace, name: str | None = None) -> tuple[int, str]:
+    """The most actions schedule ``name`` (default ``-s``) has for -p, -m, -v, and its label.
+
+    Known before building, so that a schedule too large to simulate is refused at once.
+    """
+    generator = get(name or args.schedule)
+    v = generator.fixed_chunks or (args.chunks or generator.default_chunks)
+    label = f"{generator.name} with p={args.ranks}, m={args.microbatches}, v={v}"
+    return generator.num_actions(args.ranks, args.microbatches, args.chunks), label
 
 
 def _floats(text: str) -> list[float]:

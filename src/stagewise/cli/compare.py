@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stagewise.cli._common import add_cost_options, costs_from_args, link_from_args, print_json
+from stagewise.cli._common import (
+    add_cost_options,
+    costs_from_args,
+    link_from_args,
+    planned_size,
+    print_json,
+)
 from stagewise.cli._report import fmt_fraction, timeline_summary
-from stagewise.errors import ScheduleError
+from stagewise.errors import ConfigError, ScheduleError
 from stagewise.schedules import Schedule, build, get, names
 from stagewise.sim import simulate
+from stagewise.sim.limits import require_simulable
 
 __all__ = ["add_parser", "compare", "run"]
 
@@ -38,14 +45,18 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     rows = []
     for name in names():
+        too_large = _too_large(args, name)
+        if too_large:
+            rows.append({"schedule": name, "error": too_large})
+            continue
         generator = get(name)
-        chunks = generator.fixed_chunks or args.chunks
+        num_chunks = generator.fixed_chunks or args.chunks
         try:
             if name == "auto":
                 schedule = _search_for(args)
             else:
                 schedule = build(name, num_ranks=args.ranks,
-                                 num_microbatches=args.microbatches, num_chunks=chunks)
+                                 num_microbatches=args.microbatches, num_chunks=num_chunks)
         except ScheduleError as err:
             rows.append({"schedule": name, "error": str(err).splitlines()[0]})
             continue
@@ -55,6 +66,15 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
             summary["schedule"], summary["found_by"] = name, schedule.name
         rows.append(summary)
     return rows
+
+
+def _too_large(args: argparse.Namespace, name: str) -> str | None:
+    """Why schedule ``name`` is too large to simulate at these sizes; None when it is not."""
+    try:
+        require_simulable(*planned_size(args, name))
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def _search_for(args: argparse.Namespace) -> Schedule:

@@ -11,6 +11,7 @@ from stagewise.cli._common import (
     add_schedule_options,
     costs_from_args,
     link_from_args,
+    planned_size,
     print_json,
     schedule_from_args,
     stage_costs_from_args,
@@ -19,6 +20,7 @@ from stagewise.cli._report import fmt_fraction, timeline_summary
 from stagewise.errors import ConfigError
 from stagewise.search import ScheduleSearchResult, search_schedule
 from stagewise.sim import simulate
+from stagewise.sim.limits import require_simulable
 
 __all__ = ["add_parser", "run", "search_from_args"]
 
@@ -112,8 +114,9 @@ def search_from_args(args: argparse.Namespace) -> ScheduleSearchResult:
             raise ConfigError(f"{label} must be a positive integer, got {value}: pass {label} >= 1")
     if args.memory_limit is not None and args.memory_limit <= 0:
         raise ConfigError(f"--memory-limit must be > 0, got {args.memory_limit}")
-    chunks = args.chunks or 1
-    costs = stage_costs_from_args(args, args.ranks * chunks, chunks)
+    require_simulable(*planned_size(args, "auto"))
+    num_chunks = args.chunks or 1
+    costs = stage_costs_from_args(args, args.ranks * num_chunks, num_chunks)
     return search_schedule(
         args.ranks, args.microbatches, costs, link=link_from_args(args),
         memory_limit=args.memory_limit, placement=args.placement,

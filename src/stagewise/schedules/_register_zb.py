@@ -28,11 +28,13 @@ GENERATORS = (
         "zb-h1",
         lambda p, m, v: zb_h1(p, m),
         "zero bubble H1: 1F1B memory, W deferred into the drain, bubble (p-1)(F+I-W)",
+        ops=3,
     ),
     Generator(
         "zb-h2",
         lambda p, m, v: zb_h2(p, m),
         "zero bubble H2: longer warm-up, about 2x memory, per-rank bubble (p-1)(F+I-2W)",
+        ops=3,
     ),
     Generator(
         "zb-v",
@@ -40,6 +42,7 @@ GENERATORS = (
         "zero bubble V: two chunks per rank in a V, p units of memory on every rank",
         default_chunks=2,
         fixed_chunks=2,
+        ops=3,
     ),
     Generator(
         "dualpipev",
@@ -47,6 +50,7 @@ GENERATORS = (
         "DeepSeek DualPipeV: V placement, overlapped F&B pairs (as consecutive actions)",
         default_chunks=2,
         fixed_chunks=2,
+        ops=3,  # some backwards split into I and W
     ),
 )
 

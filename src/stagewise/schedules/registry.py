@@ -30,6 +30,8 @@ class Generator:
         default_chunks: v used when the caller gives none.
         fixed_chunks: when set, the only v the schedule supports (1 for gpipe and 1f1b,
             2 for V-shaped schedules).
+        ops: actions per stage and micro-batch: 2 (F and B) or 3 (F, I and W); the most, for
+            a schedule that splits only some of its backwards.
     """
 
     name: str
@@ -37,6 +39,21 @@ class Generator:
     summary: str
     default_chunks: int = 1
     fixed_chunks: int | None = 1
+    ops: int = 2
+
+    def num_actions(self, num_ranks: int, num_microbatches: int,
+                    num_chunks: int | None = None) -> int:
+        """How many actions the schedule holds for these sizes (at most), before building it.
+
+        p x v stages, each running ``ops`` actions per micro-batch: what building, validating
+        and simulating the schedule costs, known in advance.
+
+        Example:
+            >>> get("1f1b").num_actions(4, 8)
+            64
+        """
+        v = self.fixed_chunks or (self.default_chunks if num_chunks is None else num_chunks)
+        return num_ranks * v * num_microbatches * self.ops
 
 
 _GENERATORS: dict[str, Generator] = {

@@ -39,6 +39,7 @@ AUTO = Generator(
     auto,
     "found by search (list scheduling) for F=I=W within 1F1B's memory, p units per rank",
     fixed_chunks=None,
+    ops=3,  # the list scheduler splits every backward
 )
 
 register(AUTO)
