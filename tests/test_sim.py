@@ -127,3 +127,77 @@ def test_the_size_limit_names_itself_and_the_fix() -> None:
     with pytest.raises(ConfigError, match=r"1f1b p=4 has 1,000,001 actions, over the simulator's "
                        r"limit of 1,000,000 per schedule: use fewer ranks p or micro-batches m"):
         require_simulable(MAX_ACTIONS + 1, "1f1b p=4")
+
+
+def reference_simulate(schedule: Schedule, costs: Costs, link: Link) -> dict[tuple, tuple]:
+    """A slow, obviously correct simulator: sweep the ranks until every action has run.
+
+    An action runs when everything it depends on has run; it starts when its rank is free and
+    its inputs have arrived (the link cost when they come from another rank).
+    """
+    end: dict[tuple[int, Op, int], float] = {}
+    times: dict[tuple, tuple] = {}
+    position, free = [0] * schedule.num_ranks, [0.0] * schedule.num_ranks
+    last = schedule.num_stages - 1
+
+    def arrived(stage: int, finished: float | None, rank: int) -> float | None:
+        """When ``stage``'s output, finished at ``finished``, is on ``rank``."""
+        if finished is None or schedule.placement[stage] == rank:
+            return finished
+        return finished + link.transfer_time(costs.send_bytes[stage] if costs.send_bytes else 0)
+
+    progress = True
+    while progress:
+        progress = False
+        for rank, row in enumerate(schedule.actions):
+            while position[rank] < len(row):
+                stage, op, j = row[position[rank]]
+                needs: list[float | None] = []
+                if op is Op.F and stage > 0:
+                    needs.append(arrived(stage - 1, end.get((stage - 1, Op.F, j)), rank))
+                elif op is Op.W:
+                    needs.append(end.get((stage, Op.I, j)))
+                elif op in (Op.B, Op.I):
+                    needs.append(end.get((stage, Op.F, j)))
+                    if stage < last:
+                        grad = end.get((stage + 1, Op.B, j), end.get((stage + 1, Op.I, j)))
+                        # the gradient crosses the boundary between stage and stage + 1
+                        if grad is not None and schedule.placement[stage + 1] != rank:
+                            grad += link.transfer_time(
+                                costs.send_bytes[stage] if costs.send_bytes else 0.0)
+                        needs.append(grad)
+                if any(t is None for t in needs):
+                    break
+                start = free[rank]
+                for t in needs:
+                    start = max(start, t)  # type: ignore[type-var]
+                finish = start + costs.duration(stage, op)
+                end[(stage, op, j)] = free[rank] = finish
+                times[(rank, stage, op, j)] = (start, finish)
+                position[rank] += 1
+                progress = True
+    return times
+
+
+@pytest.mark.parametrize(("name", "p", "m", "v"), [
+    ("gpipe", 4, 6, 1), ("1f1b", 5, 7, 1), ("interleaved-1f1b", 4, 8, 2),
+    ("interleaved-1f1b", 3, 9, 3), ("looped-bfs", 3, 5, 2), ("zb-h1", 4, 6, 1),
+    ("zb-h2", 4, 9, 1), ("zb-v", 3, 6, 2), ("dualpipev", 3, 8, 2), ("auto", 3, 5, 2),
+])
+@pytest.mark.parametrize("latency", [0.0, 0.25])
+def test_simulator_equals_a_reference_implementation(name: str, p: int, m: int, v: int,
+                                                     latency: float) -> None:
+    schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
+    n = schedule.num_stages
+    costs = Costs.per_stage(
+        [1 + 0.1 * s for s in range(n)], [2 + 0.3 * (s % 3) for s in range(n)],
+        [0.7 + 0.05 * s for s in range(n)], send_bytes=[10.0 * s for s in range(n)],
+    )
+    link = Link(latency=latency, bandwidth=40.0)
+    timeline = simulate(schedule, costs, link)
+    got = {(e.rank, e.stage, e.op, e.microbatch): (e.start, e.end) for e in timeline.events}
+    assert got == reference_simulate(schedule, costs, link)  # exactly: same sums, same order
+    assert len(timeline.events) == schedule.num_actions
+    again = Timeline.of(schedule, timeline.events)
+    assert [again.peak_activations(r) for r in range(p)] == [
+        max(level for _, level in timeline.live_activations(r)) for r in range(p)]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stagewise.errors import ScheduleError
+from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.gpipe import gpipe
 from stagewise.schedules.interleaved import interleaved_1f1b
 from stagewise.schedules.ir import Schedule
@@ -127,6 +128,7 @@ def build(
             raise ScheduleError(
                 f"{name}: {label} must be a positive integer, got {value!r}: pass {label} >= 1"
             )
-    schedule = generator.make(num_ranks, num_microbatches, num_chunks)
-    check(schedule)
+    with paused_gc():
+        schedule = generator.make(num_ranks, num_microbatches, num_chunks)
+        check(schedule)
     return schedule

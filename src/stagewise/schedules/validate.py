@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from stagewise.errors import ScheduleError
+from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Action, Op, Schedule
 
 __all__ = ["check", "execution_order", "is_valid"]
@@ -30,8 +31,7 @@ def check(schedule: Schedule) -> None:
     """
     if schedule._derived.get("checked"):
         return
-    _check_complete(schedule)
-    execution_order(schedule)
+    execution_order(schedule)  # checks placement, completeness and deadlock in one walk
     schedule._derived["checked"] = True
 
 
@@ -144,14 +144,31 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     computed once per schedule and reused.
 
     Raises:
-        ScheduleError: the rows deadlock; names each stuck rank, its position, its action and
-            the action it waits for.
+        ScheduleError: an action out of range or on the wrong rank, a (stage, micro-batch)
+            incomplete or with an action twice, or rows that deadlock (each stuck rank, its
+            position, its action and the action it waits for).
     """
     cached = schedule._derived.get("execution_order")
     if cached is not None:
         return cached  # type: ignore[return-value]
+    with paused_gc():
+        order, position = _walk(schedule)
+    if order is None:
+        # Something is wrong: name it the way the separate checks do, a misplaced or
+        # incomplete action first, then the deadlock.
+        _check_complete(schedule)
+        raise _deadlock(schedule, position)
+    schedule._derived["execution_order"] = order
+    return order
+
+
+def _walk(schedule: Schedule) -> tuple[list[tuple[int, Action]] | None, list[int]]:
+    """Run the rows in order with blocking receives: (the order, None if not all ran; where
+    each rank stopped). The order is None too for an action out of place or run twice, or a
+    (stage, micro-batch) left incomplete.
+    """
     # Completion flags live in one flat array: index kind * S * m + stage * m + microbatch.
-    num_stages, m = schedule.num_stages, schedule.num_microbatches
+    num_stages, m, placement = schedule.num_stages, schedule.num_microbatches, schedule.placement
     block = num_stages * m
     grad_base, weight_base = block, 2 * block
     last = num_stages - 1
@@ -161,21 +178,23 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     ready = deque(range(schedule.num_ranks))
     order: list[tuple[int, Action]] = []
     append = order.append
-    op_f, op_b = Op.F, Op.B
+    op_f, op_b, op_w = Op.F, Op.B, Op.W
     while ready:
         rank = ready.popleft()
         row = schedule.actions[rank]
-        k = position[rank]
-        while k < len(row):
+        k, end = position[rank], len(row)
+        while k < end:
             action = row[k]
             stage, op, j = action
+            if not (0 <= j < m and 0 <= stage <= last and placement[stage] == rank):
+                return None, position
             here = stage * m + j
             if op is op_f:
                 missing = here - m if stage and not done[here - m] else -1
-                gives: tuple[int, ...] = (here,)
-            elif op is Op.W:
-                missing = grad_base + here if not done[grad_base + here] else -1
-                gives = (weight_base + here,)
+                first, second = here, -1
+            elif op is op_w:
+                missing = -1 if done[grad_base + here] else grad_base + here
+                first, second = weight_base + here, -1
             else:
                 if not done[here]:
                     missing = here
@@ -183,13 +202,13 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
                     missing = grad_base + here + m
                 else:
                     missing = -1
-                gives = (
-                    (grad_base + here, weight_base + here) if op is op_b else (grad_base + here,)
-                )
+                first, second = grad_base + here, (weight_base + here if op is op_b else -1)
             if missing >= 0:
                 waiting.setdefault(missing, []).append(rank)
                 break
-            for key in gives:
+            for key in (first, second) if second >= 0 else (first,):
+                if done[key]:
+                    return None, position  # the same action (or B beside I/W) twice
                 done[key] = 1
                 woken = waiting.pop(key, None)
                 if woken:
@@ -197,10 +216,9 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
             append((rank, action))
             k += 1
         position[rank] = k
-    if len(order) != schedule.num_actions:
-        raise _deadlock(schedule, position)
-    schedule._derived["execution_order"] = order
-    return order
+    if len(order) != schedule.num_actions or 0 in done:
+        return None, position
+    return order, position
 
 
 def _deadlock(schedule: Schedule, position: list[int]) -> ScheduleError:

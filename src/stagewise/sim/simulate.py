@@ -9,6 +9,7 @@ The runtime follows the same rules, so the simulated Timeline is the prediction 
 from __future__ import annotations
 
 from stagewise.errors import ConfigError
+from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Op, Schedule
 from stagewise.schedules.validate import execution_order
 from stagewise.sim.costs import Costs, Link
@@ -41,47 +42,61 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
             f"costs describe {costs.num_stages} stages but schedule {schedule.name!r} has "
             f"{schedule.num_stages}: give one cost per (virtual) stage"
         )
-    # Flat arrays indexed stage * m + microbatch: when each forward / input-grad finished.
-    m, last = schedule.num_microbatches, schedule.num_stages - 1
+    with paused_gc():
+        events = _run(schedule, costs, link)
+        return Timeline.of(schedule, events, activation_bytes=costs.activation_bytes)
+
+
+def _run(schedule: Schedule, costs: Costs, link: Link) -> list[Event]:
+    """The events, in the validator's execution order (every dependency already timed).
+
+    Flat arrays, one slot per (stage, micro-batch) at stage * m + microbatch, hold when each
+    forward and each input gradient ended, with one extra block of zeros where stage 0's
+    forward reads its (absent) input and the last stage its (absent) gradient. A hop is 0.0
+    when both stages share a rank, so every action reads its inputs the same way, no branch.
+    """
+    m, num_stages = schedule.num_microbatches, schedule.num_stages
     placement = schedule.placement
-    hop = [
-        link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
-        for s in range(schedule.num_stages)
-    ]
-    durations = {op: [costs.duration(s, op) for s in range(costs.num_stages)] for op in Op}
-    forward_end = [0.0] * (schedule.num_stages * m)
-    grad_end = [0.0] * (schedule.num_stages * m)
+    hop = [link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
+           for s in range(num_stages)]
+    # forward_hop[s]: into stage s from s - 1; grad_hop[s]: into stage s from s + 1.
+    forward_hop = [0.0] + [hop[s - 1] if placement[s - 1] != placement[s] else 0.0
+                           for s in range(1, num_stages)]
+    grad_hop = [hop[s] if placement[s + 1] != placement[s] else 0.0
+                for s in range(num_stages - 1)] + [0.0]
+    forward, weight = costs.forward, costs.weight
+    full = costs.backward
+    inputs = [b - w for b, w in zip(full, weight, strict=True)]
+    # forward_end[(s + 1) * m + j]: forward of (s, j) ended; block 0 is zeros (stage 0's input).
+    forward_end = [0.0] * ((num_stages + 1) * m)
+    # grad_end[s * m + j]: B or I of (s, j) ended; the last block is zeros (the loss).
+    grad_end = [0.0] * ((num_stages + 1) * m)
     free_at = [0.0] * schedule.num_ranks
-    events = []
-    op_f, op_w = Op.F, Op.W
+    events: list[Event] = []
+    append = events.append
+    op_f, op_w, op_b = Op.F, Op.W, Op.B
     make_event = tuple.__new__  # Event(...) without the NamedTuple constructor's overhead
     for rank, (stage, op, j) in execution_order(schedule):
         here = stage * m + j
-        ready = free_at[rank]
+        start = free_at[rank]
         if op is op_f:
-            if stage > 0:
-                t = forward_end[here - m]
-                if placement[stage - 1] != rank:
-                    t += hop[stage - 1]
-                if t > ready:
-                    ready = t
+            t = forward_end[here] + forward_hop[stage]
+            if t > start:
+                start = t
+            end = forward_end[here + m] = start + forward[stage]
         elif op is op_w:
-            if grad_end[here] > ready:
-                ready = grad_end[here]
+            t = grad_end[here]
+            if t > start:
+                start = t
+            end = start + weight[stage]
         else:
-            if forward_end[here] > ready:
-                ready = forward_end[here]
-            if stage < last:
-                t = grad_end[here + m]
-                if placement[stage + 1] != rank:
-                    t += hop[stage]
-                if t > ready:
-                    ready = t
-        end = ready + durations[op][stage]
+            t = forward_end[here + m]
+            if t > start:
+                start = t
+            t = grad_end[here + m] + grad_hop[stage]
+            if t > start:
+                start = t
+            end = grad_end[here] = start + (full[stage] if op is op_b else inputs[stage])
         free_at[rank] = end
-        if op is op_f:
-            forward_end[here] = end
-        elif op is not op_w:
-            grad_end[here] = end
-        events.append(make_event(Event, (rank, stage, op, j, ready, end)))
-    return Timeline.of(schedule, events, activation_bytes=costs.activation_bytes)
+        append(make_event(Event, (rank, stage, op, j, start, end)))
+    return events

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import accumulate
+from operator import itemgetter, sub
 from typing import NamedTuple
 
+from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Op, Schedule
 
 __all__ = ["Bubble", "Event", "RankStats", "Timeline"]
+
+_START, _END = itemgetter(4), itemgetter(5)  # an Event's start and end
 
 
 class Event(NamedTuple):
@@ -110,9 +114,10 @@ class Timeline:
         by_time = itemgetter(4, 5)  # (start, end)
         for row in by_rank:
             row.sort(key=by_time)
-        busy = tuple(sum(e.end - e.start for e in row) for row in by_rank)
+        # sum(e.end - e.start for e in row), the same additions in the same order, in C
+        busy = tuple(sum(map(sub, map(_END, row), map(_START, row))) for row in by_rank)
         first = min((row[0].start for row in by_rank if row), default=0.0)
-        last = max((e.end for e in self.events), default=0.0)
+        last = max(map(_END, self.events), default=0.0)
         object.__setattr__(self, "_by_rank", tuple(tuple(row) for row in by_rank))
         object.__setattr__(self, "_busy", busy)
         object.__setattr__(self, "_span", (first, last))
@@ -181,31 +186,28 @@ class Timeline:
         Levels are stage-micro-batch units, or bytes when ``in_bytes`` (needs
         ``activation_bytes``).
         """
+        times, levels = self._levels(rank, in_bytes)
+        return [(self.start, 0.0), *zip(times, levels, strict=True)]
+
+    def _levels(self, rank: int, in_bytes: bool) -> tuple[list[float], list[float]]:
+        """The times the level of ``rank`` changes, and the level after each change."""
         if in_bytes and self.activation_bytes is None:
             raise ValueError("this timeline has no activation sizes; pass activation_bytes")
-        changes: list[tuple[float, int, float]] = []
-        for e in self._by_rank[rank]:
-            size = self._size(e.stage, in_bytes)
-            if e.op is Op.F:
-                changes.append((e.start, 1, size))
-            elif e.op is Op.B or e.op is Op.W:  # B, or W when split: never both
-                changes.append((e.end, 0, -size))
-        changes.sort()  # at equal times frees (0) come before allocations (1)
-        level, steps = 0.0, [(self.start, 0.0)]
-        for time, _, delta in changes:
-            level += delta
-            steps.append((time, level))
-        return steps
-
-    def _size(self, stage: int, in_bytes: bool) -> float:
-        if in_bytes:
-            assert self.activation_bytes is not None
-            return self.activation_bytes[stage]
-        return 1.0 / self.num_chunks
+        size = self.activation_bytes if in_bytes else [1.0 / self.num_chunks] * self.num_stages
+        assert size is not None
+        row = self._by_rank[rank]
+        op_f, op_b, op_w = Op.F, Op.B, Op.W
+        # A forward allocates when it starts; B, or W when split (never both), frees when it
+        # ends. Each list is already in time order, so the sort only merges the two.
+        with paused_gc():
+            changes = [(e.start, 1, size[e.stage]) for e in row if e.op is op_f]
+            changes += [(e.end, 0, -size[e.stage]) for e in row if e.op is op_b or e.op is op_w]
+            changes.sort()  # at equal times frees (0) come before allocations (1)
+            return [c[0] for c in changes], list(accumulate(c[2] for c in changes))
 
     def peak_activations(self, rank: int, in_bytes: bool = False) -> float:
         """Largest live activation level of ``rank`` during the step."""
-        return max(level for _, level in self.live_activations(rank, in_bytes))
+        return max(0.0, max(self._levels(rank, in_bytes)[1], default=0.0))  # 0 at the start
 
     def rank_stats(self) -> list[RankStats]:
         """Busy, idle and peak activations of every rank."""
