@@ -154,8 +154,8 @@ def _assert_config_is_the_plan(config: RunConfig, plan: dict, seq: int) -> None:
     """Every knob of the emitted file equals the plan's own JSON."""
     assert (config.mesh.pp, config.mesh.dp, config.mesh.tp) == (plan["pp"], plan["dp"], plan["tp"])
     assert config.schedule.name == plan["schedule"]
-    assert config.schedule.chunks == plan["num_chunks"]
-    assert config.schedule.microbatches == plan["num_microbatches"]
+    assert config.schedule.num_chunks == plan["num_chunks"]
+    assert config.schedule.num_microbatches == plan["num_microbatches"]
     assert config.batch.micro_batch_size == plan["micro_batch_size"]
     assert config.batch.seq_len == seq
     assert config.training.recompute == plan["recompute"]
@@ -224,7 +224,7 @@ def test_toy_option_keeps_the_layout_and_shrinks_the_model(
     config = load_run_config(path)
     _assert_config_is_the_plan(config, doc["recommended"], 32)  # sequences cut to 32 tokens
     hf = config.model.hf_config
-    stages = config.mesh.pp * config.schedule.chunks
+    stages = config.mesh.pp * config.schedule.num_chunks
     assert hf["num_hidden_layers"] == max(2, stages) and hf["hidden_size"] <= 128
     assert hf["num_attention_heads"] % config.mesh.tp == 0
     assert hf["num_key_value_heads"] % config.mesh.tp == 0

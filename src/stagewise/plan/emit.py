@@ -23,7 +23,6 @@ from stagewise.plan.memory import GIB
 from stagewise.plan.models import ModelSpec, hf_family_and_config, toy_model
 from stagewise.runconfig import (
     BatchConfig,
-    MeshConfig,
     ModelConfig,
     RunConfig,
     ScheduleConfig,
@@ -90,8 +89,9 @@ def run_config(
                      f"{model.hidden}, sequences of {seq} tokens; the predictions above are "
                      "for the planned model")
     return RunConfig(
-        mesh=MeshConfig(pp=cfg.pp, dp=cfg.dp, tp=cfg.tp),
-        schedule=ScheduleConfig(cfg.schedule, chunks=cfg.num_chunks, microbatches=plan.num_microbatches),
+        mesh=cfg.mesh,
+        schedule=ScheduleConfig(cfg.schedule, num_chunks=cfg.num_chunks,
+                                num_microbatches=plan.num_microbatches),
         batch=BatchConfig(global_batch=training.global_batch,
                           micro_batch_size=cfg.micro_batch_size, seq_len=seq),
         training=TrainingConfig(steps=steps, lr=lr, recompute=cfg.recompute),

@@ -20,7 +20,7 @@ from stagewise.plan.flops import (
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.memory import GIB, MemoryBreakdown
 from stagewise.plan.models import ModelSpec
-from stagewise.plan.pipeline_cache import PipelineCache
+from stagewise.plan.pipeline_cache import PipelineCache, reduced_microbatches
 from stagewise.plan.rank import RankSizes, rank_memory, rank_sizes
 from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
 from stagewise.plan.steptime import StageProfile, StepTime, stage_profile, step_time
@@ -181,7 +181,9 @@ def evaluate(
     cache = cache or PipelineCache()
     m = config.num_microbatches(training)
     layers = split_layers(model.layers, config.pp * config.num_chunks)
-    schedule = cache.schedule(config.schedule, config.pp, m, config.num_chunks)
+    # The placement of the schedule: the same for every m, so built at a small one.
+    small_m = reduced_microbatches(config.pp, m, config.schedule)[0]
+    schedule = cache.schedule(config.schedule, config.pp, small_m, config.num_chunks)
     sizes = rank_sizes(model, training, config, layers, schedule.placement)
     memory = _most_loaded(
         model, training, config, layers, sizes, cache, m, constants, cluster.gpu.memory_gib
@@ -202,7 +204,8 @@ def evaluate(
         )
 
     def bound() -> float:
-        return costs().busiest(schedule)
+        splits = cache.splits_backward(config.schedule, config.pp, m, config.num_chunks)
+        return costs().busiest(schedule, m, splits)
 
     return Plan(model, cluster, training, config, m, layers, memory, estimate, bound)
 

@@ -12,12 +12,14 @@ the plan's own costs, so the rounding touches the bubble alone. One cache lives 
 nothing is kept between calls.
 
 Peak activation memory depends only on the order of each rank's actions, not on the costs.
-For every rank the cache keeps, from a timeline of that rank's actions in schedule order
-(what any simulation of the schedule gives the rank, minus the waits), the count of live
-micro-batches
-of each of its stages at every change point (``Timeline.live_activations`` with one stage
-weighted at a time), pruned to the points no other point dominates; a plan's peak bytes is
-the largest weighted sum over them, exactly what ``peak_activations(in_bytes=True)`` returns.
+For every rank the cache keeps the count of live micro-batches of each of its stages after
+every forward (F adds one; B, or W when the backward is split, frees one: the rules of
+``Timeline.live_activations``, which any simulation of the schedule follows), pruned to the
+points no other point dominates; a plan's peak bytes is the largest weighted sum over them,
+exactly what ``peak_activations(in_bytes=True)`` returns.
+
+A search sizes thousands of plans but times few, so schedules are generated without the
+validator, which runs (once per schedule) only before a schedule is simulated.
 
 Point-to-point costs differ per stage boundary (inside a node or across nodes), so each
 boundary's transfer time in seconds is passed as ``send_bytes`` with a link of unit bandwidth.
@@ -27,10 +29,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from stagewise.schedules import Op, Schedule, build
-from stagewise.sim import Bubble, Costs, Event, Link, Timeline, simulate
+from stagewise.schedules import Op, Schedule, build, check, get
+from stagewise.sim import Bubble, Costs, Link, simulate
 
 __all__ = ["PipelineCache", "PipelineRun"]
 
@@ -58,32 +60,47 @@ class PipelineCache:
 
     def __init__(self) -> None:
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
-        self._live: dict[tuple[str, int, int, int], list[list[tuple[float, ...]]]] = {}
+        self._live: dict[tuple[str, int, int, int, int], list[tuple[float, ...]]] = {}
         self._runs: dict[tuple[object, ...], _UnitRun] = {}
+        self._splits: dict[tuple[str, int, int, int], bool] = {}
         self.simulations = 0
 
     def schedule(self, name: str, p: int, m: int, v: int) -> Schedule:
-        """The validated schedule ``name`` for p ranks, m micro-batches, v chunks per rank."""
+        """The schedule ``name`` for p ranks, m micro-batches, v chunks per rank (not yet
+        validated: :meth:`run` validates it before simulating)."""
         key = (name, p, m, v)
         if key not in self._schedules:
-            self._schedules[key] = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
+            generator = get(name)
+            if generator.fixed_chunks is not None and v != generator.fixed_chunks:
+                build(name, num_ranks=p, num_microbatches=m, num_chunks=v)  # raises, says why
+            self._schedules[key] = generator.make(p, m, v)
         return self._schedules[key]
 
+    def splits_backward(self, name: str, p: int, m: int, v: int) -> bool:
+        """Whether the schedule runs I and W apart (its weight gradients can fill bubbles)."""
+        key = (name, p, reduced_microbatches(p, m, name)[0], v)
+        if key not in self._splits:
+            self._splits[key] = self.schedule(*key).splits_backward
+        return self._splits[key]
+
     def _live_points(self, name: str, p: int, m: int, v: int, rank: int) -> list[tuple[float, ...]]:
-        key = (name, p, m, v)
+        """Undominated live counts of ``rank``; computed at m1 and m2 (see
+        :func:`reduced_microbatches`) when they agree (the schedule's in-flight counts have
+        saturated, as for 1F1B-like schedules), at m itself otherwise (GPipe keeps all m)."""
+        key = (name, p, m, v, rank)
         if key not in self._live:
-            schedule = self.schedule(name, p, m, v)
-            self._live[key] = [
-                _live_counts(_rank_order_timeline(schedule, r), r, schedule.stages_of(r))
-                for r in range(p)
-            ]
-        return self._live[key][rank]
+            m1, m2 = reduced_microbatches(p, m, name)
+            first = _live_counts(self.schedule(name, p, m1, v), rank)
+            if m2 != m1 and first != _live_counts(self.schedule(name, p, m2, v), rank):
+                first = _live_counts(self.schedule(name, p, m, v), rank)
+            self._live[key] = first
+        return self._live[key]
 
     def peak_activation_bytes(
         self, name: str, p: int, m: int, v: int, rank: int, stage_bytes: Sequence[float]
     ) -> float:
         """Peak live activation bytes of ``rank`` given one micro-batch's bytes per stage."""
-        stages = self.schedule(name, p, m, v).stages_of(rank)
+        stages = self.schedule(name, p, reduced_microbatches(p, m, name)[0], v).stages_of(rank)
         weights = [stage_bytes[s] for s in stages]
         return max(
             (sum(c * w for c, w in zip(point, weights, strict=True))
@@ -105,16 +122,13 @@ class PipelineCache:
         """Simulate one step with per-stage costs and per-boundary transfer times (seconds)."""
         ref = sum(forward) / len(forward)
         f, b = _grid(forward, ref), _grid(backward, ref)
-        if self.schedule(name, p, m, v).splits_backward:
+        if self.splits_backward(name, p, m, v):
             w = tuple(min(x, y) for x, y in zip(_grid(weight, ref, WEIGHT_GRID), b, strict=True))
         else:  # W never runs on its own: its share cannot change the timeline
             w = tuple(x / 2 for x in b)
         h = tuple(round(x / ref / HOP_STEP) * HOP_STEP for x in hops)
-        key = (name, p, m, v, f, b, w, h)
-        if key not in self._runs:
-            self._runs[key] = self._simulate(name, p, m, v, f, b, w, h)
-        unit = self._runs[key]
-        schedule = self.schedule(name, p, m, v)
+        unit = self._unit_run(name, p, m, v, (f, b, w, h))
+        schedule = self.schedule(name, p, reduced_microbatches(p, m, name)[0], v)
         busy = tuple(
             m * sum(forward[s] + backward[s] for s in schedule.stages_of(r)) for r in range(p)
         )
@@ -127,6 +141,32 @@ class PipelineCache:
             bubble=Bubble(of_step=idle / total, vs_ideal=idle / sum(busy)),
             stage_slack=tuple(x * ref for x in unit.stage_slack),
         )
+
+    def _unit_run(
+        self, name: str, p: int, m: int, v: int, costs: tuple[tuple[float, ...], ...]
+    ) -> _UnitRun:
+        """Idle time and slack in units of a mean stage forward, for m micro-batches.
+
+        Beyond :func:`reduced_microbatches`' threshold the pipeline is in its steady state,
+        whose idle time grows by the same amount with every p more micro-batches: the
+        simulations at m1 and m1 + p give it (exactly for 1F1B, ZB and DualPipeV with even
+        stages; interleaving's to within 0.5 %).
+        """
+        m1, m2 = reduced_microbatches(p, m, name)
+        runs = []
+        for size in dict.fromkeys((m1, m2)):
+            key = (name, p, size, v, *costs)
+            if key not in self._runs:
+                self._runs[key] = self._simulate(name, p, size, v, *costs)
+            runs.append(self._runs[key])
+        if len(runs) == 1:
+            return runs[0]
+        scale = (m - m1) / (m2 - m1)
+        return _UnitRun(*(
+            tuple(x + (y - x) * scale for x, y in zip(first, second, strict=True))
+            for first, second in ((runs[0].idle, runs[1].idle),
+                                  (runs[0].stage_slack, runs[1].stage_slack))
+        ))
 
     def _simulate(
         self,
@@ -141,6 +181,7 @@ class PipelineCache:
     ) -> _UnitRun:
         self.simulations += 1
         schedule = self.schedule(name, p, m, v)
+        check(schedule)  # once per schedule: the result is kept on the schedule
         costs = Costs.per_stage(forward=f, backward=b, weight=w, send_bytes=h)
         timeline = simulate(schedule, costs, Link(latency=0.0, bandwidth=1.0))
         done = [0.0] * schedule.num_stages
@@ -164,6 +205,29 @@ WEIGHT_GRID = math.log(1.05)
 HOP_STEP = 0.02  # transfer times in steps of 2 % of a mean stage forward
 
 
+# From m > STEADY_FROM x p micro-batches on (p**2 x that many actions at most), simulate two
+# smaller m and extrapolate. 2p is past 1F1B's, interleaving's and ZB's warm-up; DualPipeV's
+# phases need 3p to reach their steady state (measured against full simulations,
+# tests/test_plan_pipeline_cache.py).
+STEADY_FROM = {"dualpipev": 3}
+DEFAULT_STEADY_FROM = 2
+
+
+def reduced_microbatches(p: int, m: int, name: str = "") -> tuple[int, int]:
+    """The micro-batch counts (m1, m2) simulated for m: (m, m) up to k x p, else m1 in
+    [kp, (k+1)p) with m1 = m (mod p), and m2 = m1 + p (k = ``STEADY_FROM`` of ``name``).
+
+    Example:
+        >>> reduced_microbatches(4, 12), reduced_microbatches(4, 103)
+        ((12, 12), (11, 15))
+    """
+    k = STEADY_FROM.get(name, DEFAULT_STEADY_FROM)
+    if m <= (k + 1) * p:
+        return m, m
+    m1 = k * p + (m - k * p) % p
+    return m1, m1 + p
+
+
 def _grid(values: Sequence[float], ref: float, step: float = GRID) -> tuple[float, ...]:
     """Each value / ref, snapped to a geometric grid of ``step`` (in log; 0 stays 0)."""
     return tuple(
@@ -171,29 +235,38 @@ def _grid(values: Sequence[float], ref: float, step: float = GRID) -> tuple[floa
     )
 
 
-def _rank_order_timeline(schedule: Schedule, rank: int) -> Timeline:
-    """A timeline of ``rank``'s actions one after another, in its schedule order.
+def _live_counts(schedule: Schedule, rank: int) -> list[tuple[float, ...]]:
+    """Live micro-batches of each of ``rank``'s stages after every forward, undominated only.
 
-    A rank runs its row in order, so its live activations depend on that order alone: any
-    simulated timeline of the schedule gives this rank the same levels, change after change.
+    F adds one micro-batch of its stage; B, or W when the backward is split, frees one (the
+    rules of ``Timeline.live_activations``; a rank runs its row in order). Levels rise only
+    at an F, so the points after each F hold every peak.
     """
-    events = tuple(
-        Event(rank, action.stage, action.op, action.microbatch, float(i), float(i + 1))
-        for i, action in enumerate(schedule.actions[rank])
-    )
-    return Timeline.of(schedule, events)
+    stages = schedule.stages_of(rank)
+    column = {stage: i for i, stage in enumerate(stages)}
+    counts = [0.0] * len(stages)
+    points: set[tuple[float, ...]] = set()
+    for action in schedule.actions[rank]:
+        if action.op is Op.F:
+            counts[column[action.stage]] += 1.0
+            points.add(tuple(counts))
+        elif action.op is Op.B or action.op is Op.W:  # B, or W when split: never both
+            counts[column[action.stage]] -= 1.0
+    return _undominated(points) or [tuple(counts)]
 
 
-def _live_counts(timeline: Timeline, rank: int, stages: Sequence[int]) -> list[tuple[float, ...]]:
-    """Live micro-batches of each of ``stages`` at every change point, undominated points only."""
-    columns = []
-    for stage in stages:
-        indicator = tuple(1.0 if s == stage else 0.0 for s in range(timeline.num_stages))
-        steps = replace(timeline, activation_bytes=indicator).live_activations(rank, in_bytes=True)
-        columns.append([level for _, level in steps])
-    points = sorted(set(zip(*columns, strict=True)), reverse=True)
+def _undominated(points: set[tuple[float, ...]]) -> list[tuple[float, ...]]:
+    """The points no other point dominates (>= in every coordinate), largest first."""
+    ordered = sorted(points, reverse=True)
+    if ordered and len(ordered[0]) == 1:
+        return ordered[:1]
     kept: list[tuple[float, ...]] = []
-    for point in points:
+    if ordered and len(ordered[0]) == 2:  # a sweep: the second coordinate must rise
+        for point in ordered:
+            if not kept or point[1] > kept[-1][1]:
+                kept.append(point)
+        return kept
+    for point in ordered:
         if not any(all(k >= x for k, x in zip(other, point, strict=True)) for other in kept):
             kept.append(point)
     return kept

@@ -89,12 +89,25 @@ class StageProfile:
     weight: list[float]
     hops: list[float]
 
-    def busiest(self, schedule: Schedule) -> float:
-        """Compute time of the busiest rank over the step: no step can be shorter."""
-        m = schedule.num_microbatches
+    def busiest(self, schedule: Schedule, num_microbatches: int, splits: bool) -> float:
+        """A step cannot be shorter: max over ranks of fill + compute + drain.
+
+        ``schedule`` gives the placement (any micro-batch count), ``splits`` whether it splits
+        the backward. Rank r computes m x (its stages' forward + backward) in all. Its first
+        action is a forward of one of its stages s, which waits for the forwards (and transfers) of
+        every stage before s; its last action, a backward of one of its stages, is followed
+        by the backwards of the stages before it (not when the backward is split: a W can
+        come last). Exact for 1F1B and interleaved 1F1B with even stages and no transfers.
+        """
+        m = num_microbatches
+        head, tail = [0.0], [0.0]
+        for f, b, hop in zip(self.forward, self.backward, self.hops, strict=True):
+            head.append(head[-1] + f + hop)
+            tail.append(tail[-1] + b + hop)
         return max(
-            m * sum(self.forward[s] + self.backward[s] for s in schedule.stages_of(r))
-            for r in range(schedule.num_ranks)
+            min(head[s] for s in stages) + (0.0 if splits else min(tail[s] for s in stages))
+            + m * sum(self.forward[s] + self.backward[s] for s in stages)
+            for stages in map(schedule.stages_of, range(schedule.num_ranks))
         )
 
 
@@ -142,7 +155,7 @@ def step_time(
     gpu = cluster.gpu
     profile = profile or stage_profile(model, cluster, training, config, layers, schedule, c)
     block, hops = profile.block, profile.hops
-    m = schedule.num_microbatches
+    m = config.num_microbatches(training)
     run = cache.run(config.schedule, config.pp, m, config.num_chunks, profile.forward,
                     profile.backward, profile.weight, hops)
 
