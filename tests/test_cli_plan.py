@@ -293,3 +293,38 @@ def test_old_flag_spellings_work_with_a_deprecation_message(
     captured = capsys.readouterr()
     assert f"{old} is deprecated; use {new}" in captured.err
     assert json.loads(captured.out)["recommended"] == _json(capsys, new_argv)["recommended"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--tokens=-1e9"], "--tokens must be > 0, got -1e"),
+    (["--tokens", "1e9", "--price-per-gpu-hour=-2"], "--price-per-gpu-hour must be > 0"),
+    (["--price-per-gpu-hour", "2"], "whose length comes from --tokens: add --tokens"),
+    (["--memory-margin-gib=-1"], "--memory-margin-gib must be >= 0"),
+])
+def test_meaningless_budgets_are_refused(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert cli([*LESSON, "--nodes", "1", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_launch_line_for_a_plan_that_does_not_fit_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 70B on one node of 8 H100 never fits (lesson): the closest plan's line carries a warning.
+    assert cli([*LESSON, "--nodes", "1", "--megatron"]) == 0
+    out = capsys.readouterr().out
+    warning = out.index("# note: this plan does NOT fit")
+    assert warning < out.index("pretrain_gpt.py")
+
+
+def test_memory_margin_marks_plans_at_risk(capsys: pytest.CaptureFixture[str]) -> None:
+    fixed = ["--tp", "8", "--pp", "4", "--micro-batch-size", "1", "--recompute", "none",
+             "--schedule", "1f1b", "--no-sequence-parallel", "--dp-sharding", "none", "--json"]
+    plan = _json(capsys, [*LESSON, "--nodes", "4", *fixed])["recommended"]
+    free = plan["memory_limit_gib"] - plan["memory_gib"]["total"]
+    assert plan["headroom_gib"] == pytest.approx(free, abs=1e-9)
+    assert plan["at_risk"] is False or free < 2.0
+    wide = _json(capsys, [*LESSON, "--nodes", "4", *fixed, "--memory-margin-gib",
+                          str(free + 0.5)])["recommended"]
+    assert wide["at_risk"] is True

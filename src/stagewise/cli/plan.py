@@ -24,7 +24,13 @@ from stagewise.plan.advice import check_claim, what_would_fit
 from stagewise.plan.emit import TOY_SEQ, run_config
 from stagewise.plan.export import export_notes, megatron_command, torchtitan_toml
 from stagewise.plan.models import model_from_hf_config
-from stagewise.plan.report import best_per_layout, describe_plan, plan_to_dict, table
+from stagewise.plan.report import (
+    AT_RISK_GIB,
+    best_per_layout,
+    describe_plan,
+    plan_to_dict,
+    table,
+)
 from stagewise.plan.search import SearchResult, search
 from stagewise.plan.spec import DP_SHARDING, PRECISIONS, RECOMPUTE_MODES
 
@@ -92,7 +98,11 @@ def add_parser(verbs: Any) -> None:
     out.add_argument("--torchtitan", action="store_true", help="torchtitan TOML config")
     out.add_argument("--plot", metavar="OUT.png", help="step time vs memory of every candidate")
     out.add_argument("--tokens", type=float, help="token budget, e.g. 1e9: time and cost")
-    out.add_argument("--price-per-gpu-hour", type=float, help="price for the cost estimate")
+    out.add_argument("--price-per-gpu-hour", type=float,
+                     help="price for the cost estimate (with --tokens)")
+    out.add_argument("--memory-margin-gib", type=float, default=AT_RISK_GIB,
+                     help=f"mark a fitting plan with less free memory than this at its peak "
+                     f"as at risk (default {AT_RISK_GIB:g})")
     out.add_argument("--claim-steps-per-s", type=float,
                      help="check a claimed speed against the physical lower bound")
     emit = parser.add_argument_group("run configuration")
@@ -172,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     """Plan (see the module docstring); 0 on success, PlanError on bad input."""
     if args.seq_len is None:
         raise PlanError("give the sequence length: --seq-len N (tokens per sequence)")
+    _check_budget(args)
     if args.toy and not args.emit_config:
         raise PlanError("--toy shrinks the model of the emitted run configuration: add "
                         "--emit-config RUN.toml")
@@ -207,6 +218,21 @@ def run(args: argparse.Namespace) -> int:
         if emitted is not None:
             _print_emitted(args, emitted, cluster)
     return 0
+
+
+def _check_budget(args: argparse.Namespace) -> None:
+    """Refuse token budgets, prices and margins that mean nothing."""
+    for flag, value in (("--tokens", args.tokens), ("--price-per-gpu-hour",
+                                                    args.price_per_gpu_hour)):
+        if value is not None and not value > 0:
+            raise PlanError(f"{flag} must be > 0, got {value:g}")
+    if args.price_per_gpu_hour is not None and args.tokens is None:
+        raise PlanError(
+            "--price-per-gpu-hour prices a run, whose length comes from --tokens: add "
+            "--tokens N (the token budget, e.g. 1e12)"
+        )
+    if args.memory_margin_gib < 0:
+        raise PlanError(f"--memory-margin-gib must be >= 0, got {args.memory_margin_gib:g}")
 
 
 def _emit(args: argparse.Namespace, best: Any) -> Any:
@@ -285,21 +311,21 @@ def _print_text(
     tokens, price = args.tokens, args.price_per_gpu_hour
     if best is not None:
         print("\nrecommended:")
-        print(describe_plan(best, tokens, price))
+        print(describe_plan(best, tokens, price, args.memory_margin_gib))
     else:
         print(f"\nnothing fits in {cluster.num_gpus} x {gpu.memory_gib:g} GiB. Closest:")
-        print(describe_plan(result.plans[0], tokens, price))
+        print(describe_plan(result.plans[0], tokens, price, args.memory_margin_gib))
         if suggestions:
             print("\nwhat would fit:")
             for s in suggestions:
                 print(f"- {s.change}:")
-                print(describe_plan(s.plan, tokens, price))
+                print(describe_plan(s.plan, tokens, price, args.memory_margin_gib))
     print(f"\ntop {len(shown)}:")
-    print(table(shown))
+    print(table(shown, margin_gib=args.memory_margin_gib))
     layouts = _layouts(args, result)
     if len(layouts) > 1:
         print("\nbest plan of each TP x PP layout, side by side:")
-        print(table([plan for _, _, plan in layouts]))
+        print(table([plan for _, _, plan in layouts], margin_gib=args.memory_margin_gib))
     if claim is not None:
         print("\n" + claim.describe(cluster))
     chosen = best or result.plans[0]
@@ -325,7 +351,7 @@ def _print_json(
 
     def plan_dict(plan: Any, exports: bool = False) -> dict[str, Any]:
         return plan_to_dict(plan, tokens, price, exports and args.megatron,
-                            exports and args.torchtitan)
+                            exports and args.torchtitan, args.memory_margin_gib)
 
     best = result.best
     document: dict[str, Any] = {

@@ -62,6 +62,15 @@ class Plan:
         return self.memory.total <= self.cluster.gpu.memory_gib * GIB
 
     @property
+    def headroom_gib(self) -> float:
+        """Device memory left free at the peak, GiB (negative when the plan does not fit)."""
+        return self.cluster.gpu.memory_gib - self.memory.total / GIB
+
+    def at_risk(self, margin_gib: float) -> bool:
+        """Fits, but with less than ``margin_gib`` GiB to spare."""
+        return self.fits and self.headroom_gib < margin_gib
+
+    @property
     def reason(self) -> str | None:
         """Why the plan does not fit (None when it does)."""
         if self.fits:

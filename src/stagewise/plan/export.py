@@ -112,6 +112,8 @@ def export_notes(plan: Plan) -> list[str]:
     """Caveats of the exported launch arguments for ``plan`` (empty when exact)."""
     notes = []
     cfg = plan.config
+    if not plan.fits:
+        notes.append(f"this plan does NOT fit and will run out of memory: {plan.reason}")
     if cfg.schedule not in ("1f1b", "interleaved-1f1b") and cfg.pp > 1:
         nearest = "interleaved 1F1B" if cfg.num_chunks > 1 else "1F1B"
         notes.append(

@@ -13,7 +13,10 @@ from stagewise.plan.export import export_notes, megatron_command, torchtitan_tom
 from stagewise.plan.flops import MODEL_FLOPS_NAME
 from stagewise.plan.memory import GIB
 
+AT_RISK_GIB = 2.0  # a plan with less free memory than this at its peak is marked at risk
+
 __all__ = [
+    "AT_RISK_GIB",
     "best_per_layout",
     "describe_plan",
     "plan_row",
@@ -28,6 +31,7 @@ def plan_to_dict(
     price: float | None = None,
     megatron: bool = False,
     torchtitan: bool = False,
+    margin_gib: float = AT_RISK_GIB,
 ) -> dict[str, Any]:
     """Everything about ``plan`` a script would read (the ``--json`` form)."""
     cfg, time = plan.config, plan.time
@@ -46,6 +50,8 @@ def plan_to_dict(
         "schedule": cfg.schedule,
         "layers_per_stage": list(plan.layers),
         "fits": plan.fits,
+        "at_risk": plan.at_risk(margin_gib),
+        "headroom_gib": plan.headroom_gib,
         "memory_gib": memory,
         "memory_rank": plan.memory.rank,
         "memory_limit_gib": plan.cluster.gpu.memory_gib,
@@ -82,7 +88,10 @@ def plan_to_dict(
     return result
 
 
-def describe_plan(plan: Plan, tokens: float | None = None, price: float | None = None) -> str:
+def describe_plan(
+    plan: Plan, tokens: float | None = None, price: float | None = None,
+    margin_gib: float = AT_RISK_GIB,
+) -> str:
     """A few lines: the configuration, speed, memory and step-time breakdowns."""
     cfg, time = plan.config, plan.time
     mem = plan.memory.in_gib()
@@ -105,6 +114,9 @@ def describe_plan(plan: Plan, tokens: float | None = None, price: float | None =
     ]
     if not plan.fits:
         lines.append(f"  does not fit: {plan.reason}")
+    elif plan.at_risk(margin_gib):
+        lines.append(f"  at risk: only {plan.headroom_gib:.1f} GiB free at the peak (margin "
+                     f"{margin_gib:g} GiB): allocator peaks or a longer sequence may not fit")
     if tokens:
         hours = plan.run_hours(tokens)
         line = f"  {tokens:.3g} tokens: {hours:,.1f} h on {plan.cluster.num_gpus} GPUs"
@@ -140,7 +152,9 @@ HEADER = (
 )
 
 
-def plan_row(index: int, plan: Plan, with_time: bool = True) -> str:
+def plan_row(
+    index: int, plan: Plan, with_time: bool = True, margin_gib: float = AT_RISK_GIB
+) -> str:
     """One table row for ``plan``."""
     cfg = plan.config
     head = (
@@ -156,13 +170,13 @@ def plan_row(index: int, plan: Plan, with_time: bool = True) -> str:
         )
     else:
         speed = f"{'':>9} {'':>10} {'':>7} {'':>6} "
-    note = "" if plan.fits else "does not fit"
+    note = "does not fit" if not plan.fits else "at risk" if plan.at_risk(margin_gib) else ""
     return head + speed + f"{plan.memory.total / GIB:>6.1f}  {note}"
 
 
-def table(plans: list[Plan], with_time: bool = True) -> str:
+def table(plans: list[Plan], with_time: bool = True, margin_gib: float = AT_RISK_GIB) -> str:
     """A ranked table of ``plans``."""
-    rows = [HEADER] + [plan_row(i + 1, p, with_time) for i, p in enumerate(plans)]
+    rows = [HEADER] + [plan_row(i + 1, p, with_time, margin_gib) for i, p in enumerate(plans)]
     return "\n".join(rows)
 
 
