@@ -23,7 +23,7 @@ import torch
 
 import stagewise
 from stagewise.runtime import RankContext
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 
 CONFIG = GPTConfig(vocab=256, seq_len=128, dim=512, heads=8, layers=8)
 BATCH = 16

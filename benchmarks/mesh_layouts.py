@@ -6,7 +6,7 @@
 Layouts (the same model, the same global batch, 1F1B, one torch thread per rank):
 ``pp=2,dp=2`` (a mesh), ``dp=4`` (a mesh with pp=1: one stage, one micro-batch per replica)
 and ``pp=4`` (one pipeline). Every layout runs through the runtime itself: one ``launch`` of
-4 processes calls ``stagewise.runtime.demo.train_rank`` for each layout in turn, round after
+4 processes calls ``stagewise.train.trainer.train_rank`` for each layout in turn, round after
 round (the order rotates each round), so a noisy machine slows every layout alike. A run's
 tokens/s is train_rank's own (global tokens / median step, the first step left out, each step
 as long as its slowest rank saw it). The whole set of rounds is repeated to show the spread.
@@ -23,7 +23,7 @@ fastest of ``--reps`` timings (the cost least disturbed by other load on a share
   of each stage's flattened gradients (and of the loss) over as many ranks as the layout has
   replicas (the other ranks wait).
 
-Each layout's step is then (``stagewise.plan.measured``): the pipeline from
+Each layout's step is then (``measured_step.py`` beside this file): the pipeline from
 ``stagewise.sim.simulate(schedule, Costs.per_stage(...), Link(...))``; on each rank, after its
 stage's last backward, the data-parallel all-reduce of that stage's gradients. With one stage
 per rank and 1F1B, a stage's last backward is its rank's last action, so ``OverlappedAverage``
@@ -45,7 +45,7 @@ full-speed prediction:
   cores)``, as if every rank computed all the time with the cores shared evenly; communication
   as measured. A rank waiting for a neighbour takes no core (gloo and the runtime's mailbox
   block, they do not spin), so for a pipeline this is pessimistic.
-- ``shared cores``: ``plan.measured.shared_cores_step``, the same rules as an event simulation
+- ``shared cores``: ``measured_step.shared_cores_step``, the same rules as an event simulation
   in which the ranks computing at each instant (of every replica) share the cores evenly.
 
 Other programs on a shared machine take cores too. The report therefore also shows what
@@ -67,17 +67,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from measured_step import MeasuredCosts, predict_step, shared_cores_step  # beside this file
 from torch import nn
 
-from stagewise.plan.measured import MeasuredCosts, predict_step, shared_cores_step
-from stagewise.plan.pipeline import PipelineCache
+from stagewise.plan.pipeline_cache import PipelineCache
+from stagewise.runconfig import (
+    BatchConfig,
+    LaunchConfig,
+    ModelConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainingConfig,
+)
 from stagewise.runtime import RankContext, launch, partition
-from stagewise.runtime.demo import TrainConfig, train_rank
-from stagewise.runtime.mesh import MeshSpec
-from stagewise.runtime.saved import SavedBytes
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.engine.saved import SavedBytes
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.parallel.mesh import Mesh
 from stagewise.schedules import Schedule, build
 from stagewise.sim import Link
+from stagewise.train import Job, prepare, train_rank
 
 SCHEDULE = "1f1b"
 WORLD = 4
@@ -123,12 +131,16 @@ def _layouts(pipeline_microbatches: int, dp_microbatches: int) -> tuple[Layout, 
     )
 
 
-def _config(bench: Bench, layout: Layout) -> TrainConfig:
-    return TrainConfig(
-        schedule=layout.schedule(), steps=bench.steps, batch_size=bench.batch_size,
-        model=bench.model, progress=False, timeout=120.0,
-        mesh=MeshSpec(pp=layout.pp, dp=layout.dp) if layout.dp > 1 else None,
-    )
+def _config(bench: Bench, layout: Layout) -> Job:
+    model = bench.model
+    return prepare(RunConfig(
+        mesh=Mesh(pp=layout.pp, dp=layout.dp),
+        schedule=ScheduleConfig(SCHEDULE, num_microbatches=layout.microbatches),
+        batch=BatchConfig(global_batch=bench.batch_size, seq_len=model.seq_len),
+        training=TrainingConfig(steps=bench.steps),
+        model=ModelConfig(layers=model.layers, dim=model.dim, heads=model.heads),
+        launch=LaunchConfig(timeout=120.0),
+    ), progress=False)
 
 
 # --- measured runs ---------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from stagewise.runtime import Pipeline, RankContext, launch, partition, stages_for_rank
-from stagewise.runtime.measure import link_latency, measured_costs, measured_timeline
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.engine.measure import link_latency, measured_costs, measured_timeline
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules import Schedule, build
 from stagewise.sim import Link, simulate
 

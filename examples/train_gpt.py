@@ -16,7 +16,7 @@ import torch
 
 import stagewise
 from stagewise.runtime import RankContext, in_torchrun, torchrun_context
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 
 
 def train(context: RankContext, schedule_name: str, microbatches: int, steps: int) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from stagewise.runtime import Pipeline, RankContext, partition, stages_for_rank
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules import build
 
 CONFIG = GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=2)

@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 from stagewise.cli import cli
+from stagewise.mesh import Mesh
+from stagewise.runconfig import ModelConfig, RunConfig, ScheduleConfig, TrainingConfig
 from stagewise.schedules import build
 
 pytest.importorskip("torch")
 
-SMALL = ["--layers", "2", "--dim", "32", "--seq-len", "16", "--batch-size", "8"]
+SMALL = ["--layers", "2", "--dim", "32", "--seq-len", "16", "--global-batch", "8"]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_train_json_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "-p", "2", "-m", "4", "--steps", "8", "--json", "--out", str(tmp_path),
@@ -41,6 +44,7 @@ def test_train_json_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (tmp_path / "timeline.png").stat().st_size > 1000
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_train_split_backward_schedule_file_prints_the_comparison(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -55,6 +59,7 @@ def test_train_split_backward_schedule_file_prints_the_comparison(
     assert "rank 1:" in out and "MiB" in out
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_nan_with_check_finite_exits_1_naming_rank_and_action(
     capsys: pytest.CaptureFixture[str],
@@ -67,6 +72,7 @@ def test_nan_with_check_finite_exits_1_naming_rank_and_action(
     assert "training failed: rank 1 failed at 1F0" in err and "NonFiniteLoss" in err
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_recompute_trains_the_same_with_less_activation_memory(
     capsys: pytest.CaptureFixture[str],
@@ -85,6 +91,7 @@ def test_recompute_trains_the_same_with_less_activation_memory(
         assert after < before / 3
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_tensor_parallel_mesh_trains_like_one_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     reports = []
@@ -98,6 +105,7 @@ def test_tensor_parallel_mesh_trains_like_one_pipeline(capsys: pytest.CaptureFix
     assert sharded["losses"] == pytest.approx(plain["losses"], rel=1e-4)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_plan_emit_config_runs_under_train_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -117,22 +125,24 @@ def test_plan_emit_config_runs_under_train_config(
     assert report["mesh"] == {"pp": mesh.pp, "dp": mesh.dp, "tp": mesh.tp, "fsdp": False} == {
         "pp": 2, "dp": 1, "tp": 2, "fsdp": False}
     assert report["schedule"] == planned.schedule.name
-    assert report["num_microbatches"] == planned.schedule.microbatches
+    assert report["num_microbatches"] == planned.schedule.num_microbatches
     assert report["steps"] == 2
     assert report["tokens_per_step"] == planned.batch.global_batch * planned.batch.seq_len
     assert len(report["losses"]) == 2
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("model", ["hf:llama", "hf:gpt2"])
 @pytest.mark.timeout(180)
 def test_hugging_face_models_train(model: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "--model", model, "-s", "1f1b", "-p", "2", "-m", "2", "--steps", "6",
-                "--lr", "1e-2", "--seq-len", "16", "--batch-size", "8", "--json", "--no-plots"])
+                "--lr", "1e-2", "--seq-len", "16", "--global-batch", "8", "--json", "--no-plots"])
     assert code == 0
     losses = json.loads(capsys.readouterr().out)["losses"]
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_ranks_that_fill_only_their_stages_train_the_whole_builds_model(
     capsys: pytest.CaptureFixture[str],
@@ -142,7 +152,7 @@ def test_ranks_that_fill_only_their_stages_train_the_whole_builds_model(
     runs = {}
     for partition in ("params", "time"):
         assert cli(["train", "--model", "hf:gpt2", "-s", "1f1b", "-p", "2", "-m", "2",
-                    "--steps", "3", "--seq-len", "16", "--batch-size", "4", "--json",
+                    "--steps", "3", "--seq-len", "16", "--global-batch", "4", "--json",
                     "--no-plots", "--partition", partition]) == 0
         runs[partition] = json.loads(capsys.readouterr().out)["losses"]
     assert runs["params"] == pytest.approx(runs["time"], rel=1e-5)
@@ -154,6 +164,7 @@ def _losses(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
     return report
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_resume_repeats_the_uninterrupted_losses_on_any_layout(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -174,6 +185,7 @@ def test_resume_repeats_the_uninterrupted_losses_on_any_layout(
     assert other["losses"][4:] == pytest.approx(whole[4:], rel=1e-5)
 
 
+@pytest.mark.multiproc
 def test_resume_without_a_checkpoint_is_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -183,6 +195,7 @@ def test_resume_without_a_checkpoint_is_a_config_error(
     assert "cannot resume: no complete checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.multiproc
 def test_fsdp_with_a_split_backward_schedule_is_refused_before_launch(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -192,11 +205,13 @@ def test_fsdp_with_a_split_backward_schedule_is_refused_before_launch(
     assert "fsdp" in err and "'zb-h1'" in err and "use a schedule without I/W" in err
 
 
+@pytest.mark.multiproc
 def test_impossible_split_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "-s", "interleaved-1f1b", "-p", "4", "-m", "4", "--layers", "1",
                 "--no-plots"])
     assert code == 2
-    assert "cannot cut 3 layers into 8 stages" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "8 stages but the model has 3 layers (1 block, the embedding and the head)" in err
 
 
 def _free_port() -> int:
@@ -206,6 +221,7 @@ def _free_port() -> int:
         return port
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_same_command_runs_under_torchrun_on_two_nodes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -236,6 +252,7 @@ def test_same_command_runs_under_torchrun_on_two_nodes(
     assert report["losses"] == pytest.approx(local["losses"], rel=1e-6)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_a_failure_under_torchrun_exits_non_zero_with_the_first_error(tmp_path: Path) -> None:
     command = [
@@ -251,54 +268,70 @@ def test_a_failure_under_torchrun_exits_non_zero_with_the_first_error(tmp_path: 
     assert "NonFiniteLoss" in done.stderr
 
 
-def _merged(argv: list[str]) -> object:
+def _merged(argv: list[str]) -> RunConfig:
     """What ``stagewise train`` would run for ``argv`` (parsed and merged, nothing launched)."""
+    from stagewise.cli._train_flags import run_config
     from stagewise.cli.main import build_parser
-    from stagewise.cli.train import _apply_run_config
 
-    args = build_parser(argv).parse_args(argv)
-    args.argv = argv
-    return _apply_run_config(args)
+    return run_config(build_parser(argv).parse_args(argv), torchrun=False)
 
 
 def test_config_flags_equal_to_train_defaults_still_win(tmp_path: Path) -> None:
-    from stagewise.runconfig import (
-        MeshConfig,
-        ModelConfig,
-        RunConfig,
-        ScheduleConfig,
-        TrainingConfig,
-    )
-
     path = tmp_path / "run.toml"
     path.write_text(RunConfig(
-        mesh=MeshConfig(pp=2, dp=2),
-        schedule=ScheduleConfig(name="interleaved-1f1b", chunks=2, microbatches=4),
+        mesh=Mesh(pp=2, dp=2),
+        schedule=ScheduleConfig(name="interleaved-1f1b", num_chunks=2, num_microbatches=4),
         training=TrainingConfig(steps=5, lr=0.01, recompute="full"),
         model=ModelConfig(layers=8, dim=32),
     ).to_toml())
     plain = _merged(["train", "--config", str(path)])
-    assert (plain.steps, plain.lr, plain.recompute, plain.chunks, plain.layers) == (  # type: ignore[attr-defined]
-        5, 0.01, True, 2, 8)
+    assert (plain.training.steps, plain.training.lr, plain.training.recompute,
+            plain.schedule.num_chunks, plain.model.layers) == (5, 0.01, "full", 2, 8)
     # 30 steps, lr 3e-3 and 6 layers are train's own defaults: given, they still override.
     given = _merged(["train", "--config", str(path), "--steps", "30", "--lr", "3e-3",
                      "--layers", "6", "--no-recompute"])
-    assert (given.steps, given.lr, given.recompute, given.layers) == (  # type: ignore[attr-defined]
-        30, 3e-3, False, 6)
-    assert given.mesh == "pp=2,dp=2" and given.microbatches == 4  # type: ignore[attr-defined]
+    assert (given.training.steps, given.training.lr, given.training.recompute,
+            given.model.layers) == (30, 3e-3, "none", 6)
+    assert given.mesh == Mesh(pp=2, dp=2) and given.schedule.num_microbatches == 4
     # Another schedule on the command line does not inherit the file's v.
     other = _merged(["train", "--config", str(path), "-s", "1f1b"])
-    assert (other.schedule, other.chunks) == ("1f1b", None)  # type: ignore[attr-defined]
+    assert (other.schedule.name, other.schedule.num_chunks) == ("1f1b", 1)
     same = _merged(["train", "--config", str(path), "-s", "interleaved-1f1b"])
-    assert same.chunks == 2  # type: ignore[attr-defined]
+    assert same.schedule.num_chunks == 2
     # A schedule file brings its own sizes; another model does not take the file's shape.
-    csv = _merged(["train", "--config", str(path), "--schedule-file", "s.csv"])
-    assert (csv.schedule, csv.chunks, csv.microbatches) == (None, None, None)  # type: ignore[attr-defined]
+    build("1f1b", num_ranks=2, num_microbatches=6).save_csv(tmp_path / "s.csv")
+    csv = _merged(["train", "--config", str(path), "--schedule-file", str(tmp_path / "s.csv")])
+    assert (csv.schedule.file, csv.schedule.num_chunks, csv.schedule.num_microbatches) == (
+        str(tmp_path / "s.csv"), 1, 6)
     hf = _merged(["train", "--config", str(path), "--model", "hf:llama"])
-    assert (hf.model, hf.layers, hf.dim, hf.model_config) == (  # type: ignore[attr-defined]
-        "hf:llama", 6, 64, None)
+    assert (hf.model.spec, hf.model.layers, hf.model.dim, hf.model.hf_config) == (
+        "hf:llama", None, None, {})
 
 
+def test_flags_that_contradict_are_refused(tmp_path: Path) -> None:
+    from stagewise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"-p 3 disagrees with --mesh pp=2,dp=2 \(pp=2\)"):
+        _merged(["train", "-p", "3", "--mesh", "pp=2,dp=2"])
+    build("1f1b", num_ranks=2, num_microbatches=4).save_csv(tmp_path / "s.csv")
+    with pytest.raises(ConfigError, match=r"-m 8 disagrees with .*s.csv, which has 4"):
+        _merged(["train", "--schedule-file", str(tmp_path / "s.csv"), "-m", "8"])
+    with pytest.raises(ConfigError, match=r"schedule file .*s.csv has 2 ranks but the mesh has "
+                                          r"pp=3"):
+        _merged(["train", "--schedule-file", str(tmp_path / "s.csv"), "-p", "3"])
+    with pytest.raises(ConfigError, match=r"lr must be a positive number, got nan"):
+        _merged(["train", "--lr", "nan"])
+
+
+def test_batch_size_still_works_with_a_deprecation_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = _merged(["train", "--batch-size", "24"])
+    assert config.batch.global_batch == 24
+    assert "--batch-size is deprecated; use --global-batch" in capsys.readouterr().err
+
+
+@pytest.mark.multiproc
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without GPUs"
 )
@@ -316,8 +349,8 @@ def test_device_cuda_refuses_more_local_ranks_than_gpus(
 ) -> None:
     import torch
 
-    from stagewise.cli.train import _check_gpus
     from stagewise.errors import ConfigError
+    from stagewise.train.trainer import check_gpus as _check_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     _check_gpus(1, "local processes")

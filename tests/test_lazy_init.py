@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from stagewise.runtime.lazy_init import Materializer, empty_parameters, is_empty  # noqa: E402
+from stagewise.runtime.models.lazy_init import Materializer, empty_parameters, is_empty  # noqa: E402
 
 
 def test_only_the_calling_thread_builds_empty_and_the_patch_is_removed() -> None:

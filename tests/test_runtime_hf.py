@@ -25,10 +25,10 @@ pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 
 from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.hf_models import build_hf_model, hf_layers, hf_parts  # noqa: E402
-from stagewise.runtime.models import resolve_model  # noqa: E402
-from stagewise.runtime.tiny_gpt import lm_loss  # noqa: E402
-from stagewise.runtime.verify_models import ModelCase, check_model_rank  # noqa: E402
+from stagewise.runtime.models.hf_models import build_hf_model, hf_layers, hf_parts  # noqa: E402
+from stagewise.runtime.models.resolve import resolve_model  # noqa: E402
+from stagewise.runtime.models.tiny_gpt import lm_loss  # noqa: E402
+from workers.models import ModelCase, check_model_rank  # noqa: E402
 
 LLAMA = {
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -124,6 +124,7 @@ def test_tied_embedding_is_one_parameter_and_a_tie(
     assert first is parts.layers[last].get_parameter(tie[last])
 
 
+@pytest.mark.multiproc
 def test_pipelined_models_equal_one_process() -> None:
     cases = [
         ModelCase("llama", "1f1b", LLAMA),
@@ -187,7 +188,7 @@ def test_resolve_model_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model("tiny", seq_len=8).seq_len == 8
     parts = resolve_model("hf:gpt2", config=GPT2, seq_len=8)
     assert parts.name == "hf:gpt2" and len(parts.layers) == 4 and parts.seq_len == 8
-    made = resolve_model("py:stagewise.runtime.model_parts:tiny_gpt_parts")
+    made = resolve_model("py:stagewise.runtime.models.model_parts:tiny_gpt_parts")
     assert made.name == "tiny-gpt"
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     toy = resolve_model("py:test_runtime_hf:toy_lm", config={"dim": 4}, seq_len=6,
@@ -203,9 +204,9 @@ def test_resolve_model_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     ("hf:gpt2", {"names": ["h"]}, "apply to py: models only"),
     ("tiny", {"config": {"n_layer": 2}}, "takes no --model-config"),
     ("py:no_such_module_here:f", {}, "cannot import 'no_such_module_here'"),
-    ("py:stagewise.runtime.tiny_gpt", {}, "must be py:package.module:attr"),
-    ("py:stagewise.runtime.tiny_gpt:nothing", {}, "has no 'nothing'"),
-    ("py:stagewise.runtime.tiny_gpt:GPTConfig", {}, "returned GPTConfig: return an nn.Module"),
+    ("py:stagewise.runtime.models.tiny_gpt", {}, "must be py:package.module:attr"),
+    ("py:stagewise.runtime.models.tiny_gpt:nothing", {}, "has no 'nothing'"),
+    ("py:stagewise.runtime.models.tiny_gpt:GPTConfig", {}, "returned GPTConfig: return an nn.Module"),
     ("py:torch.nn:Identity", {"names": ["x"]}, "needs an nn.Embedding"),
     ("py:test_runtime_hf:toy_lm", {}, "name its submodules"),
     ("py:test_runtime_hf:toy_lm", {"config": {"width": 3}}, "calling .* failed"),
@@ -225,10 +226,11 @@ def test_missing_transformers_says_how_to_install(monkeypatch: pytest.MonkeyPatc
         hf_parts("gpt2")
 
 
+@pytest.mark.multiproc
 def test_importing_the_model_modules_does_not_import_transformers() -> None:
     code = (
-        "import sys, stagewise.runtime, stagewise.runtime.models, stagewise.runtime.hf_models, "
-        "stagewise.runtime.split_module, stagewise.runtime.verify_models; "
+        "import sys, stagewise.runtime, stagewise.runtime.models.resolve, stagewise.runtime.models.hf_models, "
+        "stagewise.runtime.models.split_module, workers.models; "
         "print('transformers' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -239,7 +241,7 @@ def test_importing_the_model_modules_does_not_import_transformers() -> None:
 def test_an_empty_build_holds_no_weights_and_has_the_planned_parameter_count() -> None:
     """Llama-2-70B built empty: no memory for its 69 B parameters, shapes the planner counts."""
     from stagewise.plan.models import get_model, hf_family_and_config
-    from stagewise.runtime.lazy_init import is_empty
+    from stagewise.runtime.models.lazy_init import is_empty
 
     planned = get_model("llama-2-70b")
     family, fields = hf_family_and_config(planned)
@@ -252,7 +254,7 @@ def test_an_empty_build_holds_no_weights_and_has_the_planned_parameter_count() -
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_layers_filled_on_their_own_equal_the_whole_build(family: str) -> None:
     """What a rank fills for its stages is what a whole build holds (ties included)."""
-    from stagewise.runtime.lazy_init import is_empty
+    from stagewise.runtime.models.lazy_init import is_empty
 
     config = {**LLAMA, "tie_word_embeddings": True} if family == "llama" else GPT2
     whole = hf_parts(family, config, seed=3)

@@ -20,6 +20,7 @@ from stagewise.errors import RuntimeFailure
 from stagewise.runtime import launch
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(60)
 def test_launch_returns_each_rank_result_in_order() -> None:
     assert launch(echo_rank, 3, (10,), timeout=50) == [(0, 3, 10), (1, 3, 11), (2, 3, 12)]
@@ -32,6 +33,7 @@ def _fail(kind: str, timeout: float = 20.0) -> tuple[str, float]:
     return str(caught.value), time.monotonic() - start
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(90)
 def test_exception_in_a_layer_stops_every_rank_and_names_rank_and_action() -> None:
     message, elapsed = _fail("raise")
@@ -43,6 +45,7 @@ def test_exception_in_a_layer_stops_every_rank_and_names_rank_and_action() -> No
     assert elapsed < 15
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(90)
 def test_nan_loss_with_check_finite_stops_the_run() -> None:
     message, elapsed = _fail("nan")
@@ -51,6 +54,7 @@ def test_nan_loss_with_check_finite_stops_the_run() -> None:
     assert elapsed < 15
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(90)
 def test_killed_rank_is_reported_and_the_others_stop() -> None:
     message, elapsed = _fail("kill")
@@ -59,6 +63,7 @@ def test_killed_rank_is_reported_and_the_others_stop() -> None:
     assert elapsed < 15
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(90)
 def test_a_hung_rank_makes_the_others_time_out() -> None:
     message, elapsed = _fail("hang", timeout=3.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stagewise.errors import ScheduleError
-from stagewise.runtime.lowering import Kind, Message, lower
+from stagewise.runtime.engine.lowering import Kind, Message, lower
 from stagewise.schedules import Schedule, build, names
 
 V_CSV = """0F0,3F0,3B0,0B0

@@ -11,15 +11,15 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from stagewise.errors import ConfigError  # noqa: E402
-from stagewise.runtime.measure import (  # noqa: E402
+from stagewise.runtime.engine.measure import (  # noqa: E402
     link_latency,
     measured_costs,
     measured_timeline,
     peak_saved_bytes,
 )
-from stagewise.runtime.microbatch import loss_weights, split_batch  # noqa: E402
-from stagewise.runtime.p2p import decode_header, encode_header  # noqa: E402
-from stagewise.runtime.saved import SavedBytes  # noqa: E402
+from stagewise.runtime.engine.microbatch import loss_weights, split_batch  # noqa: E402
+from stagewise.runtime.engine.p2p import decode_header, encode_header  # noqa: E402
+from stagewise.runtime.engine.saved import SavedBytes  # noqa: E402
 from stagewise.schedules import Op, build  # noqa: E402
 from stagewise.sim import Event  # noqa: E402
 
@@ -85,6 +85,7 @@ def test_header_round_trip(dtype: torch.dtype) -> None:
         encode_header(torch.zeros([1] * 9))
 
 
+@pytest.mark.multiproc
 def test_import_stagewise_does_not_import_torch_until_pipeline_is_used() -> None:
     code = (
         "import sys, stagewise; assert 'torch' not in sys.modules; "

@@ -19,17 +19,17 @@ from stagewise.errors import ConfigError
 torch = pytest.importorskip("torch")
 
 from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.mesh import MeshSpec, replica_slice  # noqa: E402
-from stagewise.runtime.verify_mesh import check_mesh_rank  # noqa: E402
+from stagewise.runtime.parallel.mesh import Mesh, replica_slice  # noqa: E402
+from workers.mesh import check_mesh_rank  # noqa: E402
 
-SMALL = ["--layers", "2", "--dim", "16", "--seq-len", "8", "--batch-size", "8", "-m", "2"]
+SMALL = ["--layers", "2", "--dim", "16", "--seq-len", "8", "--global-batch", "8", "-m", "2"]
 
 
 def test_parse_any_order_and_defaults() -> None:
-    assert MeshSpec.parse("pp=2,dp=2") == MeshSpec(pp=2, dp=2, tp=1)
-    assert MeshSpec.parse(" dp=3 , pp=1 ") == MeshSpec(pp=1, dp=3)
-    assert MeshSpec.parse("pp=4") == MeshSpec(pp=4, dp=1)
-    assert MeshSpec.parse("pp=2,dp=3", world_size=6).world_size == 6
+    assert Mesh.parse("pp=2,dp=2") == Mesh(pp=2, dp=2, tp=1)
+    assert Mesh.parse(" dp=3 , pp=1 ") == Mesh(pp=1, dp=3)
+    assert Mesh.parse("pp=4") == Mesh(pp=4, dp=1)
+    assert Mesh.parse("pp=2,dp=3", world_size=6).world_size == 6
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_parse_any_order_and_defaults() -> None:
 )
 def test_parse_errors_name_the_fix(text: str, world: int | None, words: str) -> None:
     with pytest.raises(ConfigError) as info:
-        MeshSpec.parse(text, world_size=world)
+        Mesh.parse(text, world_size=world)
     assert words in str(info.value)
 
 
@@ -59,10 +59,11 @@ def test_replica_slice_splits_evenly_or_refuses() -> None:
         replica_slice(batch, 3, 0)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("overlap", [False, True], ids=["after-step", "overlapped"])
 def test_pp2_dp2_equals_one_process(overlap: bool) -> None:
-    spec = MeshSpec(pp=2, dp=2)
+    spec = Mesh(pp=2, dp=2)
     results = launch(
         check_mesh_rank, 4, (spec, ["1f1b", "zb-h1", "interleaved-1f1b"], overlap),
         timeout=100, threads=1,
@@ -73,6 +74,7 @@ def test_pp2_dp2_equals_one_process(overlap: bool) -> None:
         assert not problems, "\n".join(problems[:10])
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_train_with_mesh_matches_one_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli(["train", "--mesh", "pp=2,dp=2", "--steps", "2", "--json", "--no-plots", *SMALL])
@@ -87,6 +89,7 @@ def test_train_with_mesh_matches_one_pipeline(capsys: pytest.CaptureFixture[str]
     torch.testing.assert_close(report["losses"], single["losses"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize(
     ("mesh", "words"),
     [("pp=2,dp=3", "does not split evenly")],
@@ -100,6 +103,7 @@ def test_train_bad_mesh_exits_2_with_one_line(
     assert len(err.splitlines()) == 1 and words in err
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sizes", [(2, 2, 1), (2, 1, 2)], ids=["pp2-dp2", "pp2-tp2"])
 def test_gloo_pipeline_groups_for_an_nccl_mesh_match_the_mesh(
@@ -110,7 +114,7 @@ def test_gloo_pipeline_groups_for_an_nccl_mesh_match_the_mesh(
     from runtime_workers import pipeline_groups
 
     pp, dp, tp = sizes
-    results = launch(pipeline_groups, 4, (MeshSpec(pp=pp, dp=dp, tp=tp),), timeout=50)
+    results = launch(pipeline_groups, 4, (Mesh(pp=pp, dp=dp, tp=tp),), timeout=50)
     for rank, (mesh_ranks, twin_ranks, backend) in enumerate(results):
         dp_rank, tp_rank = rank // (pp * tp), rank % tp  # rank = (dp * pp + pp_rank) * tp + tp
         expected = [(dp_rank * pp + p) * tp + tp_rank for p in range(pp)]

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from stagewise.errors import ConfigError  # noqa: E402
-from stagewise.runtime.partition import (  # noqa: E402
+from stagewise.runtime.engine.partition import (  # noqa: E402
     balance,
     layer_weights,
     partition,

@@ -15,7 +15,7 @@ import pytest
 
 from stagewise.errors import ScheduleError
 from stagewise.runtime import launch
-from stagewise.runtime.verify import Case, case_label, check_rank
+from workers.pipeline import Case, case_label, check_rank
 from stagewise.schedules import Schedule, build, names
 
 torch = pytest.importorskip("torch")
@@ -74,6 +74,7 @@ def _run(results: Results, num_ranks: int) -> list[dict[str, list[str]]]:
     return results[num_ranks]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize(("num_ranks", "label"), PARAMS, ids=[f"{p}-{lbl}" for p, lbl in PARAMS])
 def test_matches_single_process(

@@ -18,8 +18,8 @@ from torch import nn  # noqa: E402
 
 from stagewise.errors import ConfigError  # noqa: E402
 from stagewise.runtime import Pipeline, RankContext  # noqa: E402
-from stagewise.runtime.tiny_gpt import lm_loss  # noqa: E402
-from stagewise.runtime.verify import Case, check_rank  # noqa: E402
+from stagewise.runtime.models.tiny_gpt import lm_loss  # noqa: E402
+from workers.pipeline import Case, check_rank  # noqa: E402
 from stagewise.schedules import Schedule, build  # noqa: E402
 
 # Three stages on one rank, backward split into I and W, W of micro-batch 0 deferred past the

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from stagewise.runtime import launch
-from stagewise.runtime.verify import Case, case_label, check_rank
+from workers.pipeline import Case, case_label, check_rank
 from stagewise.schedules import build
 
 torch = pytest.importorskip("torch")
 
-from stagewise.runtime.recompute import recomputed  # noqa: E402
-from stagewise.runtime.saved import SavedBytes  # noqa: E402
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers  # noqa: E402
+from stagewise.runtime.engine.recompute import recomputed  # noqa: E402
+from stagewise.runtime.engine.saved import SavedBytes  # noqa: E402
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers  # noqa: E402
 
 SCHEDULES = (("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("zb-v", 2))
 
@@ -35,6 +35,7 @@ def test_recomputed_stage_saves_only_layer_inputs() -> None:
     ]
 
 
+@pytest.mark.multiproc
 def test_recomputed_pipeline_equals_one_process() -> None:
     cases = [
         Case(build(name, num_ranks=2, num_microbatches=4, num_chunks=v), batch_size=8,

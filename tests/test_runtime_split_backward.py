@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from stagewise.runtime.split_backward import backward_input  # noqa: E402
-from stagewise.runtime.tiny_gpt import Block, Embedding, GPTConfig, Head  # noqa: E402
+from stagewise.runtime.engine.split_backward import backward_input  # noqa: E402
+from stagewise.runtime.models.tiny_gpt import Block, Embedding, GPTConfig, Head  # noqa: E402
 
 CONFIG = GPTConfig(vocab=11, seq_len=6, dim=8, heads=2, layers=1)
 

@@ -14,10 +14,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.model_parts import ModelParts, stage_ties  # noqa: E402
-from stagewise.runtime.split_module import expand_names, split_by_names  # noqa: E402
-from stagewise.runtime.tiny_gpt import GPTConfig, lm_loss, make_batch  # noqa: E402
-from stagewise.runtime.verify_models import ModelCase, check_model_rank  # noqa: E402
+from stagewise.runtime.models.model_parts import ModelParts, stage_ties  # noqa: E402
+from stagewise.runtime.models.split_module import expand_names, split_by_names  # noqa: E402
+from stagewise.runtime.models.tiny_gpt import GPTConfig, lm_loss, make_batch  # noqa: E402
+from workers.models import ModelCase, check_model_rank  # noqa: E402
 
 DATA = GPTConfig(vocab=16, seq_len=6)
 
@@ -144,6 +144,7 @@ def test_unknown_name_lists_the_children() -> None:
         _split(Toy(), [])
 
 
+@pytest.mark.multiproc
 def test_pipelined_split_module_with_a_tie_across_ranks_equals_one_process() -> None:
     # TiedToyLM's head projection is its embedding: under 1F1B on 2 ranks the two copies live
     # on different ranks, under ZB-V both on rank 0 (stages 0 and 3).

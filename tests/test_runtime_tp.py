@@ -14,31 +14,32 @@ from stagewise.errors import ConfigError
 torch = pytest.importorskip("torch")
 
 from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.mesh import MeshSpec, check_shard_replicas  # noqa: E402
-from stagewise.runtime.tensor_parallel import (  # noqa: E402
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, tp_plan  # noqa: E402
+from stagewise.runtime.models.tp_plans import known_blocks_plan, llama_plan  # noqa: E402
+from stagewise.runtime.parallel.mesh import Mesh, check_shard_replicas  # noqa: E402
+from stagewise.runtime.parallel.tensor_parallel import (  # noqa: E402
     apply_tensor_parallel,
     check_tensor_parallel,
 )
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers  # noqa: E402
-from stagewise.runtime.verify_mesh import check_mesh_rank  # noqa: E402
 from stagewise.schedules.registry import build  # noqa: E402
+from workers.mesh import check_mesh_rank  # noqa: E402
 
 
 def test_parse_with_tp() -> None:
-    assert MeshSpec.parse("pp=2,dp=2,tp=2") == MeshSpec(pp=2, dp=2, tp=2)
-    assert MeshSpec.parse("tp=4, pp=2") == MeshSpec(pp=2, dp=1, tp=4)
-    assert MeshSpec.parse("tp=2,dp=3,pp=2", world_size=12).world_size == 12
+    assert Mesh.parse("pp=2,dp=2,tp=2") == Mesh(pp=2, dp=2, tp=2)
+    assert Mesh.parse("tp=4, pp=2") == Mesh(pp=2, dp=1, tp=4)
+    assert Mesh.parse("tp=2,dp=3,pp=2", world_size=12).world_size == 12
     with pytest.raises(ConfigError, match=r"needs pp\*dp\*tp = 8 ranks but the world has 4"):
-        MeshSpec.parse("pp=2,dp=2,tp=2", world_size=4)
+        Mesh.parse("pp=2,dp=2,tp=2", world_size=4)
     with pytest.raises(ConfigError, match="tp=0"):
-        MeshSpec.parse("pp=2,tp=0")
+        Mesh.parse("pp=2,tp=0")
 
 
 def test_parse_fsdp_is_sharded_dp() -> None:
-    assert MeshSpec.parse("pp=2,fsdp=2,tp=2") == MeshSpec(pp=2, dp=2, tp=2, dp_shard=True)
-    assert MeshSpec.parse("fsdp=4").world_size == 4
+    assert Mesh.parse("pp=2,fsdp=2,tp=2") == Mesh(pp=2, dp=2, tp=2, dp_shard=True)
+    assert Mesh.parse("fsdp=4").world_size == 4
     with pytest.raises(ConfigError, match="dp and fsdp are the same axis"):
-        MeshSpec.parse("dp=2,fsdp=2")
+        Mesh.parse("dp=2,fsdp=2")
 
 
 def test_fsdp_refuses_split_backward_and_ties() -> None:
@@ -51,13 +52,13 @@ def test_fsdp_refuses_split_backward_and_ties() -> None:
 
 def test_check_counts_blocks_and_names_what_does_not_divide() -> None:
     model = torch.nn.Sequential(*gpt_layers(GPTConfig(dim=16, heads=4, layers=3)))
-    assert check_tensor_parallel(model, 4) == 3
-    assert check_tensor_parallel(model, 1) == 0
+    assert check_tensor_parallel(model, 4, tp_plan) == 3
+    assert check_tensor_parallel(model, 1, tp_plan) == 0
     odd = torch.nn.Sequential(*gpt_layers(GPTConfig(dim=12, heads=3, layers=1)))
     with pytest.raises(ConfigError, match="tp=2 does not divide the 3 attention heads"):
-        check_tensor_parallel(odd, 2)
+        check_tensor_parallel(odd, 2, tp_plan)
     with pytest.raises(ConfigError, match="1-D DeviceMesh"):
-        apply_tensor_parallel(model, "tp")
+        apply_tensor_parallel(model, "tp", tp_plan)
 
 
 def _llama(heads: int, kv_heads: int) -> torch.nn.Module:
@@ -70,21 +71,21 @@ def _llama(heads: int, kv_heads: int) -> torch.nn.Module:
 
 
 def test_check_llama_heads_and_kv_heads() -> None:
-    assert check_tensor_parallel(_llama(4, 2), 2) == 2
+    assert check_tensor_parallel(_llama(4, 2), 2, llama_plan) == 2
     with pytest.raises(ConfigError, match=r"the 6 attention heads.*num_attention_heads"):
-        check_tensor_parallel(_llama(6, 2), 4)
+        check_tensor_parallel(_llama(6, 2), 4, llama_plan)
     with pytest.raises(ConfigError, match="tp=2 does not divide the 1 key/value heads"):
-        check_tensor_parallel(_llama(4, 1), 2)
+        check_tensor_parallel(_llama(4, 1), 2, llama_plan)
 
 
 def test_unrecognised_blocks_are_refused() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=64, n_positions=8, n_embd=16, n_layer=1, n_head=2)
     with pytest.raises(ConfigError, match=r"not supported for GPT-2.*use tp=1"):
-        check_tensor_parallel(transformers.GPT2Model(config), 2)
+        check_tensor_parallel(transformers.GPT2Model(config), 2, known_blocks_plan)
     layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
     with pytest.raises(ConfigError, match="not supported for TransformerEncoderLayer"):
-        check_tensor_parallel(torch.nn.Sequential(layer), 2)
+        check_tensor_parallel(torch.nn.Sequential(layer), 2, known_blocks_plan)
 
 
 def _no_problems(results: list[dict[str, list[str]]], names: list[str]) -> None:
@@ -93,33 +94,36 @@ def _no_problems(results: list[dict[str, list[str]]], names: list[str]) -> None:
         assert not problems, "\n".join(problems[:10])
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(150)
 def test_pp2_tp2_equals_one_process() -> None:
     # One launch also checks Llama decoder layers sharded over each tp group (pp=1, tp=2):
     # output, input gradient and every parameter gradient against the unsharded copy.
     pytest.importorskip("transformers")
     names = ["1f1b", "zb-h1"]
-    results = launch(check_mesh_rank, 4, (MeshSpec(pp=2, tp=2), names, False, True), timeout=130)
+    results = launch(check_mesh_rank, 4, (Mesh(pp=2, tp=2), names, False, True), timeout=130)
     assert len(results) == 4
     _no_problems(results, [*names, "llama"])
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(150)
 def test_pp2_dp2_tp2_equals_one_process() -> None:
     # dp averaging of DTensor gradients both ways: after the step (1f1b) and overlapped with
     # it, as train runs it (interleaved-1f1b).
     names = ["1f1b", "interleaved-1f1b"]
-    spec = MeshSpec(pp=2, dp=2, tp=2)
+    spec = Mesh(pp=2, dp=2, tp=2)
     results = launch(check_mesh_rank, 8, (spec, names, ["interleaved-1f1b"]), timeout=130)
     assert len(results) == 8
     _no_problems(results, names)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(150)
 def test_pp2_fsdp2_equals_one_process() -> None:
     # FSDP2 over dp: weights, gradients and optimizer state sharded; no averaging call.
     names = ["1f1b", "interleaved-1f1b"]
-    spec = MeshSpec(pp=2, dp=2, dp_shard=True)
+    spec = Mesh(pp=2, dp=2, dp_shard=True)
     results = launch(check_mesh_rank, 4, (spec, names), timeout=130)
     assert len(results) == 4
     _no_problems(results, names)
@@ -130,10 +134,10 @@ def test_tensor_parallel_over_a_model_without_blocks_is_refused(
 ) -> None:
     from pathlib import Path
 
-    from stagewise.runtime.demo import TrainConfig
+    from stagewise.train.trainer import TrainConfig
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     with pytest.raises(ConfigError, match=r"tp=2 but model .*no block.*use tp=1"):
         TrainConfig(schedule=build("1f1b", num_ranks=2, num_microbatches=2), steps=2, batch_size=4,
-                    mesh=MeshSpec(pp=2, dp=1, tp=2), model_spec="py:test_runtime_hf:toy_lm",
+                    mesh=Mesh(pp=2, dp=1, tp=2), model_spec="py:test_runtime_hf:toy_lm",
                     split_names=("embed", "blocks", "head"))

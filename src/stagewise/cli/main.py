@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from stagewise import __version__
 from stagewise.errors import StagewiseError
 
 __all__ = ["cli", "main"]
@@ -23,7 +24,7 @@ VERBS = {
     "simulate": "simulate one schedule: makespan, bubble, idle and activations per rank",
     "show": "print a schedule's actions per rank (and write it as CSV)",
     "compare": "every registered schedule side by side",
-    "train": "train a small GPT on local ranks with any schedule (or under torchrun)",
+    "train": "train a model on local ranks with any schedule (or under torchrun)",
     "plan": "plan tensor x pipeline x data parallelism for a model on a cluster",
 }
 
@@ -32,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake on one line and exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"stagewise: error: {message} (see stagewise {self.prog.split()[-1]} -h)\n")
+        # prog is "stagewise" for the top level and "stagewise train" for a verb.
+        self.exit(2, f"stagewise: error: {message} (see {self.prog} -h)\n")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -41,6 +43,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="stagewise",
         description="Pipeline-parallel schedules: simulate, compare, draw, train and plan.",
     )
+    parser.add_argument("--version", action="version", version=f"stagewise {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     chosen = next((a for a in argv or () if not a.startswith("-")), None)
     for verb, summary in VERBS.items():

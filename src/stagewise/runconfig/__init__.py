@@ -1,21 +1,22 @@
-"""A run as a file: :class:`RunConfig`, written as TOML and read back with clear errors.
+"""A run as one object: :class:`RunConfig`, written as TOML and read back with clear errors.
 
 ``stagewise plan ... --emit-config run.toml`` writes one; ``stagewise train --config run.toml``
-runs it. The file holds everything the trainer needs (mesh, schedule, micro-batches, batch,
-recompute, model) and, for the reader, what the planner predicted (``[source]``)::
+runs it; ``stagewise train``'s flags build the same object (flags are overrides applied to the
+file's, or to the defaults). The file holds everything the trainer needs and, for the reader,
+what the planner predicted (``[source]``)::
 
     [mesh]
     pp = 2
     dp = 2
-    tp = 2
+    tp = 2                # dp_shard = true: FSDP2 over the replicas (--mesh pp=2,fsdp=2)
 
     [schedule]
     name = "interleaved-1f1b"
-    chunks = 2            # v, virtual stages per pipeline rank
-    microbatches = 8      # m, per replica and step
+    num_chunks = 2        # v, chunks (virtual stages) per pipeline rank
+    num_microbatches = 8  # m, per replica and step
 
     [batch]
-    global_batch = 32     # sequences per step = micro_batch_size x microbatches x dp
+    global_batch = 32     # sequences per step = micro_batch_size x num_microbatches x dp
     micro_batch_size = 2
     seq_len = 64
 
@@ -31,26 +32,33 @@ recompute, model) and, for the reader, what the planner predicted (``[source]``)
     hidden_size = 64
     ...
 
+    [checkpoint]          # optional: dir, save_every, keep, resume
+    [launch]              # optional: device, timeout, threads
+
 Every key has a default (``stagewise train``'s), so a file names only what it changes. Pure
-Python: importing this module imports neither torch nor transformers.
+Python: importing this package imports neither torch nor transformers.
 """
 
-from stagewise.runconfig.config import (
+from stagewise.mesh import Mesh
+from stagewise.runconfig.config import RunConfig
+from stagewise.runconfig.load import load_run_config, parse_run_config
+from stagewise.runconfig.model import ModelConfig
+from stagewise.runconfig.sections import (
     RECOMPUTE,
     BatchConfig,
-    MeshConfig,
-    ModelConfig,
-    RunConfig,
+    CheckpointConfig,
+    LaunchConfig,
     ScheduleConfig,
     SourceInfo,
     TrainingConfig,
 )
-from stagewise.runconfig.load import load_run_config, parse_run_config
 
 __all__ = [
     "RECOMPUTE",
     "BatchConfig",
-    "MeshConfig",
+    "CheckpointConfig",
+    "LaunchConfig",
+    "Mesh",
     "ModelConfig",
     "RunConfig",
     "ScheduleConfig",

@@ -1,171 +1,30 @@
-"""The sections of a run configuration as frozen dataclasses, each checked on construction."""
+"""One training run, complete: :class:`RunConfig`, the one type behind the TOML file, ``--config``
+and ``stagewise train``'s flags (flags are overrides applied to it: :meth:`RunConfig.override`)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from stagewise.errors import ConfigError, ScheduleError
-from stagewise.runconfig._toml import _check_type, _positive, _section
+from stagewise.errors import ConfigError
+from stagewise.mesh import Mesh
+from stagewise.runconfig._toml import _section
 from stagewise.runconfig.model import ModelConfig
-from stagewise.schedules import build, get, names
+from stagewise.runconfig.sections import (
+    SOURCE_KEYS,
+    UNBUILT,
+    BatchConfig,
+    CheckpointConfig,
+    LaunchConfig,
+    ScheduleConfig,
+    SourceInfo,
+    TrainingConfig,
+)
 
-__all__ = [
-    "RECOMPUTE",
-    "BatchConfig",
-    "MeshConfig",
-    "ModelConfig",
-    "RunConfig",
-    "ScheduleConfig",
-    "SourceInfo",
-    "TrainingConfig",
-]
+__all__ = ["SCHEMA", "RunConfig"]
 
-RECOMPUTE = ("none", "full")
-UNBUILT = ("auto",)  # schedules not built to check a config: auto searches (seconds)
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    """Process grid: ``pp`` pipeline ranks x ``dp`` replicas x ``tp`` tensor-parallel ranks.
-
-    TP is the innermost axis (neighbouring ranks, one node), then PP, then DP.
-    """
-
-    pp: int = 1
-    dp: int = 1
-    tp: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("pp", "dp", "tp"):
-            _positive("mesh", name, getattr(self, name))
-
-    @property
-    def world_size(self) -> int:
-        """Processes the run needs: pp x dp x tp."""
-        return self.pp * self.dp * self.tp
-
-    def text(self) -> str:
-        """The ``--mesh`` value: ``pp=2,dp=2`` (``,tp=T`` only when T > 1)."""
-        return f"pp={self.pp},dp={self.dp}" + (f",tp={self.tp}" if self.tp > 1 else "")
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """The pipeline schedule.
-
-    Attributes:
-        name: a registered schedule (``stagewise compare`` lists them).
-        chunks: v, virtual stages per pipeline rank (fixed by some schedules: 1 for 1f1b,
-            2 for zb-v and dualpipev).
-        microbatches: m, micro-batches per replica and step.
-    """
-
-    name: str = "1f1b"
-    chunks: int = 1
-    microbatches: int = 8
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str):
-            raise ConfigError(f"[schedule] name must be a string, got {self.name!r}")
-        try:
-            generator = get(self.name)
-        except ScheduleError:
-            raise ConfigError(
-                f"[schedule] name = {self.name!r} is not a schedule: choose one of "
-                f"{', '.join(names())}"
-            ) from None
-        _positive("schedule", "chunks", self.chunks)
-        _positive("schedule", "microbatches", self.microbatches)
-        if generator.fixed_chunks is not None and self.chunks != generator.fixed_chunks:
-            raise ConfigError(
-                f"[schedule] chunks = {self.chunks} but {self.name} runs exactly "
-                f"{generator.fixed_chunks} chunk(s) per rank: set chunks = "
-                f"{generator.fixed_chunks} or use interleaved-1f1b"
-            )
-
-    @property
-    def takes_chunks(self) -> bool:
-        """Whether the schedule accepts any v (so ``--chunks`` must be passed)."""
-        return get(self.name).fixed_chunks is None
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    """Batch sizes: ``global_batch`` = ``micro_batch_size`` x microbatches x dp sequences."""
-
-    global_batch: int = 16
-    micro_batch_size: int = 2
-    seq_len: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("global_batch", "micro_batch_size", "seq_len"):
-            _positive("batch", name, getattr(self, name))
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """The optimisation: steps, AdamW learning rate, activation recomputation.
-
-    ``recompute``: ``"none"`` keeps every layer's activations until its backward; ``"full"``
-    keeps only each layer's input and runs the layer's forward again inside its backward
-    (``torch.utils.checkpoint`` per layer, Megatron's full/uniform with one layer per group).
-    """
-
-    steps: int = 30
-    lr: float = 3e-3
-    recompute: str = "none"
-
-    def __post_init__(self) -> None:
-        _positive("training", "steps", self.steps)
-        if self.steps < 2:
-            raise ConfigError(
-                f"[training] steps = {self.steps}: stagewise train needs steps >= 2 (the first "
-                "step is warm-up): set steps = 2 or more"
-            )
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
-            raise ConfigError(f"[training] lr must be a number, got {self.lr!r}: write lr = 0.003")
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise ConfigError(f"[training] lr must be a positive number, got {self.lr!r}")
-        object.__setattr__(self, "lr", float(self.lr))
-        if self.recompute not in RECOMPUTE:
-            raise ConfigError(
-                f"[training] recompute = {self.recompute!r}: choose one of "
-                f"{', '.join(repr(r) for r in RECOMPUTE)}"
-            )
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """What produced the file (for the reader; the trainer ignores it).
-
-    Attributes:
-        planner: the command that wrote it.
-        model: the planned model's name (``llama-2-70b``).
-        gpu: the planned device.
-        nodes, gpus_per_node: the planned cluster.
-        configuration: the plan in one line (``TP=4 PP=4 DP=2 ... zb-v``).
-        predicted_step_s: the planner's step time, seconds.
-        memory_per_gpu_gib: the planner's memory on the most loaded GPU, GiB.
-        notes: what the run does differently from the plan.
-    """
-
-    planner: str = "stagewise plan"
-    model: str = ""
-    gpu: str = ""
-    nodes: int = 1
-    gpus_per_node: int = 1
-    configuration: str = ""
-    predicted_step_s: float = 0.0
-    memory_per_gpu_gib: float = 0.0
-    notes: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.notes, list):
-            object.__setattr__(self, "notes", tuple(self.notes))
-        for name, kind in _SCHEMA["source"].items():
-            _check_type("source", name, getattr(self, name), kind)
+DEFAULT_MESH = Mesh(pp=4)  # stagewise train's default: one pipeline of 4 ranks
 
 
 @dataclass(frozen=True)
@@ -173,49 +32,72 @@ class RunConfig:
     """One training run, complete: ``stagewise train --config`` needs nothing else.
 
     Checked on construction: every section's values, then the sections together (the batch
-    splits into micro-batches, the schedule builds for pp ranks and m micro-batches, the
-    stages fit the layers, TP divides the heads, the sequence fits the positions).
+    splits over the replicas and into micro-batches, the schedule builds for pp ranks and m
+    micro-batches, the stages fit the layers, TP divides the heads, the sequence fits the
+    positions).
 
     Example:
-        >>> config = RunConfig(mesh=MeshConfig(pp=2, dp=2),
+        >>> config = RunConfig(mesh=Mesh(pp=2, dp=2),
         ...                    batch=BatchConfig(global_batch=32, micro_batch_size=2))
         >>> config.train_args()[:4]
         ['--mesh', 'pp=2,dp=2', '--schedule', '1f1b']
+        >>> config.override({"training": {"steps": 5}}).training.steps
+        5
     """
 
-    mesh: MeshConfig = field(default_factory=MeshConfig)
+    mesh: Mesh = DEFAULT_MESH
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: SourceInfo | None = None
 
     def __post_init__(self) -> None:
-        mesh, schedule, batch, model = self.mesh, self.schedule, self.batch, self.model
-        per_step = batch.micro_batch_size * schedule.microbatches * mesh.dp
-        if batch.global_batch != per_step:
+        self._check_batch()
+        if self.schedule.name not in UNBUILT:
+            self.schedule.build(self.mesh.pp)
+        self._check_model()
+
+    def _check_batch(self) -> None:
+        mesh, batch, m = self.mesh, self.batch, self.schedule.num_microbatches
+        if batch.micro_batch_size is not None:
+            per_step = batch.micro_batch_size * m * mesh.dp
+            if batch.global_batch != per_step:
+                raise ConfigError(
+                    f"[batch] global_batch = {batch.global_batch} is not micro_batch_size x "
+                    f"num_microbatches x dp = {batch.micro_batch_size} x {m} x {mesh.dp} = "
+                    f"{per_step}: set global_batch = {per_step} or change the others"
+                )
+        if batch.global_batch % mesh.dp:
             raise ConfigError(
-                f"[batch] global_batch = {batch.global_batch} is not micro_batch_size x "
-                f"microbatches x dp = {batch.micro_batch_size} x {schedule.microbatches} x "
-                f"{mesh.dp} = {per_step}: set global_batch = {per_step} or change the others"
+                f"global batch {batch.global_batch} does not split evenly over dp={mesh.dp} "
+                f"replicas: use a multiple of {mesh.dp} (--global-batch)"
             )
-        if schedule.name not in UNBUILT:
-            try:
-                build(schedule.name, num_ranks=mesh.pp, num_microbatches=schedule.microbatches,
-                      num_chunks=schedule.chunks)
-            except ScheduleError as err:
-                raise ConfigError(f"[schedule] with [mesh] pp = {mesh.pp}: {err}") from None
-        stages = mesh.pp * schedule.chunks
-        layers = model.num_layers
-        if layers is not None and stages > layers:
+        if batch.global_batch // mesh.dp < m:
+            replicas = f"each of the dp={mesh.dp} replicas gets" if mesh.dp > 1 else "the step has"
             raise ConfigError(
-                f"pp x chunks = {mesh.pp} x {schedule.chunks} = {stages} stages but the model "
-                f"has {layers} layers: lower [mesh] pp or [schedule] chunks, or add layers"
+                f"{replicas} {batch.global_batch // mesh.dp} sequences, fewer than the {m} "
+                "micro-batches: raise --global-batch or lower --microbatches"
+            )
+
+    def _check_model(self) -> None:
+        mesh, model = self.mesh, self.model
+        stages = mesh.pp * (self.schedule.num_chunks or 1)
+        blocks = model.num_layers
+        # The pipeline cuts between layers: the blocks plus the embedding and the head.
+        if blocks is not None and stages > blocks + 2:
+            raise ConfigError(
+                f"pp x num_chunks = {mesh.pp} x {self.schedule.num_chunks} = {stages} stages "
+                f"but the model has {blocks + 2} layers ({blocks} block{'s' * (blocks != 1)}, "
+                "the embedding and the head): lower [mesh] pp or [schedule] num_chunks, or add "
+                "layers"
             )
         positions = model.max_positions
-        if positions is not None and batch.seq_len > positions:
+        if positions is not None and self.batch.seq_len > positions:
             raise ConfigError(
-                f"[batch] seq_len = {batch.seq_len} is longer than the model's {positions} "
+                f"[batch] seq_len = {self.batch.seq_len} is longer than the model's {positions} "
                 "positions: shorten seq_len or raise max_position_embeddings (n_positions)"
             )
         for label, heads in (("attention heads", model.num_heads),
@@ -231,6 +113,26 @@ class RunConfig:
         """Processes the run needs (pp x dp x tp)."""
         return self.mesh.world_size
 
+    def override(self, changes: Mapping[str, Mapping[str, Any]]) -> RunConfig:
+        """This configuration with some values replaced, checked again as a whole.
+
+        ``changes`` maps a section (``"training"``) to the values it changes (``{"steps":
+        5}``); ``"mesh"`` takes a :class:`Mesh`'s fields. Changes that make other values
+        meaningless drop them: another schedule ``name`` without ``num_chunks`` takes that
+        schedule's default v; a schedule ``file`` replaces the schedule (and its sizes);
+        another model ``spec`` starts from that model's defaults (no inherited shape).
+
+        Raises:
+            ConfigError: an unknown section or key, or values that do not fit together.
+        """
+        sections = {item.name: getattr(self, item.name) for item in fields(self)}
+        for name, values in changes.items():
+            if name not in sections or name == "source":
+                raise ConfigError(f"cannot override [{name}]: the sections are "
+                                  f"{', '.join(s for s in sections if s != 'source')}")
+            sections[name] = _override(name, sections[name], dict(values))
+        return RunConfig(**sections)
+
     def train_args(self, model_config: str | None = None) -> list[str]:
         """The ``stagewise train`` flags that run this configuration.
 
@@ -244,94 +146,101 @@ class RunConfig:
             self.mesh, self.schedule, self.batch, self.training, self.model)
         args = ["--mesh", mesh.text(), "--schedule", schedule.name]
         if schedule.takes_chunks:
-            args += ["--chunks", str(schedule.chunks)]
-        args += [
-            "--microbatches", str(schedule.microbatches),
-            "--batch-size", str(batch.global_batch),
-            "--seq-len", str(batch.seq_len),
-            "--steps", str(training.steps),
-            "--lr", repr(training.lr),
-        ]
+            args += ["--chunks", str(schedule.num_chunks)]
+        args += ["--microbatches", str(schedule.num_microbatches),
+                 "--global-batch", str(batch.global_batch), "--seq-len", str(batch.seq_len),
+                 "--steps", str(training.steps), "--lr", repr(training.lr)]
         if model.spec == "tiny":
             args += ["--dim", str(model.dim), "--layers", str(model.layers)]
             if model.heads != model.default_heads:
                 args += ["--heads", str(model.heads)]
         else:
             args += ["--model", model.spec]
-        if model_config is not None:
-            args += ["--model-config", model_config]
+        if model_config is not None or model.config_file is not None:
+            args += ["--model-config", str(model_config or model.config_file)]
         if model.split:
             args += ["--split", ",".join(model.split)]
         if training.recompute == "full":
             args.append("--recompute")
         return args
 
-    def train_defaults(self) -> dict[str, Any]:
-        """The config as ``stagewise train`` argument values, keyed by argparse ``dest``.
-
-        ``parser.set_defaults(**config.train_defaults())`` before parsing makes the file the
-        defaults and flags given on the command line override it. ``model_config`` is the
-        ``hf_config`` dict itself (the trainer takes a mapping or a path); ``heads`` is None
-        when it is train's default for the width, as in :meth:`train_args`.
-        """
-        mesh, schedule, batch, training, model = (
-            self.mesh, self.schedule, self.batch, self.training, self.model)
-        values: dict[str, Any] = {
-            "mesh": mesh.text(), "schedule": schedule.name,
-            "chunks": schedule.chunks if schedule.takes_chunks else None,
-            "microbatches": schedule.microbatches, "batch_size": batch.global_batch,
-            "seq_len": batch.seq_len, "steps": training.steps, "lr": training.lr,
-            "recompute": training.recompute == "full", "model": model.spec,
-            "model_config": dict(model.hf_config) if model.hf_config else None,
-            "split": ",".join(model.split) if model.split else None,
-        }
-        if model.spec == "tiny":
-            heads = None if model.heads == model.default_heads else model.heads
-            values.update(dim=model.dim, layers=model.layers, heads=heads)
-        return values
-
     def to_toml(self) -> str:
-        """The configuration as TOML (``tomllib`` reads it back to an equal RunConfig)."""
-        schedule_comments = {"chunks": "v, virtual stages per pipeline rank",
-                             "microbatches": "m, per replica and step"}
+        """The configuration as TOML (``tomllib`` reads it back to an equal RunConfig).
+
+        Values that are None and the ``[checkpoint]`` and ``[launch]`` sections left at their
+        defaults are left out.
+        """
         lines = ["# stagewise run configuration: stagewise train --config FILE"]
         if self.source is not None and self.source.configuration:
             lines.append(f"# planned: {self.source.configuration}")
-        _section(lines, "mesh", _values(self.mesh))
-        _section(lines, "schedule", _values(self.schedule), schedule_comments)
+        _section(lines, "mesh", self.mesh.to_dict())
+        _section(lines, "schedule", _values(self.schedule),
+                 {"num_chunks": "v, chunks (virtual stages) per pipeline rank",
+                  "num_microbatches": "m, per replica and step"})
         _section(lines, "batch", _values(self.batch),
-                 {"global_batch": "sequences per step = micro_batch_size x microbatches x dp"})
+                 {"global_batch": "sequences per step = micro_batch_size x num_microbatches x dp"})
         _section(lines, "training", _values(self.training))
-        model = _values(self.model)
-        hf_config = model.pop("hf_config")
-        if self.model.spec != "tiny":
-            for name in ("layers", "dim", "heads"):
-                model.pop(name)
-        if not model["split"]:
-            model.pop("split")
-        _section(lines, "model", model)
-        if hf_config:
-            _section(lines, "model.hf_config", hf_config)
+        _model_section(lines, self.model)
+        for name in ("checkpoint", "launch"):
+            section = getattr(self, name)
+            if section != type(section)():
+                _section(lines, name, _values(section))
         if self.source is not None:
             _section(lines, "source", _values(self.source))
         return "\n".join(lines) + "\n"
 
 
+def _override(name: str, section: Any, values: dict[str, Any]) -> Any:
+    """``section`` with ``values`` replaced (see :meth:`RunConfig.override`)."""
+    known = SCHEMA[name]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in [{name}]: the keys are "
+                          f"{', '.join(known)}")
+    if name == "schedule":
+        if "file" in values:
+            return ScheduleConfig(file=values["file"]) if values["file"] else ScheduleConfig(
+                **{k: v for k, v in values.items() if k != "file"})
+        if values.get("name", section.name) != section.name and "num_chunks" not in values:
+            values["num_chunks"] = None  # the old v belongs to the old schedule
+        values.setdefault("file", None)
+    if name == "model" and values.get("spec", section.spec) != section.spec:
+        return ModelConfig(**values)
+    return replace(section, **values)
+
+
 def _values(section: object) -> dict[str, Any]:
-    return {item.name: getattr(section, item.name) for item in fields(section)}  # type: ignore[arg-type]
+    """A section's fields for TOML, without None values and private fields."""
+    return {
+        item.name: getattr(section, item.name)
+        for item in fields(section)  # type: ignore[arg-type]
+        if not item.name.startswith("_") and getattr(section, item.name) is not None
+    }
+
+
+def _model_section(lines: list[str], model: ModelConfig) -> None:
+    values = _values(model)
+    hf_config = values.pop("hf_config")
+    if model.spec != "tiny":
+        for name in ("layers", "dim", "heads"):
+            values.pop(name, None)
+    if not values["split"]:
+        values.pop("split")
+    _section(lines, "model", values)
+    if hf_config:
+        _section(lines, "model.hf_config", hf_config)
 
 
 # Per section: each key and the TOML type it takes.
-_SCHEMA: dict[str, dict[str, type]] = {
-    "mesh": {"pp": int, "dp": int, "tp": int},
-    "schedule": {"name": str, "chunks": int, "microbatches": int},
+SCHEMA: dict[str, dict[str, type]] = {
+    "mesh": {"pp": int, "dp": int, "tp": int, "dp_shard": bool},
+    "schedule": {"name": str, "num_chunks": int, "num_microbatches": int, "file": str},
     "batch": {"global_batch": int, "micro_batch_size": int, "seq_len": int},
-    "training": {"steps": int, "lr": float, "recompute": str},
+    "training": {"steps": int, "lr": float, "recompute": str, "seed": int, "partition": str,
+                 "check_finite": bool},
     "model": {"spec": str, "layers": int, "dim": int, "heads": int, "hf_config": dict,
-              "split": list},
-    "source": {"planner": str, "model": str, "gpu": str, "nodes": int, "gpus_per_node": int,
-               "configuration": str, "predicted_step_s": float, "memory_per_gpu_gib": float,
-               "notes": list},
+              "split": list, "config_file": str},
+    "checkpoint": {"dir": str, "save_every": int, "keep": int, "resume": bool},
+    "launch": {"device": str, "timeout": float, "threads": int},
+    "source": SOURCE_KEYS,
 }
-
-

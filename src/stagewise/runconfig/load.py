@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from stagewise.errors import ConfigError, ScheduleError
+from stagewise.errors import ConfigError
+from stagewise.mesh import Mesh
 from stagewise.runconfig._toml import _check_type
-from stagewise.runconfig.config import (
-    _SCHEMA,
+from stagewise.runconfig.config import SCHEMA, RunConfig
+from stagewise.runconfig.model import ModelConfig
+from stagewise.runconfig.sections import (
     BatchConfig,
-    MeshConfig,
-    ModelConfig,
-    RunConfig,
+    CheckpointConfig,
+    LaunchConfig,
     ScheduleConfig,
     SourceInfo,
     TrainingConfig,
 )
-from stagewise.schedules import get
 
 __all__ = ["load_run_config", "parse_run_config"]
+
+# Keys of earlier files that still load, each with a deprecation message: section -> old -> new.
+_RENAMED = {"schedule": {"chunks": "num_chunks", "microbatches": "num_microbatches"}}
+_SECTIONS = {"schedule": ScheduleConfig, "batch": BatchConfig, "training": TrainingConfig,
+             "checkpoint": CheckpointConfig, "launch": LaunchConfig}
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -35,14 +40,14 @@ def load_run_config(path: str | Path) -> RunConfig:
 
     Example:
         >>> import tempfile
-        >>> from stagewise.runconfig import MeshConfig, RunConfig, ScheduleConfig
+        >>> from stagewise.runconfig import Mesh, RunConfig, ScheduleConfig
         >>> path = Path(tempfile.mkdtemp()) / "run.toml"
         >>> _ = path.write_text(RunConfig(
-        ...     mesh=MeshConfig(pp=2, dp=2),
-        ...     schedule=ScheduleConfig("interleaved-1f1b", chunks=2, microbatches=4),
+        ...     mesh=Mesh(pp=2, dp=2),
+        ...     schedule=ScheduleConfig("interleaved-1f1b", num_chunks=2, num_microbatches=4),
         ... ).to_toml())
         >>> config = load_run_config(path)
-        >>> config.mesh.pp, config.schedule.name, config.schedule.chunks
+        >>> config.mesh.pp, config.schedule.name, config.schedule.num_chunks
         (2, 'interleaved-1f1b', 2)
     """
     path = Path(path)
@@ -67,52 +72,43 @@ def parse_run_config(text: str) -> RunConfig:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"not valid TOML: {err}") from None
-    unknown = sorted(set(document) - set(_SCHEMA))
+    unknown = sorted(set(document) - set(SCHEMA))
     if unknown:
         raise ConfigError(
             f"unknown section [{unknown[0]}]: the sections are "
-            f"{', '.join('[' + s + ']' for s in _SCHEMA)}"
+            f"{', '.join('[' + s + ']' for s in SCHEMA)}"
         )
-    sections: dict[str, dict[str, Any]] = {}
-    for name, schema in _SCHEMA.items():
-        values = document.get(name, {})
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name} must be a [{name}] section, got {values!r}")
-        extra = sorted(set(values) - set(schema))
-        if extra:
-            raise ConfigError(
-                f"unknown key {extra[0]!r} in [{name}]: the keys are {', '.join(schema)}"
-            )
-        for key, value in values.items():
-            _check_type(name, key, value, schema[key])
-        sections[name] = dict(values)
-    schedule = sections["schedule"]
-    schedule.setdefault("name", ScheduleConfig.name)
-    if "chunks" not in schedule and isinstance(schedule["name"], str):
-        with contextlib.suppress(ScheduleError):  # ScheduleConfig names the valid schedules
-            schedule["chunks"] = get(schedule["name"]).default_chunks
-    mesh = MeshConfig(**sections["mesh"])
-    built = ScheduleConfig(**schedule)
-    batch = sections["batch"]
-    if "micro_batch_size" not in batch:
-        batch["micro_batch_size"] = _micro_batch_size(batch, built, mesh)
+    sections = {name: _section_values(name, document.get(name, {})) for name in SCHEMA}
     model = sections["model"]
     if "split" in model:
         model["split"] = tuple(model["split"])
+    built: dict[str, Any] = {name: kind(**sections[name]) for name, kind in _SECTIONS.items()}
     return RunConfig(
-        mesh=mesh, schedule=built, batch=BatchConfig(**batch),
-        training=TrainingConfig(**sections["training"]), model=ModelConfig(**model),
+        mesh=Mesh(**{**RunConfig.mesh.to_dict(), **sections["mesh"]}),
+        model=ModelConfig(**model),
         source=SourceInfo(**sections["source"]) if "source" in document else None,
+        **built,
     )
 
 
-def _micro_batch_size(batch: dict[str, Any], schedule: ScheduleConfig, mesh: MeshConfig) -> int:
-    """micro_batch_size = global_batch / (microbatches x dp), when whole."""
-    global_batch = batch.get("global_batch", BatchConfig.global_batch)
-    split = schedule.microbatches * mesh.dp
-    if global_batch % split:
+def _section_values(name: str, values: object) -> dict[str, Any]:
+    """One section's keys, checked against the schema (old key names renamed, with a note)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name} must be a [{name}] section, got {values!r}")
+    values = dict(values)
+    for old, new in _RENAMED.get(name, {}).items():
+        if old in values:
+            print(f"stagewise: warning: [{name}] {old} is deprecated; write {new}",
+                  file=sys.stderr)
+            if new in values:
+                raise ConfigError(f"[{name}] gives both {old} and {new}: keep {new}")
+            values[new] = values.pop(old)
+    schema = SCHEMA[name]
+    extra = sorted(set(values) - set(schema))
+    if extra:
         raise ConfigError(
-            f"[batch] global_batch = {global_batch} is not divisible by microbatches x dp = "
-            f"{schedule.microbatches} x {mesh.dp} = {split}: choose a multiple of {split}"
+            f"unknown key {extra[0]!r} in [{name}]: the keys are {', '.join(schema)}"
         )
-    return max(1, global_batch // split)
+    for key, value in values.items():
+        _check_type(name, key, value, schema[key])
+    return values

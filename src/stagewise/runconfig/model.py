@@ -31,6 +31,8 @@ class ModelConfig:
         hf_config: Hugging Face config fields for ``hf:`` models (``hidden_size``,
             ``num_hidden_layers``, ...); empty for the runtime's small default.
         split: for ``py:`` models, submodule names in the order they run.
+        config_file: for ``hf:`` models, a Hugging Face ``config.json`` to read instead of
+            ``hf_config`` (``--model-config FILE``; read when the model is built).
     """
 
     spec: str = "tiny"
@@ -39,6 +41,7 @@ class ModelConfig:
     heads: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict)
     split: tuple[str, ...] = ()
+    config_file: str | None = None
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -86,6 +89,12 @@ class ModelConfig:
             raise ConfigError(f"[model] split must be a list of names, got {split!r}")
         if split and not spec.startswith("py:"):
             raise ConfigError(f"[model] split applies to py: models only, not {spec!r}")
+        if self.config_file is not None and not spec.startswith("hf:"):
+            raise ConfigError(
+                f"[model] config_file (--model-config) applies to hf: models only, not {spec!r}"
+            )
+        if self.config_file is not None and self.hf_config:
+            raise ConfigError("[model] give hf_config or config_file, not both")
 
     @property
     def default_heads(self) -> int:

@@ -3,11 +3,11 @@
 Importing this package imports torch.
 """
 
-from stagewise.runtime.failure import NonFiniteLoss, PeerFailure, StepTimeout
-from stagewise.runtime.launch import RankContext, in_torchrun, launch, torchrun_context
-from stagewise.runtime.lowering import lower
-from stagewise.runtime.partition import balance, partition, stages_for_rank
-from stagewise.runtime.pipeline import Pipeline
+from stagewise.runtime.engine.failure import NonFiniteLoss, PeerFailure, StepTimeout
+from stagewise.runtime.engine.launch import RankContext, in_torchrun, launch, torchrun_context
+from stagewise.runtime.engine.lowering import lower
+from stagewise.runtime.engine.partition import balance, partition, stages_for_rank
+from stagewise.runtime.engine.pipeline import Pipeline
 
 __all__ = [
     "NonFiniteLoss",

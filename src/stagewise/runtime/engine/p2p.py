@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from stagewise.errors import ConfigError
-from stagewise.runtime.failure import FailureBoard, PeerFailure, StepTimeout
-from stagewise.runtime.lowering import Message
+from stagewise.runtime.engine.failure import FailureBoard, PeerFailure, StepTimeout
+from stagewise.runtime.engine.lowering import Message
 
 __all__ = ["Mailbox", "Outbox", "Shapes", "decode_header", "encode_header"]
 

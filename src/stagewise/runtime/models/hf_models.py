@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from stagewise.errors import ConfigError
-from stagewise.runtime.lazy_init import Materializer, empty_parameters, materialize
-from stagewise.runtime.model_parts import ModelParts
+from stagewise.runtime.models.lazy_init import Materializer, empty_parameters, materialize
+from stagewise.runtime.models.model_parts import ModelParts
+from stagewise.runtime.models.tp_plans import llama_plan
 
 __all__ = ["FAMILIES", "build_hf_model", "hf_config", "hf_layers", "hf_parts"]
 
@@ -330,7 +331,7 @@ def hf_parts(
         >>> len(parts.layers)
         4
     """
-    from stagewise.runtime.tiny_gpt import GPTConfig, lm_loss, make_batch
+    from stagewise.runtime.models.tiny_gpt import GPTConfig, lm_loss, make_batch
 
     model = build_hf_model(family, config, seed=seed, empty=empty)
     cfg: Any = model.config
@@ -351,4 +352,5 @@ def hf_parts(
         name=f"hf:{family}", layers=tuple(layers), loss_fn=lm_loss, make_batch=batch,
         seq_len=length, ties=ties,
         materialize=Materializer(model, seed, _init_std(model)) if empty else None,
+        tp_plan=llama_plan,
     )

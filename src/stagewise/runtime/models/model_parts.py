@@ -4,7 +4,7 @@ Every model family stagewise trains (the tiny GPT, Hugging Face Llama and GPT-2,
 ``nn.Module`` split by module names) is turned into :class:`ModelParts`. The partitioner cuts
 ``layers`` into stages (each an ``nn.Sequential``, so a layer's parameter ``w`` of the i-th
 layer inside a stage is named ``"i.w"`` there); :func:`stage_ties` turns the model's ties, given
-per layer, into the per-stage names the :class:`~stagewise.runtime.pipeline.Pipeline` takes.
+per layer, into the per-stage names the :class:`~stagewise.runtime.engine.pipeline.Pipeline` takes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from stagewise.errors import ConfigError
+from stagewise.runtime.models.tp_plans import known_blocks_plan
+from stagewise.runtime.parallel.tensor_parallel import TensorParallelPlan
 
 __all__ = ["ModelParts", "layer_index", "stage_ties", "tiny_gpt_parts"]
 
@@ -39,6 +41,9 @@ class ModelParts:
         materialize: None when every parameter is real; else the layers' parameters are on
             the meta device (built by ``runtime.lazy_init``) and ``materialize(modules)``
             fills those inside ``modules``: call it on the stages a rank keeps.
+        tp_plan: how the family's blocks shard over tensor-parallel ranks (see
+            ``runtime.parallel.tensor_parallel``); by default the blocks stagewise knows (the
+            tiny GPT's and Llama-style decoder layers).
     """
 
     name: str
@@ -48,6 +53,7 @@ class ModelParts:
     seq_len: int
     ties: tuple[Mapping[int, str], ...] = field(default=())
     materialize: Callable[[Iterable[nn.Module]], None] | None = None
+    tp_plan: TensorParallelPlan = known_blocks_plan
 
     def __post_init__(self) -> None:
         for tie in self.ties:
@@ -101,8 +107,14 @@ def stage_ties(
 
 
 def tiny_gpt_parts(config: object | None = None, seed: int = 0) -> ModelParts:
-    """The tiny GPT (``stagewise.runtime.tiny_gpt``) as :class:`ModelParts`."""
-    from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
+    """The tiny GPT (``stagewise.runtime.models.tiny_gpt``) as :class:`ModelParts`."""
+    from stagewise.runtime.models.tiny_gpt import (
+        GPTConfig,
+        gpt_layers,
+        lm_loss,
+        make_batch,
+        tp_plan,
+    )
 
     cfg = config if isinstance(config, GPTConfig) else GPTConfig()
 
@@ -115,4 +127,5 @@ def tiny_gpt_parts(config: object | None = None, seed: int = 0) -> ModelParts:
         loss_fn=lm_loss,
         make_batch=batch,
         seq_len=cfg.seq_len,
+        tp_plan=tp_plan,
     )

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stagewise.errors import ConfigError
-from stagewise.runtime.model_parts import BatchFn, LossFn, ModelParts
+from stagewise.runtime.models.model_parts import BatchFn, LossFn, ModelParts
 
 __all__ = ["expand_names", "split_by_names"]
 

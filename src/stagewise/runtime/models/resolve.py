@@ -2,7 +2,7 @@
 
 Forms of ``SPEC``:
 
-- ``tiny``: the tiny GPT of ``stagewise.runtime.tiny_gpt``;
+- ``tiny``: the tiny GPT of ``stagewise.runtime.models.tiny_gpt``;
 - ``hf:llama``, ``hf:gpt2``: a Hugging Face causal LM from a config with random weights
   (see ``hf_models``);
 - ``py:package.module:attr``: ``attr`` is a callable (called with no arguments, or with the
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from stagewise.errors import ConfigError
-from stagewise.runtime.model_parts import ModelParts, tiny_gpt_parts
-from stagewise.runtime.tiny_gpt import GPTConfig
+from stagewise.runtime.models.model_parts import ModelParts, tiny_gpt_parts
+from stagewise.runtime.models.tiny_gpt import GPTConfig
 
 __all__ = ["FORMS", "resolve_model"]
 
@@ -81,7 +81,7 @@ def resolve_model(
             cfg = replace(cfg, seq_len=seq_len)
         return tiny_gpt_parts(cfg, seed=seed)
     if spec.startswith("hf:"):
-        from stagewise.runtime.hf_models import hf_parts
+        from stagewise.runtime.models.hf_models import hf_parts
 
         return hf_parts(spec[3:], config, seed=seed, seq_len=seq_len, empty=empty)
     if spec.startswith("py:"):
@@ -159,8 +159,8 @@ def _python_model(
 
 def _split_lm(spec: str, module: nn.Module, names: Any, seq_len: int) -> ModelParts:
     """``module`` as a causal LM over the tiny GPT's data (see the module docstring)."""
-    from stagewise.runtime.split_module import split_by_names
-    from stagewise.runtime.tiny_gpt import lm_loss, make_batch
+    from stagewise.runtime.models.split_module import split_by_names
+    from stagewise.runtime.models.tiny_gpt import lm_loss, make_batch
 
     embedding = next((m for m in module.modules() if isinstance(m, nn.Embedding)), None)
     if embedding is None:

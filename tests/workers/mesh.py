@@ -23,9 +23,21 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from stagewise.errors import ConfigError
-from stagewise.runtime.launch import RankContext
-from stagewise.runtime.mesh import (
-    MeshSpec,
+from stagewise.runtime.engine.launch import RankContext
+from stagewise.runtime.engine.partition import partition, stages_for_rank
+from stagewise.runtime.engine.pipeline import Pipeline
+from stagewise.runtime.engine.saved import SavedBytes
+from stagewise.runtime.models.tiny_gpt import (
+    Block,
+    GPTConfig,
+    gpt_layers,
+    lm_loss,
+    make_batch,
+    tp_plan,
+)
+from stagewise.runtime.models.tp_plans import llama_plan
+from stagewise.runtime.parallel.mesh import (
+    Mesh,
     OverlappedAverage,
     average_gradients,
     average_loss,
@@ -33,13 +45,9 @@ from stagewise.runtime.mesh import (
     replica_slice,
     shard_replicas,
 )
-from stagewise.runtime.partition import partition, stages_for_rank
-from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.saved import SavedBytes
-from stagewise.runtime.tensor_parallel import apply_tensor_parallel
-from stagewise.runtime.tiny_gpt import Block, GPTConfig, gpt_layers, lm_loss, make_batch
-from stagewise.runtime.verify import _close
+from stagewise.runtime.parallel.tensor_parallel import apply_tensor_parallel
 from stagewise.schedules.registry import build
+from workers.pipeline import _close
 
 __all__ = ["check_llama_tp_rank", "check_mesh_rank"]
 
@@ -48,7 +56,7 @@ CONFIG = GPTConfig(vocab=16, seq_len=8, dim=16, heads=2, layers=4)
 
 def check_mesh_rank(
     context: RankContext,
-    spec: MeshSpec,
+    spec: Mesh,
     schedules: list[str],
     overlap: bool | Collection[str] = False,
     llama: bool = False,
@@ -76,7 +84,7 @@ def check_mesh_rank(
         reference = torch.nn.Sequential(*copy.deepcopy(layers))
         stages = partition(layers, schedule.num_stages)
         mine = stages_for_rank(schedule, stages, groups.pp_rank)
-        sharded = sum(apply_tensor_parallel(m, groups.tp_mesh) for m in mine.values())
+        sharded = sum(apply_tensor_parallel(m, groups.tp_mesh, tp_plan) for m in mine.values())
         blocks = sum(isinstance(layer, Block) for m in mine.values() for layer in m.modules())
         reducer = None
         if spec.dp_shard:
@@ -229,10 +237,10 @@ def _check_llama(
         hidden = torch.randn(2, 8, config.hidden_size)
     reference = copy.deepcopy(model.layers)
     problems: list[str] = []
-    if apply_tensor_parallel(model.layers, tp_mesh) != layers:
+    if apply_tensor_parallel(model.layers, tp_mesh, llama_plan) != layers:
         problems.append(f"{label}: not every decoder layer was sharded")
     try:
-        apply_tensor_parallel(model.layers, tp_mesh)
+        apply_tensor_parallel(model.layers, tp_mesh, llama_plan)
         problems.append(f"{label}: sharding the layers twice was not refused")
     except ConfigError:
         pass

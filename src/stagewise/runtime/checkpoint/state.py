@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from stagewise.errors import ConfigError
-from stagewise.runtime.checkpoint_folders import (
+from stagewise.runtime.checkpoint.folders import (
     EXTRA,
     MARKER,
     checkpoint_name,

@@ -22,24 +22,24 @@ from unittest import mock
 import torch
 from torch import nn
 
-from stagewise.runtime import checkpoint
-from stagewise.runtime.checkpoint import (
+from stagewise.runtime.checkpoint import state as checkpoint
+from stagewise.runtime.checkpoint.state import (
     latest_checkpoint,
     load_checkpoint,
     rank_layers,
     save_checkpoint,
 )
-from stagewise.runtime.launch import RankContext
-from stagewise.runtime.mesh import (
-    MeshSpec,
+from stagewise.runtime.engine.launch import RankContext
+from stagewise.runtime.engine.partition import partition, stages_for_rank
+from stagewise.runtime.engine.pipeline import Pipeline
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch, tp_plan
+from stagewise.runtime.parallel.mesh import (
+    Mesh,
     average_gradients,
     average_loss,
     build_mesh,
     replica_slice,
 )
-from stagewise.runtime.partition import partition, stages_for_rank
-from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules.registry import build
 
 __all__ = ["CONFIG", "Run", "batch", "snapshot", "train_run"]
@@ -124,7 +124,7 @@ def train_run(context: RankContext, run: Run) -> dict[str, Any]:
         "loaded": snapshot after the load (resume only), "final": snapshot at the end,
         "extra": the loaded extra}``.
     """
-    spec = MeshSpec(pp=run.pp, dp=run.dp, tp=run.tp)
+    spec = Mesh(pp=run.pp, dp=run.dp, tp=run.tp)
     groups = build_mesh(spec) if spec.world_size > run.pp else None
     pp_rank = groups.pp_rank if groups is not None else context.rank
     dp_rank = groups.dp_rank if groups is not None else 0
@@ -134,10 +134,10 @@ def train_run(context: RankContext, run: Run) -> dict[str, Any]:
     sizes = [len(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
     if groups is not None and run.tp > 1:
-        from stagewise.runtime.tensor_parallel import apply_tensor_parallel
+        from stagewise.runtime.parallel.tensor_parallel import apply_tensor_parallel
 
         for module in mine.values():
-            apply_tensor_parallel(module, groups.tp_mesh)
+            apply_tensor_parallel(module, groups.tp_mesh, tp_plan)
     layers = rank_layers(mine, sizes)
     pipe = Pipeline(schedule, mine, lm_loss, group=groups.pp_group if groups else None,
                     timeout=60.0, store=context.store)

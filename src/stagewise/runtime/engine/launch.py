@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stagewise.errors import RuntimeFailure
-from stagewise.runtime.failure import PeerFailure
+from stagewise.runtime.engine.failure import PeerFailure
 from stagewise.schedules.ir import Action
 
 __all__ = ["RankContext", "in_torchrun", "launch", "torchrun_context"]

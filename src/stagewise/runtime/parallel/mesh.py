@@ -16,7 +16,7 @@ a mean loss.
 stage's reduction (asynchronously) as soon as the rank's schedule has finished that stage's
 last backward or weight-gradient action, so it overlaps the rest of the cooldown.
 
-Sharded data parallelism (``fsdp=2`` in place of ``dp=2``, ``MeshSpec(dp_shard=True)``): instead
+Sharded data parallelism (``fsdp=2`` in place of ``dp=2``, ``Mesh(dp_shard=True)``): instead
 of every replica keeping every weight, :func:`shard_replicas` applies torch's FSDP2
 (``fully_shard``) over the dp axis to each layer of each stage: a replica keeps a 1/dp shard of
 each weight and of its optimizer state, gathers a layer's weights for its forward and backward,
@@ -35,99 +35,20 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from stagewise.errors import ConfigError
+from stagewise.mesh import Mesh
 from stagewise.schedules.ir import Action, Op, Schedule
 
-__all__ = ["MeshGroups", "MeshSpec", "OverlappedAverage", "average_gradients", "average_loss",
-           "build_mesh", "check_shard_replicas", "replica_slice", "shard_replicas"]
-
-_AXES = ("pp", "dp", "tp")
-_SHARDED_DP = "fsdp"  # in mesh text, fsdp=N is dp=N with dp_shard
-
-
-@dataclass(frozen=True)
-class MeshSpec:
-    """The sizes of the mesh axes.
-
-    Attributes:
-        pp: pipeline ranks per replica (the schedule's ranks).
-        dp: data-parallel replicas (each on its own slice of the global batch).
-        tp: tensor-parallel ranks per pipeline rank (each block sharded over them).
-        dp_shard: the replicas shard weights, gradients and optimizer state over dp (FSDP2,
-            see :func:`shard_replicas`) instead of each holding all and all-reducing.
-    """
-
-    pp: int = 1
-    dp: int = 1
-    tp: int = 1
-    dp_shard: bool = False
-
-    def __post_init__(self) -> None:
-        for axis in _AXES:
-            size = getattr(self, axis)
-            if size < 1:
-                raise ConfigError(f"mesh axis {axis}={size}: every axis size must be >= 1")
-
-    @property
-    def world_size(self) -> int:
-        """Processes the mesh needs: ``pp * dp * tp``."""
-        return self.pp * self.dp * self.tp
-
-    @classmethod
-    def parse(cls, text: str, world_size: int | None = None) -> MeshSpec:
-        """Parse ``"pp=2,dp=2,tp=2"`` (axes in any order; a missing axis has size 1).
-
-        ``fsdp=N`` in place of ``dp=N`` gives ``N`` sharded replicas (``dp_shard=True``).
-
-        Args:
-            text: comma-separated ``axis=size`` pairs.
-            world_size: when given, the product of the sizes must equal it.
-
-        Raises:
-            ConfigError: an unknown or repeated axis, a size that is not an integer >= 1, or a
-                product other than ``world_size``.
-
-        Example:
-            >>> MeshSpec.parse("pp=2,dp=2")
-            MeshSpec(pp=2, dp=2, tp=1, dp_shard=False)
-        """
-        sizes: dict[str, int] = {}
-        for part in text.split(","):
-            axis, sep, value = (s.strip() for s in part.partition("="))
-            if not sep or not axis:
-                raise ConfigError(
-                    f"mesh {text!r}: {part.strip()!r} is not axis=size; write e.g. pp=2,dp=2,tp=2"
-                )
-            if axis not in (*_AXES, _SHARDED_DP):
-                raise ConfigError(
-                    f"mesh {text!r}: unknown axis {axis!r}; the axes are pp, dp (or fsdp) and tp"
-                )
-            if axis in sizes:
-                raise ConfigError(f"mesh {text!r}: axis {axis} is given twice; give it once")
-            if {axis, *sizes} >= {"dp", _SHARDED_DP}:
-                raise ConfigError(
-                    f"mesh {text!r}: dp and fsdp are the same axis (replicas, whole or sharded); "
-                    "give one of them"
-                )
-            try:
-                size = int(value)
-            except ValueError:
-                raise ConfigError(
-                    f"mesh {text!r}: size {value!r} of {axis} is not an integer; write {axis}=2"
-                ) from None
-            if size < 1:
-                raise ConfigError(f"mesh {text!r}: {axis}={size}; every size must be >= 1")
-            sizes[axis] = size
-        shard = _SHARDED_DP in sizes
-        if shard:
-            sizes["dp"] = sizes.pop(_SHARDED_DP)
-        spec = cls(**sizes, dp_shard=shard)
-        if world_size is not None and spec.world_size != world_size:
-            raise ConfigError(
-                f"mesh {text!r} needs pp*dp*tp = {spec.world_size} ranks but the world has "
-                f"{world_size}: start {spec.world_size} ranks or change the sizes"
-            )
-        return spec
-
+__all__ = [
+    "Mesh",
+    "MeshGroups",
+    "OverlappedAverage",
+    "average_gradients",
+    "average_loss",
+    "build_mesh",
+    "check_shard_replicas",
+    "replica_slice",
+    "shard_replicas",
+]
 
 @dataclass(frozen=True)
 class MeshGroups:
@@ -149,7 +70,7 @@ class MeshGroups:
             over), of size 1 when ``dp=1``.
     """
 
-    spec: MeshSpec
+    spec: Mesh
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
     pp_rank: int
@@ -160,7 +81,7 @@ class MeshGroups:
     dp_mesh: DeviceMesh
 
 
-def build_mesh(spec: MeshSpec, device: str = "cpu") -> MeshGroups:
+def build_mesh(spec: Mesh, device: str = "cpu") -> MeshGroups:
     """Build the ``(dp, pp, tp)`` device mesh over the default group; a collective on every rank.
 
     Args:
@@ -200,7 +121,7 @@ def _backend(group: dist.ProcessGroup) -> str:
     return str(dist.get_backend(group))
 
 
-def _gloo_pp_group(spec: MeshSpec) -> dist.ProcessGroup:
+def _gloo_pp_group(spec: Mesh) -> dist.ProcessGroup:
     """This rank's pipeline as a gloo group (every rank creates every pipeline's group)."""
     mine = None
     rank = dist.get_rank()

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stagewise.runtime.launch import RankContext
-from stagewise.runtime.partition import partition, stages_for_rank
-from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.recompute import recomputed
-from stagewise.runtime.tiny_gpt import (
+from stagewise.runtime.engine.launch import RankContext
+from stagewise.runtime.engine.partition import partition, stages_for_rank
+from stagewise.runtime.engine.pipeline import Pipeline
+from stagewise.runtime.engine.recompute import recomputed
+from stagewise.runtime.models.tiny_gpt import (
     Embedding,
     GPTConfig,
     Head,

@@ -26,13 +26,13 @@ import torch.distributed as dist
 from torch import nn
 
 from stagewise.errors import ConfigError, RuntimeFailure
-from stagewise.runtime.failure import FailureBoard, NonFiniteLoss, PeerFailure
-from stagewise.runtime.lowering import Kind, lower
-from stagewise.runtime.microbatch import loss_weights, split_batch
-from stagewise.runtime.p2p import Mailbox, Outbox, Shapes
-from stagewise.runtime.saved import SavedBytes
-from stagewise.runtime.split_backward import WeightGrad, backward_input
-from stagewise.runtime.tied import Ties
+from stagewise.runtime.engine.failure import FailureBoard, NonFiniteLoss, PeerFailure
+from stagewise.runtime.engine.lowering import Kind, lower
+from stagewise.runtime.engine.microbatch import loss_weights, split_batch
+from stagewise.runtime.engine.p2p import Mailbox, Outbox, Shapes
+from stagewise.runtime.engine.saved import SavedBytes
+from stagewise.runtime.engine.split_backward import WeightGrad, backward_input
+from stagewise.runtime.engine.tied import Ties
 from stagewise.schedules.ir import Action, Op, Schedule
 from stagewise.schedules.validate import check
 from stagewise.sim.timeline import Event

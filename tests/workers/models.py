@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from stagewise.runtime.hf_models import build_hf_model, hf_layers
-from stagewise.runtime.launch import RankContext
-from stagewise.runtime.model_parts import stage_ties
-from stagewise.runtime.partition import partition, stages_for_rank
-from stagewise.runtime.pipeline import Pipeline
-from stagewise.runtime.split_module import split_by_names
-from stagewise.runtime.tiny_gpt import Block, GPTConfig, lm_loss, make_batch
-from stagewise.runtime.verify import _close
+from stagewise.runtime.engine.launch import RankContext
+from stagewise.runtime.engine.partition import partition, stages_for_rank
+from stagewise.runtime.engine.pipeline import Pipeline
+from stagewise.runtime.models.hf_models import build_hf_model, hf_layers
+from stagewise.runtime.models.model_parts import stage_ties
+from stagewise.runtime.models.split_module import split_by_names
+from stagewise.runtime.models.tiny_gpt import Block, GPTConfig, lm_loss, make_batch
 from stagewise.schedules.registry import build
+from workers.pipeline import _close
 
 __all__ = ["ModelCase", "TiedToyLM", "check_model_rank"]
 

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-__all__ = ["GPTConfig", "gpt_layers", "lm_loss", "make_batch"]
+from stagewise.runtime.parallel.tensor_parallel import BlockPlan
+
+__all__ = ["GPTConfig", "gpt_layers", "lm_loss", "make_batch", "tp_plan"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +127,18 @@ def make_batch(
     step = torch.randint(1, 4, (batch_size, 1), generator=generator)
     sequence = (start + step * torch.arange(length + 1)) % config.vocab
     return sequence[:, :-1].contiguous(), sequence[:, 1:].contiguous()
+
+
+def tp_plan(module: nn.Module) -> BlockPlan | None:
+    """The tiny GPT's tensor-parallel plan: a :class:`Block` shards q/k/v and the first MLP
+    matmul column-wise, ``proj`` and the last MLP matmul row-wise (None for other layers)."""
+    if not isinstance(module, Block):
+        return None
+    hidden = module.mlp[0]
+    assert isinstance(hidden, nn.Linear)
+    return BlockPlan(
+        styles={"norm1": "shared", "q": "colwise", "k": "colwise", "v": "colwise",
+                "proj": "rowwise", "mlp.0": "colwise", "mlp.2": "rowwise"},
+        divisible=(("attention heads", module.heads, "GPTConfig(heads=...)"),
+                   ("MLP width", hidden.out_features, "GPTConfig(dim=...)")),
+    )

@@ -1,0 +1,133 @@
+"""A run ready to launch: the :class:`RunConfig`, its schedule, and the checks that need torch.
+
+:func:`prepare` does, before any rank starts, every check that would otherwise fail inside the
+ranks (device, model build, stages against layers, tensor-parallel plan, FSDP, checkpoint
+folder), so a bad run is one clear error instead of one per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stagewise.errors import ConfigError
+from stagewise.runconfig import RunConfig
+from stagewise.runtime.checkpoint.folders import checkpoint_step, complete_checkpoints
+from stagewise.runtime.checkpoint.state import latest_checkpoint
+from stagewise.runtime.engine.partition import balance
+from stagewise.runtime.models.model_parts import ModelParts, tiny_gpt_parts
+from stagewise.runtime.models.tiny_gpt import GPTConfig
+from stagewise.runtime.parallel.mesh import check_shard_replicas
+from stagewise.runtime.parallel.tensor_parallel import check_tensor_parallel
+from stagewise.schedules.ir import Schedule
+
+__all__ = ["Job", "model_parts", "prepare"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every rank receives.
+
+    Attributes:
+        config: the run.
+        schedule: the validated schedule every pipeline runs.
+        num_layers: layers the partitioner cuts between (embedding and head included).
+        progress: show a progress bar and a line per step (on one last-stage rank).
+    """
+
+    config: RunConfig
+    schedule: Schedule
+    num_layers: int
+    progress: bool = True
+
+    @property
+    def world_size(self) -> int:
+        """Processes the run needs: pp x dp x tp."""
+        return self.config.world_size
+
+    @property
+    def rows_per_replica(self) -> int:
+        """Sequences each data-parallel replica trains on per step."""
+        return self.config.batch.global_batch // self.config.mesh.dp
+
+
+def prepare(config: RunConfig, *, progress: bool = True) -> Job:
+    """Build the schedule and check the run before launch.
+
+    Raises:
+        ConfigError: no CUDA GPU for ``device = "cuda"``, a model that cannot be built, more
+            stages than layers, blocks the tensor-parallel plan cannot shard over tp, FSDP with
+            a split-backward schedule or ties, or checkpoint settings that would fail.
+    """
+    _check_device(config.launch.device)
+    schedule = config.schedule.build(config.mesh.pp)
+    # The model is built once here, without weights (a Hugging Face model's parameters stay
+    # on the meta device): enough for its layer count, shapes and ties.
+    parts = model_parts(config, empty=True)
+    balance([1.0] * len(parts.layers), schedule.num_stages)
+    tp = config.mesh.tp
+    if tp > 1 and check_tensor_parallel(nn.Sequential(*parts.layers), tp, parts.tp_plan) == 0:
+        raise ConfigError(
+            f"tp={tp} but model {config.model.spec!r} has no block stagewise can shard "
+            "(attention with q/k/v/o projections and a two- or three-matrix MLP): it would "
+            "run whole on every tp rank; use tp=1"
+        )
+    if config.mesh.dp_shard:
+        check_shard_replicas(schedule, parts.ties)
+    _check_checkpoints(config)
+    return Job(config, schedule, len(parts.layers), progress)
+
+
+def model_parts(config: RunConfig, empty: bool = False) -> ModelParts:
+    """Build the model (the same weights on every call: they come from the seed).
+
+    ``empty``: a Hugging Face model's parameters stay on the meta device (no memory) until
+    ``parts.materialize`` fills those a rank keeps; other models are built whole.
+    """
+    model, seed, seq_len = config.model, config.training.seed, config.batch.seq_len
+    if model.spec == "tiny":
+        assert model.dim is not None and model.heads is not None and model.layers is not None
+        tiny = GPTConfig(seq_len=seq_len, dim=model.dim, heads=model.heads, layers=model.layers)
+        return tiny_gpt_parts(tiny, seed=seed)
+    from stagewise.runtime.models.resolve import resolve_model
+
+    return resolve_model(
+        model.spec, config=model.config_file or model.hf_config or None, seed=seed,
+        seq_len=seq_len, names=model.split or None, empty=empty,
+    )
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda but this machine has no CUDA GPU that torch can use (or the "
+            "installed torch is a CPU build): use --device cpu"
+        )
+
+
+def _check_checkpoints(config: RunConfig) -> None:
+    """Checkpoint settings that would fail inside the ranks: refuse them before launch."""
+    checkpoint, steps = config.checkpoint, config.training.steps
+    if checkpoint.dir is None:
+        return
+    if checkpoint.resume:
+        path = latest_checkpoint(checkpoint.dir, required=True)
+        assert path is not None
+        step = checkpoint_step(path)
+        if steps - step < 2:
+            raise ConfigError(
+                f"the checkpoint {str(path)!r} is at step {step} of {steps}: fewer than 2 "
+                f"steps are left (the first is warm-up); raise --steps above {step + 1}"
+            )
+    elif checkpoint.save_every:
+        later = [p for n, p in complete_checkpoints(Path(checkpoint.dir))
+                 if n > checkpoint.save_every]
+        if later:
+            raise ConfigError(
+                f"{checkpoint.dir!r} already holds {later[-1].name}, a later step than this "
+                f"run's first save (step {checkpoint.save_every}): pass --resume to continue "
+                "it, or use an empty --checkpoint-dir"
+            )

@@ -1,0 +1,134 @@
+"""The trainer: :func:`train` launches the ranks, :func:`train_rank` is what each one runs.
+
+``train_rank`` is a sequence of named steps: join the mesh, build this rank's stages, wrap them
+for data parallelism, resume, run the steps, gather every rank's :class:`RankResult` on rank 0,
+which builds the :class:`TrainReport` (losses, step times, tokens/s, the measured bubble beside
+the simulator's prediction from the measured per-stage costs, activation memory measured and
+predicted).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from stagewise.errors import ConfigError, RuntimeFailure
+from stagewise.runtime.checkpoint.state import rank_layers
+from stagewise.runtime.engine.launch import RankContext, launch, torchrun_context
+from stagewise.runtime.engine.pipeline import Pipeline
+from stagewise.runtime.parallel.mesh import MeshGroups, build_mesh
+from stagewise.train.job import Job, model_parts
+from stagewise.train.loop import Trainer, resume
+from stagewise.train.report import TrainReport, build_report
+from stagewise.train.results import RankResult
+from stagewise.train.stages import build_stages, wrap_parallel
+
+__all__ = ["train", "train_local", "train_rank", "train_torchrun"]
+
+
+def train(job: Job, torchrun: bool) -> TrainReport | None:
+    """Run ``job`` on local processes, or as this torchrun process; the report on rank 0."""
+    return train_torchrun(job) if torchrun else train_local(job)
+
+
+def train_rank(context: RankContext, job: Job) -> TrainReport | None:
+    """Train on this rank; rank 0 returns the report, the others None.
+
+    With a mesh, each replica runs the pipeline over its pp group on its slice of the global
+    batch; gradients are averaged over the dp group stage by stage, each stage's reduction
+    started as soon as this rank finished its gradients (see ``OverlappedAverage``), and the
+    loss after the step.
+    """
+    groups = _join(context, job)
+    pp_rank = groups.pp_rank if groups is not None else context.rank
+    result = RankResult(pp_rank, groups.dp_rank if groups is not None else 0,
+                        groups.tp_rank if groups is not None else 0)
+    config = job.config
+    torch.manual_seed(config.training.seed)
+    # A Hugging Face model is built without weights; this rank fills only its own stages.
+    parts = model_parts(config, empty=config.training.partition != "time")
+    model = build_stages(job, parts, groups, pp_rank)
+    reducer, on_action = wrap_parallel(job, model, groups, pp_rank, context)
+    pipe = Pipeline(
+        job.schedule, model.stages, parts.loss_fn,
+        group=groups.pp_group if groups is not None else None, timeout=config.launch.timeout,
+        check_finite=config.training.check_finite, store=context.store, count_saved=True,
+        on_action=on_action, tied=model.ties,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.lr)
+    layers = rank_layers(model.stages, model.sizes)
+    first_step, losses = resume(job, layers, optimizer)
+    if job.schedule.num_stages - 1 in model.stages:
+        result.losses.extend(losses)  # only the ranks holding the last stage report losses
+    Trainer(job, model, pipe, optimizer, layers, groups, reducer).run(result, first_step)
+    gathered: list[RankResult | None] = [None] * context.world_size
+    dist.all_gather_object(gathered, result)
+    if context.rank != 0:
+        return None
+    results = [r for r in gathered if r is not None]
+    return build_report(job, results, parts.seq_len, first_step)
+
+
+def _join(context: RankContext, job: Job) -> MeshGroups | None:
+    """Check the world, pick this rank's GPU, and build the mesh's groups (None for a plain
+    pipeline: the default group is its pipeline group)."""
+    mesh = job.config.mesh
+    if context.world_size != job.world_size:
+        raise ConfigError(
+            f"mesh {mesh.text()} needs {job.world_size} ranks but {context.world_size} were "
+            f"started: start {job.world_size} processes"
+        )
+    device = job.config.launch.device
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", context.rank))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    if mesh.world_size == mesh.pp and not mesh.dp_shard:
+        return None
+    return build_mesh(mesh, device)
+
+
+def train_local(job: Job) -> TrainReport | None:
+    """Spawn the job's ranks as local processes; rank 0's report."""
+    launch_config = job.config.launch
+    if launch_config.device == "cuda":
+        check_gpus(job.world_size, "local processes")
+    limit = launch_config.timeout + 30.0 + job.config.training.steps * 10.0
+    results = launch(
+        train_rank, job.world_size, (job,), timeout=limit,
+        grace=min(launch_config.timeout, 10.0), threads=launch_config.threads,
+        backend=launch_config.backend,
+    )
+    report: TrainReport | None = results[0]
+    return report
+
+
+def train_torchrun(job: Job) -> TrainReport | None:
+    """Run this torchrun process's rank; the report on global rank 0, None elsewhere."""
+    launch_config = job.config.launch
+    torch.set_num_threads(launch_config.threads)
+    if launch_config.device == "cuda":
+        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "processes per node")
+    context = torchrun_context(launch_config.backend, timeout=launch_config.timeout)
+    try:
+        report = train_rank(context, job)
+    except RuntimeFailure as err:
+        # Leave at once, as the local launcher's ranks do: a receive thread may still wait
+        # on a rank that is gone, and tearing the process group down under it can abort.
+        print(f"stagewise: training failed: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+    return report
+
+
+def check_gpus(ranks: int, what: str) -> None:
+    """NCCL cannot put two ranks on one GPU: refuse more ranks than GPUs on this machine."""
+    gpus = torch.cuda.device_count()
+    if ranks > gpus:
+        raise ConfigError(
+            f"--device cuda runs one rank per GPU but {ranks} {what} need {ranks} GPUs and "
+            f"this machine has {gpus}: use a smaller mesh, or --device cpu"
+        )
