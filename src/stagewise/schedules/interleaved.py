@@ -14,6 +14,9 @@ refused with the nearest m that works.
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import chain, repeat
+
 from stagewise.errors import ScheduleError
 from stagewise.schedules._checks import require_positive
 from stagewise.schedules.ir import Action, Op, Schedule
@@ -34,18 +37,18 @@ def _groups(num_ranks: int, num_microbatches: int) -> list[list[int]]:
 
 
 def _rank_row(rank: int, num_ranks: int, num_chunks: int, groups: list[list[int]]) -> list[Action]:
-    forwards = [
-        Action(chunk * num_ranks + rank, Op.F, j)
-        for group in groups
-        for chunk in range(num_chunks)
-        for j in group
-    ]
-    backwards = [
-        Action(chunk * num_ranks + rank, Op.B, j)
-        for group in groups
-        for chunk in reversed(range(num_chunks))
-        for j in group
-    ]
+    # Actions built in C (zip and map), not one Action(...) call each: large pipelines have
+    # hundreds of thousands of them.
+    new_action = partial(tuple.__new__, Action)
+
+    def actions(op: Op, chunks: range) -> list[Action]:
+        pairs = [(chunk * num_ranks + rank, group) for group in groups for chunk in chunks]
+        stages = chain.from_iterable(repeat(stage, len(group)) for stage, group in pairs)
+        microbatches = chain.from_iterable(group for _, group in pairs)
+        return list(map(new_action, zip(stages, repeat(op), microbatches)))
+
+    forwards = actions(Op.F, range(num_chunks))
+    backwards = actions(Op.B, range(num_chunks - 1, -1, -1))
     total = len(forwards)
     warmup = min(total, (num_chunks - 1) * len(groups[0]) + 2 * (num_ranks - rank - 1))
     row = forwards[:warmup]

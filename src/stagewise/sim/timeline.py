@@ -25,7 +25,6 @@ from itertools import accumulate
 from operator import itemgetter, sub
 from typing import NamedTuple
 
-from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Op, Schedule
 
 __all__ = ["Bubble", "Event", "RankStats", "Timeline"]
@@ -199,11 +198,10 @@ class Timeline:
         op_f, op_b, op_w = Op.F, Op.B, Op.W
         # A forward allocates when it starts; B, or W when split (never both), frees when it
         # ends. Each list is already in time order, so the sort only merges the two.
-        with paused_gc():
-            changes = [(e.start, 1, size[e.stage]) for e in row if e.op is op_f]
-            changes += [(e.end, 0, -size[e.stage]) for e in row if e.op is op_b or e.op is op_w]
-            changes.sort()  # at equal times frees (0) come before allocations (1)
-            return [c[0] for c in changes], list(accumulate(c[2] for c in changes))
+        changes = [(e.start, 1, size[e.stage]) for e in row if e.op is op_f]
+        changes += [(e.end, 0, -size[e.stage]) for e in row if e.op is op_b or e.op is op_w]
+        changes.sort()  # at equal times frees (0) come before allocations (1)
+        return [c[0] for c in changes], list(accumulate(c[2] for c in changes))
 
     def peak_activations(self, rank: int, in_bytes: bool = False) -> float:
         """Largest live activation level of ``rank`` during the step."""
