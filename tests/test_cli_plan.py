@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,18 +31,23 @@ def test_lesson_one_node_does_not_fit_and_says_what_would(
 ) -> None:
     doc = _json(capsys, [*LESSON, "--nodes", "1", "--gpus-per-node", "8", "--json",
                          "--claim-steps-per-s", "1.85"])
-    assert doc["fitting"] == 0 and doc["recommended"] is None
+    assert doc["fitting"] == 0
+    assert doc["recommended"] is None
     for plan in doc["plans"]:
         assert plan.keys() >= REQUIRED
-        assert not plan["fits"] and "GiB" in plan["reason"]
+        assert not plan["fits"]
+        assert "GiB" in plan["reason"]
         # Full training needs 18 bytes per parameter: 69e9 x 18 / 8 GPUs > 80 GB.
         assert plan["memory_gib"]["total"] > 140
     changes = " | ".join(s["change"] for s in doc["what_would_fit"])
-    assert "2 nodes" in changes and "LoRA" in changes
+    assert "2 nodes" in changes
+    assert "LoRA" in changes
     more_nodes = doc["what_would_fit"][0]["plan"]
-    assert more_nodes["fits"] and more_nodes["tp"] * more_nodes["pp"] * more_nodes["dp"] == 16
+    assert more_nodes["fits"]
+    assert more_nodes["tp"] * more_nodes["pp"] * more_nodes["dp"] == 16
     claim = doc["claim"]
-    assert not claim["possible"] and claim["lower_bound_step_s"] > 13
+    assert not claim["possible"]
+    assert claim["lower_bound_step_s"] > 13
     assert claim["claimed_step_s"] == pytest.approx(1 / 1.85)
 
 
@@ -56,14 +62,17 @@ def test_lesson_four_nodes_recommends_compares_layouts_and_emits_the_run_config(
                          "--lr", "1e-4"])
     _check_emitted_70b(doc, run)  # one search for both (this machine is slow)
     best = doc["recommended"]
-    assert best["fits"] and best["tp"] * best["pp"] * best["dp"] == 32
+    assert best["fits"]
+    assert best["tp"] * best["pp"] * best["dp"] == 32
     assert best["megatron"].startswith("torchrun --nnodes 4 --nproc-per-node 8 pretrain_gpt.py")
     assert "[parallelism]" in best["torchtitan"]
     assert best["run_hours"] == pytest.approx(1e9 / best["tokens_per_s"] / 3600)
     assert best["run_cost"] == pytest.approx(best["run_hours"] * 32 * 2.5)
-    assert len(doc["plans"]) == 5 and all(p.keys() >= REQUIRED for p in doc["plans"])
+    assert len(doc["plans"]) == 5
+    assert all(p.keys() >= REQUIRED for p in doc["plans"])
     steps = [p["step_time_s"] for p in doc["plans"]]
-    assert steps == sorted(steps) and doc["plans"][0]["step_time_s"] == best["step_time_s"]
+    assert steps == sorted(steps)
+    assert doc["plans"][0]["step_time_s"] == best["step_time_s"]
     layouts = [(p["tp"], p["pp"]) for p in doc["best_per_layout"]]
     assert layouts == [(8, 1), (2, 4), (4, 2)]
     for plan in doc["best_per_layout"]:
@@ -83,8 +92,11 @@ def test_text_output_names_the_flop_count_and_both_bubble_fractions(
             "--distributed-optimizer"]
     assert cli(argv) == 0
     out = capsys.readouterr().out
-    assert "recommended:" in out and "TP=2 PP=2 DP=2" in out
-    assert "model FLOPs" in out and "of the step idle" in out and "relative to ideal" in out
+    assert "recommended:" in out
+    assert "TP=2 PP=2 DP=2" in out
+    assert "model FLOPs" in out
+    assert "of the step idle" in out
+    assert "relative to ideal" in out
 
 
 def test_model_from_hf_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -103,9 +115,12 @@ def test_model_from_hf_config_file(capsys: pytest.CaptureFixture[str], tmp_path:
     assert doc["num_params"] == 6_738_415_616  # Llama-2-7B's published count
     # The emitted model keeps the file's other fields (nulls dropped: TOML has none).
     fields = load_run_config(run).model.hf_config
-    assert fields["rms_norm_eps"] == 1e-05 and fields["rope_theta"] == 10000.0
-    assert fields["architectures"] == ["LlamaForCausalLM"] and "rope_scaling" not in fields
-    assert fields["quantization"] == {"bits": 8} and "model_type" not in fields
+    assert fields["rms_norm_eps"] == 1e-05
+    assert fields["rope_theta"] == 10000.0
+    assert fields["architectures"] == ["LlamaForCausalLM"]
+    assert "rope_scaling" not in fields
+    assert fields["quantization"] == {"bits": 8}
+    assert "model_type" not in fields
     assert fields["num_key_value_heads"] == 32  # the planned shape, filled in
 
 
@@ -129,7 +144,8 @@ def test_bad_input_exits_2_with_one_line(
     argv = ["plan", "--model", "llama-2-70b", "--seq-len", "4096", "--global-batch", "64", *extra]
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("stagewise: error:")
+    assert len(err.splitlines()) == 1
+    assert err.startswith("stagewise: error:")
     assert message in err
 
 
@@ -178,9 +194,11 @@ def _check_emitted_70b(doc: dict, path: Path) -> None:
     assert config.model.hf_config == fields
     assert fields["num_hidden_layers"] == get_model("llama-2-70b").layers
     emitted = doc["run_config"]
-    assert emitted["path"] == str(path) and emitted["world_size"] == config.world_size
+    assert emitted["path"] == str(path)
+    assert emitted["world_size"] == config.world_size
     assert emitted["train_args"] == config.train_args()
-    assert config.source is not None and config.source.model == "llama-2-70b"
+    assert config.source is not None
+    assert config.source.model == "llama-2-70b"
 
 
 def _parse_train(config: RunConfig) -> argparse.Namespace:
@@ -201,18 +219,26 @@ def test_toy_plan_on_cpu_emits_a_config_train_parses(
     best = doc["recommended"]
     config = load_run_config(path)
     _assert_config_is_the_plan(config, best, 32)
-    assert config.world_size == 8 and config.model.spec == "hf:llama"
+    assert config.world_size == 8
+    assert config.model.spec == "hf:llama"
     assert config.model.hf_config["hidden_size"] == 64
     if knobs:
         assert (config.mesh.pp, config.mesh.tp, config.training.recompute) == (2, 2, "full")
     parsed = _parse_train(config)
     assert parsed.mesh == config.mesh.text()
     assert (parsed.schedule, parsed.microbatches) == (best["schedule"], best["num_microbatches"])
-    assert (parsed.batch_size, parsed.seq_len) == (16, 32)
+    assert (parsed.global_batch, parsed.seq_len) == (16, 32)
     assert (parsed.steps, parsed.lr) == (30, 3e-3)
-    assert parsed.model == "hf:llama" and parsed.recompute == (best["recompute"] == "full")
+    assert parsed.model == "hf:llama"
+    assert bool(parsed.recompute) == (best["recompute"] == "full")
     if config.schedule.takes_chunks:
         assert parsed.chunks == best["num_chunks"]
+    # The flags make the file's run (the HF config has no flag: --model-config carries it).
+    from stagewise.cli._train_flags import run_config
+
+    from_flags = run_config(parsed, torchrun=False)
+    expected = replace(config.override({"batch": {"micro_batch_size": None}}), source=None)
+    assert from_flags.override({"model": {"hf_config": config.model.hf_config}}) == expected
 
 
 def test_toy_option_keeps_the_layout_and_shrinks_the_model(
@@ -225,11 +251,13 @@ def test_toy_option_keeps_the_layout_and_shrinks_the_model(
     _assert_config_is_the_plan(config, doc["recommended"], 32)  # sequences cut to 32 tokens
     hf = config.model.hf_config
     stages = config.mesh.pp * config.schedule.num_chunks
-    assert hf["num_hidden_layers"] == max(2, stages) and hf["hidden_size"] <= 128
+    assert hf["num_hidden_layers"] == max(2, stages)
+    assert hf["hidden_size"] <= 128
     assert hf["num_attention_heads"] % config.mesh.tp == 0
     assert hf["num_key_value_heads"] % config.mesh.tp == 0
     assert hf["num_key_value_heads"] < hf["num_attention_heads"]  # grouped-query, as 70B
-    assert config.source is not None and config.source.notes[0].startswith("toy run")
+    assert config.source is not None
+    assert config.source.notes[0].startswith("toy run")
 
 
 def test_emit_config_text_output_says_where_it_wrote(
@@ -238,7 +266,8 @@ def test_emit_config_text_output_says_where_it_wrote(
     path = tmp_path / "run.toml"
     assert cli([*TOY, "--pp", "2", "--emit-config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"wrote {path}: run of TP=" in out and f"stagewise train --config {path}" in out
+    assert f"wrote {path}: run of TP=" in out
+    assert f"stagewise train --config {path}" in out
     assert load_run_config(path).mesh.pp == 2
 
 
@@ -254,12 +283,15 @@ def test_emit_config_refuses_what_it_cannot_run(
     code = cli([*argv, "--emit-config", str(path)])
     if message is None:  # GPT-2 shapes are emitted as hf:gpt2
         config = load_run_config(path)
-        assert code == 0 and config.model.spec == "hf:gpt2"
+        assert code == 0
+        assert config.model.spec == "hf:gpt2"
         assert config.model.hf_config["n_positions"] == 4096  # gpt2-xl's 1024 raised to seq
         return
-    assert code == 2 and not path.exists()
+    assert code == 2
+    assert not path.exists()
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_toy_without_emit_config_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -166,7 +166,8 @@ def test_resume_in_one_process_without_a_group(
     assert path is not None
     info = load_checkpoint(path, layers, optimizer)
     assert info["step"] == 4
-    assert info["extra"]["layout"] == "pp=2,dp=2,tp=1,v=1" and sorted(info["extra"]["losses"]) == [
+    assert info["extra"]["layout"] == "pp=2,dp=2,tp=1,v=1"
+    assert sorted(info["extra"]["losses"]) == [
         1, 2, 3, 4]
     _assert_equal(snapshot(layers, optimizer), saved_pp2_dp2["final"])
     for step in (4, 5):
@@ -203,7 +204,8 @@ def test_save_killed_midway_is_not_taken(tmp_path: Path) -> None:
                timeout=120, grace=3)
     partial = tmp_path / "step-00000004.partial"
     # Every rank's data and DCP's metadata were written; only the marker is missing.
-    assert (partial / ".metadata").is_file() and not (partial / "COMPLETE").exists()
+    assert (partial / ".metadata").is_file()
+    assert not (partial / "COMPLETE").exists()
     assert latest_checkpoint(folder) == tmp_path / "step-00000002"
 
 
@@ -339,7 +341,8 @@ def test_one_process_optimizer_hyperparameters_and_another_optimizer(tmp_path: P
     later = torch.optim.AdamW(fresh[0].parameters(), lr=0.5)
     later.param_groups[0]["added_option"] = 7
     load_checkpoint(path, fresh, later)
-    assert later.param_groups[0]["lr"] == 0.1 and later.param_groups[0]["added_option"] == 7
+    assert later.param_groups[0]["lr"] == 0.1
+    assert later.param_groups[0]["added_option"] == 7
     assert torch.equal(fresh[0].weight, layers[0].weight)
     other: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
     sgd = torch.optim.SGD(other[0].parameters(), lr=0.1, momentum=0.9)
@@ -352,7 +355,8 @@ def test_one_process_optimizer_hyperparameters_and_another_optimizer(tmp_path: P
 def test_rank_layers_numbers_layers_across_stages() -> None:
     stages = [nn.Sequential(nn.Linear(2, 2), nn.Tanh()), nn.Sequential(nn.Linear(2, 3))]
     layers = rank_layers({1: stages[1], 0: stages[0]}, [2, 1])
-    assert list(layers) == [0, 1, 2] and layers[2] is stages[1][0]
+    assert list(layers) == [0, 1, 2]
+    assert layers[2] is stages[1][0]
     with pytest.raises(ConfigError, match="gives it 1"):
         rank_layers({0: stages[0]}, [1, 2])
     with pytest.raises(ConfigError, match="outside the cut"):
@@ -360,35 +364,48 @@ def test_rank_layers_numbers_layers_across_stages() -> None:
 
 
 @pytest.mark.multiproc
+def _small_run(tmp_path: Path, **checkpoint: Any) -> Any:
+    """A checked 2-rank tiny GPT run (``stagewise.train.prepare``) with these checkpoint
+    settings; ``steps`` and ``lr`` go to [training]."""
+    from stagewise.mesh import Mesh
+    from stagewise.runconfig import (
+        BatchConfig,
+        CheckpointConfig,
+        ModelConfig,
+        RunConfig,
+        ScheduleConfig,
+        TrainingConfig,
+    )
+    from stagewise.train import prepare
+
+    training = {k: checkpoint.pop(k) for k in ("steps", "lr") if k in checkpoint}
+    return prepare(RunConfig(
+        mesh=Mesh(pp=2), schedule=ScheduleConfig(num_microbatches=2),
+        batch=BatchConfig(global_batch=4, seq_len=8),
+        training=TrainingConfig(**{"steps": 10, **training}),
+        model=ModelConfig(layers=2, dim=16, heads=2),
+        checkpoint=CheckpointConfig(dir=str(tmp_path), **checkpoint),
+    ))
+
+
 def test_checkpoint_settings_that_would_fail_in_the_ranks_fail_before_launch(
     tmp_path: Path,
 ) -> None:
-    from stagewise.runtime.models.tiny_gpt import GPTConfig
-    from stagewise.schedules import build
-    from stagewise.train.trainer import TrainConfig
-
-    def config(**changes: Any) -> TrainConfig:
-        settings: dict[str, Any] = {"steps": 10, **changes}
-        return TrainConfig(schedule=build("1f1b", num_ranks=2, num_microbatches=2),
-                           batch_size=4, model=GPTConfig(layers=2, dim=16, heads=2, seq_len=8),
-                           checkpoint_dir=str(tmp_path), **settings)
-
     _fake(tmp_path, "step-00000009", json.dumps({"step": 9}))
     with pytest.raises(ConfigError, match=r"at step 9 of 10: fewer than 2 steps.*above 10"):
-        config(resume=True)
-    assert config(resume=True, steps=11).resume  # two steps left: fine
+        _small_run(tmp_path, resume=True)
+    assert _small_run(tmp_path, resume=True, steps=11).config.checkpoint.resume  # 2 steps left
     with pytest.raises(ConfigError, match=r"holds step-00000009.*first save \(step 4\).*--resume"):
-        config(save_every=4)
-    assert config(save_every=9).save_every == 9  # saving step 9 again replaces it
+        _small_run(tmp_path, save_every=4)
+    # saving step 9 again replaces it
+    assert _small_run(tmp_path, save_every=9).config.checkpoint.save_every == 9
     with pytest.raises(ConfigError, match="--keep must be >= 1"):
-        config(save_every=9, keep=0)
+        _small_run(tmp_path, save_every=9, keep=0)
 
 
 def test_resume_trains_on_with_this_runs_learning_rate(tmp_path: Path) -> None:
     """load_checkpoint restores the saved lr; a resumed ``train --lr X`` must use X."""
-    from stagewise.runtime.models.tiny_gpt import GPTConfig
-    from stagewise.schedules import build
-    from stagewise.train.trainer import TrainConfig, _resume
+    from stagewise.train.loop import resume
 
     torch.manual_seed(0)
     layers: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
@@ -396,12 +413,10 @@ def test_resume_trains_on_with_this_runs_learning_rate(tmp_path: Path) -> None:
     layers[0](torch.ones(2, 3)).sum().backward()
     optimizer.step()
     save_checkpoint(tmp_path, 1, layers, optimizer, extra={"losses": [2.5]})
-    config = TrainConfig(schedule=build("1f1b", num_ranks=2, num_microbatches=2), steps=4,
-                         batch_size=4, model=GPTConfig(layers=2, dim=16, heads=2, seq_len=8),
-                         lr=0.02, checkpoint_dir=str(tmp_path), resume=True)
+    job = _small_run(tmp_path, steps=4, lr=0.02, resume=True)
     fresh: dict[int, nn.Module] = {0: nn.Linear(3, 3)}
     fresh_optimizer = torch.optim.AdamW(fresh[0].parameters(), lr=0.02)
-    assert _resume(config, fresh, fresh_optimizer) == (1, [2.5])
+    assert resume(job, fresh, fresh_optimizer) == (1, [2.5])
     assert fresh_optimizer.param_groups[0]["lr"] == 0.02
     assert torch.equal(fresh[0].weight, layers[0].weight)
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 1

@@ -134,10 +134,12 @@ def test_tensor_parallel_over_a_model_without_blocks_is_refused(
 ) -> None:
     from pathlib import Path
 
-    from stagewise.train.trainer import TrainConfig
+    from stagewise.runconfig import BatchConfig, ModelConfig, RunConfig, ScheduleConfig
+    from stagewise.train import prepare
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     with pytest.raises(ConfigError, match=r"tp=2 but model .*no block.*use tp=1"):
-        TrainConfig(schedule=build("1f1b", num_ranks=2, num_microbatches=2), steps=2, batch_size=4,
-                    mesh=Mesh(pp=2, dp=1, tp=2), model_spec="py:test_runtime_hf:toy_lm",
-                    split_names=("embed", "blocks", "head"))
+        prepare(RunConfig(mesh=Mesh(pp=2, dp=1, tp=2), schedule=ScheduleConfig(num_microbatches=2),
+                          batch=BatchConfig(global_batch=4),
+                          model=ModelConfig("py:test_runtime_hf:toy_lm",
+                                            split=("embed", "blocks", "head"))))
