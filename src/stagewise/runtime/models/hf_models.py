@@ -39,6 +39,8 @@ from stagewise.runtime.models.tp_plans import llama_plan
 __all__ = ["FAMILIES", "build_hf_model", "hf_config", "hf_layers", "hf_parts"]
 
 FAMILIES = ("llama", "gpt2")
+# Decoders with Llama's module layout (model.embed_tokens, model.layers, model.norm, lm_head).
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
 ATTENTIONS = ("sdpa", "eager")  # deterministic on CPU; the first is the default
 DEFAULT_SEQ_LEN = 32
 
@@ -230,7 +232,8 @@ class DecoderBlock(nn.Module):
         else:
             out = self.block(hidden, attention_mask=mask, position_ids=positions)
         # Older transformers releases return a tuple whose first item is the hidden states.
-        return out[0] if isinstance(out, tuple) else out
+        hidden_out: torch.Tensor = out[0] if isinstance(out, tuple) else out
+        return hidden_out
 
 
 def _causal_mask(
@@ -275,7 +278,7 @@ def hf_layers(model: nn.Module) -> tuple[list[nn.Module], tuple[dict[int, str], 
     config: Any = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     head: Any = getattr(model, "lm_head", None)
-    if model_type == "llama":
+    if model_type in LLAMA_LIKE:
         inner: Any = model.model
         first: nn.Module = LlamaEmbedding(inner.embed_tokens)
         blocks = [DecoderBlock(b, config, copy.deepcopy(inner.rotary_emb)) for b in inner.layers]
@@ -290,7 +293,7 @@ def hf_layers(model: nn.Module) -> tuple[list[nn.Module], tuple[dict[int, str], 
     else:
         raise ConfigError(
             f"cannot cut a model of type {model_type!r} into layers: supported are "
-            f"{', '.join(FAMILIES)} causal LMs"
+            f"{', '.join((*LLAMA_LIKE, 'gpt2'))} causal LMs"
         )
     layers = [first, *blocks, last]
     ties: tuple[dict[int, str], ...] = ()
