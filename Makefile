@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test test-fast lint typecheck unit bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ unit: install
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# The pure-Python tier (schedules, simulator, search, planner, run files): no torch, under 60 s.
+test-fast: install
+	$(BIN)/pytest -m "not torch and not slow"
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache

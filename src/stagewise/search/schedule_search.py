@@ -176,8 +176,9 @@ def search_schedule(
             chunk's micro-batch is 1/v); ``None`` for no limit.
         placement: ``"looped"`` (stage s on rank s mod p), ``"v"`` (2 stages per rank, rank r
             holds r and 2p - 1 - r) or ``None`` (both when S = 2p).
-        time_budget_s: wall-clock budget, honoured to within one candidate's simulation:
-            about 60 % for list scheduling (the first few fixed variants start in any case),
+        time_budget_s: wall-clock budget for the search beyond the named schedules (those
+            are always judged, so the result is never worse than them), honoured to within
+            one candidate's simulation: about 60 % for list scheduling (the first few fixed variants start in any case),
             the rest for local search. Once anything is found, every phase, a list-scheduling
             run in progress included, stops at the budget and the best so far is returned;
             until then the search goes on (it never returns empty-handed).
@@ -219,10 +220,10 @@ def search_schedule(
         limit_chunks=10**9 if memory_limit is None else int(memory_limit * v + _EPS),
         deadline=None if max_variants is not None else clock + time_budget_s,
     )
+    # Every named schedule is judged whatever the clock says: the result is never worse than
+    # them. The budget bounds the search beyond them.
     for layout in layouts:
         for schedule in _named(num_ranks, num_microbatches, layout):
-            if search.out_of_time():
-                break
             search.consider(schedule, f"auto:{schedule.name}")
     fixed = [(layout, policy) for policy in fixed_policies() for layout in layouts]
     for k, (layout, policy) in enumerate(fixed):
