@@ -42,6 +42,7 @@ __all__ = [
     "check_model_folder",
     "folder_parts",
     "is_model_folder",
+    "read_model_config",
 ]
 
 # model_type -> the layout stagewise cuts it by (see hf_models.hf_layers).
@@ -116,7 +117,7 @@ def check_model_folder(path: str | os.PathLike[str]) -> FolderInfo:
         stagewise.errors.ConfigError: model 'org/model' is not a local folder...
     """
     info = read_folder(path)
-    match_weights(info, build_folder_model(info))
+    match_weights(info, build_folder_model(info.path, info.config))
     return info
 
 
@@ -124,18 +125,11 @@ def read_folder(path: str | os.PathLike[str]) -> FolderInfo:
     """The folder's config and weight headers, checked on their own (see
     :func:`check_model_folder`, which also checks them against each other)."""
     folder = _folder(path)
-    config = _config(folder)
-    model_type = config.get("model_type")
-    if model_type not in LAYOUTS:
-        raise ConfigError(
-            f"{str(folder / 'config.json')!r} has model_type {model_type!r}: supported are "
-            f"{', '.join(LAYOUTS)}; use a model of one of these families"
-        )
-    layout = LAYOUTS[model_type]
-    _require_keys(folder, config, layout)
+    config = read_model_config(folder)
     files = _weight_files(folder)
+    model_type = config["model_type"]
     return FolderInfo(
-        path=folder, config=config, model_type=model_type, layout=layout,
+        path=folder, config=config, model_type=model_type, layout=LAYOUTS[model_type],
         weight_files=files, tensors=read_headers(files),
         has_tokenizer=any((folder / name).is_file() for name in TOKENIZER_FILES),
     )
@@ -158,6 +152,23 @@ def _folder(path: str | os.PathLike[str]) -> Path:
         f"model folder {str(path)!r} does not exist: pass a local Hugging Face model folder "
         "(config.json and safetensors weights)"
     )
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """``folder/config.json``, checked: a supported ``model_type`` and the keys it needs.
+
+    Raises:
+        ConfigError: no or bad config.json, another model_type, keys missing.
+    """
+    config = _config(folder)
+    model_type = config.get("model_type")
+    if model_type not in LAYOUTS:
+        raise ConfigError(
+            f"{str(folder / 'config.json')!r} has model_type {model_type!r}: supported are "
+            f"{', '.join(LAYOUTS)}; use a model of one of these families"
+        )
+    _require_keys(folder, config, LAYOUTS[model_type])
+    return config
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -232,24 +243,27 @@ def _shards(index: Path) -> tuple[Path, ...]:
     return files
 
 
-def build_folder_model(info: FolderInfo) -> nn.Module:
-    """The folder's causal LM built empty (float32 parameters on the meta device, sdpa)."""
+def build_folder_model(folder: Path, fields: dict[str, Any]) -> nn.Module:
+    """The causal LM of config ``fields`` (read from ``folder``: see
+    :func:`read_model_config`) built empty: float32 parameters on the meta device, sdpa."""
     from stagewise.runtime.models.hf_models import _transformers
 
     transformers = _transformers()
-    fields = {k: v for k, v in info.config.items() if k != "model_type"}
+    model_type = fields["model_type"]
     try:
-        config = transformers.CONFIG_MAPPING[info.model_type].from_dict(fields)
+        config = transformers.CONFIG_MAPPING[model_type].from_dict(
+            {k: v for k, v in fields.items() if k != "model_type"}
+        )
     except (TypeError, ValueError) as err:
         raise ConfigError(
-            f"{str(info.path / 'config.json')!r} is not a valid config: {err}"
+            f"{str(folder / 'config.json')!r} is not a valid config: {err}"
         ) from None
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]), empty_parameters():
         try:
             model: nn.Module = transformers.AutoModelForCausalLM.from_config(config)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"cannot build {info.model_type} from {info.path}: {err}") from None
+            raise ConfigError(f"cannot build {model_type} from {folder}: {err}") from None
     return model.float().train()
 
 
@@ -294,7 +308,7 @@ def folder_parts(
 
     del seed  # the data generator is seeded per step by the trainer; weights come from files
     info = read_folder(path)
-    model = build_folder_model(info)
+    model = build_folder_model(info.path, info.config)
     materializer = match_weights(info, model)
     config: Any = model.config
     length = _seq_len(info, config, seq_len)
