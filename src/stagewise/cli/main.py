@@ -26,6 +26,7 @@ VERBS = {
     "compare": "every registered schedule side by side",
     "train": "train a model on local ranks with any schedule (or under torchrun)",
     "plan": "plan tensor x pipeline x data parallelism for a model on a cluster",
+    "export": "write a checkpoint as a Hugging Face model folder (safetensors, tokenizer)",
 }
 
 
