@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from stagewise.data import DataError, PackedData, load_packed, load_tokenizer
@@ -178,6 +178,28 @@ def test_parquet_and_arrow_rows_follow_the_field_rules(tmp_path: Path,
     assert all(torch.equal(g, w) for g, w in zip(got, rows_of(expected, 4), strict=True))
 
 
+def test_a_byte_level_bpe_masks_the_prompt_by_character(tmp_path: Path, cache: Path) -> None:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["Question: how are you? Answer: fine, thanks."] * 5, trainer)
+    PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "bpe")
+    bpe = load_tokenizer(tmp_path / "bpe")
+    prompt, completion = "Question: how are you? Answer:", " fine, thanks."
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "completion": completion}])
+    full = bpe(prompt + completion)["input_ids"]
+    in_prompt = len(bpe(prompt)["input_ids"])
+    assert full[:in_prompt] == bpe(prompt)["input_ids"]  # the test's premise
+    eos = bpe.eos_token_id
+    seq_len = len(full)  # one row: <tokens> <eos>
+    inputs, targets = all_rows(load_packed(path, bpe, seq_len=seq_len, cache_dir=cache))
+    assert inputs.tolist() == [full]
+    assert targets.tolist() == [[-100] * (in_prompt - 1) + [*full[in_prompt:], eos]]
+
+
 def test_a_folder_reads_its_supported_files_sorted(tmp_path: Path,
                                                    tokenizer: PreTrainedTokenizerBase,
                                                    cache: Path) -> None:
@@ -272,6 +294,10 @@ def test_eval_batches_cover_every_sequence_in_order(ten_rows: Path,
     batches = list(data.eval_batches(4))
     assert [len(b[0]) for b in batches] == [4, 4, 2]
     assert data.num_eval_batches(4) == 3
+    inputs, targets = list(data.eval_batches(4, pad_last=True))[-1]
+    assert torch.equal(inputs[:2], batches[-1][0])
+    assert inputs[2:].eq(PAD).all()
+    assert targets[2:].eq(-100).all()
     first_words = torch.cat([b[0] for b in batches])[:, 1].tolist()
     assert first_words == ids("the cat sat on a mat dog ran hi there")
 

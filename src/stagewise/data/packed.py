@@ -8,6 +8,7 @@ so it depends only on ``(seed, step, rows)``: a resumed run reads on where it st
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,7 @@ class PackedData:
         """The length of each input and target row."""
         return int(self._tokens.shape[1]) - 1
 
-    @property
+    @functools.cached_property
     def vocab_needed(self) -> int:
         """The largest token id in the data plus one: the embedding must have at least this."""
         return int(self._tokens.max()) + 1
@@ -88,12 +89,24 @@ class PackedData:
         epoch, sequence = divmod(step * rows, self.num_sequences)
         return {"epoch": epoch, "sequence": sequence, "sequences": self.num_sequences}
 
-    def eval_batches(self, rows: int) -> Iterator[Batch]:
-        """Every sequence once, in stored order, in batches of ``rows`` (the last may be
-        smaller): for a loss over a whole eval set."""
+    def eval_batches(self, rows: int, *, pad_last: bool = False) -> Iterator[Batch]:
+        """Every sequence once, in stored order, in batches of ``rows``: for a loss over a
+        whole eval set.
+
+        The last batch has the rows that are left, or with ``pad_last`` is filled up to ``rows``
+        with rows of padding whose targets are all ``-100`` (so that every batch splits into
+        the same micro-batches; weigh the loss by the targets that are not ``-100``).
+        """
         _check(0, rows)
         for first in range(0, self.num_sequences, rows):
-            yield self._rows(np.arange(first, min(first + rows, self.num_sequences)))
+            inputs, targets = self._rows(np.arange(first, min(first + rows, self.num_sequences)))
+            missing = rows - len(inputs)
+            if pad_last and missing:
+                pad = int(self.meta.get("pad", 0))
+                inputs = torch.cat([inputs, inputs.new_full((missing, self.seq_len), pad)])
+                targets = torch.cat([targets, targets.new_full((missing, self.seq_len),
+                                                               IGNORE_INDEX)])
+            yield inputs, targets
 
     def num_eval_batches(self, rows: int) -> int:
         """How many batches :meth:`eval_batches` yields."""
@@ -175,7 +188,7 @@ def load_packed(paths: Sequence[str | Path] | str | Path, tokenizer: PreTrainedT
         raise DataError(f"the data in {', '.join(map(str, files))} holds no tokens (no "
                         "non-empty document); check the files")
     packed = pack(ids, flags, seq_len, specials.pad)
-    meta = {"documents": documents, "tokens": len(ids), "seq_len": seq_len,
+    meta = {"documents": documents, "tokens": len(ids), "seq_len": seq_len, "pad": specials.pad,
             "files": [str(path) for path in files]}
     save_entry(folder, packed, meta)
     return PackedData(*packed, seed=seed, meta=meta)

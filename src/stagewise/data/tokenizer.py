@@ -46,8 +46,8 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     folder = Path(model_dir)
     if not folder.is_dir():
         raise DataError(
-            f"tokenizer folder {folder} does not exist; pass a local model folder "
-            f"(fetch a model first, e.g. `hf download NAME --local-dir {folder}`)")
+            f"tokenizer folder {folder} does not exist; pass a local model folder (fetch a "
+            f"Hub model first: `hf download {model_dir} --local-dir ./{folder.name}`)")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DataError(
             f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
