@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 
 from stagewise.errors import ConfigError
-from stagewise.schedules import Op, Schedule, build, parse_action
+from stagewise.schedules import Action, Op, Schedule, build, parse_action
 from stagewise.sim import Costs, Event, Link, Timeline, simulate
 from stagewise.sim.limits import MAX_ACTIONS, require_simulable
 
@@ -129,54 +129,74 @@ def test_the_size_limit_names_itself_and_the_fix() -> None:
         require_simulable(MAX_ACTIONS + 1, "1f1b p=4")
 
 
-def reference_simulate(schedule: Schedule, costs: Costs, link: Link) -> dict[tuple, tuple]:
+def reference_simulate(
+    schedule: Schedule, costs: Costs, link: Link
+) -> dict[tuple[int, int, Op, int], tuple[float, float]]:
     """A slow, obviously correct simulator: sweep the ranks until every action has run.
 
     An action runs when everything it depends on has run; it starts when its rank is free and
     its inputs have arrived (the link cost when they come from another rank).
     """
     end: dict[tuple[int, Op, int], float] = {}
-    times: dict[tuple, tuple] = {}
+    times: dict[tuple[int, int, Op, int], tuple[float, float]] = {}
     position, free = [0] * schedule.num_ranks, [0.0] * schedule.num_ranks
-    last = schedule.num_stages - 1
-
-    def arrived(stage: int, finished: float | None, rank: int) -> float | None:
-        """When ``stage``'s output, finished at ``finished``, is on ``rank``."""
-        if finished is None or schedule.placement[stage] == rank:
-            return finished
-        return finished + link.transfer_time(costs.send_bytes[stage] if costs.send_bytes else 0)
-
     progress = True
     while progress:
         progress = False
         for rank, row in enumerate(schedule.actions):
             while position[rank] < len(row):
-                stage, op, j = row[position[rank]]
-                needs: list[float | None] = []
-                if op is Op.F and stage > 0:
-                    needs.append(arrived(stage - 1, end.get((stage - 1, Op.F, j)), rank))
-                elif op is Op.W:
-                    needs.append(end.get((stage, Op.I, j)))
-                elif op in (Op.B, Op.I):
-                    needs.append(end.get((stage, Op.F, j)))
-                    if stage < last:
-                        grad = end.get((stage + 1, Op.B, j), end.get((stage + 1, Op.I, j)))
-                        # the gradient crosses the boundary between stage and stage + 1
-                        if grad is not None and schedule.placement[stage + 1] != rank:
-                            grad += link.transfer_time(
-                                costs.send_bytes[stage] if costs.send_bytes else 0.0)
-                        needs.append(grad)
+                action = row[position[rank]]
+                stage, op, j = action
+                needs = _reference_inputs(schedule, costs, link, end, rank, action)
                 if any(t is None for t in needs):
                     break
                 start = free[rank]
                 for t in needs:
-                    start = max(start, t)  # type: ignore[type-var]
+                    assert t is not None
+                    start = max(start, t)
                 finish = start + costs.duration(stage, op)
                 end[(stage, op, j)] = free[rank] = finish
                 times[(rank, stage, op, j)] = (start, finish)
                 position[rank] += 1
                 progress = True
     return times
+
+
+def _reference_inputs(
+    schedule: Schedule,
+    costs: Costs,
+    link: Link,
+    end: dict[tuple[int, Op, int], float],
+    rank: int,
+    action: Action,
+) -> list[float | None]:
+    """When each input of ``action`` is on ``rank``, given the finish times ``end`` so far
+    (None: not made yet)."""
+    stage, op, j = action
+    needs: list[float | None] = []
+    if op is Op.F and stage > 0:
+        needs.append(_arrived(schedule, costs, link, stage - 1, end.get((stage - 1, Op.F, j)),
+                              rank))
+    elif op is Op.W:
+        needs.append(end.get((stage, Op.I, j)))
+    elif op in (Op.B, Op.I):
+        needs.append(end.get((stage, Op.F, j)))
+        if stage < schedule.num_stages - 1:
+            grad = end.get((stage + 1, Op.B, j), end.get((stage + 1, Op.I, j)))
+            # the gradient crosses the boundary between stage and stage + 1
+            if grad is not None and schedule.placement[stage + 1] != rank:
+                grad += link.transfer_time(costs.send_bytes[stage] if costs.send_bytes else 0.0)
+            needs.append(grad)
+    return needs
+
+
+def _arrived(
+    schedule: Schedule, costs: Costs, link: Link, stage: int, finished: float | None, rank: int
+) -> float | None:
+    """When ``stage``'s output, finished at ``finished``, is on ``rank``."""
+    if finished is None or schedule.placement[stage] == rank:
+        return finished
+    return finished + link.transfer_time(costs.send_bytes[stage] if costs.send_bytes else 0)
 
 
 @pytest.mark.parametrize(("name", "p", "m", "v"), [

@@ -38,6 +38,7 @@ from stagewise.runtime.models.tiny_gpt import (
 from stagewise.runtime.models.tp_plans import llama_plan
 from stagewise.runtime.parallel.mesh import (
     Mesh,
+    MeshGroups,
     OverlappedAverage,
     average_gradients,
     average_loss,
@@ -79,65 +80,114 @@ def check_mesh_rank(
     groups = build_mesh(spec)
     results: dict[str, list[str]] = {}
     for name in schedules:
-        schedule = build(name, num_ranks=spec.pp, num_microbatches=num_microbatches)
-        layers = gpt_layers(CONFIG, seed=1)
-        reference = torch.nn.Sequential(*copy.deepcopy(layers))
-        stages = partition(layers, schedule.num_stages)
-        mine = stages_for_rank(schedule, stages, groups.pp_rank)
-        sharded = sum(apply_tensor_parallel(m, groups.tp_mesh, tp_plan) for m in mine.values())
-        blocks = sum(isinstance(layer, Block) for m in mine.values() for layer in m.modules())
-        reducer = None
-        if spec.dp_shard:
-            shard_replicas(mine, groups, schedule)
-        elif overlap is True or (not isinstance(overlap, bool) and name in overlap):
-            reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
-        pipe = Pipeline(
-            schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store,
-            count_saved=True, on_action=reducer.on_action if reducer is not None else None,
+        overlapped = overlap is True or (not isinstance(overlap, bool) and name in overlap)
+        results[name] = _check_schedule(
+            context, spec, groups, name, overlapped,
+            num_microbatches=num_microbatches, batch_size=batch_size, steps=steps,
+            timeout=timeout,
         )
-        params = [p for module in mine.values() for p in module.parameters()]
-        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-        generator = torch.Generator().manual_seed(7)
-        problems: list[str] = []
-        if sharded != (blocks if spec.tp > 1 else 0):
-            problems.append(f"{name} rank {context.rank}: {sharded} of {blocks} blocks sharded")
-        compared = 0
-        for number in range(steps):
-            inputs, targets = make_batch(CONFIG, batch_size, generator)
-            loss = pipe.step(
-                replica_slice(inputs, spec.dp, groups.dp_rank),
-                replica_slice(targets, spec.dp, groups.dp_rank),
-            )
-            if reducer is not None:
-                reducer.finish()
-            elif not spec.dp_shard:
-                average_gradients(mine.values(), groups.dp_group)
-            ref_loss = lm_loss(reference(inputs), targets)
-            ref_loss.backward()
-            label = f"{name} rank {context.rank} step {number}"
-            if loss is not None:
-                mean = average_loss(loss, groups.dp_group)
-                compared += _close(mean, ref_loss.detach(), f"{label} loss", problems)
-            for stage, module in mine.items():
-                first = sum(len(s) for s in stages[:stage])
-                ref_module = reference[first : first + len(stages[stage])]
-                compared += _compare_grads(
-                    module, ref_module, groups.tp_group, f"{label} stage {stage}", problems
-                )
-            if number == 0 and spec.tp == 1:
-                rows = batch_size // spec.dp // num_microbatches
-                compared += _check_saved(pipe, inputs[:rows], stages, reference, label, problems)
-            optimizer.step()
-            ref_optimizer.step()
-            optimizer.zero_grad()
-            ref_optimizer.zero_grad()
-        if compared == 0:
-            problems.append(f"{name} rank {context.rank}: nothing was compared")
-        results[name] = problems
     if llama:
         results["llama"] = _check_llama(groups.tp_mesh, f"llama rank {context.rank}")
     return results
+
+
+def _check_schedule(
+    context: RankContext,
+    spec: Mesh,
+    groups: MeshGroups,
+    name: str,
+    overlapped: bool,
+    *,
+    num_microbatches: int,
+    batch_size: int,
+    steps: int,
+    timeout: float,
+) -> list[str]:
+    """Train ``steps`` steps of schedule ``name`` over the mesh beside the one-process
+    reference; return this rank's mismatches."""
+    schedule = build(name, num_ranks=spec.pp, num_microbatches=num_microbatches)
+    layers = gpt_layers(CONFIG, seed=1)
+    reference = torch.nn.Sequential(*copy.deepcopy(layers))
+    stages = partition(layers, schedule.num_stages)
+    mine = stages_for_rank(schedule, stages, groups.pp_rank)
+    problems = _shard_tensor_parallel(spec, groups, mine, f"{name} rank {context.rank}")
+    reducer = None
+    if spec.dp_shard:
+        shard_replicas(mine, groups, schedule)
+    elif overlapped:
+        reducer = OverlappedAverage(schedule, groups.pp_rank, mine, groups.dp_group)
+    pipe = Pipeline(
+        schedule, mine, lm_loss, group=groups.pp_group, timeout=timeout, store=context.store,
+        count_saved=True, on_action=reducer.on_action if reducer is not None else None,
+    )
+    params = [p for module in mine.values() for p in module.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(7)
+    compared = 0
+    for number in range(steps):
+        inputs, targets = make_batch(CONFIG, batch_size, generator)
+        loss = pipe.step(
+            replica_slice(inputs, spec.dp, groups.dp_rank),
+            replica_slice(targets, spec.dp, groups.dp_rank),
+        )
+        if reducer is not None:
+            reducer.finish()
+        elif not spec.dp_shard:
+            average_gradients(mine.values(), groups.dp_group)
+        ref_loss = lm_loss(reference(inputs), targets)
+        ref_loss.backward()
+        label = f"{name} rank {context.rank} step {number}"
+        compared += _compare_step(
+            loss, ref_loss, mine, stages, reference, groups, label, problems
+        )
+        if number == 0 and spec.tp == 1:
+            rows = batch_size // spec.dp // num_microbatches
+            compared += _check_saved(pipe, inputs[:rows], stages, reference, label, problems)
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+    if compared == 0:
+        problems.append(f"{name} rank {context.rank}: nothing was compared")
+    return problems
+
+
+def _shard_tensor_parallel(
+    spec: Mesh, groups: MeshGroups, mine: dict[int, nn.Module], label: str
+) -> list[str]:
+    """Shard this rank's stages over its tp group; a problem unless every block was sharded
+    (none when tp is 1)."""
+    sharded = sum(apply_tensor_parallel(m, groups.tp_mesh, tp_plan) for m in mine.values())
+    blocks = sum(isinstance(layer, Block) for m in mine.values() for layer in m.modules())
+    if sharded != (blocks if spec.tp > 1 else 0):
+        return [f"{label}: {sharded} of {blocks} blocks sharded"]
+    return []
+
+
+def _compare_step(
+    loss: torch.Tensor | None,
+    ref_loss: torch.Tensor,
+    mine: dict[int, nn.Module],
+    stages: list[nn.Sequential],
+    reference: nn.Sequential,
+    groups: MeshGroups,
+    label: str,
+    problems: list[str],
+) -> int:
+    """Compare one step's loss (averaged over dp, on the last stage's rank) and every
+    gradient of this rank's stages with the reference's; return how many were compared."""
+    compared = 0
+    if loss is not None:
+        mean = average_loss(loss, groups.dp_group)
+        compared += _close(mean, ref_loss.detach(), f"{label} loss", problems)
+    for stage, module in mine.items():
+        first = sum(len(s) for s in stages[:stage])
+        ref_module = reference[first : first + len(stages[stage])]
+        compared += _compare_grads(
+            module, ref_module, groups.tp_group, f"{label} stage {stage}", problems
+        )
+    return compared
 
 
 def _check_saved(

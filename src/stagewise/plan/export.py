@@ -43,7 +43,18 @@ def megatron_args(plan: Plan) -> list[str]:
         >>> megatron_args(plan)[:4]
         ['--tensor-model-parallel-size', '4', '--pipeline-model-parallel-size', '2']
     """
-    model, cfg, run = plan.model, plan.config, plan.training
+    return [
+        *_layout_args(plan),
+        *_memory_args(plan),
+        *_shape_args(plan),
+        *_architecture_args(plan),
+        "--bf16",
+    ]
+
+
+def _layout_args(plan: Plan) -> list[str]:
+    """TP and PP sizes, and how layers split over stages (virtual or uneven)."""
+    cfg = plan.config
     args = [
         "--tensor-model-parallel-size", str(cfg.tp),
         "--pipeline-model-parallel-size", str(cfg.pp),
@@ -54,6 +65,13 @@ def megatron_args(plan: Plan) -> list[str]:
     elif uneven is not None and cfg.num_chunks == 1:
         args += ["--decoder-first-pipeline-num-layers", str(uneven[0]),
                  "--decoder-last-pipeline-num-layers", str(uneven[1])]
+    return args
+
+
+def _memory_args(plan: Plan) -> list[str]:
+    """Sequence parallelism, data-parallel sharding, recomputation and gradient overlap."""
+    cfg, run = plan.config, plan.training
+    args = []
     if cfg.sequence_parallel:
         args.append("--sequence-parallel")
     if cfg.dp_sharding == "weights":
@@ -67,7 +85,13 @@ def megatron_args(plan: Plan) -> list[str]:
                  "--recompute-num-layers", "1"]
     if run.dp_overlap and cfg.dp > 1:
         args.append("--overlap-grad-reduce")
-    args += [
+    return args
+
+
+def _shape_args(plan: Plan) -> list[str]:
+    """Batch, sequence and model sizes."""
+    model, cfg, run = plan.model, plan.config, plan.training
+    return [
         "--micro-batch-size", str(cfg.micro_batch_size),
         "--global-batch-size", str(run.global_batch),
         "--seq-length", str(run.seq_len),
@@ -78,6 +102,12 @@ def megatron_args(plan: Plan) -> list[str]:
         "--num-attention-heads", str(model.heads),
         "--vocab-size", str(model.vocab),
     ]
+
+
+def _architecture_args(plan: Plan) -> list[str]:
+    """The model family's choices: attention groups, MLP, norm, positions, biases, dropout."""
+    model, run = plan.model, plan.training
+    args = []
     if model.kv_heads != model.heads:
         args += ["--group-query-attention", "--num-query-groups", str(model.kv_heads)]
     if model.mlp == "swiglu":
@@ -94,7 +124,6 @@ def megatron_args(plan: Plan) -> list[str]:
         args += ["--attention-dropout", "0.0", "--hidden-dropout", "0.0"]
     if run.attention == "flash":
         args.append("--use-flash-attn")
-    args.append("--bf16")
     return args
 
 

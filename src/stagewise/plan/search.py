@@ -13,6 +13,7 @@ attention, selective recomputation (of the attention core) equals no recomputati
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -116,16 +117,29 @@ def candidates(
     unknown = set(fixed) - set(KNOBS)
     if unknown:
         raise PlanError(f"unknown knobs {sorted(unknown)}: use {', '.join(KNOBS)}")
-    n = cluster.num_gpus
     if "tp" in fixed:
         _check_tp(model, cluster, fixed["tp"])
+    modes = _recompute_options(training, fixed)
+    for tp, pp, dp in _layouts(model, cluster, training, fixed):
+        yield from _layout_configs(model, training, fixed, modes, (tp, pp, dp))
+
+
+def _recompute_options(training: TrainingSpec, fixed: dict[str, Any]) -> list[str]:
+    """The recompute modes to try (selective recompute is moot with flash attention)."""
+    if "recompute" in fixed:
+        return [fixed["recompute"]]
+    flash = training.attention == "flash"
+    return [r for r in RECOMPUTE_MODES if not (flash and r == "selective")]
+
+
+def _layouts(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, fixed: dict[str, Any]
+) -> Iterator[tuple[int, int, int]]:
+    """Every (tp, pp, dp) that fills the cluster, divides the global batch and keeps ``fixed``."""
+    n = cluster.num_gpus
     tps = [fixed["tp"]] if "tp" in fixed else [
         t for t in _divisors(cluster.gpus_per_node)
         if model.kv_heads % t == 0 and model.heads % t == 0 and model.ffn % t == 0
-    ]
-    flash = training.attention == "flash"
-    modes = [fixed["recompute"]] if "recompute" in fixed else [
-        r for r in RECOMPUTE_MODES if not (flash and r == "selective")
     ]
     for tp in tps:
         if n % tp:
@@ -141,26 +155,36 @@ def candidates(
                 continue
             if training.global_batch % dp:
                 continue
-            per_replica = training.global_batch // dp
-            mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else [
-                b for b in MICRO_BATCH_SIZES if per_replica % b == 0
-            ]
-            sps = [fixed["sequence_parallel"]] if "sequence_parallel" in fixed else (
-                [False, True] if tp > 1 else [False]
+            yield tp, pp, dp
+
+
+def _layout_configs(
+    model: ModelSpec,
+    training: TrainingSpec,
+    fixed: dict[str, Any],
+    modes: list[str],
+    layout: tuple[int, int, int],
+) -> Iterator[ParallelConfig]:
+    """Every configuration of one (tp, pp, dp) layout: schedule, micro-batch size, recompute
+    mode, sequence parallelism and data-parallel sharding."""
+    tp, pp, dp = layout
+    per_replica = training.global_batch // dp
+    mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else [
+        b for b in MICRO_BATCH_SIZES if per_replica % b == 0
+    ]
+    sps = [fixed["sequence_parallel"]] if "sequence_parallel" in fixed else (
+        [False, True] if tp > 1 else [False]
+    )
+    dopts = [fixed["dp_sharding"]] if "dp_sharding" in fixed else (
+        list(SEARCHED_SHARDING) if dp > 1 else ["none"]
+    )
+    for schedule, v in _schedule_options(model, pp, fixed):
+        for mbs, recompute, sp, dopt in itertools.product(mbss, modes, sps, dopts):
+            yield ParallelConfig.of(
+                tp=tp, pp=pp, dp=dp, num_chunks=v, micro_batch_size=mbs,
+                recompute=recompute, sequence_parallel=sp and tp > 1,
+                dp_sharding=dopt, schedule=schedule,
             )
-            dopts = [fixed["dp_sharding"]] if "dp_sharding" in fixed else (
-                list(SEARCHED_SHARDING) if dp > 1 else ["none"]
-            )
-            for schedule, v in _schedule_options(model, pp, fixed):
-                for mbs in mbss:
-                    for recompute in modes:
-                        for sp in sps:
-                            for dopt in dopts:
-                                yield ParallelConfig.of(
-                                    tp=tp, pp=pp, dp=dp, num_chunks=v, micro_batch_size=mbs,
-                                    recompute=recompute, sequence_parallel=sp and tp > 1,
-                                    dp_sharding=dopt, schedule=schedule,
-                                )
 
 
 def _check_tp(model: ModelSpec, cluster: Cluster, tp: int) -> None:

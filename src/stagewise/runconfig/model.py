@@ -12,6 +12,7 @@ from stagewise.runconfig._toml import _check_toml_values, _positive
 __all__ = ["ModelConfig"]
 
 TINY_DEFAULTS = {"layers": 6, "dim": 64}  # stagewise train's --layers and --dim defaults
+_TINY_SIZES = ("layers", "dim", "heads")  # the sizes only spec = "tiny" takes
 # Hugging Face config keys that give layers, query heads and key/value heads, per family.
 _HF_LAYERS = ("num_hidden_layers", "n_layer")
 _HF_HEADS = ("num_attention_heads", "n_head")
@@ -44,6 +45,16 @@ class ModelConfig:
     config_file: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_spec()
+        if self.spec == "tiny":
+            self._fill_tiny_sizes()
+        else:
+            self._refuse_tiny_sizes()
+        self._check_hf_config()
+        self._check_split()
+        self._check_config_file()
+
+    def _check_spec(self) -> None:
         spec = self.spec
         if not isinstance(spec, str) or not (
             spec == "tiny" or (spec.startswith(("hf:", "py:")) and len(spec) > 3)
@@ -52,46 +63,55 @@ class ModelConfig:
                 f"[model] spec = {spec!r}: write \"tiny\", \"hf:llama\", \"hf:gpt2\" or "
                 "\"py:package.module:function\""
             )
-        tiny = ("layers", "dim", "heads")
-        if spec == "tiny":
-            dim = TINY_DEFAULTS["dim"] if self.dim is None else self.dim
-            object.__setattr__(self, "dim", dim)
-            defaults = {"layers": TINY_DEFAULTS["layers"], "dim": dim, "heads": self.default_heads}
-            for name in tiny:
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, defaults[name])
-                _positive("model", name, getattr(self, name))
-            if self.dim % self.heads:  # type: ignore[operator]
-                raise ConfigError(
-                    f"[model] dim = {self.dim} is not a multiple of heads = {self.heads}: "
-                    "choose heads that divide dim"
-                )
-        else:
-            given = [name for name in tiny if getattr(self, name) is not None]
-            if given:
-                raise ConfigError(
-                    f"[model] {', '.join(given)} apply to spec = \"tiny\" only; for {spec!r} "
-                    "set the sizes in [model.hf_config] (e.g. num_hidden_layers, hidden_size)"
-                )
+
+    def _fill_tiny_sizes(self) -> None:
+        """The tiny GPT's layers, dim and heads: defaults for those not given, then checked."""
+        dim = TINY_DEFAULTS["dim"] if self.dim is None else self.dim
+        object.__setattr__(self, "dim", dim)
+        defaults = {"layers": TINY_DEFAULTS["layers"], "dim": dim, "heads": self.default_heads}
+        for name in _TINY_SIZES:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
+            _positive("model", name, getattr(self, name))
+        if self.dim % self.heads:  # type: ignore[operator]
+            raise ConfigError(
+                f"[model] dim = {self.dim} is not a multiple of heads = {self.heads}: "
+                "choose heads that divide dim"
+            )
+
+    def _refuse_tiny_sizes(self) -> None:
+        given = [name for name in _TINY_SIZES if getattr(self, name) is not None]
+        if given:
+            raise ConfigError(
+                f"[model] {', '.join(given)} apply to spec = \"tiny\" only; for {self.spec!r} "
+                "set the sizes in [model.hf_config] (e.g. num_hidden_layers, hidden_size)"
+            )
+
+    def _check_hf_config(self) -> None:
         if not isinstance(self.hf_config, Mapping):
             raise ConfigError(f"[model.hf_config] must be a table, got {self.hf_config!r}")
-        if self.hf_config and not spec.startswith("hf:"):
+        if self.hf_config and not self.spec.startswith("hf:"):
             raise ConfigError(
-                f"[model.hf_config] applies to hf: models only, not {spec!r}: remove it"
+                f"[model.hf_config] applies to hf: models only, not {self.spec!r}: remove it"
             )
         object.__setattr__(self, "hf_config", dict(self.hf_config))
         _check_toml_values("model.hf_config", self.hf_config)
+
+    def _check_split(self) -> None:
         split = self.split
         if isinstance(split, list):
             split = tuple(split)
             object.__setattr__(self, "split", split)
         if not isinstance(split, tuple) or not all(isinstance(s, str) and s for s in split):
             raise ConfigError(f"[model] split must be a list of names, got {split!r}")
-        if split and not spec.startswith("py:"):
-            raise ConfigError(f"[model] split applies to py: models only, not {spec!r}")
-        if self.config_file is not None and not spec.startswith("hf:"):
+        if split and not self.spec.startswith("py:"):
+            raise ConfigError(f"[model] split applies to py: models only, not {self.spec!r}")
+
+    def _check_config_file(self) -> None:
+        if self.config_file is not None and not self.spec.startswith("hf:"):
             raise ConfigError(
-                f"[model] config_file (--model-config) applies to hf: models only, not {spec!r}"
+                f"[model] config_file (--model-config) applies to hf: models only, "
+                f"not {self.spec!r}"
             )
         if self.config_file is not None and self.hf_config:
             raise ConfigError("[model] give hf_config or config_file, not both")

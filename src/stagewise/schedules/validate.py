@@ -210,9 +210,7 @@ def _walk(schedule: Schedule) -> tuple[list[tuple[int, Action]] | None, list[int
                 if done[key]:
                     return None, position  # the same action (or B beside I/W) twice
                 done[key] = 1
-                woken = waiting.pop(key, None)
-                if woken:
-                    ready.extend(woken)
+                ready.extend(waiting.pop(key, ()))
             append((rank, action))
             k += 1
         position[rank] = k
