@@ -12,6 +12,7 @@ import time
 import torch
 from torch import nn
 
+from stagewise.mesh import Mesh
 from stagewise.runtime import Pipeline, RankContext, partition, stages_for_rank
 from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, lm_loss, make_batch
 from stagewise.schedules import build
@@ -65,16 +66,16 @@ def echo_rank(context: RankContext, value: int) -> tuple[int, int, int]:
     return context.rank, context.world_size, value + context.rank
 
 
-def pipeline_groups(context: RankContext, spec: object) -> tuple[list[int], list[int], str]:
+def pipeline_groups(context: RankContext, spec: Mesh) -> tuple[list[int], list[int], str]:
     """This rank's pp group from a gloo mesh, and from the same mesh taken for NCCL (which
     makes build_mesh replace it with a gloo twin), as ranks; and the twin's backend."""
     import torch.distributed as dist
 
-    from stagewise.runtime import mesh
+    from stagewise.runtime.parallel import mesh
 
-    plain = mesh.build_mesh(spec)  # type: ignore[arg-type]
-    mesh._backend = lambda group: "nccl"  # type: ignore[assignment]
-    twin = mesh.build_mesh(spec)  # type: ignore[arg-type]
+    plain = mesh.build_mesh(spec)
+    mesh._backend = lambda group: "nccl"
+    twin = mesh.build_mesh(spec)
     assert twin.pp_group is not plain.pp_group
     return (dist.get_process_group_ranks(plain.pp_group),
             dist.get_process_group_ranks(twin.pp_group), dist.get_backend(twin.pp_group))
