@@ -18,7 +18,7 @@ import json
 import statistics
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - the name torch's own docs use
 from torch import nn
 
 

@@ -55,7 +55,8 @@ def rank_job(context: RankContext, name: str, microbatches: int) -> dict[str, An
         for stage, module in mine.items():
             ref_part = reference[offsets[stage]:offsets[stage + 1]]
             for p, q in zip(module.parameters(), ref_part.parameters(), strict=True):
-                assert p.grad is not None and q.grad is not None
+                assert p.grad is not None
+                assert q.grad is not None
                 assert p.grad.device == device
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
                 worst = max(worst, float((p.grad - q.grad).abs().max()))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from stagewise.cli import cli
 from stagewise.schedules import Schedule, names
 
 
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
     assert cli([*argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -123,7 +124,8 @@ def test_bad_schedule_file(tmp_path: Path, content: str, message: str,
     path.write_text(content)
     assert cli(["simulate", "--schedule-file", str(path)]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert message in err
+    assert err.count("\n") == 1
 
 
 def test_missing_schedule_file(capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,7 +201,8 @@ def test_huge_inputs_are_refused_before_the_work(capsys: pytest.CaptureFixture[s
     assert all("over the simulator's limit of 1,000,000" in row["error"] for row in rows)
     result = run_json(capsys, "bubble", "-s", "1f1b", "-p", "4", "-m", "1000000")
     assert time.monotonic() - start < 10
-    assert result["simulated"] is None and "8,000,000 actions" in result["skipped"]
+    assert result["simulated"] is None
+    assert "8,000,000 actions" in result["skipped"]
     assert result["closed_form"]["bubble"]["vs_ideal"] == pytest.approx(3 / 1_000_000)
     assert result["closed_form"]["peak_activations"] == [4, 3, 2, 1]
     assert cli(["bubble", "-s", "interleaved-1f1b", "-p", "8", "-m", "100000", "-v", "4"]) == 0

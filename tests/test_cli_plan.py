@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,10 @@ REQUIRED = {"tp", "pp", "dp", "num_chunks", "micro_batch_size", "recompute", "sc
             "memory_gib", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu"}
 
 
-def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:
     assert cli(argv) == 0
-    return json.loads(capsys.readouterr().out)
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return doc
 
 
 def test_lesson_one_node_does_not_fit_and_says_what_would(
@@ -166,7 +168,7 @@ TOY = ["plan", "--model", "tiny-llama", "--gpu", "cpu", "--nodes", "1", "--gpus-
        "--seq-len", "32", "--global-batch", "16"]
 
 
-def _assert_config_is_the_plan(config: RunConfig, plan: dict, seq: int) -> None:
+def _assert_config_is_the_plan(config: RunConfig, plan: dict[str, Any], seq: int) -> None:
     """Every knob of the emitted file equals the plan's own JSON."""
     assert (config.mesh.pp, config.mesh.dp, config.mesh.tp) == (plan["pp"], plan["dp"], plan["tp"])
     assert config.schedule.name == plan["schedule"]
@@ -181,7 +183,7 @@ def _assert_config_is_the_plan(config: RunConfig, plan: dict, seq: int) -> None:
                                                              abs=1e-3)
 
 
-def _check_emitted_70b(doc: dict, path: Path) -> None:
+def _check_emitted_70b(doc: dict[str, Any], path: Path) -> None:
     """--emit-config for Llama-2-70B on 4 x 8 H100 wrote the recommended plan."""
     config = load_run_config(path)
     _assert_config_is_the_plan(config, doc["recommended"], doc["seq_len"])
@@ -250,6 +252,7 @@ def test_toy_option_keeps_the_layout_and_shrinks_the_model(
     config = load_run_config(path)
     _assert_config_is_the_plan(config, doc["recommended"], 32)  # sequences cut to 32 tokens
     hf = config.model.hf_config
+    assert config.schedule.num_chunks is not None
     stages = config.mesh.pp * config.schedule.num_chunks
     assert hf["num_hidden_layers"] == max(2, stages)
     assert hf["hidden_size"] <= 128

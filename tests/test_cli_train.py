@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,12 +29,16 @@ def test_train_json_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixtu
                 *SMALL])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["schedule"] == "1f1b" and report["num_ranks"] == 2
+    assert report["schedule"] == "1f1b"
+    assert report["num_ranks"] == 2
     losses = report["losses"]
-    assert len(losses) == 8 and losses[-1] < losses[0]
-    assert len(report["step_seconds"]) == 8 and report["tokens_per_second"] > 0
+    assert len(losses) == 8
+    assert losses[-1] < losses[0]
+    assert len(report["step_seconds"]) == 8
+    assert report["tokens_per_second"] > 0
     for key in ("of_step", "vs_ideal"):
-        assert report["measured_bubble"][key] >= 0 and report["predicted_bubble"][key] >= 0
+        assert report["measured_bubble"][key] >= 0
+        assert report["predicted_bubble"][key] >= 0
     # Bytes saved for backward were counted on every rank and predicted from the same sizes.
     assert all(b > 0 for b in report["measured_activation_bytes"])
     assert len(report["predicted_activation_bytes"]) == 2
@@ -55,8 +60,10 @@ def test_train_split_backward_schedule_file_prints_the_comparison(
     assert code == 0
     out = capsys.readouterr().out
     assert "with zb.csv: 2 ranks, 2 stages, 4 micro-batches" in out
-    assert "bubble, idle share of the step: measured" in out and "predicted" in out
-    assert "rank 1:" in out and "MiB" in out
+    assert "bubble, idle share of the step: measured" in out
+    assert "predicted" in out
+    assert "rank 1:" in out
+    assert "MiB" in out
 
 
 @pytest.mark.multiproc
@@ -69,7 +76,8 @@ def test_nan_with_check_finite_exits_1_naming_rank_and_action(
                 "--no-plots", "--json", "--timeout", "20", *SMALL])
     assert code == 1
     err = capsys.readouterr().err
-    assert "training failed: rank 1 failed at 1F0" in err and "NonFiniteLoss" in err
+    assert "training failed: rank 1 failed at 1F0" in err
+    assert "NonFiniteLoss" in err
 
 
 @pytest.mark.multiproc
@@ -158,9 +166,9 @@ def test_ranks_that_fill_only_their_stages_train_the_whole_builds_model(
     assert runs["params"] == pytest.approx(runs["time"], rel=1e-5)
 
 
-def _losses(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+def _losses(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:
     assert cli(["train", "--json", "--no-plots", *SMALL, *argv]) == 0
-    report: dict = json.loads(capsys.readouterr().out)
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
     return report
 
 
@@ -202,7 +210,9 @@ def test_fsdp_with_a_split_backward_schedule_is_refused_before_launch(
     code = cli(["train", "--mesh", "pp=2,fsdp=2", "-s", "zb-h1", "-m", "4", "--no-plots", *SMALL])
     assert code == 2
     err = capsys.readouterr().err
-    assert "fsdp" in err and "'zb-h1'" in err and "use a schedule without I/W" in err
+    assert "fsdp" in err
+    assert "'zb-h1'" in err
+    assert "use a schedule without I/W" in err
 
 
 @pytest.mark.multiproc
@@ -229,10 +239,10 @@ def test_same_command_runs_under_torchrun_on_two_nodes(
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = []
-    for node in (0, 1):
+    for node_rank in (0, 1):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-            "--nproc-per-node", "2", "--node-rank", str(node), "--master-addr", "127.0.0.1",
+            "--nproc-per-node", "2", "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
             "--master-port", str(port), "-m", "stagewise", "train", "-m", "2", "--steps", "3",
             "--mesh", "pp=2,dp=2", "--json", "--no-plots", "--timeout", "60", *SMALL,
         ]
@@ -245,7 +255,8 @@ def test_same_command_runs_under_torchrun_on_two_nodes(
     report = json.loads(out[out.index("{"):])
     # The mesh spans both "nodes": dp rank 1's pipeline runs on the second node's processes.
     assert report["mesh"] == {"pp": 2, "dp": 2, "tp": 1, "fsdp": False}
-    assert report["num_ranks"] == 2 and len(report["losses"]) == 3
+    assert report["num_ranks"] == 2
+    assert len(report["losses"]) == 3
     assert outputs[1][0].strip() == ""  # only global rank 0 prints
     # The same flags on local processes train the same model on the same data.
     local = _losses(capsys, ["-m", "2", "--steps", "3", "--mesh", "pp=2,dp=2"])
@@ -292,7 +303,8 @@ def test_config_flags_equal_to_train_defaults_still_win(tmp_path: Path) -> None:
                      "--layers", "6", "--no-recompute"])
     assert (given.training.steps, given.training.lr, given.training.recompute,
             given.model.layers) == (30, 3e-3, "none", 6)
-    assert given.mesh == Mesh(pp=2, dp=2) and given.schedule.num_microbatches == 4
+    assert given.mesh == Mesh(pp=2, dp=2)
+    assert given.schedule.num_microbatches == 4
     # Another schedule on the command line does not inherit the file's v.
     other = _merged(["train", "--config", str(path), "-s", "1f1b"])
     assert (other.schedule.name, other.schedule.num_chunks) == ("1f1b", 1)
@@ -340,7 +352,8 @@ def test_device_cuda_without_a_gpu_is_refused_before_launch(
 ) -> None:
     assert cli(["train", "--device", "cuda", "-p", "2", "-m", "2", "--steps", "2", *SMALL]) == 2
     err = capsys.readouterr().err
-    assert "--device cuda but this machine has no CUDA GPU" in err and "--device cpu" in err
+    assert "--device cuda but this machine has no CUDA GPU" in err
+    assert "--device cpu" in err
     assert len(err.strip().splitlines()) == 1
 
 

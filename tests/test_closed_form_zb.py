@@ -43,7 +43,7 @@ def own_span_idle(timeline: Timeline, rank: int) -> float:
     return span - timeline.busy(rank)
 
 
-@pytest.mark.parametrize("f,i,w", [t for t in TRIPLES if t[2] <= min(t[0], t[1])])
+@pytest.mark.parametrize(("f", "i", "w"), [t for t in TRIPLES if t[2] <= min(t[0], t[1])])
 def test_zb_h1_bubble_and_makespan(f: float, i: float, w: float) -> None:
     for p in (1, 2, 3, 4, 6):
         for m in (p, p + 1, 2 * p, 3 * p + 1):
@@ -54,7 +54,7 @@ def test_zb_h1_bubble_and_makespan(f: float, i: float, w: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "f,i,w", [t for t in TRIPLES if t[2] <= t[0] and 2 * t[2] <= t[0] + t[1]]
+    ("f", "i", "w"), [t for t in TRIPLES if t[2] <= t[0] and 2 * t[2] <= t[0] + t[1]]
 )
 def test_zb_h2_rank_bubble_and_makespan(f: float, i: float, w: float) -> None:
     for p in (1, 2, 3, 4, 6):
@@ -74,7 +74,7 @@ def test_zb_h2_is_gapless_per_rank_with_equal_costs() -> None:
     assert zb_h2_rank_bubble(4, 1.0, 1.0, 1.0) == 0.0
 
 
-@pytest.mark.parametrize("f,w", [(1.0, 0.5), (1.0, 0.75), (1.0, 1.0), (2.0, 1.0), (2.0, 1.5)])
+@pytest.mark.parametrize(("f", "w"), [(1.0, 0.5), (1.0, 0.75), (1.0, 1.0), (2.0, 1.0), (2.0, 1.5)])
 def test_zb_v_bubble_and_makespan(f: float, w: float) -> None:
     for p in (1, 2, 3, 4, 6):
         for m in (2 * p - 1, 2 * p, 3 * p + 1):

@@ -71,7 +71,7 @@ def test_imported_modules_sees_every_spelling() -> None:
             "stagewise.schedules.ir"} <= found
 
 
-@pytest.mark.parametrize("package,allowed", [
+@pytest.mark.parametrize(("package", "allowed"), [
     ("schedules", {"errors"}),  # the IR, generators, validator and registry: nothing above
     ("sim", {"errors", "schedules"}),  # the simulator reads schedules and knows no search
     ("search", {"errors", "schedules", "sim"}),  # the search times candidates by simulating

@@ -57,15 +57,22 @@ def test_megatron_line_parses_and_round_trips_the_plan() -> None:
     ns = _megatron_parser().parse_args(command[6:])
     assert (ns.tensor_model_parallel_size, ns.pipeline_model_parallel_size) == (4, 4)
     assert ns.num_layers_per_virtual_pipeline_stage == 80 // (4 * 5)
-    assert ns.sequence_parallel and ns.use_distributed_optimizer and ns.bf16
+    assert ns.sequence_parallel
+    assert ns.use_distributed_optimizer
+    assert ns.bf16
     assert (ns.recompute_granularity, ns.recompute_method, ns.recompute_num_layers) == (
         "full", "uniform", 1)
     assert (ns.micro_batch_size, ns.global_batch_size, ns.seq_length) == (1, 64, 4096)
     assert (ns.num_layers, ns.hidden_size, ns.ffn_hidden_size) == (80, 8192, 28672)
-    assert ns.group_query_attention and ns.num_query_groups == 8
-    assert ns.swiglu and ns.normalization == "RMSNorm" and ns.position_embedding_type == "rope"
-    assert ns.untie_embeddings_and_output_weights and ns.disable_bias_linear
-    assert ns.overlap_grad_reduce and ns.use_flash_attn
+    assert ns.group_query_attention
+    assert ns.num_query_groups == 8
+    assert ns.swiglu
+    assert ns.normalization == "RMSNorm"
+    assert ns.position_embedding_type == "rope"
+    assert ns.untie_embeddings_and_output_weights
+    assert ns.disable_bias_linear
+    assert ns.overlap_grad_reduce
+    assert ns.use_flash_attn
     assert not export_notes(plan)[:1] or "torchtitan" in export_notes(plan)[0]
 
 
@@ -74,7 +81,8 @@ def test_megatron_selective_recompute_and_uneven_split() -> None:
                     TrainingSpec(seq_len=8192, global_batch=16),
                     ParallelConfig.of(tp=8, pp=16, dp=1, recompute="selective"))
     ns = _megatron_parser().parse_args(megatron_args(plan))
-    assert ns.recompute_activations and ns.recompute_granularity is None
+    assert ns.recompute_activations
+    assert ns.recompute_granularity is None
     assert (ns.decoder_first_pipeline_num_layers, ns.decoder_last_pipeline_num_layers) == (7, 7)
     assert ns.num_layers_per_virtual_pipeline_stage is None
 
@@ -85,8 +93,11 @@ def test_gpt_model_keeps_biases_dropout_and_tied_embeddings() -> None:
                     ParallelConfig.of(tp=8, pp=1, dp=1, micro_batch_size=4))
     args = megatron_args(plan)
     ns = _megatron_parser().parse_args(args)
-    assert not ns.disable_bias_linear and not ns.untie_embeddings_and_output_weights
-    assert ns.attention_dropout is None and not ns.use_flash_attn and not ns.swiglu
+    assert not ns.disable_bias_linear
+    assert not ns.untie_embeddings_and_output_weights
+    assert ns.attention_dropout is None
+    assert not ns.use_flash_attn
+    assert not ns.swiglu
     assert ns.num_query_groups is None
 
 
@@ -104,7 +115,8 @@ def test_torchtitan_toml_parses_and_matches_the_plan() -> None:
     config = tomllib.loads(text)
     par = config["parallelism"]
     assert (par["tensor_parallel_degree"], par["pipeline_parallel_degree"]) == (4, 4)
-    assert par["data_parallel_shard_degree"] == 2 and par["data_parallel_replicate_degree"] == 1
+    assert par["data_parallel_shard_degree"] == 2
+    assert par["data_parallel_replicate_degree"] == 1
     assert par["pipeline_parallel_schedule"] == "Interleaved1F1B"
     assert par["pipeline_parallel_layers_per_stage"] == 4
     assert par["pipeline_parallel_microbatch_size"] == 1

@@ -42,7 +42,9 @@ def test_every_catalog_entry_loads_with_a_source() -> None:
         assert get_model(name).source
     for name in catalog_gpus():
         gpu = get_gpu(name)
-        assert gpu.source and gpu.peak_flops > 1e13 and gpu.memory_gib >= 32
+        assert gpu.source
+        assert gpu.peak_flops > 1e13
+        assert gpu.memory_gib >= 32
 
 
 def test_gpu_aliases_and_reference_figures() -> None:
@@ -83,7 +85,8 @@ def test_hf_gpt2_config_is_gelu_layernorm_learned_positions() -> None:
     )
     shape = (model.mlp, model.norm, model.position, model.ffn)
     assert shape == ("gelu", "layernorm", "learned", 3072)
-    assert model.tied_embeddings and model.bias
+    assert model.tied_embeddings
+    assert model.bias
     assert model.num_params == 124_439_808  # GPT-2 small, the published count
 
 

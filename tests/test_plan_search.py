@@ -19,7 +19,9 @@ def test_candidates_respect_every_constraint() -> None:
     assert configs
     for cfg in configs:
         assert cfg.tp * cfg.pp * cfg.dp == 32
-        assert cfg.tp <= 8 and 8 % cfg.tp == 0 and model.kv_heads % cfg.tp == 0
+        assert cfg.tp <= 8
+        assert 8 % cfg.tp == 0
+        assert model.kv_heads % cfg.tp == 0
         assert 64 % (cfg.dp * cfg.micro_batch_size) == 0
         assert cfg.pp * cfg.num_chunks <= model.layers
         assert cfg.schedule not in ("gpipe", "auto")
@@ -48,9 +50,11 @@ def test_search_ranks_fitting_plans_by_step_time_and_explains_the_rest() -> None
     seen: list[tuple[int, int]] = []
     result = search(model, cluster, run, {"micro_batch_size": 1, "sequence_parallel": True},
                     progress=lambda done, total: seen.append((done, total)))
-    assert seen and seen[-1][0] == seen[-1][1]
+    assert seen
+    assert seen[-1][0] == seen[-1][1]
     fitting = result.fitting
-    assert fitting and not all(p.fits for p in result.plans)
+    assert fitting
+    assert not all(p.fits for p in result.plans)
     # Branch and bound timed only what could matter; check against timing every plan.
     k = 10
     times = [p.time.step_s for p in fitting]
@@ -67,10 +71,13 @@ def test_search_ranks_fitting_plans_by_step_time_and_explains_the_rest() -> None
         fastest_of_layout[layout] = min(plan.time.step_s, fastest_of_layout.get(layout, 1e9))
     assert first_of_layout == fastest_of_layout
     for plan in result.plans[len(fitting):]:
-        assert plan.reason and "GiB" in plan.reason and "H100" in plan.reason
+        assert plan.reason
+        assert "GiB" in plan.reason
+        assert "H100" in plan.reason
         assert plan.memory.total > H100.memory_gib * 2**30
     for plan in fitting:
-        assert plan.memory.total <= H100.memory_gib * 2**30 and plan.reason is None
+        assert plan.memory.total <= H100.memory_gib * 2**30
+        assert plan.reason is None
     # The best plan is re-evaluated identically on its own.
     alone = evaluate(model, cluster, run, result.best.config)
     assert alone.time.step_s == pytest.approx(result.best.time.step_s, rel=0.02)
@@ -93,8 +100,10 @@ def test_uneven_layer_split_is_searched() -> None:
                      "recompute": "full", "sequence_parallel": True,
                      "dp_sharding": "optimizer"})
     (plan,) = result.plans
-    assert sum(plan.layers) == 126 and max(plan.layers) - min(plan.layers) == 1
-    assert plan.layers[0] == 7 and plan.layers[-1] == 7  # the outer stages get fewer
+    assert sum(plan.layers) == 126
+    assert max(plan.layers) - min(plan.layers) == 1
+    assert plan.layers[0] == 7
+    assert plan.layers[-1] == 7  # the outer stages get fewer
 
 
 def test_nothing_valid_is_a_plan_error() -> None:

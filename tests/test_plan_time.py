@@ -29,7 +29,8 @@ A100 = get_gpu("a100-80gb")
 
 def test_model_flops_reproduce_korthikanti_eq_7_and_the_published_mfu() -> None:
     gpt = get_model("gpt-22b")
-    s, b, L, h, V = 2048, 4, 48, 6144, 51200
+    # The paper's symbols: L layers, V vocabulary size.
+    s, b, L, h, V = 2048, 4, 48, 6144, 51200  # noqa: N806
     eq7 = 72 * b * L * s * h * h * (1 + s / (6 * h) + V / (12 * h * L))
     assert model_flops_per_token(gpt, s) * b * s == pytest.approx(eq7)
     # Table 5: 22B, 8 A100, 1.10 s per iteration -> MFU 41.5 %.
@@ -38,7 +39,7 @@ def test_model_flops_reproduce_korthikanti_eq_7_and_the_published_mfu() -> None:
 
 def test_hardware_flops_of_full_recompute_match_eq_8() -> None:
     gpt = get_model("gpt-22b")
-    s, L, h, V = 2048, 48, 6144, 51200
+    s, L, h, V = 2048, 48, 6144, 51200  # noqa: N806 - L layers, V vocabulary (the paper's)
     eq8 = 96 * L * s * h * h * (1 + s / (6 * h) + V / (16 * h * L)) / s
     assert hardware_flops_per_token(gpt, s, "full") == pytest.approx(eq8)
     assert hardware_flops_per_token(gpt, s, "none") == pytest.approx(model_flops_per_token(gpt, s))
@@ -76,9 +77,11 @@ def test_layer_time_of_a_tp_slice() -> None:
              for t in (1, 2, 4, 8)}
     assert times[1] == alone[1]  # no collectives without TP
     for t in (2, 4, 8):
-        assert times[t][0] > alone[t][0] and times[t][1] > alone[t][1]
+        assert times[t][0] > alone[t][0]
+        assert times[t][1] > alone[t][1]
         # A thinner slice is faster but less than t times faster.
-        assert alone[t][0] < alone[1][0] and alone[t][0] * t > alone[1][0]
+        assert alone[t][0] < alone[1][0]
+        assert alone[t][0] * t > alone[1][0]
     for fwd, bwd in alone.values():
         assert 1.9 < bwd / fwd < 2.6  # two GEMMs per forward GEMM, flash backward 2.5x
     # Roughly 2 x 0.87e9 x 4096 x 2 forward FLOPs at ~0.8 of 989 TFLOP/s: 9 to 12 ms.
@@ -144,7 +147,8 @@ def test_single_replica_has_no_dp_reduction_and_lora_no_optimizer_to_speak_of() 
     run = TrainingSpec(seq_len=4096, global_batch=32, mode="lora")
     t = evaluate(model, cluster, run, ParallelConfig.of(tp=2, pp=4, dp=1, num_chunks=2,
                                                      schedule="interleaved-1f1b")).time
-    assert t.dp_exposed_s == 0.0 and t.dp_total_s == 0.0
+    assert t.dp_exposed_s == 0.0
+    assert t.dp_total_s == 0.0
     assert t.optimizer_s < 1e-3  # only the adapters are updated
 
 

@@ -6,10 +6,11 @@ import json
 import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
-import tomllib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,10 +73,12 @@ def test_toml_round_trip_gives_an_equal_config(config: RunConfig, tmp_path: Path
 def test_file_is_readable_and_hf_config_is_a_plain_dict() -> None:
     config = _full()
     text = config.to_toml()
-    assert "[model.hf_config]" in text and "[source]" in text
+    assert "[model.hf_config]" in text
+    assert "[source]" in text
     assert "num_chunks = 2  # v, chunks (virtual stages) per pipeline rank" in text
     loaded = parse_run_config(text)
-    assert type(loaded.model.hf_config) is dict and loaded.model.hf_config == LLAMA
+    assert type(loaded.model.hf_config) is dict
+    assert loaded.model.hf_config == LLAMA
     assert loaded.world_size == 8
 
 
@@ -250,7 +253,7 @@ _VALUES = st.recursive(
 @settings(max_examples=150, deadline=None)
 @given(fields=st.dictionaries(st.text(min_size=1, max_size=10), _VALUES, max_size=6),
        lr=st.floats(min_value=1e-12, max_value=1e3), steps=st.integers(2, 10**9))
-def test_any_hf_config_round_trips(fields: dict, lr: float, steps: int) -> None:
+def test_any_hf_config_round_trips(fields: dict[str, Any], lr: float, steps: int) -> None:
     config = RunConfig(model=ModelConfig("hf:llama", hf_config=fields),
                        training=TrainingConfig(steps=steps, lr=lr))
     assert parse_run_config(config.to_toml()) == config

@@ -13,22 +13,25 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from stagewise.errors import ConfigError
 
-torch = pytest.importorskip("torch")
+if TYPE_CHECKING:  # mypy reads torch's types; at run time, skip without torch
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.models.hf_models import build_hf_model, hf_layers, hf_parts  # noqa: E402
-from stagewise.runtime.models.resolve import resolve_model  # noqa: E402
-from stagewise.runtime.models.tiny_gpt import lm_loss  # noqa: E402
-from workers.models import ModelCase, check_model_rank  # noqa: E402
+from stagewise.runtime import launch
+from stagewise.runtime.models.hf_models import build_hf_model, hf_layers, hf_parts
+from stagewise.runtime.models.resolve import resolve_model
+from stagewise.runtime.models.tiny_gpt import lm_loss
+from workers.models import ModelCase, check_model_rank
 
 LLAMA = {
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -142,7 +145,9 @@ def test_pipelined_models_equal_one_process() -> None:
 
 def test_defaults_are_tiny_with_no_dropout() -> None:
     parts = hf_parts("gpt2")
-    assert parts.name == "hf:gpt2" and parts.seq_len == 32 and len(parts.layers) == 6
+    assert parts.name == "hf:gpt2"
+    assert parts.seq_len == 32
+    assert len(parts.layers) == 6
     assert all(m.p == 0.0 for layer in parts.layers for m in layer.modules()
                if isinstance(m, nn.Dropout))
 
@@ -155,7 +160,8 @@ def test_config_file_is_read_over_hugging_face_defaults(tmp_path: Path) -> None:
     parts = hf_parts("llama", path, seq_len=12)
     assert len(parts.layers) == 3
     inputs, _ = parts.make_batch(2, torch.Generator().manual_seed(0))
-    assert inputs.shape == (2, 12) and int(inputs.max()) < 40
+    assert inputs.shape == (2, 12)
+    assert int(inputs.max()) < 40
     assert _run(list(parts.layers), inputs).shape == (2, 12, 40)
 
 
@@ -187,13 +193,16 @@ def test_config_files_that_are_not_json_or_another_model(tmp_path: Path) -> None
 def test_resolve_model_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model("tiny", seq_len=8).seq_len == 8
     parts = resolve_model("hf:gpt2", config=GPT2, seq_len=8)
-    assert parts.name == "hf:gpt2" and len(parts.layers) == 4 and parts.seq_len == 8
+    assert parts.name == "hf:gpt2"
+    assert len(parts.layers) == 4
+    assert parts.seq_len == 8
     made = resolve_model("py:stagewise.runtime.models.model_parts:tiny_gpt_parts")
     assert made.name == "tiny-gpt"
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     toy = resolve_model("py:test_runtime_hf:toy_lm", config={"dim": 4}, seq_len=6,
                         names=["embed", "blocks", "head"])
-    assert len(toy.layers) == 4 and toy.layers[0].weight.shape == (16, 4)
+    assert len(toy.layers) == 4
+    assert toy.layers[0].weight.shape == (16, 4)
     inputs, targets = toy.make_batch(2, torch.Generator().manual_seed(0))
     assert toy.loss_fn(_run(list(toy.layers), inputs), targets).ndim == 0
 
@@ -206,7 +215,8 @@ def test_resolve_model_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     ("py:no_such_module_here:f", {}, "cannot import 'no_such_module_here'"),
     ("py:stagewise.runtime.models.tiny_gpt", {}, "must be py:package.module:attr"),
     ("py:stagewise.runtime.models.tiny_gpt:nothing", {}, "has no 'nothing'"),
-    ("py:stagewise.runtime.models.tiny_gpt:GPTConfig", {}, "returned GPTConfig: return an nn.Module"),
+    ("py:stagewise.runtime.models.tiny_gpt:GPTConfig", {},
+     "returned GPTConfig: return an nn.Module"),
     ("py:torch.nn:Identity", {"names": ["x"]}, "needs an nn.Embedding"),
     ("py:test_runtime_hf:toy_lm", {}, "name its submodules"),
     ("py:test_runtime_hf:toy_lm", {"config": {"width": 3}}, "calling .* failed"),
@@ -229,7 +239,8 @@ def test_missing_transformers_says_how_to_install(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.multiproc
 def test_importing_the_model_modules_does_not_import_transformers() -> None:
     code = (
-        "import sys, stagewise.runtime, stagewise.runtime.models.resolve, stagewise.runtime.models.hf_models, "
+        "import sys, stagewise.runtime, stagewise.runtime.models.resolve, "
+        "stagewise.runtime.models.hf_models, "
         "stagewise.runtime.models.split_module, workers.models; "
         "print('transformers' in sys.modules)"
     )
@@ -246,9 +257,11 @@ def test_an_empty_build_holds_no_weights_and_has_the_planned_parameter_count() -
     planned = get_model("llama-2-70b")
     family, fields = hf_family_and_config(planned)
     parts = hf_parts(family, fields, empty=True, seq_len=16)
-    assert all(is_empty(layer) for layer in parts.layers) and parts.materialize is not None
+    assert all(is_empty(layer) for layer in parts.layers)
+    assert parts.materialize is not None
     count = sum(p.numel() for layer in parts.layers for p in layer.parameters())
-    assert count == planned.num_params and 68e9 < count < 70e9
+    assert count == planned.num_params
+    assert 68e9 < count < 70e9
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -260,9 +273,11 @@ def test_layers_filled_on_their_own_equal_the_whole_build(family: str) -> None:
     whole = hf_parts(family, config, seed=3)
     empty = hf_parts(family, config, seed=3, empty=True)
     last = len(empty.layers) - 1
-    assert empty.materialize is not None and empty.ties  # tied embeddings in both families
+    assert empty.materialize is not None
+    assert empty.ties  # tied embeddings in both families
     empty.materialize([empty.layers[last], empty.layers[2]])  # the head before the embedding
-    assert is_empty(empty.layers[0]) and is_empty(empty.layers[1])
+    assert is_empty(empty.layers[0])
+    assert is_empty(empty.layers[1])
     empty.materialize([empty.layers[0]])
     for index in (0, 2, last):
         ours = dict(empty.layers[index].named_parameters())

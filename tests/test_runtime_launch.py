@@ -39,9 +39,11 @@ def test_exception_in_a_layer_stops_every_rank_and_names_rank_and_action() -> No
     message, elapsed = _fail("raise")
     first = message.split("; then ")[0]
     assert first.startswith("rank 1 failed at 1F")
-    assert "micro-batch 1" in first and "injected failure in a layer" in first
+    assert "micro-batch 1" in first
+    assert "injected failure in a layer" in first
     # The others stopped because of it, promptly, not at the 20 s timeout.
-    assert "rank 0" in message and "rank 2" in message
+    assert "rank 0" in message
+    assert "rank 2" in message
     assert elapsed < 15
 
 
@@ -50,7 +52,8 @@ def test_exception_in_a_layer_stops_every_rank_and_names_rank_and_action() -> No
 def test_nan_loss_with_check_finite_stops_the_run() -> None:
     message, elapsed = _fail("nan")
     first = message.split("; then ")[0]
-    assert first.startswith("rank 2 failed at 2F1") and "NonFiniteLoss" in first
+    assert first.startswith("rank 2 failed at 2F1")
+    assert "NonFiniteLoss" in first
     assert elapsed < 15
 
 

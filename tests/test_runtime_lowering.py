@@ -56,5 +56,6 @@ def test_every_send_is_received_exactly_once_in_order(name: str, num_ranks: int)
     assert total == 2 * crossings * schedule.num_microbatches
     tags = {m.tag(schedule.num_stages, schedule.num_microbatches)
             for plan in plans for m in plan.sends if m is not None}
-    assert len(tags) == total and all(t % 4 == 0 for t in tags)
+    assert len(tags) == total
+    assert all(t % 4 == 0 for t in tags)
     assert max(tags) + 2 < 8 * schedule.num_stages * schedule.num_microbatches

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+if TYPE_CHECKING:  # mypy reads torch's types; at run time, skip without torch
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+from torch import nn
 
-from stagewise.errors import ConfigError  # noqa: E402
-from stagewise.runtime.engine.measure import (  # noqa: E402
+from stagewise.errors import ConfigError
+from stagewise.runtime.engine.measure import (
     link_latency,
     measured_costs,
     measured_timeline,
     peak_saved_bytes,
 )
-from stagewise.runtime.engine.microbatch import loss_weights, split_batch  # noqa: E402
-from stagewise.runtime.engine.p2p import decode_header, encode_header  # noqa: E402
-from stagewise.runtime.engine.saved import SavedBytes  # noqa: E402
-from stagewise.schedules import Op, build  # noqa: E402
-from stagewise.sim import Event  # noqa: E402
+from stagewise.runtime.engine.microbatch import loss_weights, split_batch
+from stagewise.runtime.engine.p2p import decode_header, encode_header
+from stagewise.runtime.engine.saved import SavedBytes
+from stagewise.schedules import Op, build
+from stagewise.sim import Event
 
 
 def _events() -> list[Event]:
@@ -38,8 +42,10 @@ def test_measured_timeline_starts_at_zero_and_carries_bytes() -> None:
     schedule = build("gpipe", num_ranks=2, num_microbatches=2)
     saved = {(0, 0): 100, (0, 1): 300, (1, 0): 50, (1, 1): 50}
     timeline = measured_timeline(schedule, _events(), saved)
-    assert timeline.source == "measured" and timeline.time_unit == "s"
-    assert timeline.start == 0 and timeline.makespan == 9
+    assert timeline.source == "measured"
+    assert timeline.time_unit == "s"
+    assert timeline.start == 0
+    assert timeline.makespan == 9
     assert timeline.activation_bytes == (200.0, 50.0)
     # Rank 0 holds both forwards' bytes until its first backward ends.
     assert peak_saved_bytes(timeline, saved, 0) == 400
@@ -49,7 +55,8 @@ def test_measured_timeline_starts_at_zero_and_carries_bytes() -> None:
 def test_measured_costs_average_per_stage() -> None:
     schedule = build("gpipe", num_ranks=2, num_microbatches=2)
     costs = measured_costs([measured_timeline(schedule, _events())])
-    assert costs.forward == (1.0, 1.0) and costs.backward == (2.0, 2.0)
+    assert costs.forward == (1.0, 1.0)
+    assert costs.backward == (2.0, 2.0)
     assert costs.weight == (1.0, 1.0)
 
 

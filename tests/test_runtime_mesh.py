@@ -81,8 +81,10 @@ def test_train_with_mesh_matches_one_pipeline(capsys: pytest.CaptureFixture[str]
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mesh"] == {"pp": 2, "dp": 2, "tp": 1, "fsdp": False}
-    assert report["num_ranks"] == 2 and report["tokens_per_step"] == 8 * 8
-    assert len(report["losses"]) == 2 and len(report["step_seconds"]) == 2
+    assert report["num_ranks"] == 2
+    assert report["tokens_per_step"] == 8 * 8
+    assert len(report["losses"]) == 2
+    assert len(report["step_seconds"]) == 2
     # One pipeline on the whole batch (same seed, same data) reaches the same losses.
     assert cli(["train", "-p", "2", "--steps", "2", "--json", "--no-plots", *SMALL]) == 0
     single = json.loads(capsys.readouterr().out)
@@ -100,7 +102,8 @@ def test_train_bad_mesh_exits_2_with_one_line(
     code = cli(["train", "--mesh", mesh, "--steps", "2", "--no-plots", *SMALL])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and words in err
+    assert len(err.splitlines()) == 1
+    assert words in err
 
 
 @pytest.mark.multiproc

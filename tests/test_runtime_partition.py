@@ -42,7 +42,9 @@ def test_balance_is_optimal_and_covers_every_layer(weights: list[int], num_stage
             balance(weights, num_stages)
         return
     sizes = balance(weights, num_stages)
-    assert len(sizes) == num_stages and sum(sizes) == len(weights) and min(sizes) >= 1
+    assert len(sizes) == num_stages
+    assert sum(sizes) == len(weights)
+    assert min(sizes) >= 1
     bounds = [0, *itertools.accumulate(sizes)]
     heaviest = max(sum(weights[a:b]) for a, b in itertools.pairwise(bounds))
     assert heaviest == _brute_force([float(w) for w in weights], num_stages)
@@ -74,8 +76,10 @@ def test_time_split_needs_a_sample_and_measures_every_layer() -> None:
     with pytest.raises(ConfigError, match="sample"):
         layer_weights(layers, "time")
     times = layer_weights(layers, "time", sample=torch.randn(64, 8))
-    assert len(times) == 3 and all(t > 0 for t in times)
-    assert times[1] > times[0] and times[1] > times[2]
+    assert len(times) == 3
+    assert all(t > 0 for t in times)
+    assert times[1] > times[0]
+    assert times[1] > times[2]
     assert all(p.grad is None for layer in layers for p in layer.parameters())
 
 
@@ -88,6 +92,7 @@ def test_looped_placement_gives_each_rank_its_chunks() -> None:
     schedule = build("interleaved-1f1b", num_ranks=2, num_microbatches=4, num_chunks=2)
     stages = partition([nn.Linear(2, 2) for _ in range(8)], schedule.num_stages)
     mine = stages_for_rank(schedule, stages, 1)
-    assert sorted(mine) == [1, 3] and mine[3] is stages[3]
+    assert sorted(mine) == [1, 3]
+    assert mine[3] is stages[3]
     with pytest.raises(ConfigError, match="partition the model into 4 stages"):
         stages_for_rank(schedule, stages[:3], 0)

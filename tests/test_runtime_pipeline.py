@@ -15,8 +15,8 @@ import pytest
 
 from stagewise.errors import ScheduleError
 from stagewise.runtime import launch
-from workers.pipeline import Case, case_label, check_rank
 from stagewise.schedules import Schedule, build, names
+from workers.pipeline import Case, case_label, check_rank
 
 torch = pytest.importorskip("torch")
 

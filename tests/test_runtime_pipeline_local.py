@@ -19,8 +19,8 @@ from torch import nn  # noqa: E402
 from stagewise.errors import ConfigError  # noqa: E402
 from stagewise.runtime import Pipeline, RankContext  # noqa: E402
 from stagewise.runtime.models.tiny_gpt import lm_loss  # noqa: E402
-from workers.pipeline import Case, check_rank  # noqa: E402
 from stagewise.schedules import Schedule, build  # noqa: E402
+from workers.pipeline import Case, check_rank  # noqa: E402
 
 # Three stages on one rank, backward split into I and W, W of micro-batch 0 deferred past the
 # forward of micro-batch 1.
@@ -69,7 +69,8 @@ def test_input_mistakes_are_config_errors(store: dist.Store) -> None:
         Pipeline(Schedule.from_csv(LOCAL_SPLIT), {s: nn.Linear(2, 2) for s in range(3)},
                  lm_loss, tied=[{0: "nope", 2: "weight"}])
     loss = pipe.step(torch.ones(4, 2), torch.zeros(4, 2))
-    assert loss is not None and loss.ndim == 0
+    assert loss is not None
+    assert loss.ndim == 0
 
 
 @pytest.mark.timeout(60)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stagewise.runtime import launch
-from workers.pipeline import Case, case_label, check_rank
 from stagewise.schedules import build
+from workers.pipeline import Case, case_label, check_rank
 
 torch = pytest.importorskip("torch")
 

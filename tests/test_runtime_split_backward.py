@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import pytest
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+if TYPE_CHECKING:  # mypy reads torch's types; at run time, skip without torch
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+from torch import nn
 
-from stagewise.runtime.engine.split_backward import backward_input  # noqa: E402
-from stagewise.runtime.models.tiny_gpt import Block, Embedding, GPTConfig, Head  # noqa: E402
+from stagewise.runtime.engine.split_backward import backward_input
+from stagewise.runtime.models.tiny_gpt import Block, Embedding, GPTConfig, Head
 
 CONFIG = GPTConfig(vocab=11, seq_len=6, dim=8, heads=2, layers=1)
 

@@ -4,20 +4,24 @@ shared weights as ties (also pipelined on 2 ranks), and clear errors for bad cut
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import pytest
 
 from stagewise.errors import ConfigError
 
-torch = pytest.importorskip("torch")
+if TYPE_CHECKING:  # mypy reads torch's types; at run time, skip without torch
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.models.model_parts import ModelParts, stage_ties  # noqa: E402
-from stagewise.runtime.models.split_module import expand_names, split_by_names  # noqa: E402
-from stagewise.runtime.models.tiny_gpt import GPTConfig, lm_loss, make_batch  # noqa: E402
-from workers.models import ModelCase, check_model_rank  # noqa: E402
+from stagewise.runtime import launch
+from stagewise.runtime.models.model_parts import ModelParts, stage_ties
+from stagewise.runtime.models.split_module import expand_names, split_by_names
+from stagewise.runtime.models.tiny_gpt import GPTConfig, lm_loss, make_batch
+from workers.models import ModelCase, check_model_rank
 
 DATA = GPTConfig(vocab=16, seq_len=6)
 

@@ -7,22 +7,27 @@ optimizer steps, and checks replicated parameters' gradients agree over the tp r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from stagewise.errors import ConfigError
 
-torch = pytest.importorskip("torch")
+if TYPE_CHECKING:  # mypy reads torch's types; at run time, skip without torch
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 
-from stagewise.runtime import launch  # noqa: E402
-from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, tp_plan  # noqa: E402
-from stagewise.runtime.models.tp_plans import known_blocks_plan, llama_plan  # noqa: E402
-from stagewise.runtime.parallel.mesh import Mesh, check_shard_replicas  # noqa: E402
-from stagewise.runtime.parallel.tensor_parallel import (  # noqa: E402
+from stagewise.runtime import launch
+from stagewise.runtime.models.tiny_gpt import GPTConfig, gpt_layers, tp_plan
+from stagewise.runtime.models.tp_plans import known_blocks_plan, llama_plan
+from stagewise.runtime.parallel.mesh import Mesh, check_shard_replicas
+from stagewise.runtime.parallel.tensor_parallel import (
     apply_tensor_parallel,
     check_tensor_parallel,
 )
-from stagewise.schedules.registry import build  # noqa: E402
-from workers.mesh import check_mesh_rank  # noqa: E402
+from stagewise.schedules.registry import build
+from workers.mesh import check_mesh_rank
 
 
 def test_parse_with_tp() -> None:
@@ -67,7 +72,8 @@ def _llama(heads: int, kv_heads: int) -> torch.nn.Module:
         vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=heads, num_key_value_heads=kv_heads,
     )
-    return transformers.LlamaModel(config)
+    model: torch.nn.Module = transformers.LlamaModel(config)
+    return model
 
 
 def test_check_llama_heads_and_kv_heads() -> None:

@@ -87,7 +87,7 @@ def test_every_generated_schedule_is_complete_and_placed(name: str, p: int, m: i
     chunks = v if name == "interleaved-1f1b" else 1
     schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=chunks)
     assert schedule.num_stages == p * chunks
-    seen = {}
+    seen: dict[tuple[int, Op, int], int] = {}
     for rank, row in enumerate(schedule.actions):
         for action in row:
             assert schedule.rank_of(action.stage) == rank

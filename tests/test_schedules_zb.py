@@ -8,6 +8,7 @@ and looped BFS are compared, row for row, with torch.distributed.pipelining's ow
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -192,7 +193,7 @@ def test_csv_round_trip_keeps_the_new_schedules() -> None:
 # --- what the split buys: the zero-bubble orders beat 1F1B in the simulator ----------------
 
 
-@pytest.mark.parametrize("p,m", [(4, 8), (8, 16)])
+@pytest.mark.parametrize(("p", "m"), [(4, 8), (8, 16)])
 def test_zero_bubble_beats_1f1b_with_equal_f_i_w(p: int, m: int) -> None:
     def makespan(name: str) -> float:
         schedule = build(name, num_ranks=p, num_microbatches=m)
@@ -216,7 +217,7 @@ def torch_rows(schedule_class: type, num_ranks: int, num_microbatches: int,
     """
     if not hasattr(schedule_class, "_calculate_single_rank_operations"):
         pytest.skip("torch's schedule generator moved")
-    obj = object.__new__(schedule_class)
+    obj: Any = object.__new__(schedule_class)
     obj.pp_group_size = num_ranks
     obj._n_microbatches = num_microbatches
     obj.num_stages = obj._num_stages = num_ranks * num_local_stages
@@ -233,7 +234,7 @@ def torch_rows(schedule_class: type, num_ranks: int, num_microbatches: int,
     return rows
 
 
-@pytest.mark.parametrize("name,class_name,chunks", [
+@pytest.mark.parametrize(("name", "class_name", "chunks"), [
     ("zb-v", "ScheduleZBVZeroBubble", 2),
     ("dualpipev", "ScheduleDualPipeV", 2),
     ("looped-bfs", "ScheduleLoopedBFS", 2),

@@ -70,7 +70,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("p,m,v,placement,limit,latency,fiw,last", CASES)
+@pytest.mark.parametrize(("p", "m", "v", "placement", "limit", "latency", "fiw", "last"), CASES)
 def test_never_worse_than_the_best_named_schedule_that_fits(
     p: int, m: int, v: int, placement: str, limit: float, latency: float,
     fiw: tuple[float, float, float], last: float,

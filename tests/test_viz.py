@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,8 @@ def test_png_is_a_sized_picture_with_forward_and_backward_boxes(
     assert out == tmp_path / f"{name}.png"
     assert out.read_bytes()[:8] == PNG_SIGNATURE
     height, width, _ = matplotlib.image.imread(out).shape
-    assert 250 <= height <= 1500 and 600 <= width <= 2500
+    assert 250 <= height <= 1500
+    assert 600 <= width <= 2500
     assert colour_pixels(out, OP_COLOURS[Op.F]) > 1000
     assert colour_pixels(out, OP_COLOURS[Op.B]) > 1000
     if v == 2:  # chunk 1 drawn in its own, paler shade
@@ -109,7 +111,8 @@ def test_split_backward_ops_get_their_own_colours(tmp_path: Path) -> None:
         assert colour_pixels(out, OP_COLOURS[op]) > 500, op
     assert colour_pixels(out, OP_COLOURS[Op.B]) < 100  # only a legend would show it: none
     svg = plot_timeline(split_backward_timeline(), tmp_path / "split.svg").read_text()
-    assert "I input-grad backward" in svg and "W weight-grad backward" in svg
+    assert "I input-grad backward" in svg
+    assert "W weight-grad backward" in svg
 
 
 # --- Gantt SVG -------------------------------------------------------------------------------
@@ -163,7 +166,8 @@ def test_svg_title_names_schedule_sizes_and_both_bubbles(tmp_path: Path) -> None
     assert f"bubble {3 / 11:.1%} of step, {3 / 8:.1%} vs ideal compute" in text
     assert "time (cost units)" in text
     custom = plot_timeline(timeline, tmp_path / "c.svg", title="my run").read_text()
-    assert "my run" in custom and "vs ideal compute" in custom
+    assert "my run" in custom
+    assert "vs ideal compute" in custom
 
 
 def test_big_schedule_skips_labels_that_do_not_fit(tmp_path: Path) -> None:
@@ -174,24 +178,28 @@ def test_big_schedule_skips_labels_that_do_not_fit(tmp_path: Path) -> None:
     # Boxes of one op are equally wide: each op is labelled everywhere or nowhere, and the
     # wider backward boxes are labelled whenever the forward ones are.
     counts = {op: sum(Op(re.sub(r"\d", "", x)) is op for x in labels) for op in (Op.F, Op.B)}
-    assert counts[Op.B] in (0, 16 * 64) and counts[Op.F] in (0, 16 * 64)
+    assert counts[Op.B] in (0, 16 * 64)
+    assert counts[Op.F] in (0, 16 * 64)
     assert counts[Op.B] >= counts[Op.F]
     assert 0 < len(labels) < len(timeline.events)
 
 
 def test_measured_timeline_is_drawn_in_milliseconds(tmp_path: Path) -> None:
     text = plot_timeline(measured_timeline(), tmp_path / "m.svg").read_text()
-    assert "time (ms)" in text and "(measured)" in text and "makespan 8 ms" in text
+    assert "time (ms)" in text
+    assert "(measured)" in text
+    assert "makespan 8 ms" in text
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".pdf", ""])
 def test_unknown_suffix_is_a_config_error_naming_the_formats(tmp_path: Path, suffix: str) -> None:
     timeline = simulated("gpipe", 2, 2)
-    for draw in (
+    draws: list[Callable[[Path], object]] = [
         lambda path: plot_timeline(timeline, path),
         lambda path: plot_memory(timeline, path),
         lambda path: compare_timelines(timeline, timeline, path),
-    ):
+    ]
+    for draw in draws:
         with pytest.raises(ConfigError, match=r"\.png, \.svg"):
             draw(tmp_path / f"out{suffix}")
     assert not list(tmp_path.iterdir())
@@ -241,7 +249,8 @@ def test_memory_in_bytes_without_sizes_is_a_config_error(tmp_path: Path) -> None
 
 def test_memory_with_many_ranks_uses_one_panel(tmp_path: Path) -> None:
     text = plot_memory(simulated("1f1b", 16, 16), tmp_path / "m.svg").read_text()
-    assert "rank 15" in text and "live activations (stage-micro-batches)" in text
+    assert "rank 15" in text
+    assert "live activations (stage-micro-batches)" in text
 
 
 # --- Chrome trace ----------------------------------------------------------------------------
@@ -284,7 +293,8 @@ def test_trace_names_the_process_and_every_rank() -> None:
     threads = {e["tid"]: e["args"]["name"] for e in meta if e["name"] == "thread_name"}
     assert threads == {r: f"rank {r}" for r in range(4)}
     (process,) = [e for e in meta if e["name"] == "process_name"]
-    assert "1f1b" in process["args"]["name"] and "simulated" in process["args"]["name"]
+    assert "1f1b" in process["args"]["name"]
+    assert "simulated" in process["args"]["name"]
 
 
 def test_trace_counters_follow_live_activations() -> None:
@@ -313,6 +323,7 @@ def test_trace_flows_link_producer_to_consumer_across_ranks(name: str, v: int) -
     slices = {(e["tid"], e["name"]): e for e in x_events(trace)}
 
     def enclosing(flow: dict[str, Any]) -> str:
+        found: str
         (found,) = [
             label
             for (tid, label), x in slices.items()
@@ -322,7 +333,9 @@ def test_trace_flows_link_producer_to_consumer_across_ranks(name: str, v: int) -
 
     for flow_id, start in starts.items():
         end = ends[flow_id]
-        assert end["bp"] == "e" and start["name"] == end["name"] and start["tid"] != end["tid"]
+        assert end["bp"] == "e"
+        assert start["name"] == end["name"]
+        assert start["tid"] != end["tid"]
         producer, consumer = enclosing(start), enclosing(end)
         stage, op, microbatch = re.fullmatch(r"(\d+)([FB])(\d+)", producer).groups()  # type: ignore[union-attr]
         step = 1 if op == "F" else -1

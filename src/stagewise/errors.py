@@ -32,5 +32,5 @@ class PlanError(StagewiseError, ValueError):
     """A parallelism plan or its inputs (model, GPU, cluster) are invalid."""
 
 
-class RuntimeFailure(StagewiseError):
+class RuntimeFailure(StagewiseError):  # noqa: N818 - a public name; renaming breaks users
     """A pipeline run failed on some rank; the message names the rank and its action."""

@@ -92,7 +92,8 @@ def _check_case(context: RankContext, case: Case, timeout: float) -> list[str]:
     ties = []
     if case.tied:
         embedding, head = reference[0], reference[-1]
-        assert isinstance(embedding, Embedding) and isinstance(head, Head)
+        assert isinstance(embedding, Embedding)
+        assert isinstance(head, Head)
         head.out.weight = embedding.tokens.weight
         last = schedule.num_stages - 1
         ties = [{0: "0.tokens.weight", last: f"{len(stages[last]) - 1}.out.weight"}]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from stagewise.errors import ConfigError
 from stagewise.mesh import Mesh

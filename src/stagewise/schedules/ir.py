@@ -15,7 +15,7 @@ import csv
 import io
 import re
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +24,7 @@ from stagewise.errors import ScheduleError
 __all__ = ["Action", "Op", "Schedule", "parse_action"]
 
 
-class Op(str, Enum):
+class Op(StrEnum):
     """What an action computes: forward, full backward, input-grad backward, weight-grad."""
 
     F = "F"

@@ -178,10 +178,11 @@ def search_schedule(
             holds r and 2p - 1 - r) or ``None`` (both when S = 2p).
         time_budget_s: wall-clock budget for the search beyond the named schedules (those
             are always judged, so the result is never worse than them), honoured to within
-            one candidate's simulation: about 60 % for list scheduling (the first few fixed variants start in any case),
-            the rest for local search. Once anything is found, every phase, a list-scheduling
-            run in progress included, stops at the budget and the best so far is returned;
-            until then the search goes on (it never returns empty-handed).
+            one candidate's simulation: about 60 % for list scheduling (the first few fixed
+            variants start in any case), the rest for local search. Once anything is found,
+            every phase, a list-scheduling run in progress included, stops at the budget and
+            the best so far is returned; until then the search goes on (it never returns
+            empty-handed).
         max_variants: when given, the list-scheduling phase ignores the clock: every fixed
             variant and this many random ones run.
         max_moves: when given, the local search ignores the clock and tries this many moves

@@ -89,7 +89,9 @@ def model_parts(config: RunConfig, empty: bool = False) -> ModelParts:
     """
     model, seed, seq_len = config.model, config.training.seed, config.batch.seq_len
     if model.spec == "tiny":
-        assert model.dim is not None and model.heads is not None and model.layers is not None
+        assert model.dim is not None
+        assert model.heads is not None
+        assert model.layers is not None
         tiny = GPTConfig(seq_len=seq_len, dim=model.dim, heads=model.heads, layers=model.layers)
         return tiny_gpt_parts(tiny, seed=seed)
     from stagewise.runtime.models.resolve import resolve_model

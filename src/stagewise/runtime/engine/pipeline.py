@@ -256,7 +256,8 @@ class _Step:
             pipe.post_failure(text)
             kind = type(err) if isinstance(err, RuntimeFailure) else RuntimeFailure
             raise kind(text) from err
-        assert not self.outputs and not self.deferred, "schedule left work undone"
+        assert not self.outputs, "schedule left work undone"
+        assert not self.deferred, "schedule left work undone"
         return self.loss
 
     # --- the ops -------------------------------------------------------------------------------

@@ -26,10 +26,9 @@ class RecomputedSequential(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return super().forward(x)
+        recompute = torch.is_grad_enabled()  # nothing to recompute without a backward
         for layer in self:
-            x = checkpoint(layer, x, use_reentrant=False)
+            x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         return x
 
 

@@ -123,7 +123,7 @@ def _backend(group: dist.ProcessGroup) -> str:
 
 def _gloo_pp_group(spec: Mesh) -> dist.ProcessGroup:
     """This rank's pipeline as a gloo group (every rank creates every pipeline's group)."""
-    mine = None
+    mine: dist.ProcessGroup | None = None
     rank = dist.get_rank()
     for dp in range(spec.dp):
         for tp in range(spec.tp):
