@@ -244,8 +244,9 @@ def test_importing_the_model_modules_does_not_import_transformers() -> None:
         "stagewise.runtime.models.split_module, workers.models; "
         "print('transformers' in sys.modules)"
     )
+    tests = str(Path(__file__).parent)  # workers.models lives in the tests folder
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=True)
+                          timeout=120, check=True, cwd=tests)
     assert done.stdout.strip() == "False"
 
 

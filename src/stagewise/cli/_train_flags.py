@@ -27,7 +27,9 @@ _PLAIN = {
     "model": {"model": "spec", "model_config": "config_file", "dim": "dim", "layers": "layers",
               "heads": "heads"},
     "checkpoint": {"checkpoint_dir": "dir", "save_every": "save_every", "keep": "keep",
-                   "resume": "resume"},
+                   "resume": "resume", "export_hf": "export_hf"},
+    "data": {"data": "paths", "eval_data": "eval_paths", "eval_every": "eval_every",
+             "tokenizer": "tokenizer", "data_cache": "cache_dir"},
     "launch": {"device": "device", "timeout": "timeout", "threads": "threads"},
 }
 
@@ -50,6 +52,9 @@ def run_config(args: argparse.Namespace, torchrun: bool) -> RunConfig:
         changes.setdefault("batch", {})["micro_batch_size"] = None
     world = int(os.environ["WORLD_SIZE"]) if torchrun else None
     result = config.override(changes)
+    if torchrun and result.checkpoint.export_hf and not result.checkpoint.dir:
+        raise ConfigError("--export-hf under torchrun needs --checkpoint-dir on storage every "
+                          "node shares (the export reads every rank's shard)")
     if world is not None and result.world_size != world:
         raise ConfigError(
             f"mesh {result.mesh.text()} needs {result.world_size} ranks but torchrun started "

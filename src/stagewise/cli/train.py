@@ -41,6 +41,7 @@ def add_parser(verbs: Any) -> None:
     )
     _add_run_options(parser)
     _add_model_options(parser)
+    _add_data_options(parser)
     _add_checkpoint_options(parser)
     _add_output_options(parser)
     parser.set_defaults(run=run)
@@ -94,9 +95,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="SPEC",
-                       help="tiny (default: the tiny GPT of --dim/--layers), hf:llama, hf:gpt2 "
-                       "(Hugging Face, random weights from --seed, nothing downloaded) or "
-                       "py:package.module:function (your nn.Module, cut by --split)")
+                       help="a local Hugging Face model folder (config.json, safetensors "
+                       "weights, tokenizer: its weights are trained), tiny (default: the tiny "
+                       "GPT of --dim/--layers), hf:llama, hf:gpt2 (Hugging Face, random "
+                       "weights from --seed) or py:package.module:function (your nn.Module, "
+                       "cut by --split); nothing is downloaded")
     model.add_argument("--model-config", metavar="FILE.json",
                        help="Hugging Face config.json for hf: models (default: a tiny config)")
     model.add_argument("--split", metavar="NAMES",
@@ -107,6 +110,24 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--heads", type=int,
                        help="tiny GPT attention heads (default 4, or 1 when --dim is not a "
                        "multiple of 4)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "data", "your data instead of generated sequences: .txt, .jsonl/.json (text, "
+        "prompt+completion or chat messages), .parquet, .arrow; tokenised with the model "
+        "folder's tokenizer, packed into --seq-len sequences, cached")
+    group.add_argument("--data", action="append", metavar="PATH",
+                       help="a file or folder to train on (repeat for more)")
+    group.add_argument("--eval-data", action="append", metavar="PATH",
+                       help="a file or folder to evaluate on (repeat for more): eval loss and "
+                       "perplexity at the end and every --eval-every steps")
+    group.add_argument("--eval-every", type=int, metavar="N",
+                       help="evaluate every N steps (default: at the end only)")
+    group.add_argument("--tokenizer", metavar="DIR",
+                       help="the tokenizer's folder (default: the model folder's)")
+    group.add_argument("--data-cache", metavar="DIR",
+                       help="where tokenised data is cached (default $XDG_CACHE_HOME/stagewise)")
 
 
 def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +143,9 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", default=None,
                        help="continue from the newest complete checkpoint in --checkpoint-dir "
                        "(same data and losses as a run that was never stopped)")
+    group.add_argument("--export-hf", metavar="OUT_DIR",
+                       help="at the end, write the trained model as a Hugging Face folder "
+                       "(as `stagewise export` does; --model FOLDER runs only)")
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -206,8 +230,13 @@ def _print_report(report: Any, written: list[str]) -> None:
         zip(report.measured_activation_bytes, report.predicted_activation_bytes, strict=True)
     ):
         print(f"  rank {rank}: {_mib(measured)} / {_mib(predicted)}")
+    for entry in report.eval:
+        print(f"eval after step {entry['step']:.0f}: loss {entry['loss']:.4f}, perplexity "
+              f"{entry['perplexity']:.2f}")
     for path in written:
         print(f"wrote {path}")
+    if report.exported is not None:
+        print(f"exported the trained model to {report.exported} (a Hugging Face folder)")
 
 
 def _write_files(report: Any, folder: Path) -> list[str]:

@@ -34,6 +34,7 @@ what the planner predicted (``[source]``)::
 
     [checkpoint]          # optional: dir, save_every, keep, resume
     [launch]              # optional: device, timeout, threads
+    [data]                # optional: paths, eval_paths, eval_every, tokenizer, cache_dir
 
 Every key has a default (``stagewise train``'s), so a file names only what it changes. Pure
 Python: importing this package imports neither torch nor transformers.
@@ -47,6 +48,7 @@ from stagewise.runconfig.sections import (
     RECOMPUTE,
     BatchConfig,
     CheckpointConfig,
+    DataConfig,
     LaunchConfig,
     ScheduleConfig,
     SourceInfo,
@@ -57,6 +59,7 @@ __all__ = [
     "RECOMPUTE",
     "BatchConfig",
     "CheckpointConfig",
+    "DataConfig",
     "LaunchConfig",
     "Mesh",
     "ModelConfig",

@@ -16,6 +16,7 @@ from stagewise.runconfig.sections import (
     UNBUILT,
     BatchConfig,
     CheckpointConfig,
+    DataConfig,
     LaunchConfig,
     ScheduleConfig,
     SourceInfo,
@@ -52,6 +53,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     source: SourceInfo | None = None
 
     def __post_init__(self) -> None:
@@ -59,6 +61,20 @@ class RunConfig:
         if self.schedule.name not in UNBUILT:
             self.schedule.build(self.mesh.pp)
         self._check_model()
+        self._check_data()
+
+    def _check_data(self) -> None:
+        model, data = self.model, self.data
+        if data.any and data.tokenizer is None and not model.is_folder:
+            raise ConfigError(
+                f"--data needs a tokenizer: train a Hugging Face model folder (--model DIR; "
+                f"its tokenizer is used), or pass --tokenizer DIR for {model.spec!r}"
+            )
+        if self.checkpoint.export_hf is not None and not model.is_folder:
+            raise ConfigError(
+                f"--export-hf writes a Hugging Face folder of a model read from one: train "
+                f"--model DIR, not {model.spec!r}"
+            )
 
     def _check_batch(self) -> None:
         mesh, batch, m = self.mesh, self.batch, self.schedule.num_microbatches
@@ -167,8 +183,8 @@ class RunConfig:
     def to_toml(self) -> str:
         """The configuration as TOML (``tomllib`` reads it back to an equal RunConfig).
 
-        Values that are None and the ``[checkpoint]`` and ``[launch]`` sections left at their
-        defaults are left out.
+        Values that are None and the ``[checkpoint]``, ``[launch]`` and ``[data]`` sections
+        left at their defaults are left out.
         """
         lines = ["# stagewise run configuration: stagewise train --config FILE"]
         if self.source is not None and self.source.configuration:
@@ -181,7 +197,7 @@ class RunConfig:
                  {"global_batch": "sequences per step = micro_batch_size x num_microbatches x dp"})
         _section(lines, "training", _values(self.training))
         _model_section(lines, self.model)
-        for name in ("checkpoint", "launch"):
+        for name in ("checkpoint", "launch", "data"):
             section = getattr(self, name)
             if section != type(section)():
                 _section(lines, name, _values(section))
@@ -240,7 +256,10 @@ SCHEMA: dict[str, dict[str, type]] = {
                  "check_finite": bool},
     "model": {"spec": str, "layers": int, "dim": int, "heads": int, "hf_config": dict,
               "split": list, "config_file": str},
-    "checkpoint": {"dir": str, "save_every": int, "keep": int, "resume": bool},
+    "checkpoint": {"dir": str, "save_every": int, "keep": int, "resume": bool,
+                   "export_hf": str},
+    "data": {"paths": list, "eval_paths": list, "eval_every": int, "tokenizer": str,
+             "cache_dir": str},
     "launch": {"device": str, "timeout": float, "threads": int},
     "source": SOURCE_KEYS,
 }

@@ -15,6 +15,7 @@ from stagewise.runconfig.model import ModelConfig
 from stagewise.runconfig.sections import (
     BatchConfig,
     CheckpointConfig,
+    DataConfig,
     LaunchConfig,
     ScheduleConfig,
     SourceInfo,
@@ -26,7 +27,7 @@ __all__ = ["load_run_config", "parse_run_config"]
 # Keys of earlier files that still load, each with a deprecation message: section -> old -> new.
 _RENAMED = {"schedule": {"chunks": "num_chunks", "microbatches": "num_microbatches"}}
 _SECTIONS = {"schedule": ScheduleConfig, "batch": BatchConfig, "training": TrainingConfig,
-             "checkpoint": CheckpointConfig, "launch": LaunchConfig}
+             "checkpoint": CheckpointConfig, "launch": LaunchConfig, "data": DataConfig}
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stagewise.errors import ConfigError
@@ -18,6 +21,7 @@ _HF_LAYERS = ("num_hidden_layers", "n_layer")
 _HF_HEADS = ("num_attention_heads", "n_head")
 _HF_KV_HEADS = ("num_key_value_heads",)
 _HF_POSITIONS = ("max_position_embeddings", "n_positions")
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face id: org/name
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,17 @@ class ModelConfig:
 
     def _check_spec(self) -> None:
         spec = self.spec
-        if not isinstance(spec, str) or not (
-            spec == "tiny" or (spec.startswith(("hf:", "py:")) and len(spec) > 3)
-        ):
+        if not isinstance(spec, str) or (spec.startswith(("hf:", "py:")) and len(spec) <= 3):
             raise ConfigError(
-                f"[model] spec = {spec!r}: write \"tiny\", \"hf:llama\", \"hf:gpt2\" or "
-                "\"py:package.module:function\""
+                f"[model] spec = {spec!r}: write \"tiny\", \"hf:llama\", \"hf:gpt2\", "
+                "\"py:package.module:function\" or the path of a Hugging Face model folder"
+            )
+        if self.is_folder and not Path(spec).is_dir():
+            fetch = (f"; nothing is downloaded: fetch it first (hf download {spec} --local-dir "
+                     "DIR) and pass DIR" if _MODEL_ID.fullmatch(spec) else "")
+            raise ConfigError(
+                f"[model] spec = {spec!r} is not a local folder, nor \"tiny\", \"hf:llama\", "
+                f"\"hf:gpt2\" or \"py:package.module:function\"{fetch}"
             )
 
     def _fill_tiny_sizes(self) -> None:
@@ -122,9 +131,25 @@ class ModelConfig:
         divide it."""
         return 4 if isinstance(self.dim, int) and self.dim % 4 == 0 else 1
 
+    @property
+    def is_folder(self) -> bool:
+        """The spec is a local Hugging Face model folder (not tiny, hf: or py:)."""
+        return self.spec != "tiny" and not self.spec.startswith(("hf:", "py:"))
+
+    def _fields(self) -> Mapping[str, Any]:
+        """The HF config fields the checks read: ``hf_config``, or a folder's config.json."""
+        if not self.is_folder:
+            return self.hf_config
+        try:
+            loaded = json.loads((Path(self.spec) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # the runtime's folder check names what is wrong with it
+        return loaded if isinstance(loaded, dict) else {}
+
     def _hf(self, keys: tuple[str, ...]) -> int | None:
+        fields = self._fields()
         for key in keys:
-            value = self.hf_config.get(key)
+            value = fields.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         return None

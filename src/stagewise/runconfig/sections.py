@@ -17,6 +17,7 @@ __all__ = [
     "RECOMPUTE",
     "BatchConfig",
     "CheckpointConfig",
+    "DataConfig",
     "LaunchConfig",
     "ScheduleConfig",
     "SourceInfo",
@@ -184,12 +185,15 @@ class CheckpointConfig:
         save_every: write a checkpoint after every this many steps (0: never).
         keep: keep only this many newest checkpoints (None: all).
         resume: continue from the newest complete checkpoint in ``dir``.
+        export_hf: at the end of the run, write the trained model as a Hugging Face folder
+            here (``stagewise export``'s output; model folders only).
     """
 
     dir: str | None = None
     save_every: int = 0
     keep: int | None = None
     resume: bool = False
+    export_hf: str | None = None
 
     def __post_init__(self) -> None:
         _check_type("checkpoint", "save_every", self.save_every, int)
@@ -201,6 +205,46 @@ class CheckpointConfig:
         if (self.save_every or self.resume) and not self.dir:
             raise ConfigError("saving or resuming checkpoints needs a folder: pass "
                               "--checkpoint-dir DIR")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training and evaluation data (``stagewise.data``); none: generated data.
+
+    Attributes:
+        paths: files or folders to train on (.txt, .jsonl/.json, .parquet, .arrow).
+        eval_paths: files or folders to evaluate on.
+        eval_every: evaluate every this many steps (0: only at the end, when there is eval
+            data).
+        tokenizer: the tokenizer's folder; None for the model folder's own.
+        cache_dir: where tokenised data is cached; None for ``$XDG_CACHE_HOME/stagewise``.
+    """
+
+    paths: tuple[str, ...] = ()
+    eval_paths: tuple[str, ...] = ()
+    eval_every: int = 0
+    tokenizer: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("paths", "eval_paths"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, list | tuple) or not all(
+                    isinstance(v, str) and v for v in value):
+                raise ConfigError(f"[data] {name} must be a list of paths, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        _check_type("data", "eval_every", self.eval_every, int)
+        if self.eval_every < 0:
+            raise ConfigError(f"[data] eval_every must be >= 0 steps, got {self.eval_every}")
+        if self.eval_every and not self.eval_paths:
+            raise ConfigError("--eval-every needs evaluation data: pass --eval-data PATH")
+
+    @property
+    def any(self) -> bool:
+        """Whether any data is given (training or evaluation)."""
+        return bool(self.paths or self.eval_paths)
 
 
 @dataclass(frozen=True)

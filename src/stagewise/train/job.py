@@ -1,12 +1,15 @@
 """A run ready to launch: the :class:`RunConfig`, its schedule, and the checks that need torch.
 
 :func:`prepare` does, before any rank starts, every check that would otherwise fail inside the
-ranks (device, model build, stages against layers, tensor-parallel plan, FSDP, checkpoint
-folder), so a bad run is one clear error instead of one per rank.
+ranks (device, model folder and its weights, model build, stages against layers,
+tensor-parallel plan, FSDP, checkpoint folder, the data and its tokenizer), so a bad run is one
+clear error instead of one per rank. It also tokenises the data once (filling the cache the
+ranks then read).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +39,15 @@ class Job:
         schedule: the validated schedule every pipeline runs.
         num_layers: layers the partitioner cuts between (embedding and head included).
         progress: show a progress bar and a line per step (on one last-stage rank).
+        temporary_checkpoints: the checkpoint folder was made for ``--export-hf`` alone and
+            is removed after the export.
     """
 
     config: RunConfig
     schedule: Schedule
     num_layers: int
     progress: bool = True
+    temporary_checkpoints: bool = False
 
     @property
     def world_size(self) -> int:
@@ -63,6 +69,10 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Job:
             a split-backward schedule or ties, or checkpoint settings that would fail.
     """
     _check_device(config.launch.device)
+    if config.model.is_folder:
+        from stagewise.runtime.models.hf_folder import check_model_folder
+
+        check_model_folder(config.model.spec)
     schedule = config.schedule.build(config.mesh.pp)
     # The model is built once here, without weights (a Hugging Face model's parameters stay
     # on the meta device): enough for its layer count, shapes and ties.
@@ -78,7 +88,34 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Job:
     if config.mesh.dp_shard:
         check_shard_replicas(schedule, parts.ties)
     _check_checkpoints(config)
-    return Job(config, schedule, len(parts.layers), progress)
+    if config.data.any:
+        _check_data(config, parts, progress)
+    temporary = config.checkpoint.export_hf is not None and config.checkpoint.dir is None
+    if temporary:
+        folder = tempfile.mkdtemp(prefix="stagewise-export-")
+        config = config.override({"checkpoint": {"dir": folder}})
+    return Job(config, schedule, len(parts.layers), progress, temporary)
+
+
+def _check_data(config: RunConfig, parts: ModelParts, progress: bool) -> None:
+    """Tokenise the data (cached for the ranks) and check it fits the model's embedding."""
+    from stagewise.train.batches import load_data
+
+    loaded = load_data(config, progress=progress)
+    vocab = _vocab_size(parts)
+    if vocab is not None and loaded.tokenizer_size > vocab:
+        raise ConfigError(
+            f"the tokenizer has {loaded.tokenizer_size} tokens but the model's embedding has "
+            f"{vocab} rows: use the model's own tokenizer, or resize the embedding first"
+        )
+
+
+def _vocab_size(parts: ModelParts) -> int | None:
+    """Rows of the first layer's embedding (None when it has none)."""
+    for module in parts.layers[0].modules():
+        if isinstance(module, nn.Embedding):
+            return int(module.num_embeddings)
+    return None
 
 
 def model_parts(config: RunConfig, empty: bool = False) -> ModelParts:

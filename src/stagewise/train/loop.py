@@ -1,7 +1,9 @@
-"""The training loop of one rank: resume, run the steps, save checkpoints, show progress."""
+"""The training loop of one rank: resume, run the steps, evaluate, save checkpoints, show
+progress."""
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 
+from stagewise.errors import ConfigError
 from stagewise.runtime.checkpoint.state import latest_checkpoint, load_checkpoint, save_checkpoint
 from stagewise.runtime.engine.pipeline import Pipeline
 from stagewise.runtime.parallel.mesh import (
@@ -17,18 +20,19 @@ from stagewise.runtime.parallel.mesh import (
     OverlappedAverage,
     average_gradients,
     average_loss,
-    replica_slice,
 )
+from stagewise.train.batches import Batches
 from stagewise.train.job import Job
 from stagewise.train.results import RankResult, StepRecord
-from stagewise.train.stages import RankModel, step_batch
+from stagewise.train.stages import RankModel
 
 __all__ = ["Trainer", "resume"]
 
 
 @dataclass
 class Trainer:
-    """One rank's pipeline, optimizer and data-parallel reduction, stepped by :meth:`run`."""
+    """One rank's pipeline, optimizer, data and data-parallel reduction, stepped by
+    :meth:`run`."""
 
     job: Job
     model: RankModel
@@ -37,15 +41,17 @@ class Trainer:
     layers: dict[int, torch.nn.Module]
     groups: MeshGroups | None
     reducer: OverlappedAverage | None
+    batches: Batches
 
     def run(self, result: RankResult, first_step: int) -> None:
         """Train from ``first_step`` to the last step, appending to ``result``."""
         config = self.job.config
-        bar = _progress_bar(config.training.steps - first_step) if self._shows(result) else None
+        steps, every = config.training.steps, config.data.eval_every
+        bar = _progress_bar(steps - first_step) if self._shows(result) else None
         tokens = config.batch.global_batch * self.model.parts.seq_len
-        for step in range(first_step, config.training.steps):
+        for step in range(first_step, steps):
             start = time.perf_counter()
-            loss = self.step(step, result.dp_rank)
+            loss = self.step(step)
             seconds = time.perf_counter() - start
             result.step_seconds.append(seconds)
             if step > first_step:
@@ -56,18 +62,26 @@ class Trainer:
             self._save(step + 1, result.losses if loss is not None else None)
             if loss is not None and bar is not None:
                 _show(bar, step, loss, seconds, tokens)
+            if self.batches.eval is not None and (
+                    step + 1 == steps or (every and (step + 1) % every == 0)):
+                self._evaluate(step + 1, result, bar)
         if bar is not None:
             bar.close()
 
-    def step(self, step: int, dp_rank: int) -> float | None:
+    def step(self, step: int) -> float | None:
         """One optimizer step; the mean loss on last-stage ranks, None elsewhere."""
-        config, groups = self.job.config, self.groups
-        inputs, targets = step_batch(self.model.parts, config.training.seed, step,
-                                     config.batch.global_batch)
-        if groups is not None:
-            inputs = replica_slice(inputs, config.mesh.dp, dp_rank)
-            targets = replica_slice(targets, config.mesh.dp, dp_rank)
-        loss = self.pipe.step(inputs, targets)
+        inputs, targets, weights = self.batches.step(step)
+        loss = self._forward_backward(inputs, targets, weights)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                          weights: list[float] | None) -> float | None:
+        """The pipeline's step and the data-parallel reduction: the replicas' mean loss on
+        last-stage ranks, and every gradient averaged over the replicas."""
+        groups = self.groups
+        loss = self.pipe.step(inputs, targets, weights=weights)
         if groups is not None:
             if self.reducer is not None:
                 self.reducer.finish()
@@ -75,17 +89,42 @@ class Trainer:
                 average_gradients(self.model.stages.values(), groups.dp_group)
             if loss is not None:
                 loss = average_loss(loss, groups.dp_group)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return None if loss is None else float(loss)
 
+    def _evaluate(self, step: int, result: RankResult, bar: Any) -> None:
+        """The mean loss over every in-loss token of the eval data, after ``step`` steps.
+
+        The pipeline runs its schedule (forward and backward) on each eval batch and the
+        gradients are thrown away: the schedule is the only program the ranks share, and it
+        always ends with the backward passes.
+        """
+        total = weighted = 0.0
+        for inputs, targets, weights, count in self.batches.evaluation():
+            loss = self._forward_backward(inputs, targets, weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            if loss is not None:
+                weighted += loss * count
+                total += count
+        if total:
+            mean = weighted / total
+            entry = {"step": float(step), "loss": mean, "perplexity": math.exp(min(mean, 700))}
+            result.evals.append(entry)
+            if bar is not None:
+                bar.write(f"eval after step {step}: loss {mean:.4f}, perplexity "
+                          f"{entry['perplexity']:.2f}")
+
     def _save(self, done: int, losses: list[float] | None) -> None:
-        checkpoint = self.job.config.checkpoint
-        if checkpoint.save_every and done % checkpoint.save_every == 0:
-            assert checkpoint.dir is not None
-            save_checkpoint(checkpoint.dir, done, self.layers, self.optimizer,
-                            extra=None if losses is None else {"losses": losses},
-                            keep=checkpoint.keep)
+        checkpoint, steps = self.job.config.checkpoint, self.job.config.training.steps
+        due = checkpoint.save_every and done % checkpoint.save_every == 0
+        if not due and not (checkpoint.export_hf is not None and done == steps):
+            return
+        assert checkpoint.dir is not None
+        extra: dict[str, Any] | None = None if losses is None else {"losses": losses}
+        position = self.batches.position(done)
+        if extra is not None and position is not None:
+            extra["data"] = position  # where the next step's batch starts
+        save_checkpoint(checkpoint.dir, done, self.layers, self.optimizer, extra=extra,
+                        keep=checkpoint.keep)
 
     def _shows(self, result: RankResult) -> bool:
         last = self.job.schedule.num_stages - 1 in self.model.stages
@@ -94,7 +133,12 @@ class Trainer:
 
 def resume(job: Job, layers: dict[int, torch.nn.Module],
            optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
-    """The step to start from and the losses before it: 0 and none unless resuming."""
+    """The step to start from and the losses before it: 0 and none unless resuming.
+
+    Raises:
+        ConfigError: the checkpoint's data position was written with another global batch
+            (the run would not continue with the next samples).
+    """
     checkpoint = job.config.checkpoint
     if not checkpoint.resume:
         return 0, []
@@ -104,6 +148,14 @@ def resume(job: Job, layers: dict[int, torch.nn.Module],
     state = load_checkpoint(path, layers, optimizer)
     for group in optimizer.param_groups:
         group["lr"] = job.config.training.lr  # this run's lr, not the checkpoint's
+    data = state["extra"].get("data")
+    rows = job.config.batch.global_batch
+    if data is not None and data.get("global_batch", rows) != rows:
+        raise ConfigError(
+            f"the checkpoint {str(path)!r} was trained with a global batch of "
+            f"{data['global_batch']} sequences; resume with --global-batch "
+            f"{data['global_batch']} to continue the data where it stopped"
+        )
     # prepare() checked before launch that at least 2 steps are left after this one.
     return state["step"], list(state["extra"].get("losses", []))
 

@@ -47,6 +47,8 @@ class TrainReport:
     mesh: dict[str, int | bool] | None = None
     resumed_from: int | None = None
     device: str = "cpu"
+    eval: list[dict[str, float]] = field(default_factory=list)
+    exported: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The report without the timelines, for ``--json``."""
@@ -64,6 +66,7 @@ def build_report(job: Job, results: list[RankResult], seq_len: int,
     schedule, config = job.schedule, job.config
     tokens = config.batch.global_batch * seq_len
     losses = next(r.losses for r in results if r.losses)
+    evals = next((r.evals for r in results if r.evals), [])
     ran = config.training.steps - first_step
     step_seconds = [max(r.step_seconds[i] for r in results) for i in range(ran)]
     timelines, saved_per_step = _timelines(job, [r for r in results if r.first_replica], ran)
@@ -90,7 +93,7 @@ def build_report(job: Job, results: list[RankResult], seq_len: int,
         stage_costs={"forward": list(costs.forward), "backward": list(costs.backward),
                      "weight": list(costs.weight)},
         link_latency=latency, timeline=timeline, predicted=predicted,
-        resumed_from=first_step or None, device=config.launch.device,
+        resumed_from=first_step or None, device=config.launch.device, eval=evals,
         mesh={"pp": mesh.pp, "dp": mesh.dp, "tp": mesh.tp, "fsdp": mesh.dp_shard},
     )
 

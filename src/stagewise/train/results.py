@@ -32,6 +32,7 @@ class RankResult:
             without the last stage.
         step_seconds: wall time of each step this run made.
         records: the timed steps after the first (warm-up) one.
+        evals: on last-stage ranks, ``{"step", "loss", "perplexity"}`` of each evaluation.
     """
 
     pp_rank: int
@@ -40,6 +41,7 @@ class RankResult:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def first_replica(self) -> bool:

@@ -17,7 +17,7 @@ from stagewise.runtime.parallel.tensor_parallel import apply_tensor_parallel
 from stagewise.schedules.ir import Action
 from stagewise.train.job import Job
 
-__all__ = ["RankModel", "build_stages", "step_batch", "wrap_parallel"]
+__all__ = ["RankModel", "build_stages", "wrap_parallel"]
 
 
 @dataclass
@@ -49,8 +49,9 @@ def build_stages(job: Job, parts: ModelParts, groups: MeshGroups | None,
     device and sharded over tp, so a rank holds at most one whole layer beside its shards.
     """
     config, schedule = job.config, job.schedule
-    # A replica's micro-batch is the first rows of the global batch's first micro-batch.
-    sample, _ = step_batch(parts, config.training.seed, 0, config.batch.global_batch)
+    # A micro-batch of generated data: the shape the time partitioner runs the layers on.
+    generator = torch.Generator().manual_seed(config.training.seed * 1_000_003 + 1)
+    sample, _ = parts.make_batch(config.batch.global_batch, generator)
     sample = sample[: job.rows_per_replica // schedule.num_microbatches]
     stages = partition(list(parts.layers), schedule.num_stages, config.training.partition, sample)
     sizes = [len(stage) for stage in stages]
@@ -97,11 +98,3 @@ def wrap_parallel(job: Job, model: RankModel, groups: MeshGroups | None, pp_rank
         reducer.on_action(action)
 
     return reducer, on_action
-
-
-def step_batch(parts: ModelParts, seed: int, step: int,
-               rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step ``step``'s global batch: a function of the seed and the step alone (so a resumed
-    run sees the data an uninterrupted one would), the same with or without a mesh."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-    return parts.make_batch(rows, generator)

@@ -10,16 +10,20 @@ predicted).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import torch
 import torch.distributed as dist
 
 from stagewise.errors import ConfigError, RuntimeFailure
+from stagewise.runtime.checkpoint.export import save_model_files
 from stagewise.runtime.checkpoint.state import rank_layers
 from stagewise.runtime.engine.launch import RankContext, launch, torchrun_context
 from stagewise.runtime.engine.pipeline import Pipeline
+from stagewise.runtime.models.model_parts import LossFn
 from stagewise.runtime.parallel.mesh import MeshGroups, build_mesh
+from stagewise.train.batches import IGNORE, Batches, load_data
 from stagewise.train.job import Job, model_parts
 from stagewise.train.loop import Trainer, resume
 from stagewise.train.report import TrainReport, build_report
@@ -30,8 +34,22 @@ __all__ = ["train", "train_local", "train_rank", "train_torchrun"]
 
 
 def train(job: Job, torchrun: bool) -> TrainReport | None:
-    """Run ``job`` on local processes, or as this torchrun process; the report on rank 0."""
-    return train_torchrun(job) if torchrun else train_local(job)
+    """Run ``job`` on local processes, or as this torchrun process; the report on rank 0.
+
+    With ``--export-hf`` the final checkpoint is written as a Hugging Face folder afterwards
+    (by the launcher, or by torchrun's global rank 0).
+    """
+    report = train_torchrun(job) if torchrun else train_local(job)
+    checkpoint = job.config.checkpoint
+    if report is not None and checkpoint.export_hf is not None:
+        assert checkpoint.dir is not None
+        from stagewise.runtime.checkpoint.export import export_checkpoint
+
+        written = export_checkpoint(checkpoint.dir, checkpoint.export_hf, force=True)
+        report.exported = str(written.out)
+        if job.temporary_checkpoints:
+            shutil.rmtree(checkpoint.dir, ignore_errors=True)
+    return report
 
 
 def train_rank(context: RankContext, job: Job) -> TrainReport | None:
@@ -50,10 +68,12 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
     torch.manual_seed(config.training.seed)
     # A Hugging Face model is built without weights; this rank fills only its own stages.
     parts = model_parts(config, empty=config.training.partition != "time")
+    batches = Batches(config, parts, load_data(config) if config.data.any else None,
+                      result.dp_rank)
     model = build_stages(job, parts, groups, pp_rank)
     reducer, on_action = wrap_parallel(job, model, groups, pp_rank, context)
     pipe = Pipeline(
-        job.schedule, model.stages, parts.loss_fn,
+        job.schedule, model.stages, _masked(parts.loss_fn) if config.data.any else parts.loss_fn,
         group=groups.pp_group if groups is not None else None, timeout=config.launch.timeout,
         check_finite=config.training.check_finite, store=context.store, count_saved=True,
         on_action=on_action, tied=model.ties,
@@ -63,13 +83,28 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
     first_step, losses = resume(job, layers, optimizer)
     if job.schedule.num_stages - 1 in model.stages:
         result.losses.extend(losses)  # only the ranks holding the last stage report losses
-    Trainer(job, model, pipe, optimizer, layers, groups, reducer).run(result, first_step)
+    if context.rank == 0 and config.model.is_folder and config.checkpoint.dir is not None:
+        save_model_files(config.checkpoint.dir, config.model.spec)  # for stagewise export
+    trainer = Trainer(job, model, pipe, optimizer, layers, groups, reducer, batches)
+    trainer.run(result, first_step)
     gathered: list[RankResult | None] = [None] * context.world_size
     dist.all_gather_object(gathered, result)
     if context.rank != 0:
         return None
     results = [r for r in gathered if r is not None]
     return build_report(job, results, parts.seq_len, first_step)
+
+
+def _masked(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` that gives 0 (with a gradient path) for a micro-batch whose targets are
+    all out of the loss (an eval set's padding), where a mean over no token would be NaN."""
+
+    def loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if bool((targets != IGNORE).any()):
+            return loss_fn(output, targets)
+        return output.sum() * 0.0
+
+    return loss
 
 
 def _join(context: RankContext, job: Job) -> MeshGroups | None:

@@ -153,16 +153,23 @@ class Pipeline:
     # --- the step ----------------------------------------------------------------------------
 
     def step(
-        self, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None
+        self, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+        *, weights: Sequence[float] | None = None,
     ) -> torch.Tensor | None:
         """Run one step of the schedule: forward and backward of every micro-batch.
 
         Args:
             inputs: the whole batch; read on the rank holding stage 0.
             targets: the whole batch's targets; read on the rank holding the last stage.
+            weights: each micro-batch's weight in the step's loss (read on the last stage's
+                rank); None for its share of the rows, which makes the step's loss the mean
+                over the batch when ``loss_fn`` is a mean over a micro-batch's rows. A loss
+                that averages over the tokens in the loss (cross-entropy ignoring -100) gets
+                the batch's token mean with weights ``tokens_j / tokens``.
 
         Returns:
-            The mean loss over the batch on the rank holding the last stage, else None.
+            The weighted loss (by default the mean over the batch) on the rank holding the
+            last stage, else None.
 
         Raises:
             RuntimeFailure: an action failed here (message: rank, action, error), another rank
@@ -170,7 +177,7 @@ class Pipeline:
                 the pipeline and its process group are in an unknown state: end the process
                 (the launcher and torchrun do) rather than calling ``step`` again.
         """
-        run = _Step(self, inputs, targets)
+        run = _Step(self, inputs, targets, weights)
         return run.execute()
 
     def post_failure(self, text: str) -> None:
@@ -182,7 +189,8 @@ class _Step:
     """The state of one step on one rank; discarded at its end."""
 
     def __init__(
-        self, pipe: Pipeline, inputs: torch.Tensor | None, targets: torch.Tensor | None
+        self, pipe: Pipeline, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         self.pipe = pipe
         schedule = pipe.schedule
@@ -201,7 +209,12 @@ class _Step:
                     f"rank {pipe.rank} holds the last stage: pass the targets to step()"
                 )
             self.targets = split_batch(targets.to(pipe.device), self.m, "targets")
-            self.weights = loss_weights(self.targets)
+            self.weights = loss_weights(self.targets) if weights is None else list(weights)
+            if len(self.weights) != self.m:
+                raise ConfigError(
+                    f"{len(self.weights)} loss weights for {self.m} micro-batches: give one "
+                    "weight per micro-batch"
+                )
         self.stage_inputs: dict[tuple[int, int], torch.Tensor | None] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.deferred: dict[tuple[int, int], WeightGrad] = {}

@@ -11,7 +11,9 @@ Forms of ``SPEC``:
   module is trained as a causal language model: token ids ``(rows, seq_len)`` in, logits
   ``(rows, seq_len, vocab)`` out, scored by next-token cross-entropy on the tiny GPT's
   generated counting data, with ``vocab`` the size of the module's first ``nn.Embedding``.
-  Anything else: return ModelParts.
+  Anything else: return ModelParts;
+- anything else: the path of a local Hugging Face model folder (config.json, safetensors
+  weights, tokenizer), read per rank (see ``hf_folder``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from stagewise.runtime.models.tiny_gpt import GPTConfig
 
 __all__ = ["FORMS", "resolve_model"]
 
-FORMS = ("tiny", "hf:llama", "hf:gpt2", "py:package.module:attr")
+FORMS = ("tiny", "hf:llama", "hf:gpt2", "py:package.module:attr", "PATH (a Hugging Face folder)")
 DEFAULT_SEQ_LEN = 32
 
 
@@ -86,7 +88,12 @@ def resolve_model(
         return hf_parts(spec[3:], config, seed=seed, seq_len=seq_len, empty=empty)
     if spec.startswith("py:"):
         return _python_model(spec, config, seed, seq_len, names)
-    raise ConfigError(f"unknown model {spec!r}: use one of {', '.join(FORMS)}")
+    from stagewise.runtime.models.hf_folder import folder_parts
+
+    if config is not None:
+        raise ConfigError(f"a model folder ({spec!r}) takes no --model-config: it has its own "
+                          "config.json")
+    return folder_parts(spec, seq_len=seq_len, seed=seed, empty=empty)
 
 
 def _target(spec: str) -> Any:
