@@ -6,8 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from stagewise.plan.pipeline_cache import PipelineCache, reduced_microbatches
-from stagewise.schedules import build
+from stagewise.plan.pipeline_cache import (
+    PipelineCache,
+    _idle_and_slack,
+    _live_counts,
+    reduced_microbatches,
+)
+from stagewise.schedules import Op, build
 from stagewise.sim import Costs, Link, simulate
 
 # (schedule, p, v): every searched family; even middle stages, heavier first and last ones.
@@ -53,3 +58,41 @@ def test_peak_activations_match_the_full_schedule(name: str, p: int, v: int) -> 
     for rank in range(p):
         expected = full.peak_activations(rank, in_bytes=True)
         assert cache.peak_activation_bytes(name, p, m, v, rank, stage_bytes) == expected
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb-h1", "zb-h2"])
+@pytest.mark.parametrize(("p", "m"), [(1, 1), (2, 1), (3, 2), (4, 4), (4, 9), (5, 23), (8, 31)])
+def test_single_stage_closed_forms_match_the_built_schedule(name: str, p: int, m: int) -> None:
+    """The cache sizes 1F1B, ZB-H1 and ZB-H2 without building them: the same peaks."""
+    stage_bytes = [float(3 * s + 1) for s in range(p)]
+    built = PipelineCache()
+    schedule = built.schedule(name, p, m, 1)
+    for rank in range(p):
+        counts = max(point[0] for point in _live_counts(schedule, rank))
+        expected = counts * stage_bytes[rank]
+        assert PipelineCache().peak_activation_bytes(name, p, m, 1, rank, stage_bytes) == expected
+    assert PipelineCache().placement(name, p, m, 1) == schedule.placement
+
+
+@pytest.mark.parametrize(("name", "p", "v"), CASES)
+def test_splitting_the_backward_does_not_depend_on_m(name: str, p: int, v: int) -> None:
+    cache = PipelineCache()
+    splits = {cache.schedule(name, p, m, v).splits_backward for m in (2 * p, 3 * p + 1, 5 * p)}
+    assert len(splits) == 1
+    assert cache.splits_backward(name, p, 7 * p, v) in splits
+
+
+@pytest.mark.parametrize(("name", "p", "v"), CASES)
+def test_idle_and_slack_equal_the_simulator(name: str, p: int, v: int) -> None:
+    """The planner's lean loop gives the simulator's idle times and last gradient ends."""
+    m = 3 * p + 1
+    forward, backward, weight, _ = _costs(p * v)
+    hops = [0.05 * (s % 3) for s in range(p * v)]
+    schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
+    costs = Costs.per_stage(forward=forward, backward=backward, weight=weight, send_bytes=hops)
+    full = simulate(schedule, costs, Link(latency=0.0, bandwidth=1.0))
+    got = _idle_and_slack(schedule, *(tuple(x) for x in (forward, backward, weight, hops)))
+    assert got.idle == pytest.approx([full.idle(r) for r in range(p)], rel=1e-12, abs=1e-9)
+    done = [max(e.end for e in full.events if e.stage == s and e.op is not Op.F)
+            for s in range(p * v)]
+    assert got.stage_slack == pytest.approx([full.makespan - x for x in done], abs=1e-9)

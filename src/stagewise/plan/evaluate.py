@@ -18,12 +18,18 @@ from stagewise.plan.flops import (
     model_flops_per_token,
 )
 from stagewise.plan.hardware import Cluster
-from stagewise.plan.memory import GIB, MemoryBreakdown
+from stagewise.plan.memory import GIB, MemoryBreakdown, layer_state_bytes_per_param
 from stagewise.plan.models import ModelSpec
-from stagewise.plan.pipeline_cache import PipelineCache, reduced_microbatches
-from stagewise.plan.rank import RankSizes, rank_memory, rank_sizes
+from stagewise.plan.pipeline_cache import PipelineCache
+from stagewise.plan.rank import LOGIT_BYTES, RankSizes, rank_memory, rank_sizes
 from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
-from stagewise.plan.steptime import StageProfile, StepTime, stage_profile, step_time
+from stagewise.plan.steptime import (
+    StageProfile,
+    StepTime,
+    stage_profile,
+    step_time,
+    tail_floor,
+)
 from stagewise.schedules import get
 
 __all__ = ["Plan", "check_config", "evaluate", "lower_bound_step_time"]
@@ -54,7 +60,8 @@ class Plan:
 
     @cached_property
     def lower_bound_s(self) -> float:
-        """A cheap bound the step time cannot beat: the busiest rank's compute, no bubble."""
+        """A cheap bound the step time cannot beat: the busiest rank's compute with its fill
+        and drain, then the optimizer step and what else follows the pipeline."""
         return self.bound()
 
     @property
@@ -190,10 +197,9 @@ def evaluate(
     cache = cache or PipelineCache()
     m = config.num_microbatches(training)
     layers = split_layers(model.layers, config.pp * config.num_chunks)
-    # The placement of the schedule: the same for every m, so built at a small one.
-    small_m = reduced_microbatches(config.pp, m, config.schedule)[0]
-    schedule = cache.schedule(config.schedule, config.pp, small_m, config.num_chunks)
-    sizes = rank_sizes(model, training, config, layers, schedule.placement)
+    shape = (config.schedule, config.pp, m, config.num_chunks)
+    placement, stages = cache.placement(*shape), cache.stages(*shape)
+    sizes = rank_sizes(model, training, config, layers, stages)
     memory = _most_loaded(
         model, training, config, layers, sizes, cache, m, constants, cluster.gpu.memory_gib
     )
@@ -203,18 +209,19 @@ def evaluate(
     def costs() -> StageProfile:
         if not profile:
             profile.append(
-                stage_profile(model, cluster, training, config, layers, schedule, constants)
+                stage_profile(model, cluster, training, config, layers, placement, constants)
             )
         return profile[0]
 
     def estimate() -> StepTime:
         return step_time(
-            model, cluster, training, config, layers, sizes, schedule, cache, constants, costs()
+            model, cluster, training, config, layers, sizes, cache, constants, costs()
         )
 
     def bound() -> float:
         splits = cache.splits_backward(config.schedule, config.pp, m, config.num_chunks)
-        return costs().busiest(schedule, m, splits)
+        pipeline = costs().busiest(stages, m, splits)
+        return pipeline + tail_floor(model, cluster, training, config, sizes, constants)
 
     return Plan(model, cluster, training, config, m, layers, memory, estimate, bound)
 
@@ -230,20 +237,27 @@ def _most_loaded(
     constants: Constants,
     memory_gib: float,
 ) -> MemoryBreakdown:
-    p = config.pp
-    most = max(sum(layers[s] for s in size.stages) for size in sizes)
-    ranks = {0, p - 1} | {
-        size.rank for size in sizes if sum(layers[s] for s in size.stages) == most
-    }
-    best: MemoryBreakdown | None = None
-    for rank in sorted(ranks):
-        memory = rank_memory(
-            model, training, config, sizes[rank], cache, m, constants, memory_gib
-        )
-        if best is None or memory.total > best.total:
-            best = memory
-    assert best is not None
-    return best
+    """The memory of the rank that needs the most (the first such rank).
+
+    Only model states, activations and the last stage's logits differ between ranks (the
+    recompute buffer, communication buffers and reserve do not), so ranks are compared on
+    those and the breakdown is built for the winner alone.
+    """
+    per_param = sum(layer_state_bytes_per_param(training, config))
+    shape = (config.schedule, config.pp, m, config.num_chunks)
+    logits = (
+        config.micro_batch_size * training.seq_len * model.padded_vocab(config.tp) / config.tp
+        * LOGIT_BYTES
+    )
+    weight_b = layer_state_bytes_per_param(training, config)[0]
+
+    def varying(size: RankSizes) -> float:
+        states = per_param * size.trainable + weight_b * (size.params - size.trainable)
+        activations = cache.peak_activation_bytes(*shape, size.rank, size.stage_bytes)
+        return states + activations + (logits if size.last else 0.0)
+
+    rank = max(sizes, key=varying).rank  # max keeps the first of equals
+    return rank_memory(model, training, config, sizes[rank], cache, m, constants, memory_gib)
 
 
 def lower_bound_step_time(model: ModelSpec, cluster: Cluster, training: TrainingSpec) -> float:

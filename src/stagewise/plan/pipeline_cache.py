@@ -28,11 +28,11 @@ boundary's transfer time in seconds is passed as ``send_bytes`` with a link of u
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from stagewise.schedules import Op, Schedule, build, check, get
-from stagewise.sim import Bubble, Costs, Link, simulate
+from stagewise.schedules import Op, Schedule, build, execution_order, get
+from stagewise.sim import Bubble
 
 __all__ = ["PipelineCache", "PipelineRun"]
 
@@ -60,9 +60,10 @@ class PipelineCache:
 
     def __init__(self) -> None:
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
-        self._live: dict[tuple[str, int, int, int, int], list[tuple[float, ...]]] = {}
+        self._live: dict[tuple[str, int, int, int], _LiveCounts] = {}
+        self._live_exact: dict[tuple[str, int, int, int], _LiveCounts] = {}
         self._runs: dict[tuple[object, ...], _UnitRun] = {}
-        self._splits: dict[tuple[str, int, int, int], bool] = {}
+        self._splits: dict[tuple[str, int, int], bool] = {}
         self.simulations = 0
 
     def schedule(self, name: str, p: int, m: int, v: int) -> Schedule:
@@ -77,34 +78,85 @@ class PipelineCache:
         return self._schedules[key]
 
     def splits_backward(self, name: str, p: int, m: int, v: int) -> bool:
-        """Whether the schedule runs I and W apart (its weight gradients can fill bubbles)."""
-        key = (name, p, reduced_microbatches(p, m, name)[0], v)
+        """Whether the schedule runs I and W apart (its weight gradients can fill bubbles).
+
+        A generator of two actions per stage and micro-batch never does; the others are
+        asked once per (p, v), at the first m wanted (whether a schedule splits its backward
+        does not depend on m: tests/test_plan_pipeline_cache.py).
+        """
+        if get(name).ops == 2:
+            return False
+        key = (name, p, v)
         if key not in self._splits:
-            self._splits[key] = self.schedule(*key).splits_backward
+            self._splits[key] = self.schedule(
+                name, p, reduced_microbatches(p, m, name)[0], v
+            ).splits_backward
         return self._splits[key]
 
-    def _live_points(self, name: str, p: int, m: int, v: int, rank: int) -> list[tuple[float, ...]]:
-        """Undominated live counts of ``rank``; computed at m1 and m2 (see
-        :func:`reduced_microbatches`) when they agree (the schedule's in-flight counts have
-        saturated, as for 1F1B-like schedules), at m itself otherwise (GPipe keeps all m)."""
-        key = (name, p, m, v, rank)
+    def _live_points(self, name: str, p: int, m: int, v: int) -> _LiveCounts:
+        """Undominated live counts of every rank; a rank's are computed at m1 and m2 (see
+        :func:`reduced_microbatches`) and kept when they agree (the schedule's in-flight
+        counts have saturated, as for 1F1B-like schedules), at m itself otherwise (GPipe
+        keeps all m)."""
+        key = (name, p, m, v)
         if key not in self._live:
             m1, m2 = reduced_microbatches(p, m, name)
-            first = _live_counts(self.schedule(name, p, m1, v), rank)
-            if m2 != m1 and first != _live_counts(self.schedule(name, p, m2, v), rank):
-                first = _live_counts(self.schedule(name, p, m, v), rank)
+            first = self._live_at(name, p, m1, v)
+            if m2 != m1:
+                second = self._live_at(name, p, m2, v)
+                if first.points != second.points:
+                    full = self._live_at(name, p, m, v)
+                    first = _LiveCounts(first.stages, tuple(
+                        a if a == b else c
+                        for a, b, c in zip(first.points, second.points, full.points, strict=True)
+                    ))
             self._live[key] = first
         return self._live[key]
+
+    def stages(self, name: str, p: int, m: int, v: int) -> tuple[tuple[int, ...], ...]:
+        """The stages of every rank (the same for every m; no schedule is built when each
+        rank holds one stage, stage r on rank r)."""
+        if name in SINGLE_STAGE_LIVE:
+            return tuple((r,) for r in range(p))
+        return self._live_at(name, p, reduced_microbatches(p, m, name)[0], v).stages
+
+    def placement(self, name: str, p: int, m: int, v: int) -> tuple[int, ...]:
+        """The rank of every stage (see :meth:`stages`)."""
+        result = [0] * (p * v)
+        for rank, stages in enumerate(self.stages(name, p, m, v)):
+            for stage in stages:
+                result[stage] = rank
+        return tuple(result)
+
+    def _live_at(self, name: str, p: int, m: int, v: int) -> _LiveCounts:
+        key = (name, p, m, v)
+        if key in self._live_exact:
+            return self._live_exact[key]
+        if name in SINGLE_STAGE_LIVE:  # closed forms (tests/test_plan_pipeline_cache.py)
+            peak = SINGLE_STAGE_LIVE[name]
+            self._live_exact[key] = _LiveCounts(
+                tuple((r,) for r in range(p)),
+                tuple([(float(peak(p, m, r)),)] for r in range(p)),
+            )
+        else:
+            schedule = self.schedule(name, p, m, v)
+            self._live_exact[key] = _LiveCounts(
+                tuple(schedule.stages_of(r) for r in range(p)),
+                tuple(_live_counts(schedule, r) for r in range(p)),
+            )
+        return self._live_exact[key]
 
     def peak_activation_bytes(
         self, name: str, p: int, m: int, v: int, rank: int, stage_bytes: Sequence[float]
     ) -> float:
         """Peak live activation bytes of ``rank`` given one micro-batch's bytes per stage."""
-        stages = self.schedule(name, p, reduced_microbatches(p, m, name)[0], v).stages_of(rank)
+        live = self._live_points(name, p, m, v)
+        stages, points = live.stages[rank], live.points[rank]
+        if len(stages) == 1:  # one stage: its largest count (points are largest first)
+            return points[0][0] * stage_bytes[stages[0]]
         weights = [stage_bytes[s] for s in stages]
         return max(
-            (sum(c * w for c, w in zip(point, weights, strict=True))
-             for point in self._live_points(name, p, m, v, rank)),
+            (sum(c * w for c, w in zip(point, weights, strict=True)) for point in points),
             default=0.0,
         )
 
@@ -128,9 +180,9 @@ class PipelineCache:
             w = tuple(x / 2 for x in b)
         h = tuple(round(x / ref / HOP_STEP) * HOP_STEP for x in hops)
         unit = self._unit_run(name, p, m, v, (f, b, w, h))
-        schedule = self.schedule(name, p, reduced_microbatches(p, m, name)[0], v)
         busy = tuple(
-            m * sum(forward[s] + backward[s] for s in schedule.stages_of(r)) for r in range(p)
+            m * sum(forward[s] + backward[s] for s in stages)
+            for stages in self.stages(name, p, m, v)
         )
         makespan = max(busy[r] + unit.idle[r] * ref for r in range(p))
         total = p * makespan
@@ -161,6 +213,12 @@ class PipelineCache:
             runs.append(self._runs[key])
         if len(runs) == 1:
             return runs[0]
+        if any(y < x for x, y in zip(runs[0].idle, runs[1].idle, strict=True)):
+            # Idle time that falls with m has not reached its steady state: simulate m itself.
+            key = (name, p, m, v, *costs)
+            if key not in self._runs:
+                self._runs[key] = self._simulate(name, p, m, v, *costs)
+            return self._runs[key]
         scale = (m - m1) / (m2 - m1)
         return _UnitRun(*(
             tuple(x + (y - x) * scale for x, y in zip(first, second, strict=True))
@@ -180,18 +238,72 @@ class PipelineCache:
         h: tuple[float, ...],
     ) -> _UnitRun:
         self.simulations += 1
-        schedule = self.schedule(name, p, m, v)
-        check(schedule)  # once per schedule: the result is kept on the schedule
-        costs = Costs.per_stage(forward=f, backward=b, weight=w, send_bytes=h)
-        timeline = simulate(schedule, costs, Link(latency=0.0, bandwidth=1.0))
-        done = [0.0] * schedule.num_stages
-        for event in timeline.events:
-            if event.op is not Op.F:
-                done[event.stage] = max(done[event.stage], event.end - timeline.start)
-        return _UnitRun(
-            idle=tuple(timeline.idle(r) for r in range(p)),
-            stage_slack=tuple(timeline.makespan - x for x in done),
-        )
+        return _idle_and_slack(self.schedule(name, p, m, v), f, b, w, h)
+
+
+def _idle_and_slack(
+    schedule: Schedule,
+    forward: tuple[float, ...],
+    backward: tuple[float, ...],
+    weight: tuple[float, ...],
+    hops: tuple[float, ...],
+) -> _UnitRun:
+    """Each rank's idle time and each stage's slack, from the simulator's rules.
+
+    The loop of :func:`stagewise.sim.simulate` (the same order, sums and comparisons, so the
+    same times: tested against it) keeping only what the planner reads, without a Timeline.
+    ``execution_order`` validates the schedule on its first call (a deadlock raises).
+    """
+    m, num_stages, placement = schedule.num_microbatches, schedule.num_stages, schedule.placement
+    forward_hop = [0.0] + [hops[s - 1] if placement[s - 1] != placement[s] else 0.0
+                           for s in range(1, num_stages)]
+    grad_hop = [hops[s] if placement[s + 1] != placement[s] else 0.0
+                for s in range(num_stages - 1)] + [0.0]
+    inputs = [x - y for x, y in zip(backward, weight, strict=True)]
+    forward_end = [0.0] * ((num_stages + 1) * m)
+    grad_end = [0.0] * ((num_stages + 1) * m)
+    free_at = [0.0] * schedule.num_ranks
+    busy = [0.0] * schedule.num_ranks
+    done = [0.0] * num_stages
+    op_f, op_w, op_b = Op.F, Op.W, Op.B
+    for rank, (stage, op, j) in execution_order(schedule):
+        here = stage * m + j
+        start = free_at[rank]
+        if op is op_f:
+            t = forward_end[here] + forward_hop[stage]
+            if t > start:
+                start = t
+            end = forward_end[here + m] = start + forward[stage]
+        else:
+            if op is op_w:
+                t = grad_end[here]
+                if t > start:
+                    start = t
+                end = start + weight[stage]
+            else:
+                t = forward_end[here + m]
+                if t > start:
+                    start = t
+                t = grad_end[here + m] + grad_hop[stage]
+                if t > start:
+                    start = t
+                end = grad_end[here] = start + (backward[stage] if op is op_b else inputs[stage])
+            done[stage] = end  # a stage's actions run in order on its rank: the latest
+        busy[rank] += end - start
+        free_at[rank] = end
+    makespan = max(free_at)
+    return _UnitRun(
+        idle=tuple(makespan - x for x in busy),
+        stage_slack=tuple(makespan - x for x in done),
+    )
+
+
+@dataclass(frozen=True)
+class _LiveCounts:
+    """Per rank: its stages, and its undominated live counts (one column per stage)."""
+
+    stages: tuple[tuple[int, ...], ...]
+    points: tuple[list[tuple[float, ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -199,6 +311,16 @@ class _UnitRun:
     idle: tuple[float, ...]
     stage_slack: tuple[float, ...]
 
+
+# Peak live micro-batches of rank r for schedules that give each rank one stage, as
+# functions of (p, m, r), so these schedules need not be built to size memory: 1F1B holds
+# min(p - r, m) (sim/closed_form.py), ZB-H1 min(m, p) and ZB-H2 min(m, 2p - 1) on every rank
+# (sim/closed_form_zb.py); checked against the built schedules' counts in the tests.
+SINGLE_STAGE_LIVE: dict[str, Callable[[int, int, int], int]] = {
+    "1f1b": lambda p, m, r: min(p - r, m),
+    "zb-h1": lambda p, m, r: min(m, p),
+    "zb-h2": lambda p, m, r: min(m, 2 * p - 1),
+}
 
 GRID = math.log(1.02)
 WEIGHT_GRID = math.log(1.05)

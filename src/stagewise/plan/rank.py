@@ -7,6 +7,7 @@ LoRA adds r x (inputs + outputs) parameters to every linear of every block; only
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stagewise.plan.constants import Constants
@@ -21,7 +22,9 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 
-__all__ = ["RankSizes", "lora_params_per_block", "rank_memory", "rank_sizes"]
+__all__ = ["LOGIT_BYTES", "RankSizes", "lora_params_per_block", "rank_memory", "rank_sizes"]
+
+LOGIT_BYTES = BYTES + 4  # per logit on the last stage: bf16 logits and their fp32 softmax
 
 
 @dataclass(frozen=True)
@@ -77,17 +80,16 @@ def rank_sizes(
     training: TrainingSpec,
     config: ParallelConfig,
     layers: tuple[int, ...],
-    placement: tuple[int, ...],
+    rank_stages: Sequence[tuple[int, ...]],
 ) -> list[RankSizes]:
-    """Sizes of every pipeline rank, given the layers of each stage and the placement."""
+    """Sizes of every pipeline rank, given the layers of each stage and each rank's stages."""
     t = config.tp
     last_stage = len(layers) - 1
     stage_bytes = _stage_bytes(model, training, config, layers)
     lora = training.mode == "lora"
     adapters = lora_params_per_block(model, training.lora_rank) / t if lora else 0.0
     result = []
-    for rank in range(config.pp):
-        stages = tuple(s for s, r in enumerate(placement) if r == rank)
+    for rank, stages in enumerate(rank_stages):
         blocks = sum(layers[s] for s in stages)
         params = blocks * model.layer_params / t
         edge = 0.0
@@ -126,7 +128,7 @@ def rank_memory(
     tokens = config.micro_batch_size * training.seq_len
     logits = 0.0
     if sizes.last:
-        logits = tokens * model.padded_vocab(config.tp) / config.tp * (BYTES + 4)
+        logits = tokens * model.padded_vocab(config.tp) / config.tp * LOGIT_BYTES
     recompute_buffer = 0.0
     if config.recompute == "full":
         recompute_buffer = layer_activation_bytes(model, training, config, recompute="none")

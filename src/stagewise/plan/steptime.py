@@ -10,7 +10,8 @@ runs past the end of the pipeline is exposed; without it the whole reduction is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from stagewise.plan.comm import all_gather_time, all_reduce_time, group_bandwidth
 from stagewise.plan.constants import Constants
@@ -21,10 +22,11 @@ from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.rank import RankSizes
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 from stagewise.plan.stages import edge_times, hop_times, node_of_rank, stage_costs
-from stagewise.schedules import Schedule
 from stagewise.sim import Bubble
 
-__all__ = ["StageProfile", "StepTime", "stage_profile", "step_time"]
+__all__ = [
+    "StageProfile", "StepTime", "embedding_sync_time", "stage_profile", "step_time", "tail_floor",
+]
 
 ADAM_BYTES_PER_PARAM = 34.0  # fp32 grad, master, m, v read; master, m, v, bf16 weight written; norm
 
@@ -89,10 +91,12 @@ class StageProfile:
     weight: list[float]
     hops: list[float]
 
-    def busiest(self, schedule: Schedule, num_microbatches: int, splits: bool) -> float:
+    def busiest(
+        self, rank_stages: Sequence[tuple[int, ...]], num_microbatches: int, splits: bool
+    ) -> float:
         """A step cannot be shorter: max over ranks of fill + compute + drain.
 
-        ``schedule`` gives the placement (any micro-batch count), ``splits`` whether it splits
+        ``rank_stages`` gives each rank's stages, ``splits`` whether the schedule splits
         the backward. Rank r computes m x (its stages' forward + backward) in all. Its first
         action is a forward of one of its stages s, which waits for the forwards (and transfers) of
         every stage before s; its last action, a backward of one of its stages, is followed
@@ -107,8 +111,56 @@ class StageProfile:
         return max(
             min(head[s] for s in stages) + (0.0 if splits else min(tail[s] for s in stages))
             + m * sum(self.forward[s] + self.backward[s] for s in stages)
-            for stages in map(schedule.stages_of, range(schedule.num_ranks))
+            for stages in rank_stages
         )
+
+
+def _rank_tail(
+    cluster: Cluster, config: ParallelConfig, training: TrainingSpec, trainable: float,
+    c: Constants,
+) -> tuple[float, float, float]:
+    """(DP gradient reduction, parameter gather, optimizer step) seconds of one rank."""
+    reduce_s, gather_s = _dp_reduce(cluster, config, training, trainable, c)
+    state = trainable / (config.dp if config.shards("optimizer") else 1)
+    hbm = cluster.gpu.hbm_bandwidth * c.hbm_efficiency
+    optimizer = ADAM_BYTES_PER_PARAM * state / hbm + 10 * c.kernel_overhead_s
+    return reduce_s, gather_s, optimizer
+
+
+def embedding_sync_time(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, config: ParallelConfig,
+    c: Constants,
+) -> float:
+    """The tied embedding's gradient all-reduce between the first and the last stage."""
+    if not (model.tied_embeddings and config.pp > 1 and training.mode == "full"):
+        return 0.0
+    crosses = node_of_rank(cluster, config, 0) != node_of_rank(cluster, config, config.pp - 1)
+    gpu = cluster.gpu
+    bandwidth = gpu.network_bandwidth if crosses else gpu.nvlink_bandwidth
+    grads = model.padded_vocab(config.tp) * model.hidden / config.tp * training.grad_bytes
+    return all_reduce_time(grads, 2, bandwidth, c)
+
+
+def tail_floor(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    sizes: list[RankSizes],
+    c: Constants,
+) -> float:
+    """What a step adds after its pipeline at least: every rank's parameter gather and
+    optimizer step (and its whole reduction without overlap), and the embedding sync.
+
+    :func:`step_time` adds the largest of (exposed reduction + gather + optimizer) over
+    ranks, and the exposed reduction is >= 0 (= the whole one without ``dp_overlap``).
+    """
+    floor = 0.0
+    for size in sizes:
+        reduce_s, gather_s, optimizer = _rank_tail(cluster, config, training, size.trainable, c)
+        exposed = 0.0 if training.dp_overlap else reduce_s
+        floor = max(floor, exposed + gather_s + optimizer)
+    return floor + embedding_sync_time(model, cluster, training, config, c)
 
 
 def stage_profile(
@@ -117,7 +169,7 @@ def stage_profile(
     training: TrainingSpec,
     config: ParallelConfig,
     layers: tuple[int, ...],
-    schedule: Schedule,
+    placement: tuple[int, ...],
     c: Constants,
 ) -> StageProfile:
     """The per-stage costs the simulator is given for ``config``."""
@@ -135,7 +187,7 @@ def stage_profile(
     block = block_time(model, cluster.gpu, setup, c)
     embed, head = edge_times(model, cluster, training, config, setup, c)
     forward, backward, weight = stage_costs(layers, block, embed, head)
-    hops = hop_times(model, cluster, training, config, schedule.placement, c)
+    hops = hop_times(model, cluster, training, config, placement, c)
     return StageProfile(block, forward, backward, weight, hops)
 
 
@@ -146,24 +198,30 @@ def step_time(
     config: ParallelConfig,
     layers: tuple[int, ...],
     sizes: list[RankSizes],
-    schedule: Schedule,
     cache: PipelineCache,
     c: Constants,
     profile: StageProfile | None = None,
 ) -> StepTime:
     """Predict one step of ``config`` (see the module docstring)."""
-    gpu = cluster.gpu
-    profile = profile or stage_profile(model, cluster, training, config, layers, schedule, c)
-    block, hops = profile.block, profile.hops
     m = config.num_microbatches(training)
-    run = cache.run(config.schedule, config.pp, m, config.num_chunks, profile.forward,
-                    profile.backward, profile.weight, hops)
+    if profile is None:
+        placement = cache.placement(config.schedule, config.pp, m, config.num_chunks)
+        profile = stage_profile(model, cluster, training, config, layers, placement, c)
+    block, hops = profile.block, profile.hops
+    shape = (config.schedule, config.pp, m, config.num_chunks)
+    run = cache.run(*shape, profile.forward, profile.backward, profile.weight, hops)
+    # The cached run snaps costs to a grid (its idle time is within a few tenths of a percent);
+    # the fill + compute + drain floor is exact, so the makespan never goes below it.
+    floor = profile.busiest(cache.stages(*shape), m, cache.splits_backward(*shape))
+    if run.makespan < floor:
+        idle = config.pp * floor - sum(run.busy)
+        bubble = Bubble(of_step=idle / (config.pp * floor), vs_ideal=idle / sum(run.busy))
+        run = replace(run, makespan=floor, bubble=bubble)
 
     tail = (0.0, 0.0)  # (exposed DP, optimizer) of the rank that finishes last
     dp_total = 0.0
-    hbm = gpu.hbm_bandwidth * c.hbm_efficiency
     for size in sizes:
-        reduce_s, gather_s = _dp_reduce(cluster, config, training, size.trainable, c)
+        reduce_s, gather_s, optimizer = _rank_tail(cluster, config, training, size.trainable, c)
         dp_total = max(dp_total, reduce_s + gather_s)
         if training.dp_overlap:
             total_layers = sum(layers[s] for s in size.stages) or 1
@@ -174,16 +232,9 @@ def step_time(
             exposed = max(0.0, free) if reduce_s > 0 else 0.0
         else:
             exposed = reduce_s
-        state = size.trainable / (config.dp if config.shards("optimizer") else 1)
-        optimizer = ADAM_BYTES_PER_PARAM * state / hbm + 10 * c.kernel_overhead_s
         if exposed + gather_s + optimizer > sum(tail):
             tail = (exposed + gather_s, optimizer)
-    embedding_sync = 0.0
-    if model.tied_embeddings and config.pp > 1 and training.mode == "full":
-        crosses = node_of_rank(cluster, config, 0) != node_of_rank(cluster, config, config.pp - 1)
-        bandwidth = gpu.network_bandwidth if crosses else gpu.nvlink_bandwidth
-        grads = model.padded_vocab(config.tp) * model.hidden / config.tp * training.grad_bytes
-        embedding_sync = all_reduce_time(grads, 2, bandwidth, c)
+    embedding_sync = embedding_sync_time(model, cluster, training, config, c)
 
     busiest = max(range(config.pp), key=lambda r: run.busy[r])
     tp_per_block = block.tp_comm + (block.forward_tp_comm if config.recompute == "full" else 0.0)
