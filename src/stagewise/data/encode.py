@@ -46,7 +46,9 @@ def encode(documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase,
     ids: list[Ids] = [np.zeros(0, np.int32)]
     flags: list[Flags] = [np.zeros(0, np.bool_)]
     count = 0
-    with tqdm(desc="tokenising", unit=" docs", file=sys.stderr, disable=not progress) as bar:
+    # On a terminal only (disable=None), so logs and pipes get no bar.
+    with tqdm(desc="tokenising", unit=" docs", file=sys.stderr,
+              disable=None if progress else True) as bar:
         stream = iter(documents)
         while chunk := tuple(itertools.islice(stream, _CHUNK)):
             for doc_ids, doc_flags in _encode_chunk(chunk, tokenizer, specials):
