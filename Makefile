@@ -16,7 +16,8 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # The lesson's scenario (p=4, m=8): every schedule compared, pictures of each, then a real
-# 4-rank pipeline-parallel training run on local processes (gloo, CPU).
+# 4-rank pipeline-parallel training run on local processes (gloo, CPU), then a fine-tune of
+# the bundled Hugging Face model on the bundled text (eval perplexity, exported folder).
 demo: install
 	$(BIN)/stagewise compare -p 4 -m 8 -v 2
 	for s in gpipe 1f1b interleaved-1f1b; do \
@@ -24,6 +25,10 @@ demo: install
 	    --memory-plot $(OUT)/$$s-memory.png --trace $(OUT)/$$s-trace.json || exit 1; \
 	done
 	$(BIN)/stagewise train --out $(OUT)/train
+	$(BIN)/stagewise train --model examples/finetune/model \
+	  --data examples/finetune/data/train.txt --eval-data examples/finetune/data/eval.txt \
+	  --eval-every 10 -p 2 -m 4 --global-batch 8 --seq-len 64 --steps 30 \
+	  --data-cache $(OUT)/data-cache --export-hf $(OUT)/finetuned --out $(OUT)/finetune
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
