@@ -71,16 +71,7 @@ def layer_time(
     """
     spec = get_model(model) if isinstance(model, str) else model
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
-    if tp < 1 or spec.heads % tp or spec.kv_heads % tp or spec.ffn % tp:
-        raise PlanError(
-            f"tp={tp} does not divide {spec.name}'s {spec.heads} heads, {spec.kv_heads} "
-            f"key/value heads and MLP width {spec.ffn}: choose a tp that divides {spec.kv_heads}"
-        )
-    if recompute not in RECOMPUTE_MODES or attention not in ("flash", "unfused"):
-        raise PlanError(
-            f"recompute must be one of {', '.join(RECOMPUTE_MODES)} and attention 'flash' or "
-            f"'unfused', got {recompute!r} and {attention!r}"
-        )
+    _check(spec, tp, recompute, attention)
     setup = LayerSetup(
         tp=tp,
         micro_batch_size=micro_batch_size,
@@ -100,3 +91,17 @@ def layer_time(
     if include_comm:
         backward += comm_b + recompute_comm
     return forward, backward
+
+
+def _check(spec: ModelSpec, tp: int, recompute: str, attention: str) -> None:
+    """Raise PlanError for a tp that does not divide the block, or an unknown mode."""
+    if tp < 1 or spec.heads % tp or spec.kv_heads % tp or spec.ffn % tp:
+        raise PlanError(
+            f"tp={tp} does not divide {spec.name}'s {spec.heads} heads, {spec.kv_heads} "
+            f"key/value heads and MLP width {spec.ffn}: choose a tp that divides {spec.kv_heads}"
+        )
+    if recompute not in RECOMPUTE_MODES or attention not in ("flash", "unfused"):
+        raise PlanError(
+            f"recompute must be one of {', '.join(RECOMPUTE_MODES)} and attention 'flash' or "
+            f"'unfused', got {recompute!r} and {attention!r}"
+        )

@@ -176,13 +176,10 @@ def search_schedule(
             chunk's micro-batch is 1/v); ``None`` for no limit.
         placement: ``"looped"`` (stage s on rank s mod p), ``"v"`` (2 stages per rank, rank r
             holds r and 2p - 1 - r) or ``None`` (both when S = 2p).
-        time_budget_s: wall-clock budget for the search beyond the named schedules (those
-            are always judged, so the result is never worse than them), honoured to within
-            one candidate's simulation: about 60 % for list scheduling (the first few fixed
-            variants start in any case), the rest for local search. Once anything is found,
-            every phase, a list-scheduling run in progress included, stops at the budget and
-            the best so far is returned; until then the search goes on (it never returns
-            empty-handed).
+        time_budget_s: seconds for the search beyond the named schedules (always judged),
+            to within one simulation: 60 % list scheduling (the first few fixed variants
+            start in any case), then local search. Once anything is found, every phase stops
+            at the budget (a run in progress too) and the best so far is returned.
         max_variants: when given, the list-scheduling phase ignores the clock: every fixed
             variant and this many random ones run.
         max_moves: when given, the local search ignores the clock and tries this many moves
@@ -191,8 +188,8 @@ def search_schedule(
         seed: seed of the random variants and moves.
 
     Returns:
-        ``ScheduleSearchResult(schedule, makespan, lower_bound)``; the makespan is never larger than
-        that of any registered named schedule with the same stages and placement that fits.
+        ``ScheduleSearchResult(schedule, makespan, lower_bound)``; the makespan is never above
+        any registered named schedule's with the same stages and placement that fits.
 
     Raises:
         ConfigError: sizes or costs that do not fit together, a memory limit below one unit,
@@ -205,13 +202,7 @@ def search_schedule(
         >>> found.makespan, found.lower_bound
         (27.0, 24.0)
     """
-    if num_ranks < 1 or num_microbatches < 1:
-        raise ConfigError(f"p and m must be >= 1, got p={num_ranks}, m={num_microbatches}")
-    if memory_limit is not None and memory_limit < 1 - _EPS:
-        raise ConfigError(
-            f"memory limit {memory_limit} is below one stage-micro-batch unit: every rank must "
-            "hold at least one micro-batch's activations; give --memory-limit >= 1"
-        )
+    _check_arguments(num_ranks, num_microbatches, memory_limit)
     link = link or Link()
     layouts = _placements(num_ranks, costs.num_stages, placement)
     v = costs.num_stages // num_ranks
@@ -226,27 +217,12 @@ def search_schedule(
     for layout in layouts:
         for schedule in _named(num_ranks, num_microbatches, layout):
             search.consider(schedule, f"auto:{schedule.name}")
-    fixed = [(layout, policy) for policy in fixed_policies() for layout in layouts]
-    for k, (layout, policy) in enumerate(fixed):
-        if search.out_of_time() or (max_variants is None and k >= _MIN_FIXED
-                                    and time.monotonic() - clock > 0.6 * time_budget_s):
-            break
-        search.consider(search.list_scheduled(layout, policy), "auto")
+    budget = None if max_variants is not None else (clock, time_budget_s)
     rng = random.Random(seed)
-    tried = 0
-    while (tried < max_variants) if max_variants is not None else (
-            time.monotonic() - clock < 0.6 * time_budget_s):
-        search.consider(search.list_scheduled(layouts[tried % len(layouts)],
-                                              random_policy(rng)), "auto")
-        tried += 1
+    _list_schedule(search, layouts, budget, max_variants, rng)
     if max_moves is None and max_variants is not None:
         max_moves = max_variants
-    moves = 0
-    while search.best and ((moves < max_moves) if max_moves is not None else (
-            time.monotonic() - clock < time_budget_s)):
-        score, schedule = search.best
-        search.consider(_moved(schedule, rng, score[2]), "auto", sideways=True)
-        moves += 1
+    _local_search(search, budget, max_moves, rng)
     if search.best is None:
         raise ConfigError(
             f"no schedule for p={num_ranks}, m={num_microbatches} fits a memory limit of "
@@ -254,6 +230,49 @@ def search_schedule(
         )
     bound = min(lower_bound(layout, num_microbatches, costs) for layout in layouts)
     return ScheduleSearchResult(search.best[1], search.best[0][0], bound)
+
+
+def _check_arguments(num_ranks: int, num_microbatches: int,
+                     memory_limit: float | None) -> None:
+    if num_ranks < 1 or num_microbatches < 1:
+        raise ConfigError(f"p and m must be >= 1, got p={num_ranks}, m={num_microbatches}")
+    if memory_limit is not None and memory_limit < 1 - _EPS:
+        raise ConfigError(
+            f"memory limit {memory_limit} is below one stage-micro-batch unit: every rank must "
+            "hold at least one micro-batch's activations; give --memory-limit >= 1"
+        )
+
+
+def _list_schedule(search: _Search, layouts: list[tuple[int, ...]],
+                   budget: tuple[float, float] | None, max_variants: int | None,
+                   rng: random.Random) -> None:
+    """List scheduling: the fixed variants, then random ones, within 60 % of the budget
+    (``(start, seconds)``; None: every fixed variant and ``max_variants`` random ones)."""
+
+    def in_budget() -> bool:
+        return budget is None or time.monotonic() - budget[0] < 0.6 * budget[1]
+
+    fixed = [(layout, policy) for policy in fixed_policies() for layout in layouts]
+    for k, (layout, policy) in enumerate(fixed):
+        if search.out_of_time() or (k >= _MIN_FIXED and not in_budget()):
+            break
+        search.consider(search.list_scheduled(layout, policy), "auto")
+    tried = 0
+    while (tried < max_variants) if max_variants is not None else in_budget():
+        search.consider(search.list_scheduled(layouts[tried % len(layouts)],
+                                              random_policy(rng)), "auto")
+        tried += 1
+
+
+def _local_search(search: _Search, budget: tuple[float, float] | None,
+                  max_moves: int | None, rng: random.Random) -> None:
+    """Moves on the best schedule until the budget ends (or ``max_moves`` when given)."""
+    moves = 0
+    while search.best and ((moves < max_moves) if max_moves is not None else (
+            budget is None or time.monotonic() - budget[0] < budget[1])):
+        score, schedule = search.best
+        search.consider(_moved(schedule, rng, score[2]), "auto", sideways=True)
+        moves += 1
 
 
 class _Search:
