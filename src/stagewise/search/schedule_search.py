@@ -163,9 +163,8 @@ def search_schedule(
 ) -> ScheduleSearchResult:
     """Find a schedule for these costs that fits ``memory_limit``, as fast as possible.
 
-    Runs, in order: every registered named schedule with the same stages and placement; the
-    fixed list-scheduling variants; seeded random variants; then a local search (adjacent swaps
-    and W moves, kept when the simulated makespan drops) from the best found.
+    Runs every named schedule with the same stages and placement, the fixed then seeded random
+    list-scheduling variants, then a local search (swaps, W moves) from the best found.
 
     Args:
         num_ranks: p.
