@@ -28,6 +28,7 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]
     return doc
 
 
+@pytest.mark.slow
 def test_lesson_one_node_does_not_fit_and_says_what_would(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -53,6 +54,7 @@ def test_lesson_one_node_does_not_fit_and_says_what_would(
     assert claim["claimed_step_s"] == pytest.approx(1 / 1.85)
 
 
+@pytest.mark.slow
 def test_lesson_four_nodes_recommends_compares_layouts_and_emits_the_run_config(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -343,6 +345,7 @@ def test_meaningless_budgets_are_refused(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_launch_line_for_a_plan_that_does_not_fit_says_so(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

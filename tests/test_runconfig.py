@@ -182,7 +182,8 @@ def test_unknown_names_and_wrong_types(text: str, message: str) -> None:
     ("[checkpoint]\ndir = \"c\"\nkeep = 0", r"--keep must be >= 1 checkpoints"),
     ("[schedule]\nchunks = 1\nnum_chunks = 1", r"gives both chunks and num_chunks"),
     ("[training]\nsteps = 1", r"steps = 1: stagewise train needs steps >= 2"),
-    ('[model]\nspec = "llama"', r"spec = 'llama': write \"tiny\", \"hf:llama\""),
+    ('[model]\nspec = "llama"', r"spec = 'llama' is not a local folder, nor \"tiny\", "
+     r"\"hf:llama\""),
     ('[model]\nspec = "hf:llama"\nlayers = 4', r"layers apply to spec = \"tiny\" only"),
     ('[model]\nspec = "tiny"\n[model.hf_config]\nhidden_size = 8',
      r"hf_config\] applies to hf: models only"),

@@ -161,6 +161,7 @@ def test_local_search_reaches_the_bound_where_zb_v_does_not() -> None:
     assert peak(result.schedule, costs) <= 4
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(
     p=st.integers(2, 4),
@@ -190,6 +191,7 @@ def test_never_worse_than_named_for_random_costs(
     assert fill_bound(result.schedule.placement, m, costs, link) <= result.makespan + 1e-9
 
 
+@pytest.mark.slow
 def test_the_time_budget_is_honoured_on_a_large_pipeline() -> None:
     # p=64, m=128 took 50 s whatever the budget: the fixed variants ran to completion. Now a
     # run in progress stops at the budget and the best so far (a named schedule) comes back.
