@@ -23,7 +23,7 @@ _PLAIN = {
     "schedule": {"schedule": "name", "chunks": "num_chunks", "microbatches": "num_microbatches"},
     "batch": {"global_batch": "global_batch", "seq_len": "seq_len"},
     "training": {"steps": "steps", "lr": "lr", "seed": "seed", "partition": "partition",
-                 "check_finite": "check_finite"},
+                 "check_finite": "check_finite", "dtype": "dtype"},
     "model": {"model": "spec", "model_config": "config_file", "dim": "dim", "layers": "layers",
               "heads": "heads"},
     "checkpoint": {"checkpoint_dir": "dir", "save_every": "save_every", "keep": "keep",

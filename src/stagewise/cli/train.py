@@ -82,6 +82,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--check-finite", action="store_true", default=None,
                        help="stop every rank at the first NaN or infinite loss")
     batch.add_argument("--seed", type=int, help="model and data seed (default 0)")
+    batch.add_argument("--dtype", metavar="fp32|bf16",
+                       help="fp32 (default) or bf16: compute, activations and pipeline transfers "
+                       "in bf16 (autocast), weights and optimizer state in fp32")
     launch = parser.add_argument_group("processes")
     launch.add_argument("--device", choices=("cpu", "cuda"),
                         help="cpu (default; gloo) or cuda: one GPU per rank (GPU LOCAL_RANK "

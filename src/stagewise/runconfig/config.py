@@ -253,7 +253,7 @@ SCHEMA: dict[str, dict[str, type]] = {
     "schedule": {"name": str, "num_chunks": int, "num_microbatches": int, "file": str},
     "batch": {"global_batch": int, "micro_batch_size": int, "seq_len": int},
     "training": {"steps": int, "lr": float, "recompute": str, "seed": int, "partition": str,
-                 "check_finite": bool},
+                 "check_finite": bool, "dtype": str},
     "model": {"spec": str, "layers": int, "dim": int, "heads": int, "hf_config": dict,
               "split": list, "config_file": str},
     "checkpoint": {"dir": str, "save_every": int, "keep": int, "resume": bool,

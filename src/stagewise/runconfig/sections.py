@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 RECOMPUTE = ("none", "full")
+DTYPES = ("fp32", "bf16")
 PARTITIONS = ("even", "params", "time")
 DEVICES = ("cpu", "cuda")
 UNBUILT = ("auto",)  # schedules not built to check a config: auto searches (seconds)
@@ -149,6 +150,8 @@ class TrainingConfig:
         seed: model and data seed.
         partition: how layers are cut into stages: ``even``, ``params`` or ``time``.
         check_finite: stop every rank at the first NaN or infinite loss.
+        dtype: ``"fp32"``, or ``"bf16"``: compute, activations and transfers in bf16 under
+            autocast, fp32 weights (the master weights) and optimizer state.
     """
 
     steps: int = 30
@@ -157,6 +160,7 @@ class TrainingConfig:
     seed: int = 0
     partition: str = "params"
     check_finite: bool = False
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         _positive("training", "steps", self.steps)
@@ -172,6 +176,7 @@ class TrainingConfig:
         object.__setattr__(self, "lr", float(self.lr))
         _choice("training", "recompute", self.recompute, RECOMPUTE)
         _choice("training", "partition", self.partition, PARTITIONS)
+        _choice("training", "dtype", self.dtype, DTYPES)
         _check_type("training", "seed", self.seed, int)
         _check_type("training", "check_finite", self.check_finite, bool)
 

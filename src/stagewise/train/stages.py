@@ -10,6 +10,7 @@ from torch import nn
 
 from stagewise.runtime.engine.launch import RankContext
 from stagewise.runtime.engine.partition import partition, stages_for_rank
+from stagewise.runtime.engine.precision import autocast_stage, torch_dtype
 from stagewise.runtime.engine.recompute import recomputed
 from stagewise.runtime.models.model_parts import ModelParts, stage_ties
 from stagewise.runtime.parallel.mesh import MeshGroups, OverlappedAverage, shard_replicas
@@ -66,6 +67,10 @@ def build_stages(job: Job, parts: ModelParts, groups: MeshGroups | None,
                 layer.to(torch.cuda.current_device())
             if groups is not None and config.mesh.tp > 1:
                 apply_tensor_parallel(layer, groups.tp_mesh, parts.tp_plan)
+    if config.training.dtype != "fp32":
+        device = "cuda" if config.launch.device == "cuda" else "cpu"
+        for stage in mine.values():
+            autocast_stage(stage, torch_dtype(config.training.dtype), device)
     return RankModel(parts, mine, sizes, stage_ties(parts.ties, sizes))
 
 

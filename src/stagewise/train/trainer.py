@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 
 from stagewise.errors import ConfigError, RuntimeFailure
+from stagewise.runconfig import RunConfig
 from stagewise.runtime.checkpoint.export import save_model_files
 from stagewise.runtime.checkpoint.state import rank_layers
 from stagewise.runtime.engine.launch import RankContext, launch, torchrun_context
 from stagewise.runtime.engine.pipeline import Pipeline
+from stagewise.runtime.engine.precision import float_loss
 from stagewise.runtime.models.model_parts import LossFn
 from stagewise.runtime.parallel.mesh import MeshGroups, build_mesh
 from stagewise.train.batches import IGNORE, Batches, load_data
@@ -73,7 +75,7 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
     model = build_stages(job, parts, groups, pp_rank)
     reducer, on_action = wrap_parallel(job, model, groups, pp_rank, context)
     pipe = Pipeline(
-        job.schedule, model.stages, _masked(parts.loss_fn) if config.data.any else parts.loss_fn,
+        job.schedule, model.stages, _loss_fn(config, parts.loss_fn),
         group=groups.pp_group if groups is not None else None, timeout=config.launch.timeout,
         check_finite=config.training.check_finite, store=context.store, count_saved=True,
         on_action=on_action, tied=model.ties,
@@ -93,6 +95,13 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
         return None
     results = [r for r in gathered if r is not None]
     return build_report(job, results, parts.seq_len, first_step)
+
+
+def _loss_fn(config: RunConfig, loss_fn: LossFn) -> LossFn:
+    """The model's loss, in fp32 under bf16, safe on all-masked micro-batches with data."""
+    if config.training.dtype != "fp32":
+        loss_fn = float_loss(loss_fn)
+    return _masked(loss_fn) if config.data.any else loss_fn
 
 
 def _masked(loss_fn: LossFn) -> LossFn:
