@@ -15,10 +15,10 @@ if TYPE_CHECKING:
 else:
     torch = pytest.importorskip("torch")
 
-from stagewise.runtime.engine.partition import partition  # noqa: E402
-from stagewise.runtime.engine.precision import autocast_stage, float_loss, torch_dtype  # noqa: E402
-from stagewise.runtime.models.model_parts import tiny_gpt_parts  # noqa: E402
-from stagewise.runtime.models.tiny_gpt import GPTConfig  # noqa: E402
+from stagewise.runtime.engine.partition import partition
+from stagewise.runtime.engine.precision import autocast_stage, float_loss, torch_dtype
+from stagewise.runtime.models.model_parts import tiny_gpt_parts
+from stagewise.runtime.models.tiny_gpt import GPTConfig
 
 SIZES = ["--layers", "2", "--dim", "32", "--seq-len", "16", "--global-batch", "8", "-m", "4"]
 STEPS = 20
