@@ -175,7 +175,7 @@ def test_matches_peft_on_the_whole_model(folder: Path) -> None:
     layers = lora_layers(folder)
     randomize_b(layers)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    reference = peft.get_peft_model(model, peft_config(SPEC))
+    reference = peft.get_peft_model(model, peft_config(SPEC, model))
     theirs, _ = hf_layers(reference.base_model.model)  # for the names only
     with torch.no_grad():
         for mine, other in zip(layers, theirs, strict=True):
@@ -293,3 +293,44 @@ def test_bad_exports_are_refused(folder: Path, lora_run: dict[str, Any], tmp_pat
     with pytest.raises(ConfigError, match="is not a LoRA run's"):
         export_lora(plain, tmp_path / "b")
     assert cli(["export", str(plain), str(tmp_path / "c"), "--merge"]) == 2
+
+
+def test_adapters_stay_float32_on_a_bf16_base(folder: Path) -> None:
+    parts = folder_parts(folder, seq_len=8)
+    assert parts.materialize is not None
+    layer = parts.layers[1]
+    parts.materialize([layer])
+    layer.to(torch.bfloat16)  # the base cast first, then the adapters added
+    assert apply_lora(layer, SPEC, seed=0, index=1) == 5
+    dtypes = {n: p.dtype for n, p in layer.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    hidden = torch.randn(2, 8, LLAMA["hidden_size"], dtype=torch.bfloat16)
+    out = layer(hidden)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in trainable_parameters([layer]))
+
+
+def test_gpt2_conv1d_adapters_export(tmp_path: Path) -> None:
+    """GPT-2's Linears are transformers' Conv1D (tied head too): adapted, saved, exported."""
+    config = transformers.AutoConfig.for_model(
+        "gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+    spec = LoraSpec(r=2, targets=("c_attn", "c_fc"))
+    layers = lora_layers(tmp_path / "gpt2", spec)
+    randomize_b(layers)
+    optimizer = torch.optim.AdamW(trainable_parameters(layers))
+    save_checkpoint(tmp_path / "ckpt", 3, adapter_layers(dict(enumerate(layers))), optimizer)
+    save_model_files(tmp_path / "ckpt", tmp_path / "gpt2")
+    save_lora_spec(tmp_path / "ckpt", spec, tmp_path / "gpt2")
+    export_lora(tmp_path / "ckpt", tmp_path / "adapter")
+    export_lora(tmp_path / "ckpt", tmp_path / "merged", merge=True)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        want = run([layer.eval() for layer in layers], IDS)
+        torch.testing.assert_close(adapted(IDS).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(IDS).logits, want, rtol=1e-4, atol=1e-4)

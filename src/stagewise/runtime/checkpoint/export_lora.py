@@ -168,7 +168,7 @@ def _peft_model(model: nn.Module, spec: LoraSpec, step: Path) -> Any:
     from stagewise.runtime.models.hf_models import hf_layers
     from stagewise.runtime.models.lora import _peft, adapter_layers, peft_config
 
-    wrapped = _peft().get_peft_model(model, peft_config(spec))
+    wrapped = _peft().get_peft_model(model, peft_config(spec, model))
     layers, _ = hf_layers(wrapped.base_model.model)
     views = adapter_layers(dict(enumerate(layers)))
     for view in views.values():

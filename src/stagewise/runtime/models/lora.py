@@ -139,12 +139,18 @@ def check_lora_mesh(tp: int) -> None:
         )
 
 
-def peft_config(spec: LoraSpec, targets: Iterable[str] | None = None) -> Any:
-    """``peft.LoraConfig`` of ``spec`` (only ``targets`` when given)."""
+def peft_config(spec: LoraSpec, model: nn.Module, targets: Iterable[str] | None = None) -> Any:
+    """``peft.LoraConfig`` of ``spec`` for ``model`` (only ``targets`` when given); GPT-2's
+    transposed Conv1D targets set ``fan_in_fan_out`` as peft wants."""
     alpha = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
+    names = list(spec.targets if targets is None else targets)
+    transposed = any(
+        type(child).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in names
+        for name, child in model.named_modules()
+    )
     return _peft().LoraConfig(
-        r=spec.r, lora_alpha=alpha, lora_dropout=spec.dropout,
-        target_modules=list(spec.targets if targets is None else targets), bias="none",
+        r=spec.r, lora_alpha=alpha, lora_dropout=spec.dropout, target_modules=names,
+        bias="none", fan_in_fan_out=transposed,
     )
 
 
@@ -176,7 +182,8 @@ def apply_lora(layer: nn.Module, spec: LoraSpec, *, seed: int, index: int) -> in
         return 0
     peft = _peft()
     with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator
-        peft.inject_adapter_in_model(peft_config(spec, found), layer, adapter_name=ADAPTER)
+        config = peft_config(spec, layer, found)
+        peft.inject_adapter_in_model(config, layer, adapter_name=ADAPTER)
     adapted = _lora_modules(layer)
     for name, module in adapted.items():
         for part in ("lora_A", "lora_B"):
