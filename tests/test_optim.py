@@ -5,7 +5,8 @@ The global norm's multi-process tests compare, on every rank, the norm and every
 gradient with ``torch.nn.utils.clip_grad_norm_`` on one process holding the whole model and the
 whole global batch (float32, relative tolerance 1e-5; measured differences are about 5e-8):
 pp=2 (tiny GPT; GPT-2 with its embedding tied to its head across ranks, also interleaved and
-with accumulation), and pp=2 x tp=2, pp=2 x dp=2, pp=2 x fsdp=2 (FSDP2).
+with accumulation), and pp=2 x tp=2, pp=2 x dp=2, pp=2 x fsdp=2 (FSDP2, also with
+accumulation).
 """
 
 from __future__ import annotations
@@ -203,5 +204,6 @@ def test_global_norm_over_pp_and_ties_equals_one_process() -> None:
 def test_global_norm_over_tp_dp_and_fsdp_equals_one_process() -> None:
     cases = [NormCase(Mesh(pp=2, tp=2)), NormCase(Mesh(pp=2, dp=2)),
              NormCase(Mesh(pp=2, dp=2, dp_shard=True)),
+             NormCase(Mesh(pp=2, dp=2, dp_shard=True), accumulate=True),
              NormCase(Mesh(pp=2, dp=2), "gpt2", accumulate=True)]
     _check(launch(check_norm_rank, 4, (cases,), timeout=270, threads=1))
