@@ -120,3 +120,22 @@ def test_no_test_helper_ships_in_the_library() -> None:
     library = ROOT / "src" / "stagewise"
     assert not list(library.rglob("verify*.py"))
     assert (ROOT / "tests" / "workers" / "pipeline.py").exists()
+
+
+def test_a_schedule_file_that_is_not_utf8_is_a_message(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15. A schedule file with non-UTF-8 bytes gave a raw UnicodeDecodeError
+    traceback. Fix: one line naming the file and what a schedule file holds."""
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"\xff\xfe0F0\n")
+    assert cli(["simulate", "--schedule-file", str(path)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_too_few_steps_get_one_message(steps: int) -> None:
+    """Issue 15. ``--steps 0`` said ">= 1", then ``--steps 1`` said ">= 2"."""
+    from stagewise.runconfig import TrainingConfig
+
+    with pytest.raises(ConfigError, match="needs steps >= 2"):
+        TrainingConfig(steps=steps)

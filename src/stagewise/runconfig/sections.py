@@ -163,7 +163,9 @@ class TrainingConfig:
     dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        _positive("training", "steps", self.steps)
+        if not (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                and self.steps < 2):
+            _positive("training", "steps", self.steps)
         if self.steps < 2:
             raise ConfigError(
                 f"[training] steps = {self.steps}: stagewise train needs steps >= 2 (the first "

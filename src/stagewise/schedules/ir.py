@@ -219,10 +219,15 @@ class Schedule:
         """Read a schedule from a CSV file (see :meth:`from_csv`)."""
         file = Path(path)
         try:
-            text = file.read_text()
+            text = file.read_text(encoding="utf-8")
         except OSError as err:
             raise ScheduleError(
                 f"cannot read schedule file {str(file)!r}: {err.strerror}"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise ScheduleError(
+                f"schedule file {str(file)!r} is not UTF-8 text (byte {err.start}): write it "
+                "as a CSV of actions such as 2F0, one row per rank"
             ) from None
         return cls.from_csv(text, name=file.name)
 
