@@ -82,6 +82,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--check-finite", action="store_true", default=None,
                        help="stop every rank at the first NaN or infinite loss")
     batch.add_argument("--seed", type=int, help="model and data seed (default 0)")
+    batch.add_argument("--weight-decay", type=float,
+                       help="AdamW weight decay on weights, not norms or biases (default 0.01)")
+    batch.add_argument("--clip-grad", type=float, metavar="NORM",
+                       help="clip gradients to this global norm over every rank")
+    batch.add_argument("--lr-schedule", metavar="constant|cosine|linear",
+                       help="learning-rate decay after the warm-up (default constant)")
+    batch.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    batch.add_argument("--grad-accum", type=int, metavar="K",
+                       help="accumulate K batches per optimizer step (default 1)")
+    batch.add_argument("--lora", metavar="SPEC",
+                       help="train LoRA adapters only (peft), e.g. r=16,alpha=32,dropout=0.05,"
+                       "targets=q_proj,k_proj,v_proj,o_proj (model folders)")
+    batch.add_argument("--tensorboard", metavar="DIR",
+                       help="write per-step metrics as TensorBoard event files here")
+    batch.add_argument("--metrics", metavar="FILE.jsonl",
+                       help="write per-step metrics as JSON lines here")
     batch.add_argument("--dtype", metavar="fp32|bf16",
                        help="fp32 (default) or bf16: compute, activations and pipeline transfers "
                        "in bf16 (autocast), weights and optimizer state in fp32")

@@ -18,6 +18,7 @@ from stagewise.runconfig.sections import (
     CheckpointConfig,
     DataConfig,
     LaunchConfig,
+    MetricsConfig,
     ScheduleConfig,
     SourceInfo,
     TrainingConfig,
@@ -54,6 +55,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: SourceInfo | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +72,12 @@ class RunConfig:
                 f"--data needs a tokenizer: train a Hugging Face model folder (--model DIR; "
                 f"its tokenizer is used), or pass --tokenizer DIR for {model.spec!r}"
             )
+        if self.training.lora is not None and not model.is_folder:
+            raise ConfigError(f"--lora adapts a Hugging Face model folder: train --model DIR, "
+                              f"not {model.spec!r}")
+        if self.training.lora is not None and self.mesh.tp > 1:
+            raise ConfigError(f"--lora with tp={self.mesh.tp} is not supported (adapters are "
+                              "not sharded): use tp=1 (pp and dp work with LoRA)")
         if self.checkpoint.export_hf is not None and not model.is_folder:
             raise ConfigError(
                 f"--export-hf writes a Hugging Face folder of a model read from one: train "
@@ -197,7 +205,7 @@ class RunConfig:
                  {"global_batch": "sequences per step = micro_batch_size x num_microbatches x dp"})
         _section(lines, "training", _values(self.training))
         _model_section(lines, self.model)
-        for name in ("checkpoint", "launch", "data"):
+        for name in ("checkpoint", "launch", "data", "metrics"):
             section = getattr(self, name)
             if section != type(section)():
                 _section(lines, name, _values(section))
@@ -253,11 +261,13 @@ SCHEMA: dict[str, dict[str, type]] = {
     "schedule": {"name": str, "num_chunks": int, "num_microbatches": int, "file": str},
     "batch": {"global_batch": int, "micro_batch_size": int, "seq_len": int},
     "training": {"steps": int, "lr": float, "recompute": str, "seed": int, "partition": str,
-                 "check_finite": bool, "dtype": str},
+                 "check_finite": bool, "dtype": str, "weight_decay": float, "clip_grad": float,
+                 "lr_schedule": str, "warmup_steps": int, "grad_accum": int, "lora": str},
     "model": {"spec": str, "layers": int, "dim": int, "heads": int, "hf_config": dict,
               "split": list, "config_file": str},
     "checkpoint": {"dir": str, "save_every": int, "keep": int, "resume": bool,
                    "export_hf": str},
+    "metrics": {"tensorboard": str, "jsonl": str},
     "data": {"paths": list, "eval_paths": list, "eval_every": int, "tokenizer": str,
              "cache_dir": str},
     "launch": {"device": str, "timeout": float, "threads": int},

@@ -17,6 +17,7 @@ from stagewise.runconfig.sections import (
     CheckpointConfig,
     DataConfig,
     LaunchConfig,
+    MetricsConfig,
     ScheduleConfig,
     SourceInfo,
     TrainingConfig,
@@ -27,7 +28,8 @@ __all__ = ["load_run_config", "parse_run_config"]
 # Keys of earlier files that still load, each with a deprecation message: section -> old -> new.
 _RENAMED = {"schedule": {"chunks": "num_chunks", "microbatches": "num_microbatches"}}
 _SECTIONS = {"schedule": ScheduleConfig, "batch": BatchConfig, "training": TrainingConfig,
-             "checkpoint": CheckpointConfig, "launch": LaunchConfig, "data": DataConfig}
+             "checkpoint": CheckpointConfig, "launch": LaunchConfig, "data": DataConfig,
+             "metrics": MetricsConfig}
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointConfig",
     "DataConfig",
     "LaunchConfig",
+    "MetricsConfig",
     "ScheduleConfig",
     "SourceInfo",
     "TrainingConfig",
@@ -26,6 +27,7 @@ __all__ = [
 
 RECOMPUTE = ("none", "full")
 DTYPES = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 PARTITIONS = ("even", "params", "time")
 DEVICES = ("cpu", "cuda")
 UNBUILT = ("auto",)  # schedules not built to check a config: auto searches (seconds)
@@ -152,6 +154,16 @@ class TrainingConfig:
         check_finite: stop every rank at the first NaN or infinite loss.
         dtype: ``"fp32"``, or ``"bf16"``: compute, activations and transfers in bf16 under
             autocast, fp32 weights (the master weights) and optimizer state.
+        weight_decay: AdamW's decay, on weights of two or more dimensions (not on norms and
+            biases).
+        clip_grad: clip gradients to this global norm (over every pp, tp and dp rank); None
+            for no clipping.
+        lr_schedule: ``constant``, ``cosine`` or ``linear`` decay (to 10 % of ``lr``) after
+            ``warmup_steps`` of linear warm-up.
+        warmup_steps: steps of linear warm-up.
+        grad_accum: pipeline steps (batches) whose gradients make one optimizer step.
+        lora: LoRA adapters through peft (``r=16,alpha=32,dropout=0.05,targets=q_proj,...``);
+            only they train. None: every weight trains.
     """
 
     steps: int = 30
@@ -161,6 +173,12 @@ class TrainingConfig:
     partition: str = "params"
     check_finite: bool = False
     dtype: str = "fp32"
+    weight_decay: float = 0.01
+    clip_grad: float | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.steps, int) and not isinstance(self.steps, bool)
@@ -179,6 +197,29 @@ class TrainingConfig:
         _choice("training", "recompute", self.recompute, RECOMPUTE)
         _choice("training", "partition", self.partition, PARTITIONS)
         _choice("training", "dtype", self.dtype, DTYPES)
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        _choice("training", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_type("training", "weight_decay", self.weight_decay, float)
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad is not None:
+            _check_type("training", "clip_grad", self.clip_grad, float)
+            if not self.clip_grad > 0:
+                raise ConfigError(f"--clip-grad must be a norm > 0, got {self.clip_grad}: "
+                                  "leave it out for no clipping")
+        _check_type("training", "warmup_steps", self.warmup_steps, int)
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(
+                f"--warmup-steps {self.warmup_steps} does not fit a run of {self.steps} steps: "
+                f"use 0 to {self.steps - 1} warm-up steps"
+            )
+        _positive("training", "grad_accum", self.grad_accum)
+        if self.lora is not None:
+            from stagewise.lora_spec import LoraSpec
+
+            LoraSpec.parse(self.lora)
         _check_type("training", "seed", self.seed, int)
         _check_type("training", "check_finite", self.check_finite, bool)
 
@@ -252,6 +293,19 @@ class DataConfig:
     def any(self) -> bool:
         """Whether any data is given (training or evaluation)."""
         return bool(self.paths or self.eval_paths)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Per-step metrics (loss, learning rate, gradient norm, tokens/s, MFU, memory).
+
+    Attributes:
+        tensorboard: a folder for TensorBoard event files; None for none.
+        jsonl: a file of JSON lines, one per step; None for none.
+    """
+
+    tensorboard: str | None = None
+    jsonl: str | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Job:
     if config.mesh.dp_shard:
         check_shard_replicas(schedule, parts.ties)
     _check_checkpoints(config)
+    _check_extras(config, parts)
     if config.data.any:
         _check_data(config, parts, progress)
     temporary = config.checkpoint.export_hf is not None and config.checkpoint.dir is None
@@ -95,6 +96,18 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Job:
         folder = tempfile.mkdtemp(prefix="stagewise-export-")
         config = config.override({"checkpoint": {"dir": folder}})
     return Job(config, schedule, len(parts.layers), progress, temporary)
+
+
+def _check_extras(config: RunConfig, parts: ModelParts) -> None:
+    """LoRA targets against the model's modules; tensorboard installed when asked for."""
+    if config.training.lora is not None:
+        from stagewise.runtime.models.lora import LoraSpec, check_lora_targets
+
+        check_lora_targets(parts, LoraSpec.parse(config.training.lora))
+    if config.metrics.tensorboard is not None:
+        from stagewise.train.metrics import require_tensorboard
+
+        require_tensorboard()
 
 
 def _check_data(config: RunConfig, parts: ModelParts, progress: bool) -> None:

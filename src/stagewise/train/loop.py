@@ -22,9 +22,13 @@ from stagewise.runtime.parallel.mesh import (
     average_loss,
 )
 from stagewise.train.batches import Batches
+from stagewise.train.grad_norm import clip_grad_norm, global_grad_norm
 from stagewise.train.job import Job
+from stagewise.train.metrics import peak_memory_bytes
+from stagewise.train.optim import GradAccumulation, apply_lr, lr_at
 from stagewise.train.results import RankResult, StepRecord
 from stagewise.train.stages import RankModel
+from stagewise.train.telemetry import Telemetry
 
 __all__ = ["Trainer", "resume"]
 
@@ -42,17 +46,20 @@ class Trainer:
     groups: MeshGroups | None
     reducer: OverlappedAverage | None
     batches: Batches
+    accumulation: GradAccumulation
+    telemetry: Telemetry
 
     def run(self, result: RankResult, first_step: int) -> None:
         """Train from ``first_step`` to the last step, appending to ``result``."""
         config = self.job.config
         steps, every = config.training.steps, config.data.eval_every
         bar = _progress_bar(steps - first_step) if self._shows(result) else None
-        tokens = config.batch.global_batch * self.model.parts.seq_len
+        tokens = self.telemetry.tokens
         for step in range(first_step, steps):
             start = time.perf_counter()
-            loss = self.step(step)
+            loss, lr, norm = self.step(step)
             seconds = time.perf_counter() - start
+            self.telemetry.write(step + 1, loss, lr, norm, seconds)
             result.step_seconds.append(seconds)
             if step > first_step:
                 result.records.append(StepRecord(tuple(self.pipe.events),
@@ -67,14 +74,40 @@ class Trainer:
                 self._evaluate(step + 1, result, bar)
         if bar is not None:
             bar.close()
+        self.telemetry.close()
+        result.peak_memory_bytes = peak_memory_bytes(config.launch.device)
 
-    def step(self, step: int) -> float | None:
-        """One optimizer step; the mean loss on last-stage ranks, None elsewhere."""
-        inputs, targets, weights = self.batches.step(step)
-        loss = self._forward_backward(inputs, targets, weights)
+    def step(self, step: int) -> tuple[float | None, float, float | None]:
+        """One optimizer step over ``grad_accum`` batches: the mean loss on last-stage ranks
+        (None elsewhere), the learning rate, and the global gradient norm before clipping
+        (None unless clipping or metrics ask for it)."""
+        training = self.job.config.training
+        losses = []
+        for part in range(training.grad_accum):
+            self.accumulation.before_step()
+            inputs, targets, weights = self.batches.step(step * training.grad_accum + part)
+            loss = self._forward_backward(inputs, targets, weights)
+            if loss is not None:
+                losses.append(loss)
+        self.accumulation.finish()
+        norm = self._clip()
+        lr = lr_at(step, lr=training.lr, schedule=training.lr_schedule,
+                   warmup_steps=training.warmup_steps, total_steps=training.steps)
+        apply_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return (sum(losses) / len(losses) if losses else None), lr, norm
+
+    def _clip(self) -> float | None:
+        """Clip to ``clip_grad`` by the global norm over every rank (a collective every rank
+        makes); the norm before clipping, or None when neither clipping nor metrics ask."""
+        clip = self.job.config.training.clip_grad
+        stages, ties = self.model.stages, self.model.ties
+        if clip is not None:
+            return clip_grad_norm(stages, clip, self.groups, ties=ties)
+        if self.telemetry.wanted:
+            return global_grad_norm(stages, self.groups, ties=ties)
+        return None
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
                           weights: list[float] | None) -> float | None:
@@ -120,7 +153,7 @@ class Trainer:
             return
         assert checkpoint.dir is not None
         extra: dict[str, Any] | None = None if losses is None else {"losses": losses}
-        position = self.batches.position(done)
+        position = self.batches.position(done * self.job.config.training.grad_accum)
         if extra is not None and position is not None:
             extra["data"] = position  # where the next step's batch starts
         save_checkpoint(checkpoint.dir, done, self.layers, self.optimizer, extra=extra,

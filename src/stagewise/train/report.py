@@ -49,6 +49,7 @@ class TrainReport:
     device: str = "cpu"
     eval: list[dict[str, float]] = field(default_factory=list)
     exported: str | None = None
+    peak_memory_bytes: list[int] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """The report without the timelines, for ``--json``."""
@@ -64,7 +65,7 @@ def build_report(job: Job, results: list[RankResult], seq_len: int,
     from the first replica's first tp shard (the others run the same), and the simulator's
     prediction from the measured per-stage costs."""
     schedule, config = job.schedule, job.config
-    tokens = config.batch.global_batch * seq_len
+    tokens = config.batch.global_batch * seq_len * config.training.grad_accum
     losses = next(r.losses for r in results if r.losses)
     evals = next((r.evals for r in results if r.evals), [])
     ran = config.training.steps - first_step
@@ -94,6 +95,7 @@ def build_report(job: Job, results: list[RankResult], seq_len: int,
                      "weight": list(costs.weight)},
         link_latency=latency, timeline=timeline, predicted=predicted,
         resumed_from=first_step or None, device=config.launch.device, eval=evals,
+        peak_memory_bytes=[r.peak_memory_bytes for r in results],
         mesh={"pp": mesh.pp, "dp": mesh.dp, "tp": mesh.tp, "fsdp": mesh.dp_shard},
     )
 

@@ -22,7 +22,7 @@ class StepRecord:
     saved_bytes: dict[tuple[int, int], int]
 
 
-@dataclass(frozen=True)
+@dataclass
 class RankResult:
     """One rank's share of the report.
 
@@ -33,6 +33,7 @@ class RankResult:
         step_seconds: wall time of each step this run made.
         records: the timed steps after the first (warm-up) one.
         evals: on last-stage ranks, ``{"step", "loss", "perplexity"}`` of each evaluation.
+        peak_memory_bytes: the rank's peak memory (GPU allocated, or the process's max RSS).
     """
 
     pp_rank: int
@@ -42,6 +43,7 @@ class RankResult:
     step_seconds: list[float] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
+    peak_memory_bytes: int = 0
 
     @property
     def first_replica(self) -> bool:

@@ -59,19 +59,31 @@ def build_stages(job: Job, parts: ModelParts, groups: MeshGroups | None,
     if config.training.recompute == "full":
         stages = [recomputed(stage) for stage in stages]
     mine = stages_for_rank(schedule, stages, pp_rank)
-    for module in mine.values():
-        for layer in module.children():
-            if parts.materialize is not None:
-                parts.materialize([layer])
-            if config.launch.device == "cuda":
-                layer.to(torch.cuda.current_device())
-            if groups is not None and config.mesh.tp > 1:
-                apply_tensor_parallel(layer, groups.tp_mesh, parts.tp_plan)
+    for stage, module in mine.items():
+        for position, layer in enumerate(module.children()):
+            _prepare_layer(job, parts, layer, sum(sizes[:stage]) + position, groups)
     if config.training.dtype != "fp32":
         device = "cuda" if config.launch.device == "cuda" else "cpu"
-        for stage in mine.values():
-            autocast_stage(stage, torch_dtype(config.training.dtype), device)
+        for module in mine.values():
+            autocast_stage(module, torch_dtype(config.training.dtype), device)
     return RankModel(parts, mine, sizes, stage_ties(parts.ties, sizes))
+
+
+def _prepare_layer(job: Job, parts: ModelParts, layer: nn.Module, index: int,
+                   groups: MeshGroups | None) -> None:
+    """Fill layer ``index`` of the model, add its LoRA adapters, move it, shard it over tp."""
+    config = job.config
+    if parts.materialize is not None:
+        parts.materialize([layer])
+    if config.training.lora is not None:
+        from stagewise.runtime.models.lora import LoraSpec, apply_lora
+
+        apply_lora(layer, LoraSpec.parse(config.training.lora), seed=config.training.seed,
+                   index=index)
+    if config.launch.device == "cuda":
+        layer.to(torch.cuda.current_device())
+    if groups is not None and config.mesh.tp > 1:
+        apply_tensor_parallel(layer, groups.tp_mesh, parts.tp_plan)
 
 
 OnAction = Callable[[Action], None]

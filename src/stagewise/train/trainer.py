@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,9 +29,11 @@ from stagewise.runtime.parallel.mesh import MeshGroups, build_mesh
 from stagewise.train.batches import IGNORE, Batches, load_data
 from stagewise.train.job import Job, model_parts
 from stagewise.train.loop import Trainer, resume
+from stagewise.train.optim import GradAccumulation, param_groups
 from stagewise.train.report import TrainReport, build_report
 from stagewise.train.results import RankResult
-from stagewise.train.stages import build_stages, wrap_parallel
+from stagewise.train.stages import RankModel, build_stages, wrap_parallel
+from stagewise.train.telemetry import Telemetry
 
 __all__ = ["train", "train_local", "train_rank", "train_torchrun"]
 
@@ -45,13 +48,25 @@ def train(job: Job, torchrun: bool) -> TrainReport | None:
     checkpoint = job.config.checkpoint
     if report is not None and checkpoint.export_hf is not None:
         assert checkpoint.dir is not None
-        from stagewise.runtime.checkpoint.export import export_checkpoint
-
-        written = export_checkpoint(checkpoint.dir, checkpoint.export_hf, force=True)
+        written = _export(job)
         report.exported = str(written.out)
         if job.temporary_checkpoints:
             shutil.rmtree(checkpoint.dir, ignore_errors=True)
     return report
+
+
+def _export(job: Job) -> Any:
+    """The run's final checkpoint as a Hugging Face folder (a peft adapter folder for LoRA)."""
+    checkpoint = job.config.checkpoint
+    assert checkpoint.dir is not None
+    assert checkpoint.export_hf is not None
+    if job.config.training.lora is not None:
+        from stagewise.runtime.checkpoint.export_lora import export_lora
+
+        return export_lora(checkpoint.dir, checkpoint.export_hf, force=True)
+    from stagewise.runtime.checkpoint.export import export_checkpoint
+
+    return export_checkpoint(checkpoint.dir, checkpoint.export_hf, force=True)
 
 
 def train_rank(context: RankContext, job: Job) -> TrainReport | None:
@@ -80,14 +95,19 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
         check_finite=config.training.check_finite, store=context.store, count_saved=True,
         on_action=on_action, tied=model.ties,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.lr)
-    layers = rank_layers(model.stages, model.sizes)
+    training = config.training
+    optimizer = torch.optim.AdamW(param_groups(model.stages, training.weight_decay),
+                                  lr=training.lr)
+    layers = _checkpointed_layers(job, model)
     first_step, losses = resume(job, layers, optimizer)
     if job.schedule.num_stages - 1 in model.stages:
         result.losses.extend(losses)  # only the ranks holding the last stage report losses
-    if context.rank == 0 and config.model.is_folder and config.checkpoint.dir is not None:
-        save_model_files(config.checkpoint.dir, config.model.spec)  # for stagewise export
-    trainer = Trainer(job, model, pipe, optimizer, layers, groups, reducer, batches)
+    if context.rank == 0:
+        _save_model_files(job)
+    writes = job.schedule.num_stages - 1 in model.stages and result.first_replica
+    trainer = Trainer(job, model, pipe, optimizer, layers, groups, reducer, batches,
+                      GradAccumulation(model.stages, training.grad_accum),
+                      Telemetry(config, parts.seq_len, writes=writes))
     trainer.run(result, first_step)
     gathered: list[RankResult | None] = [None] * context.world_size
     dist.all_gather_object(gathered, result)
@@ -95,6 +115,31 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
         return None
     results = [r for r in gathered if r is not None]
     return build_report(job, results, parts.seq_len, first_step)
+
+
+def _checkpointed_layers(job: Job, model: RankModel) -> dict[int, torch.nn.Module]:
+    """The layers checkpoints hold, keyed by model layer: the adapters alone under LoRA."""
+    layers = rank_layers(model.stages, model.sizes)
+    if job.config.training.lora is None:
+        return layers
+    from stagewise.runtime.models.lora import adapter_layers
+
+    return adapter_layers(layers)
+
+
+def _save_model_files(job: Job) -> None:
+    """Beside the checkpoints: a model folder's config and tokenizer (and the LoRA spec), so
+    ``stagewise export`` can write the run as a Hugging Face (or peft) folder."""
+    config = job.config
+    folder = config.checkpoint.dir
+    if folder is None or not config.model.is_folder:
+        return
+    save_model_files(folder, config.model.spec)
+    if config.training.lora is not None:
+        from stagewise.runtime.checkpoint.export_lora import save_lora_spec
+        from stagewise.runtime.models.lora import LoraSpec
+
+        save_lora_spec(folder, LoraSpec.parse(config.training.lora), config.model.spec)
 
 
 def _loss_fn(config: RunConfig, loss_fn: LossFn) -> LossFn:
