@@ -208,7 +208,7 @@ def test_resolve_model_forms(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("spec", "options", "words"), [
-    ("bert", {}, r"unknown model 'bert': use one of tiny, hf:llama, hf:gpt2, py:package"),
+    ("bert", {}, r"model folder 'bert' does not exist: pass a local Hugging Face model folder"),
     ("hf:bert", {}, "choose one of llama, gpt2"),
     ("hf:gpt2", {"names": ["h"]}, "apply to py: models only"),
     ("tiny", {"config": {"n_layer": 2}}, "takes no --model-config"),

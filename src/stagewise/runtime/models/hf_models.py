@@ -95,6 +95,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _require_sizes(family: str, fields: Mapping[str, Any], where: str) -> None:
+    """A config file must give the sizes: Hugging Face's defaults (a 32-layer Llama) are
+    never what a user who forgot a key meant."""
+    from stagewise.runtime.models.hf_folder import REQUIRED
+
+    missing = [need[0] if isinstance(need, tuple) else need for need in REQUIRED[family]
+               if not any(fields.get(name) is not None
+                          for name in (need if isinstance(need, tuple) else (need,)))]
+    if missing:
+        raise ConfigError(
+            f"{where} lacks {', '.join(missing)}: a {family} model needs them (stagewise fills "
+            "no defaults); add them with the sizes you want"
+        )
+
+
 def hf_config(family: str, config: Mapping[str, Any] | str | Path | None = None) -> Any:
     """The Hugging Face config of ``family`` (``"llama"`` or ``"gpt2"``).
 
@@ -129,6 +144,8 @@ def hf_config(family: str, config: Mapping[str, Any] | str | Path | None = None)
             f"hf:{model_type} if that family is supported ({', '.join(FAMILIES)}), or a "
             f"{family} config"
         )
+    if not isinstance(config, Mapping) and config is not None:
+        _require_sizes(family, fields, where)
     attention = fields.pop("attn_implementation", ATTENTIONS[0])
     if attention not in ATTENTIONS:
         raise ConfigError(
