@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -346,9 +347,13 @@ def test_default_cache_dir_follows_xdg(tmp_path: Path, ten_rows: Path,
 
 def test_progress_bar_only_when_asked(tmp_path: Path, ten_rows: Path,
                                       tokenizer: PreTrainedTokenizerBase,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                      capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     load_packed(ten_rows, tokenizer, seq_len=3, cache_dir=tmp_path / "quiet")
     assert capsys.readouterr().err == ""
+    load_packed(ten_rows, tokenizer, seq_len=3, cache_dir=tmp_path / "piped", progress=True)
+    assert capsys.readouterr().err == ""  # the bar shows on a terminal only
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     load_packed(ten_rows, tokenizer, seq_len=3, cache_dir=tmp_path / "loud", progress=True)
     assert "tokenising" in capsys.readouterr().err
 
