@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from stagewise.schedules import Op, Schedule, build, execution_order, get
 from stagewise.sim import Bubble
+from stagewise.sim.simulate import hop_tables
 
 __all__ = ["PipelineCache", "PipelineRun"]
 
@@ -255,10 +256,7 @@ def _idle_and_slack(
     ``execution_order`` validates the schedule on its first call (a deadlock raises).
     """
     m, num_stages, placement = schedule.num_microbatches, schedule.num_stages, schedule.placement
-    forward_hop = [0.0] + [hops[s - 1] if placement[s - 1] != placement[s] else 0.0
-                           for s in range(1, num_stages)]
-    grad_hop = [hops[s] if placement[s + 1] != placement[s] else 0.0
-                for s in range(num_stages - 1)] + [0.0]
+    forward_hop, grad_hop = hop_tables(placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
     forward_end = [0.0] * ((num_stages + 1) * m)
     grad_end = [0.0] * ((num_stages + 1) * m)

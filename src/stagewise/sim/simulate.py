@@ -47,6 +47,19 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
         return Timeline.of(schedule, events, activation_bytes=costs.activation_bytes)
 
 
+def hop_tables(placement: tuple[int, ...],
+               hops: list[float] | tuple[float, ...]) -> tuple[list[float], list[float]]:
+    """Transfer time into each stage: ``forward_hop[s]`` from stage s - 1, ``grad_hop[s]``
+    from stage s + 1, given ``hops[s]``, the time across the boundary after stage s; 0.0
+    where both stages share a rank (and at the ends), so every action reads them alike."""
+    num_stages = len(placement)
+    forward_hop = [0.0] + [hops[s - 1] if placement[s - 1] != placement[s] else 0.0
+                           for s in range(1, num_stages)]
+    grad_hop = [hops[s] if placement[s + 1] != placement[s] else 0.0
+                for s in range(num_stages - 1)] + [0.0]
+    return forward_hop, grad_hop
+
+
 def _run(schedule: Schedule, costs: Costs, link: Link) -> list[Event]:
     """The events, in the validator's execution order (every dependency already timed).
 
@@ -59,11 +72,7 @@ def _run(schedule: Schedule, costs: Costs, link: Link) -> list[Event]:
     placement = schedule.placement
     hop = [link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
            for s in range(num_stages)]
-    # forward_hop[s]: into stage s from s - 1; grad_hop[s]: into stage s from s + 1.
-    forward_hop = [0.0] + [hop[s - 1] if placement[s - 1] != placement[s] else 0.0
-                           for s in range(1, num_stages)]
-    grad_hop = [hop[s] if placement[s + 1] != placement[s] else 0.0
-                for s in range(num_stages - 1)] + [0.0]
+    forward_hop, grad_hop = hop_tables(placement, hop)
     forward, weight = costs.forward, costs.weight
     full = costs.backward
     inputs = [b - w for b, w in zip(full, weight, strict=True)]

@@ -22,7 +22,7 @@ from stagewise.runconfig import RunConfig
 from stagewise.runtime.models.model_parts import ModelParts
 from stagewise.runtime.parallel.mesh import replica_slice
 
-__all__ = ["IGNORE", "Batches", "load_data"]
+__all__ = ["IGNORE", "Batches", "generated_batch", "load_data"]
 
 IGNORE = -100  # a target out of the loss (cross-entropy's ignore_index)
 
@@ -55,6 +55,14 @@ def load_data(config: RunConfig, *, progress: bool = False) -> Loaded:
     return Loaded(loaded[0], loaded[1], len(tokenizer))
 
 
+def generated_batch(parts: ModelParts, seed: int, step: int,
+                    rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s global batch of the model's generated data: a function of the seed and
+    the step alone (a resumed run sees the data an uninterrupted one would)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    return parts.make_batch(rows, generator)
+
+
 class Batches:
     """The batches of one rank: the global batch of a step, its replica's slice and weights."""
 
@@ -69,9 +77,7 @@ class Batches:
         (None: by rows, for generated data whose every target is in the loss)."""
         rows = self.config.batch.global_batch
         if self.train is None:
-            generator = torch.Generator().manual_seed(
-                self.config.training.seed * 1_000_003 + step + 1)
-            inputs, targets = self.parts.make_batch(rows, generator)
+            inputs, targets = generated_batch(self.parts, self.config.training.seed, step, rows)
             return (*self._slice(inputs, targets), None)
         inputs, targets = self.train.batch(step, rows)
         return self._weighted(inputs, targets)

@@ -16,6 +16,7 @@ from stagewise.runtime.models.model_parts import ModelParts, stage_ties
 from stagewise.runtime.parallel.mesh import MeshGroups, OverlappedAverage, shard_replicas
 from stagewise.runtime.parallel.tensor_parallel import apply_tensor_parallel
 from stagewise.schedules.ir import Action
+from stagewise.train.batches import generated_batch
 from stagewise.train.job import Job
 
 __all__ = ["RankModel", "build_stages", "wrap_parallel"]
@@ -51,8 +52,7 @@ def build_stages(job: Job, parts: ModelParts, groups: MeshGroups | None,
     """
     config, schedule = job.config, job.schedule
     # A micro-batch of generated data: the shape the time partitioner runs the layers on.
-    generator = torch.Generator().manual_seed(config.training.seed * 1_000_003 + 1)
-    sample, _ = parts.make_batch(config.batch.global_batch, generator)
+    sample, _ = generated_batch(parts, config.training.seed, 0, config.batch.global_batch)
     sample = sample[: job.rows_per_replica // schedule.num_microbatches]
     stages = partition(list(parts.layers), schedule.num_stages, config.training.partition, sample)
     sizes = [len(stage) for stage in stages]

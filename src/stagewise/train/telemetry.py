@@ -14,6 +14,7 @@ import torch
 
 from stagewise.errors import StagewiseError
 from stagewise.runconfig import RunConfig
+from stagewise.runtime.models.tiny_gpt import GPTConfig
 from stagewise.train.metrics import (
     MetricsWriter,
     flops_per_token,
@@ -70,8 +71,8 @@ def _flops_per_token(config: RunConfig, seq_len: int) -> float | None:
         assert model.layers is not None
         assert model.dim is not None
         assert model.heads is not None
-        spec = tiny_gpt_spec(layers=model.layers, dim=model.dim, heads=model.heads, vocab=64,
-                             seq_len=seq_len)
+        spec = tiny_gpt_spec(layers=model.layers, dim=model.dim, heads=model.heads,
+                             vocab=GPTConfig.vocab, seq_len=seq_len)
     elif model.is_folder:
         from pathlib import Path
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,8 +198,7 @@ def export_checkpoint(
     from stagewise.runtime.models.hf_folder import build_folder_model, read_model_config
     from stagewise.runtime.models.hf_models import hf_layers
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     step = complete_step(checkpoint)
     files = model_files(step)
     out = Path(out_dir)
@@ -209,11 +209,22 @@ def export_checkpoint(
     load_checkpoint(step, dict(enumerate(layers)))
     model = model.to(DTYPES[dtype])
     _write(model, files, out, max_shard_size)
-    params = {id(p): p for p in model.parameters()}.values()
+    return summary(step, out, model.parameters())
+
+
+def check_dtype(dtype: str) -> None:
+    """Raise ConfigError unless ``dtype`` is one an export writes."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def summary(step: Path, out: Path, tensors: Iterable[torch.Tensor]) -> Export:
+    """What an export of checkpoint ``step`` wrote into ``out`` (each tensor counted once)."""
+    unique = list({id(t): t for t in tensors}.values())
     return Export(
         checkpoint=step, step=checkpoint_step(step), out=out,
-        files=tuple(sorted(p.name for p in out.iterdir())), num_tensors=len(params),
-        num_bytes=sum(p.numel() * p.element_size() for p in params),
+        files=tuple(sorted(p.name for p in out.iterdir())), num_tensors=len(unique),
+        num_bytes=sum(t.numel() * t.element_size() for t in unique),
     )
 
 

@@ -34,10 +34,11 @@ from stagewise.runtime.checkpoint.export import (
     _checkpoint_root,
     _replace,
     _write,
+    check_dtype,
     complete_step,
     model_files,
+    summary,
 )
-from stagewise.runtime.checkpoint.folders import checkpoint_step
 
 __all__ = ["LORA_FILE", "LoraRecord", "export_lora", "read_lora_spec", "save_lora_spec"]
 
@@ -134,8 +135,7 @@ def export_lora(
         >>> export_lora("ckpt", "adapter")  # doctest: +SKIP
         Export(checkpoint=PosixPath('ckpt/step-00000100'), step=100, ...)
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     step = complete_step(checkpoint)
     record = read_lora_spec(step)
     if record is None:
@@ -149,17 +149,12 @@ def export_lora(
     if merge:
         _check_out(out, force)
         model = _merged(step, files, record.spec, base)
-        written: list[torch.Tensor] = list({id(p): p for p in model.to(DTYPES[dtype])
-                                            .parameters()}.values())
+        written: list[torch.Tensor] = list(model.to(DTYPES[dtype]).parameters())
         _write(model, files, out, max_shard_size)
     else:
         _check_adapter_out(out, force)
         written = _write_adapter(step, files, record.spec, base, out, DTYPES[dtype])
-    return Export(
-        checkpoint=step, step=checkpoint_step(step), out=out,
-        files=tuple(sorted(p.name for p in out.iterdir())), num_tensors=len(written),
-        num_bytes=sum(t.numel() * t.element_size() for t in written),
-    )
+    return summary(step, out, written)
 
 
 def _peft_model(model: nn.Module, spec: LoraSpec, step: Path) -> Any:
