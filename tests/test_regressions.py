@@ -139,3 +139,10 @@ def test_too_few_steps_get_one_message(steps: int) -> None:
 
     with pytest.raises(ConfigError, match="needs steps >= 2"):
         TrainingConfig(steps=steps)
+
+
+def test_zero_pipeline_ranks_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in the final check of issue 11: ``train -p 0`` read 0 as "not given" and
+    trained on the default 4 ranks. Fix: only an absent flag takes the default."""
+    assert cli(["train", "-p", "0", "--no-plots"]) == 2
+    assert "pp=0: every axis size must be an integer >= 1" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def _sizes_from(changes: dict[str, dict[str, Any]], args: argparse.Namespace,
             f"-p {args.ranks} disagrees with the mesh {base.mesh.text()} of {args.config} "
             f"(pp={base.mesh.pp}): drop -p, or give --mesh with pp={args.ranks}"
         )
-    pp = mesh.pp if mesh is not None else args.ranks or file_ranks
+    pp = mesh.pp if mesh is not None else (args.ranks if args.ranks is not None else file_ranks)
     if mesh is None and pp is None and base is None:
         pp = world if world is not None else config.mesh.pp
     if mesh is None and pp is not None:
