@@ -2,7 +2,7 @@
 
 They are the same for every model, GPU and plan. Values come from physical reasoning and
 vendor/NCCL behaviour, not from fitting: with them the published Megatron-LM runs in
-``shared/reference/calibration_runs.json`` are predicted to a median 2.2 % (worst 8.1 %) step
+``benchmarks/data/calibration_runs.json`` are predicted to a median 2.2 % (worst 8.1 %) step
 time error (``benchmarks/planner_accuracy.py``), and moving any one constant by a sizeable
 step (matmul efficiency to 0.70 or 0.85, tile overhead to 32 or 128, link efficiency to 0.7,
 HBM efficiency to 0.6) keeps the median error within 7.5 % and the worst within 15 %.
