@@ -6,6 +6,12 @@ stage s sends its activation to stage s+1 when that stage lives on another rank;
 tensors over locally. A rank receives, from each peer, exactly that peer's sends to it, in the
 order the peer's row makes them, so receives can be posted ahead in the right order.
 
+``RankPlan.order`` puts every message a rank takes part in (sent or received) in one global
+order, the order in which the producing actions run in ``execution_order`` (a sequential run of
+the whole schedule). Every rank posts its transfers in that order, so two ranks never disagree
+on which transfer between them comes next: the property NCCL needs, which matches transfers
+between two ranks by their order, not by tags (see ``p2p``).
+
 Pure Python (no torch).
 """
 
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from stagewise.schedules.ir import Action, Op, Schedule
+from stagewise.schedules.validate import execution_order
 
 __all__ = ["Kind", "Message", "RankPlan", "lower"]
 
@@ -72,11 +79,15 @@ class RankPlan:
             None when that action's result stays on this rank (or goes nowhere).
         receives: ``receives[peer]`` lists the messages coming from ``peer``, in the order
             ``peer`` sends them.
+        order: every message this rank sends or receives, in the schedule's global order
+            (the order the producing actions run in ``execution_order``). For any two ranks,
+            the messages between them come in the same order in both ranks' ``order``.
     """
 
     rank: int
     sends: tuple[Message | None, ...]
     receives: dict[int, tuple[Message, ...]]
+    order: tuple[Message, ...] = ()
 
 
 def _outgoing(schedule: Schedule, rank: int, action: Action) -> Message | None:
@@ -116,4 +127,9 @@ def lower(schedule: Schedule, rank: int) -> RankPlan:
                 incoming.append(message)
         if incoming:
             receives[peer] = tuple(incoming)
-    return RankPlan(rank=rank, sends=sends, receives=receives)
+    order = []
+    for producer, action in execution_order(schedule):
+        message = _outgoing(schedule, producer, action)
+        if message is not None and rank in (message.src, message.dst):
+            order.append(message)
+    return RankPlan(rank=rank, sends=sends, receives=receives, order=tuple(order))

@@ -29,7 +29,7 @@ from stagewise.errors import ConfigError, RuntimeFailure
 from stagewise.runtime.engine.failure import FailureBoard, NonFiniteLoss, PeerFailure
 from stagewise.runtime.engine.lowering import Kind, lower
 from stagewise.runtime.engine.microbatch import loss_weights, split_batch
-from stagewise.runtime.engine.p2p import Mailbox, Outbox, Shapes
+from stagewise.runtime.engine.p2p import Groups, Shapes, Wire, warm_up
 from stagewise.runtime.engine.saved import SavedBytes
 from stagewise.runtime.engine.split_backward import WeightGrad, backward_input
 from stagewise.runtime.engine.tied import Ties
@@ -59,10 +59,11 @@ class Pipeline:
         loss_fn: ``loss_fn(output, target) -> scalar``, a mean over the micro-batch's rows;
             needed on the rank holding the last stage.
         group: the pipeline's process group (group rank r runs row r); default group if None.
-            Tensors between ranks travel over gloo: this group when its backend is gloo;
-            otherwise (NCCL) a gloo group over the same ranks, made here (a collective call on
-            the default group), with tensors staged through host memory. Native NCCL
-            transfers are not implemented.
+            Under NCCL with CUDA stages, activations and gradients go straight through this
+            group between the GPUs; a gloo group over the same ranks, made here (a collective
+            call on the default group), carries the small headers and the first step's
+            tensors of a shape not seen before (see ``p2p``). Under gloo, this group carries
+            everything, through host memory.
         timeout: seconds any single wait for another rank may take.
         check_finite: raise :class:`NonFiniteLoss` when a micro-batch's loss is NaN or inf.
         store: a store every rank reaches (the one they met through) used to stop all ranks at
@@ -129,20 +130,15 @@ class Pipeline:
         self.count_saved = count_saved
         self.on_action = on_action
         self.device = _device_of(self.stages.values())
-        self._transport = group
-        if dist.get_backend(group) != "gloo":
-            ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-            self._transport = dist.new_group(ranks=ranks, backend="gloo")
-        # Received tensors land in host memory (gloo carries host tensors) and are moved to
-        # ``device`` when taken (a no-op on CPU).
-        self._wire = torch.device("cpu")
+        self._groups = _groups(group, self.device)
         self._board = FailureBoard(store)
         self._plan = lower(schedule, self.rank)
+        warm_up(_neighbours(schedule), self.rank, self._groups)
         self._params = {
             s: [p for p in m.parameters() if p.requires_grad] for s, m in self.stages.items()
         }
         first_tag = 8 * schedule.num_stages * schedule.num_microbatches  # above every step tag
-        self._ties = Ties(tied, self.stages, schedule, self.rank, self._transport, first_tag)
+        self._ties = Ties(tied, self.stages, schedule, self.rank, self._groups.meta, first_tag)
         self._ties.sync_values()
         self.events: list[Event] = []
         self.saved_bytes: dict[tuple[int, int], int] = {}
@@ -226,12 +222,9 @@ class _Step:
         sizes = (pipe.schedule.num_stages, self.m)
         pipe.events = []
         pipe.saved_bytes = {}
-        self.mailbox = Mailbox(
-            pipe._plan.receives, pipe._transport, pipe._wire, *sizes, timeout=pipe.timeout,
-            shapes=pipe._received_shapes,
-        )
-        self.outbox = Outbox(
-            pipe._transport, *sizes, timeout=pipe.timeout, shapes=pipe._sent_shapes
+        self.wire = Wire(
+            pipe._plan.order, pipe.rank, pipe._groups, sizes, pipe.timeout,
+            pipe._sent_shapes, pipe._received_shapes, pipe._board,
         )
         sync = pipe.device.type == "cuda"
         action = None
@@ -245,7 +238,7 @@ class _Step:
                 message = pipe._plan.sends[index]
                 if message is not None:
                     assert result is not None
-                    self.outbox.send(result, message)
+                    self.wire.send(result, message)
                 elif result is not None:
                     self.local[(_kind(action), action.stage, action.microbatch)] = result
                 if sync:
@@ -256,8 +249,7 @@ class _Step:
                 )
             action = None
             deadline = time.monotonic() + pipe.timeout
-            self.outbox.close(deadline)
-            self.mailbox.close(deadline)
+            self.wire.close(deadline)
             pipe._ties.reduce_grads()
         except PeerFailure as err:
             where = "at the end of the step" if action is None else f"at {describe(action)}"
@@ -303,8 +295,7 @@ class _Step:
             f" of stage {stage}, micro-batch {j} from rank {self.pipe.schedule.rank_of(stage)}"
         )
         deadline = time.monotonic() + self.pipe.timeout
-        tensor = self.mailbox.take(key, what, deadline, self.pipe._board)
-        return tensor.to(self.pipe.device)
+        return self.wire.take(key, what, deadline).to(self.pipe.device)
 
     def forward(self, stage: int, j: int, received: torch.Tensor | None) -> torch.Tensor | None:
         pipe = self.pipe
@@ -360,6 +351,29 @@ class _Step:
 
 def _kind(action: Action) -> Kind:
     return Kind.ACTIVATION if action.op is Op.F else Kind.GRADIENT
+
+
+def _groups(group: dist.ProcessGroup | None, device: torch.device) -> Groups:
+    """The data and meta groups of a pipeline on ``group`` with stages on ``device``."""
+    backend = dist.get_backend(group)
+    meta = group
+    if backend != "gloo":
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        meta = dist.new_group(ranks=ranks, backend="gloo")
+    if backend == "nccl" and device.type == "cuda":
+        return Groups(data=group, meta=meta, wire=device, native=True)
+    # gloo carries host tensors: stage them through host memory (a no-op on CPU).
+    return Groups(data=meta, meta=meta, wire=torch.device("cpu"), native=False)
+
+
+def _neighbours(schedule: Schedule) -> list[tuple[int, int]]:
+    """Every pair of ranks that hold consecutive stages, as (lower rank, higher rank)."""
+    pairs = set()
+    for stage in range(schedule.num_stages - 1):
+        a, b = schedule.rank_of(stage), schedule.rank_of(stage + 1)
+        if a != b:
+            pairs.add((min(a, b), max(a, b)))
+    return sorted(pairs)
 
 
 def _device_of(modules: Iterable[nn.Module]) -> torch.device:
