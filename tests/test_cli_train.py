@@ -369,3 +369,30 @@ def test_device_cuda_refuses_more_local_ranks_than_gpus(
     _check_gpus(1, "local processes")
     with pytest.raises(ConfigError, match=r"4 local processes need 4 GPUs and this machine has 1"):
         _check_gpus(4, "local processes")
+
+
+def test_a_plain_pipeline_shares_one_gpu_over_gloo_and_a_mesh_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from stagewise.errors import ConfigError
+    from stagewise.mesh import Mesh
+    from stagewise.train.trainer import local_backend
+
+    def job(mesh: str) -> Any:
+        parsed = Mesh.parse(mesh)
+        launch = SimpleNamespace(backend="nccl")
+        return SimpleNamespace(world_size=parsed.world_size,
+                               config=SimpleNamespace(mesh=parsed, launch=launch))
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_backend(job("pp=1")) == "nccl"  # one rank, one GPU
+    assert local_backend(job("pp=2")) == "gloo"  # NCCL refuses two ranks on one GPU
+    assert "2 ranks share 1 GPU(s): gloo" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="only a plain local pipeline"):
+        local_backend(job("pp=2,dp=2"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local_backend(job("pp=2")) == "nccl"

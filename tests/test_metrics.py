@@ -108,3 +108,31 @@ def test_gpu_peak_by_cuda_name(name: str, tflops: float | None) -> None:
 
 def test_peak_memory_on_cpu_is_the_process_rss() -> None:
     assert 10 * 2**20 < peak_memory_bytes("cpu") < 64 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("mesh", "gpus", "torchrun", "counted"),
+    [("pp=4", 4, False, 4), ("pp=2,dp=2", 8, False, 4), ("pp=2", 1, False, 1),
+     ("pp=4,dp=4", 8, True, 16)],
+)
+def test_mfu_counts_every_gpu_of_the_run_once(
+    monkeypatch: pytest.MonkeyPatch, mesh: str, gpus: int, torchrun: bool, counted: int,
+) -> None:
+    # The run's tokens/s is measured against every GPU training together: one rank per GPU,
+    # local ranks beyond the GPUs share them, torchrun ranks each have one (over nodes).
+    torch = pytest.importorskip("torch")
+    from stagewise.mesh import Mesh
+    from stagewise.runconfig import RunConfig
+    from stagewise.train.telemetry import _run_peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    from stagewise.runconfig.sections import BatchConfig
+
+    config = RunConfig(mesh=Mesh.parse(mesh), batch=BatchConfig(global_batch=64))
+    peak = _run_peak_flops(config)
+    assert peak == pytest.approx(counted * 989.4e12)

@@ -82,3 +82,27 @@ def test_bf16_pipeline_tracks_bf16_in_one_process_over_20_steps(
     # mantissa, so a stated 1 % over 20 steps of AdamW.
     assert losses == pytest.approx(reference, rel=1e-2)
     assert losses[-1] < losses[0]  # it trains
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_bf16_under_fsdp_gathers_bf16_and_tracks_bf16_in_one_process(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # pp=2 x fsdp=2: FSDP2's MixedPrecisionPolicy gathers the fp32 shards as bf16 and
+    # reduce-scatters fp32 gradients; the one-process reference casts to bf16 inside autocast
+    # instead, and each replica sees half the batch, so the sums differ in order and rounding:
+    # a stated 2 % over 20 steps.
+    assert cli(["train", "--mesh", "pp=2,fsdp=2", "--steps", str(STEPS), "--lr", str(LR),
+                "--dtype", "bf16", "--json", "--no-plots", *SIZES]) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert report["losses"] == pytest.approx(_one_process_bf16(), rel=2e-2)
+
+
+def test_fsdp_policy_casts_parameters_only_in_bf16() -> None:
+    from stagewise.runtime.parallel.mesh import fsdp_policy
+
+    assert fsdp_policy(None).param_dtype is None  # fp32: FSDP2's default policy, no cast
+    policy = fsdp_policy(torch.bfloat16)
+    assert policy.param_dtype == torch.bfloat16
+    assert policy.reduce_dtype == torch.float32  # gradients reduced and kept in fp32

@@ -33,6 +33,7 @@ from stagewise.plan.models import ModelSpec, model_from_hf_config
 __all__ = [
     "MetricsWriter",
     "flops_per_token",
+    "gpu_catalog_name",
     "gpu_peak_flops",
     "mfu",
     "peak_memory_bytes",
@@ -202,6 +203,18 @@ def gpu_peak_flops(device_name: str) -> float | None:
         >>> gpu_peak_flops("cpu") is None
         True
     """
+    name = gpu_catalog_name(device_name)
+    return None if name is None else get_gpu(name).peak_flops
+
+
+def gpu_catalog_name(device_name: str) -> str | None:
+    """The planner's catalog name of the GPU CUDA calls ``device_name`` (``"NVIDIA H100 80GB
+    HBM3"`` -> ``"H100-SXM5-80GB"``), for ``stagewise plan --gpu``; None when unknown.
+
+    Example:
+        >>> gpu_catalog_name("NVIDIA H100 80GB HBM3")
+        'H100-SXM5-80GB'
+    """
     tokens = [t for t in re.split(r"[\s_-]+", device_name.strip().lower()) if t]
     real = set(catalog_gpus())
     for width in range(len(tokens), 0, -1):
@@ -211,7 +224,7 @@ def gpu_peak_flops(device_name: str) -> float | None:
             except PlanError:
                 continue
             if gpu.name in real:
-                return gpu.peak_flops
+                return gpu.name
     return None
 
 

@@ -102,7 +102,9 @@ def wrap_parallel(job: Job, model: RankModel, groups: MeshGroups | None, pp_rank
         return None, context.report_action
     if groups.spec.dp_shard:
         # FSDP2 over dp: its reduce-scatter averages the gradients, so no reducer.
-        shard_replicas(model.stages, groups, job.schedule, model.ties)
+        dtype = job.config.training.dtype
+        shard_replicas(model.stages, groups, job.schedule, model.ties,
+                       param_dtype=None if dtype == "fp32" else torch_dtype(dtype))
         return None, context.report_action
     if model.ties:
         # Tied copies get their summed gradient at the end of the step, after an overlapped

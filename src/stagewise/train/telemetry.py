@@ -8,6 +8,7 @@ is no meaningful peak, so it is left out (None).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -37,8 +38,7 @@ class Telemetry:
                        if writes and (metrics.jsonl or metrics.tensorboard) else None)
         self.tokens = config.batch.global_batch * seq_len * config.training.grad_accum
         self.flops = _flops_per_token(config, seq_len)
-        self.peak = (gpu_peak_flops(torch.cuda.get_device_name())
-                     if config.launch.device == "cuda" else None)
+        self.peak = _run_peak_flops(config) if config.launch.device == "cuda" else None
 
     @property
     def wanted(self) -> bool:
@@ -61,6 +61,18 @@ class Telemetry:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _run_peak_flops(config: RunConfig) -> float | None:
+    """The dense bf16 peak of every GPU the run trains on together: the whole run's tokens/s
+    is measured against it. Under torchrun each rank has its own GPU; local ranks beyond this
+    machine's GPU count share them (a plain pipeline on one GPU counts that GPU once)."""
+    one = gpu_peak_flops(torch.cuda.get_device_name())
+    if one is None:
+        return None
+    ranks = config.world_size
+    gpus = ranks if "TORCHELASTIC_RUN_ID" in os.environ else min(ranks, torch.cuda.device_count())
+    return one * gpus
 
 
 def _flops_per_token(config: RunConfig, seq_len: int) -> float | None:

@@ -182,13 +182,12 @@ def _join(context: RankContext, job: Job) -> MeshGroups | None:
 def train_local(job: Job) -> TrainReport | None:
     """Spawn the job's ranks as local processes; rank 0's report."""
     launch_config = job.config.launch
-    if launch_config.device == "cuda":
-        check_gpus(job.world_size, "local processes")
+    backend = local_backend(job) if launch_config.device == "cuda" else launch_config.backend
     limit = launch_config.timeout + 30.0 + job.config.training.steps * 10.0
     results = launch(
         train_rank, job.world_size, (job,), timeout=limit,
         grace=min(launch_config.timeout, 10.0), threads=launch_config.threads,
-        backend=launch_config.backend,
+        backend=backend,
     )
     report: TrainReport | None = results[0]
     return report
@@ -213,11 +212,27 @@ def train_torchrun(job: Job) -> TrainReport | None:
     return report
 
 
+def local_backend(job: Job) -> str:
+    """NCCL when each local rank has a GPU of its own. A plain pipeline with more ranks than
+    GPUs shares them round-robin over gloo (NCCL refuses two ranks on one GPU), so its
+    transfers go through host memory, and says so; anything else is refused."""
+    gpus = torch.cuda.device_count()
+    mesh = job.config.mesh
+    if job.world_size <= gpus or gpus == 0 or mesh.world_size != mesh.pp or mesh.dp_shard:
+        check_gpus(job.world_size, "local processes")
+        return job.config.launch.backend
+    print(f"stagewise: {job.world_size} ranks share {gpus} GPU(s): gloo between them, "
+          "transfers through host memory (one rank per GPU uses NCCL)",
+          file=sys.stderr, flush=True)
+    return "gloo"
+
+
 def check_gpus(ranks: int, what: str) -> None:
     """NCCL cannot put two ranks on one GPU: refuse more ranks than GPUs on this machine."""
     gpus = torch.cuda.device_count()
     if ranks > gpus:
         raise ConfigError(
             f"--device cuda runs one rank per GPU but {ranks} {what} need {ranks} GPUs and "
-            f"this machine has {gpus}: use a smaller mesh, or --device cpu"
+            f"this machine has {gpus}: use a smaller mesh, or --device cpu (only a plain "
+            "local pipeline, without dp, fsdp or tp, shares GPUs)"
         )

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from stagewise.errors import ConfigError
 from stagewise.mesh import Mesh
@@ -276,6 +277,7 @@ def shard_replicas(
     groups: MeshGroups,
     schedule: Schedule,
     ties: Sequence[Mapping[int, str]] = (),
+    param_dtype: torch.dtype | None = None,
 ) -> None:
     """Shard this rank's stages over the dp axis with FSDP2 (``fully_shard``), in place.
 
@@ -289,6 +291,10 @@ def shard_replicas(
         groups: this rank's mesh (its ``dp_mesh`` is used).
         schedule: the schedule the stages run (checked for split backward).
         ties: the pipeline's tied weights (refused: tied copies are summed as whole tensors).
+        param_dtype: mixed precision (FSDP2's ``MixedPrecisionPolicy``): the shards stay
+            fp32 (the master weights the optimizer updates) and are gathered in this dtype,
+            so the all-gather moves half the bytes and the layers compute on bf16 weights;
+            gradients are reduce-scattered and kept in fp32. None: no cast.
 
     Raises:
         ConfigError: as :func:`check_shard_replicas`.
@@ -301,10 +307,20 @@ def shard_replicas(
     # changes a stage's output in place (it sends it, or feeds it to the next layer, and calls
     # backward on it), so the warning says nothing about these runs.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    policy = fsdp_policy(param_dtype)
     for module in stages.values():
         for layer in module.children():
-            fully_shard(layer, mesh=groups.dp_mesh)
-        fully_shard(module, mesh=groups.dp_mesh)
+            fully_shard(layer, mesh=groups.dp_mesh, mp_policy=policy)
+        fully_shard(module, mesh=groups.dp_mesh, mp_policy=policy)
+
+
+def fsdp_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """FSDP2's mixed-precision policy for ``param_dtype``: None keeps FSDP2's default (no
+    cast anywhere, so an fp32 run is unchanged); bf16 gathers the fp32 shards as bf16 and
+    reduce-scatters fp32 gradients into the fp32 master shards."""
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
 def check_shard_replicas(schedule: Schedule, ties: Sequence[Mapping[int, str]] = ()) -> None:
