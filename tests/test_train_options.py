@@ -45,6 +45,17 @@ def test_lora_trains_adapters_only_and_exports_a_peft_folder(
                     "--lora", "r=4,alpha=8,targets=q_proj,v_proj", "--checkpoint-dir",
                     str(ckpt), "--save-every", "4", "--export-hf", str(out))
     assert report["losses"][-1] < report["losses"][0]
+    # Model states counted on each rank's tensors, against the sizes by hand: r=4 adapters on
+    # q_proj (64 -> 64) and v_proj (64 -> 2 kv heads x 16 = 32) in 4 blocks, fp32.
+    adapters = 4 * 4 * ((64 + 64) + (64 + 32))
+    base = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(
+        MODEL).parameters())
+    states = report["state_bytes"]
+    assert sum(s["weights"] for s in states) == 4 * (base + adapters)
+    assert sum(s["trainable"] for s in states) == sum(s["gradients"] for s in states) \
+        == 4 * adapters
+    moments = 2 * 4 * adapters  # AdamW's two moments; its step counters are a few bytes more
+    assert moments <= sum(s["optimizer"] for s in states) <= moments + 8 * 4 * 4
     with safe_open(out / "adapter_model.safetensors", framework="pt") as adapter:
         names = list(adapter.keys())
     assert names

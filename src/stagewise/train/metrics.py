@@ -20,7 +20,7 @@ import math
 import re
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -38,6 +38,7 @@ __all__ = [
     "mfu",
     "peak_memory_bytes",
     "require_tensorboard",
+    "state_bytes",
     "tiny_gpt_spec",
 ]
 
@@ -226,6 +227,33 @@ def gpu_catalog_name(device_name: str) -> str | None:
             if gpu.name in real:
                 return gpu.name
     return None
+
+
+def state_bytes(parameters: Iterable[Any], optimizer: Any) -> dict[str, int]:
+    """The bytes of one rank's model states, counted on its tensors: ``weights`` (every
+    parameter, frozen ones included, FSDP shards as held locally), ``trainable`` (the part the
+    optimizer updates), ``gradients`` (one per trainable parameter, in its dtype) and
+    ``optimizer`` (every tensor in the optimizer's state: AdamW's two moments and step).
+
+    Example:
+        >>> import torch
+        >>> frozen, adapter = torch.zeros(10), torch.nn.Parameter(torch.zeros(3))
+        >>> state_bytes([frozen.requires_grad_(False), adapter], torch.optim.AdamW([adapter]))
+        {'weights': 52, 'trainable': 12, 'gradients': 12, 'optimizer': 0}
+    """
+    seen: dict[int, Any] = {}
+    for param in parameters:
+        seen.setdefault(id(param), param)
+
+    def size(tensor: Any) -> int:
+        local = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard on this rank
+        return int(local.numel() * local.element_size())
+
+    trainable = sum(size(p) for p in seen.values() if p.requires_grad)
+    moments = sum(size(value) for state in optimizer.state.values() for value in state.values()
+                  if hasattr(value, "element_size"))
+    return {"weights": sum(size(p) for p in seen.values()), "trainable": trainable,
+            "gradients": trainable, "optimizer": moments}
 
 
 def peak_memory_bytes(device: str = "cpu") -> int:

@@ -50,6 +50,7 @@ class TrainReport:
     eval: list[dict[str, float]] = field(default_factory=list)
     exported: str | None = None
     peak_memory_bytes: list[int] = field(default_factory=list)
+    state_bytes: list[dict[str, int]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """The report without the timelines, for ``--json``."""
@@ -96,6 +97,7 @@ def build_report(job: Job, results: list[RankResult], seq_len: int,
         link_latency=latency, timeline=timeline, predicted=predicted,
         resumed_from=first_step or None, device=config.launch.device, eval=evals,
         peak_memory_bytes=[r.peak_memory_bytes for r in results],
+        state_bytes=[r.state_bytes for r in results],
         mesh={"pp": mesh.pp, "dp": mesh.dp, "tp": mesh.tp, "fsdp": mesh.dp_shard},
     )
 

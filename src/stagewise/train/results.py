@@ -34,6 +34,7 @@ class RankResult:
         records: the timed steps after the first (warm-up) one.
         evals: on last-stage ranks, ``{"step", "loss", "perplexity"}`` of each evaluation.
         peak_memory_bytes: the rank's peak memory (GPU allocated, or the process's max RSS).
+        state_bytes: the bytes of the rank's model states at the end (``metrics.state_bytes``).
     """
 
     pp_rank: int
@@ -44,6 +45,7 @@ class RankResult:
     records: list[StepRecord] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     peak_memory_bytes: int = 0
+    state_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def first_replica(self) -> bool:

@@ -29,6 +29,7 @@ from stagewise.runtime.parallel.mesh import MeshGroups, build_mesh
 from stagewise.train.batches import IGNORE, Batches, load_data
 from stagewise.train.job import Job, model_parts
 from stagewise.train.loop import Trainer, resume
+from stagewise.train.metrics import state_bytes
 from stagewise.train.optim import GradAccumulation, param_groups
 from stagewise.train.report import TrainReport, build_report
 from stagewise.train.results import RankResult
@@ -109,6 +110,7 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
                       GradAccumulation(model.stages, training.grad_accum),
                       Telemetry(config, parts.seq_len, writes=writes))
     trainer.run(result, first_step)
+    result.state_bytes = state_bytes(model.parameters(), optimizer)
     gathered: list[RankResult | None] = [None] * context.world_size
     dist.all_gather_object(gathered, result)
     if context.rank != 0:
