@@ -70,6 +70,24 @@ def test_lora_trains_adapters_only_and_exports_a_peft_folder(
 
 @pytest.mark.multiproc
 @pytest.mark.slow
+def test_lora_in_bf16_holds_the_frozen_base_in_bf16_and_the_adapters_in_fp32(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = _train(capsys, "--model", str(MODEL), "--data", str(TEXT), "--seq-len", "32",
+                    "--global-batch", "8", "-m", "4", "--steps", "4", "--lr", "1e-2",
+                    "--dtype", "bf16", "--lora", "r=4,alpha=8,targets=q_proj,v_proj")
+    assert report["losses"][-1] < report["losses"][0]
+    adapters = 4 * 4 * ((64 + 64) + (64 + 32))
+    base = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(
+        MODEL).parameters())
+    states = report["state_bytes"]
+    # 2 bytes per frozen base parameter (no fp32 master needed), 4 per adapter parameter.
+    assert sum(s["weights"] for s in states) == 2 * base + 4 * adapters
+    assert sum(s["trainable"] for s in states) == 4 * adapters
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
 def test_schedule_clipping_accumulation_and_metrics(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -76,10 +76,13 @@ def _prepare_layer(job: Job, parts: ModelParts, layer: nn.Module, index: int,
     if parts.materialize is not None:
         parts.materialize([layer])
     if config.training.lora is not None:
-        from stagewise.runtime.models.lora import LoraSpec, apply_lora
+        from stagewise.runtime.models.lora import LoraSpec, apply_lora, cast_frozen
 
         apply_lora(layer, LoraSpec.parse(config.training.lora), seed=config.training.seed,
                    index=index)
+        if config.training.dtype != "fp32":
+            # The frozen base needs no fp32 master copy: hold it in the run's dtype.
+            cast_frozen(layer, torch_dtype(config.training.dtype))
     if config.launch.device == "cuda":
         layer.to(torch.cuda.current_device())
     if groups is not None and config.mesh.tp > 1:

@@ -41,6 +41,7 @@ __all__ = [
     "LoraSpec",
     "adapter_layers",
     "apply_lora",
+    "cast_frozen",
     "check_lora_mesh",
     "check_lora_targets",
     "linear_names",
@@ -213,6 +214,26 @@ def _draw(module: Any, seed: int, name: str) -> None:
     nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
     weight_a.copy_(value)
     weight_b.zero_()
+
+
+@torch.no_grad()
+def cast_frozen(layer: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen parameters of ``layer`` (the base under LoRA) to ``dtype``, in place;
+    the trainable ones (the adapters) stay as they are. Frozen weights need no fp32 master
+    copy, so a bf16 run holds its base in half the bytes. Returns the parameters cast.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> _ = net.weight.requires_grad_(False)
+        >>> cast_frozen(net, torch.bfloat16), net.weight.dtype, net.bias.dtype
+        (1, torch.bfloat16, torch.float32)
+    """
+    cast = 0
+    for param in layer.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def trainable_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
