@@ -31,7 +31,7 @@ _PLAIN = {
     "model": {"model": "spec", "model_config": "config_file", "dim": "dim", "layers": "layers",
               "heads": "heads"},
     "checkpoint": {"checkpoint_dir": "dir", "save_every": "save_every", "keep": "keep",
-                   "resume": "resume", "export_hf": "export_hf"},
+                   "resume": "resume", "export_hf": "export_hf", "resume_from": "resume_from"},
     "data": {"data": "paths", "eval_data": "eval_paths", "eval_every": "eval_every",
              "tokenizer": "tokenizer", "data_cache": "cache_dir"},
     "launch": {"device": "device", "timeout": "timeout", "threads": "threads"},

@@ -10,7 +10,8 @@ The flags, a ``--config`` file and its overrides all become one
 the end it prints the measured bubble beside the simulator's prediction from the measured
 per-stage costs, activation memory per rank measured and predicted, and writes the real run's
 timeline (PNG), a Chrome trace and a memory plot to ``--out``. Exit codes: 0 ok, 1 the run
-failed (the first error's rank and action are printed), 2 bad input.
+failed (the first error's rank and action are printed), 2 bad input, 128 + N the launcher
+was stopped by signal N (its ranks ended).
 """
 
 from __future__ import annotations
@@ -160,8 +161,11 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep", type=int, metavar="K",
                        help="keep only the newest K checkpoints (default: all)")
     group.add_argument("--resume", action="store_true", default=None,
-                       help="continue from the newest complete checkpoint in --checkpoint-dir "
-                       "(same data and losses as a run that was never stopped)")
+                       help="continue from the newest checkpoint in --checkpoint-dir, checked "
+                       "file by file (same data and losses as a run that was never stopped)")
+    group.add_argument("--resume-from", type=int, metavar="STEP",
+                       help="continue from step STEP's checkpoint (e.g. the newest complete one "
+                       "when --resume refuses a damaged newest checkpoint)")
     group.add_argument("--export-hf", metavar="OUT_DIR",
                        help="at the end, write the trained model as a Hugging Face folder "
                        "(as `stagewise export` does; --model FOLDER runs only)")
@@ -180,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from stagewise.cli._train_flags import run_config
+    from stagewise.runtime.engine.failure import Interrupted
     from stagewise.runtime.engine.launch import in_torchrun
     from stagewise.train import prepare, train
 
@@ -188,10 +193,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.json and (not torchrun or os.environ.get("RANK") == "0"):
         _print_header(job)
     try:
-        report = train(job, torchrun)
+        with _lock(job, torchrun):
+            report = train(job, torchrun)
     except RuntimeFailure as err:
         print(f"stagewise: training failed: {err}", file=sys.stderr)
-        return 1
+        return 128 + err.signal if isinstance(err, Interrupted) else 1
     if report is None:
         return 0  # a torchrun rank other than 0
     written = [] if args.no_plots else _write_files(report, Path(args.out))
@@ -202,6 +208,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_report(report, written)
     return 0
+
+
+def _lock(job: Any, torchrun: bool) -> Any:
+    """The checkpoint folder's lock for the run (taken by the launcher, or torchrun's global
+    rank 0), or nothing without checkpoints."""
+    import contextlib
+    import os
+
+    from stagewise.runtime.checkpoint.lock import checkpoint_lock
+
+    folder = job.config.checkpoint.dir
+    if folder is None or job.temporary_checkpoints or (
+            torchrun and os.environ.get("RANK") != "0"):
+        return contextlib.nullcontext()
+    return checkpoint_lock(folder, os.environ.get("TORCHELASTIC_RUN_ID"))
 
 
 def _print_header(job: Any) -> None:

@@ -265,7 +265,7 @@ SCHEMA: dict[str, dict[str, type]] = {
                  "lr_schedule": str, "warmup_steps": int, "grad_accum": int, "lora": str},
     "model": {"spec": str, "layers": int, "dim": int, "heads": int, "hf_config": dict,
               "split": list, "config_file": str},
-    "checkpoint": {"dir": str, "save_every": int, "keep": int, "resume": bool,
+    "checkpoint": {"dir": str, "save_every": int, "keep": int, "resume": bool, "resume_from": int,
                    "export_hf": str},
     "metrics": {"tensorboard": str, "jsonl": str},
     "data": {"paths": list, "eval_paths": list, "eval_every": int, "tokenizer": str,

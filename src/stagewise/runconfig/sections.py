@@ -232,7 +232,8 @@ class CheckpointConfig:
         dir: where checkpoints are written and read; None for none.
         save_every: write a checkpoint after every this many steps (0: never).
         keep: keep only this many newest checkpoints (None: all).
-        resume: continue from the newest complete checkpoint in ``dir``.
+        resume: continue from the newest checkpoint in ``dir`` (refused if it is damaged).
+        resume_from: continue from this step's checkpoint instead (sets ``resume``).
         export_hf: at the end of the run, write the trained model as a Hugging Face folder
             here (``stagewise export``'s output; model folders only).
     """
@@ -242,9 +243,15 @@ class CheckpointConfig:
     keep: int | None = None
     resume: bool = False
     export_hf: str | None = None
+    resume_from: int | None = None
 
     def __post_init__(self) -> None:
         _check_type("checkpoint", "save_every", self.save_every, int)
+        if self.resume_from is not None:
+            if isinstance(self.resume_from, bool) or not isinstance(
+                    self.resume_from, int) or self.resume_from < 0:
+                raise ConfigError(f"--resume-from must be a step >= 0, got {self.resume_from!r}")
+            object.__setattr__(self, "resume", True)
         if self.save_every < 0:
             raise ConfigError(f"[checkpoint] save_every must be >= 0 steps, got {self.save_every}")
         if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(

@@ -9,6 +9,7 @@ ranks then read).
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,11 @@ from torch import nn
 
 from stagewise.errors import ConfigError
 from stagewise.runconfig import RunConfig
-from stagewise.runtime.checkpoint.folders import checkpoint_step, complete_checkpoints
-from stagewise.runtime.checkpoint.state import latest_checkpoint
+from stagewise.runtime.checkpoint.folders import (
+    checkpoint_step,
+    complete_checkpoints,
+    resume_checkpoint,
+)
 from stagewise.runtime.engine.partition import balance
 from stagewise.runtime.models.model_parts import ModelParts, tiny_gpt_parts
 from stagewise.runtime.models.tiny_gpt import GPTConfig
@@ -53,6 +57,14 @@ class Job:
     def world_size(self) -> int:
         """Processes the run needs: pp x dp x tp."""
         return self.config.world_size
+
+    @property
+    def rank_names(self) -> list[str]:
+        """How messages name each global rank: ``rank 3 (pp 1, dp 1)`` in a mesh."""
+        from stagewise.runtime.engine.heartbeat import rank_names
+
+        mesh = self.config.mesh
+        return rank_names(mesh.pp, mesh.dp, mesh.tp)
 
     @property
     def rows_per_replica(self) -> int:
@@ -166,9 +178,9 @@ def _check_checkpoints(config: RunConfig) -> None:
     if checkpoint.dir is None:
         return
     if checkpoint.resume:
-        path = latest_checkpoint(checkpoint.dir, required=True)
-        assert path is not None
+        path = resume_checkpoint(checkpoint.dir, checkpoint.resume_from)  # every file checked
         step = checkpoint_step(path)
+        _note_skipped(Path(checkpoint.dir), step)
         if steps - step < 2:
             raise ConfigError(
                 f"the checkpoint {str(path)!r} is at step {step} of {steps}: fewer than 2 "
@@ -183,3 +195,16 @@ def _check_checkpoints(config: RunConfig) -> None:
                 f"run's first save (step {checkpoint.save_every}): pass --resume to continue "
                 "it, or use an empty --checkpoint-dir"
             )
+
+
+def _note_skipped(root: Path, step: int) -> None:
+    """Say so when the resume leaves newer folders behind (a save cut short, or an older step
+    asked for with --resume-from): never a silent step back."""
+    if not root.is_dir():
+        return
+    newer = sorted(p.name for p in root.iterdir() if p.name.startswith("step-")
+                   and p.name[5:13].isdigit() and int(p.name[5:13]) > step)
+    if newer:
+        print(f"stagewise: resuming from step {step}; newer {', '.join(newer)} left as is "
+              "(its save was cut short, or --resume-from asked for an older step)",
+              file=sys.stderr, flush=True)

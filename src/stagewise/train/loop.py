@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from stagewise.errors import ConfigError
-from stagewise.runtime.checkpoint.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from stagewise.runtime.checkpoint.folders import resume_checkpoint
+from stagewise.runtime.checkpoint.state import load_checkpoint, save_checkpoint
+from stagewise.runtime.engine.launch import RankContext
 from stagewise.runtime.engine.pipeline import Pipeline
 from stagewise.runtime.parallel.mesh import (
     MeshGroups,
@@ -48,6 +50,7 @@ class Trainer:
     batches: Batches
     accumulation: GradAccumulation
     telemetry: Telemetry
+    context: RankContext | None = None  # where this rank reports what it does (heartbeat)
 
     def run(self, result: RankResult, first_step: int) -> None:
         """Train from ``first_step`` to the last step, appending to ``result``."""
@@ -56,6 +59,7 @@ class Trainer:
         bar = _progress_bar(steps - first_step) if self._shows(result) else None
         tokens = self.telemetry.tokens
         for step in range(first_step, steps):
+            self._report(None, step)
             start = time.perf_counter()
             loss, lr, norm = self.step(step)
             seconds = time.perf_counter() - start
@@ -74,6 +78,7 @@ class Trainer:
                 self._evaluate(step + 1, result, bar)
         if bar is not None:
             bar.close()
+        self._report("the final gather")
         self.telemetry.close()
         result.peak_memory_bytes = peak_memory_bytes(config.launch.device)
 
@@ -90,6 +95,7 @@ class Trainer:
             if loss is not None:
                 losses.append(loss)
         self.accumulation.finish()
+        self._report("the optimizer step")
         norm = self._clip()
         lr = lr_at(step, lr=training.lr, schedule=training.lr_schedule,
                    warmup_steps=training.warmup_steps, total_steps=training.steps)
@@ -131,6 +137,7 @@ class Trainer:
         gradients are thrown away: the schedule is the only program the ranks share, and it
         always ends with the backward passes.
         """
+        self._report("the evaluation")
         total = weighted = 0.0
         for inputs, targets, weights, count in self.batches.evaluation():
             loss = self._forward_backward(inputs, targets, weights)
@@ -153,11 +160,16 @@ class Trainer:
             return
         assert checkpoint.dir is not None
         extra: dict[str, Any] | None = None if losses is None else {"losses": losses}
+        self._report("the checkpoint save")
         position = self.batches.position(done * self.job.config.training.grad_accum)
         if extra is not None and position is not None:
             extra["data"] = position  # where the next step's batch starts
         save_checkpoint(checkpoint.dir, done, self.layers, self.optimizer, extra=extra,
                         keep=checkpoint.keep)
+
+    def _report(self, phase: str | None, step: int | None = None) -> None:
+        if self.context is not None:
+            self.context.report_phase(phase, step)
 
     def _shows(self, result: RankResult) -> bool:
         last = self.job.schedule.num_stages - 1 in self.model.stages
@@ -176,8 +188,8 @@ def resume(job: Job, layers: dict[int, torch.nn.Module],
     if not checkpoint.resume:
         return 0, []
     assert checkpoint.dir is not None
-    path = latest_checkpoint(checkpoint.dir, required=True)
-    assert path is not None
+    # prepare() checked every file of this checkpoint before launch.
+    path = resume_checkpoint(checkpoint.dir, checkpoint.resume_from, check=False)
     state = load_checkpoint(path, layers, optimizer)
     for group in optimizer.param_groups:
         group["lr"] = job.config.training.lr  # this run's lr, not the checkpoint's

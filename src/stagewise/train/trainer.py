@@ -108,7 +108,7 @@ def train_rank(context: RankContext, job: Job) -> TrainReport | None:
     writes = job.schedule.num_stages - 1 in model.stages and result.first_replica
     trainer = Trainer(job, model, pipe, optimizer, layers, groups, reducer, batches,
                       GradAccumulation(model.stages, training.grad_accum),
-                      Telemetry(config, parts.seq_len, writes=writes))
+                      Telemetry(config, parts.seq_len, writes=writes), context)
     trainer.run(result, first_step)
     result.state_bytes = state_bytes(model.parameters(), optimizer)
     gathered: list[RankResult | None] = [None] * context.world_size
@@ -189,6 +189,7 @@ def train_local(job: Job) -> TrainReport | None:
     results = launch(
         train_rank, job.world_size, (job,), timeout=limit,
         grace=min(launch_config.timeout, 10.0), threads=launch_config.threads,
+        step_timeout=launch_config.timeout, names=job.rank_names,
         backend=backend,
     )
     report: TrainReport | None = results[0]
@@ -201,7 +202,8 @@ def train_torchrun(job: Job) -> TrainReport | None:
     torch.set_num_threads(launch_config.threads)
     if launch_config.device == "cuda":
         check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "processes per node")
-    context = torchrun_context(launch_config.backend, timeout=launch_config.timeout)
+    context = torchrun_context(launch_config.backend, timeout=launch_config.timeout,
+                               names=job.rank_names)
     try:
         report = train_rank(context, job)
     except RuntimeFailure as err:

@@ -1,21 +1,24 @@
 """The folders of checkpoints on disk, and how a checkpoint becomes complete.
 
 ``folder/step-00000012/`` is step 12's checkpoint: DCP's files, ``extra.pt`` and the completion
-marker ``COMPLETE`` (JSON naming the step). Every rank writes into ``step-00000012.partial/``;
+marker ``COMPLETE`` (JSON naming the step, with the size and checksum of every file: see
+``manifest``). Every rank writes into ``step-00000012.partial/``;
 once all have written, rank 0 writes the marker and renames the folder (atomic on one
 filesystem): a save cut short leaves a ``.partial`` folder or one without a valid marker, and
-neither is ever taken for a complete checkpoint. No torch here: plain files.
+neither is ever taken for a complete checkpoint. A resume takes the newest ``step-*`` folder
+only if it is whole (:func:`resume_checkpoint`): a damaged one is refused with the file named,
+never silently replaced by an older one. No torch here: plain files.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 from stagewise.errors import ConfigError
+from stagewise.runtime.checkpoint.manifest import MARKER, read_marker, verify, write_marker
 
 __all__ = [
     "EXTRA",
@@ -27,9 +30,9 @@ __all__ = [
     "latest_checkpoint",
     "mark_complete",
     "prune",
+    "resume_checkpoint",
 ]
 
-MARKER = "COMPLETE"
 EXTRA = "extra.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -89,12 +92,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def mark_complete(partial: Path, final: Path, step: int, world_size: int) -> None:
-    """Mark ``partial`` complete and move it to ``final`` (rank 0, after every rank wrote)."""
-    marker = partial / MARKER
-    with marker.open("w") as file:
-        json.dump({"step": step, "world_size": world_size}, file)
-        file.flush()
-        os.fsync(file.fileno())
+    """Mark ``partial`` complete (the marker with its manifest) and move it to ``final``
+    (rank 0, after every rank wrote)."""
+    write_marker(partial, step, world_size)
     if final.exists():  # saved again at the same step: replace it
         stale = final.with_name(final.name + ".stale")
         shutil.rmtree(stale, ignore_errors=True)
@@ -103,6 +103,47 @@ def mark_complete(partial: Path, final: Path, step: int, world_size: int) -> Non
         shutil.rmtree(stale, ignore_errors=True)
     else:
         partial.rename(final)
+
+
+def resume_checkpoint(folder: str | os.PathLike[str], step: int | None = None,
+                      check: bool = True) -> Path:
+    """The checkpoint a resume starts from: step ``step``'s, or else the newest ``step-*``
+    folder, which must be whole (a ``.partial`` folder, a save cut short, is skipped).
+
+    Args:
+        folder: the checkpoint folder.
+        step: resume from this step's checkpoint (``--resume-from``); None: the newest.
+        check: verify every file against the manifest (do it once, before launch).
+
+    Raises:
+        ConfigError: no checkpoint; the newest (or the asked-for) one is damaged, naming the
+            file and the newest older complete step to pass as ``--resume-from``.
+    """
+    root = Path(folder)
+    if step is None and _NAME.match(root.name):
+        return resume_checkpoint(root.parent, checkpoint_step(root), check)
+    latest_checkpoint(root, required=True)  # the messages for no checkpoint at all
+    named = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)))
+    if step is not None:
+        chosen = [path for number, path in named if number == step]
+        if not chosen:
+            have = ", ".join(str(n) for n, _ in complete_checkpoints(root)) or "none"
+            raise ConfigError(f"--resume-from {step}: {str(root)!r} has no checkpoint of step "
+                              f"{step} (complete ones: steps {have})")
+        path = chosen[0]
+    else:
+        path = named[-1][1]
+    try:
+        if check or not is_complete(path, checkpoint_step(path)):
+            verify(path)
+        if not is_complete(path, checkpoint_step(path)):
+            raise ConfigError(f"checkpoint {str(path)!r} is damaged: its {MARKER} marker names "
+                              "another step, or .metadata or extra.pt is missing")
+    except ConfigError as err:
+        older = [n for n, p in complete_checkpoints(root) if n < checkpoint_step(path)]
+        hint = f"; the newest older complete one is step {older[-1]}" if older else ""
+        raise ConfigError(f"{err}{hint}") from None
+    return path
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -118,12 +159,9 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def is_complete(path: Path, step: int) -> bool:
     """Whether ``path`` holds a marker naming ``step`` and DCP's metadata."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
+    marker = read_marker(path)
     return (
-        isinstance(marker, dict)
+        marker is not None
         and marker.get("step") == step
         and (path / ".metadata").is_file()
         and (path / EXTRA).is_file()

@@ -15,8 +15,9 @@ import time
 import torch.distributed as dist
 
 from stagewise.errors import RuntimeFailure
+from stagewise.runtime.engine.heartbeat import relabel
 
-__all__ = ["FailureBoard", "NonFiniteLoss", "PeerFailure", "StepTimeout"]
+__all__ = ["FailureBoard", "Interrupted", "NonFiniteLoss", "PeerFailure", "StepTimeout"]
 
 _KEY = "stagewise/failure"
 
@@ -51,12 +52,14 @@ class FailureBoard:
         self._next_poll = 0.0
 
     def post(self, text: str) -> None:
-        """Leave ``text`` for the others (the first post wins; errors here are ignored)."""
+        """Leave ``text`` for the others (the first post wins; errors here are ignored). A
+        leading pipeline-local ``rank N`` becomes this process's global name (in a mesh,
+        ``rank 5 (pp 1, dp 1)``)."""
         if self._store is None:
             return
         # A broken store must not hide the real error.
         with contextlib.suppress(Exception):
-            self._store.compare_set(self._key, "", text)
+            self._store.compare_set(self._key, "", relabel(text))
 
     def check(self, force: bool = False) -> str | None:
         """The posted failure, or None; looks at the store at most every poll interval."""
@@ -73,3 +76,12 @@ class FailureBoard:
         except Exception:
             return "the store the ranks share is gone (a rank or the launcher exited)"
         return text or None
+
+
+class Interrupted(RuntimeFailure):
+    """The launcher was asked to stop (``SIGTERM``, ``SIGINT``, ``SIGHUP``); its ranks are
+    ended. ``signal``: the signal's number (the CLI exits with 128 + it)."""
+
+    def __init__(self, text: str, signum: int) -> None:
+        super().__init__(text)
+        self.signal = signum
