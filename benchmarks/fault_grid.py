@@ -12,7 +12,8 @@ seen), waits until the run prints step ``moment``, injects the fault, and classi
 
 Faults: ``kill`` / ``stop`` one rank (SIGKILL / SIGSTOP), ``launcher-kill`` / ``launcher-term``,
 checkpoint damage before a resume (``flip``: 16 bytes of a shard, ``truncate``, ``empty``,
-``marker``: COMPLETE deleted), ``shared``: a second run on the same --checkpoint-dir.
+``marker``: COMPLETE deleted), ``shared``: a second run on the same --checkpoint-dir, ``disk``:
+the disk fills at the first save.
 
     .venv/bin/python benchmarks/fault_grid.py            # the full grid (about 15 minutes)
     .venv/bin/python benchmarks/fault_grid.py --quick    # the slice the tests run
@@ -36,7 +37,7 @@ import psutil
 
 STAGEWISE = str(Path(sys.executable).with_name("stagewise"))
 PROCESS_FAULTS = ("kill", "stop", "launcher-kill", "launcher-term")
-CHECKPOINT_FAULTS = ("flip", "truncate", "empty", "marker", "shared")
+CHECKPOINT_FAULTS = ("flip", "truncate", "empty", "marker", "shared", "disk")
 
 
 @dataclass(frozen=True)
@@ -187,22 +188,24 @@ def run_checkpoint_case(case: Case, folder: Path) -> Result:
     ckpt = folder / "ckpt"
     save = ("--checkpoint-dir", str(ckpt), "--save-every", "2", "--json")
     if case.fault == "shared":
-        first = _Run(case.argv(save), folder / "a")
-        first.wait_for_step(1, 300)
+        first = _Run(Case(case.fault, steps=60).argv(save[:4]), folder / "a")  # prints steps
+        time.sleep(0.5)  # two runs started within a second of each other
         start = time.monotonic()
         second = _Run(case.argv(save), folder / "b")
         code, _ = second.finish(case.timeout + 90)
         seconds = time.monotonic() - start
-        first.finish(300)
+        os.killpg(first.process.pid, signal.SIGTERM)
+        first.finish(60)
         outcome, message = _classify(case, code, seconds, "".join(second.err), 0, [])
         return Result(case, outcome, seconds, message)
+    if case.fault == "disk":
+        return _full_disk(case, folder, ckpt, save)
     whole = subprocess.run(case.argv(save), capture_output=True, text=True, cwd=folder,
                            check=False)
     if whole.returncode != 0:
         return Result(case, "traceback", 0.0, whole.stderr[-300:])
-    newest = sorted(ckpt.glob("step-*"))[-1]
-    _damage(newest, case.fault)
     shutil.rmtree(ckpt / f"step-{case.steps:08d}", ignore_errors=True)  # resume before it
+    _damage(sorted(ckpt.glob("step-*"))[-1], case.fault)
     start = time.monotonic()
     resumed = subprocess.run(case.argv(("--checkpoint-dir", str(ckpt), "--resume", "--json")),
                              capture_output=True, text=True, cwd=folder, check=False)
@@ -214,6 +217,25 @@ def run_checkpoint_case(case: Case, folder: Path) -> Result:
         same = json.loads(resumed.stdout)["losses"] == json.loads(whole.stdout)["losses"]
         outcome, message = ("clean", "resumed, same losses") if same else (
             "wrong", "resumed with other losses")
+    return Result(case, outcome, seconds, message)
+
+
+def _full_disk(case: Case, folder: Path, ckpt: Path, save: tuple[str, ...]) -> Result:
+    """A disk that fills at the first save: files may grow to 200 kB (RLIMIT_FSIZE), less
+    than one shard, so the write fails as on a full disk (EFBIG instead of ENOSPC)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    start = time.monotonic()
+    run = subprocess.run(case.argv(save), capture_output=True, text=True, cwd=folder,
+                         check=False, preexec_fn=limit)
+    seconds = time.monotonic() - start
+    outcome, message = _classify(case, run.returncode, seconds, run.stderr, 0, [])
+    left = sorted(p.name for p in ckpt.glob("*.partial"))
+    if left and outcome == "clean":
+        outcome, message = "wrong", f"partial folder left: {left}"
     return Result(case, outcome, seconds, message)
 
 
@@ -244,7 +266,7 @@ def run_case(case: Case) -> Result:
 def grid(quick: bool) -> list[Case]:
     """The cases: schedule x mesh x rank x moment x fault (a slice with ``quick``)."""
     if quick:
-        return [Case("stop"), Case("launcher-kill"), Case("flip")]
+        return [Case("stop"), Case("launcher-kill"), Case("flip", steps=6), Case("disk", steps=6)]
     cases = [Case(fault, schedule, mesh, rank, moment)
              for fault in PROCESS_FAULTS
              for schedule, mesh in (("1f1b", "pp=2"), ("interleaved", "pp=2"),

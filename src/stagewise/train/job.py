@@ -9,6 +9,7 @@ ranks then read).
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def prepare(config: RunConfig, *, progress: bool = True) -> Job:
     if config.mesh.dp_shard:
         check_shard_replicas(schedule, parts.ties)
     _check_checkpoints(config)
+    _check_writable(config, parts)
     _check_extras(config, parts)
     if config.data.any:
         _check_data(config, parts, progress)
@@ -208,3 +210,29 @@ def _note_skipped(root: Path, step: int) -> None:
         print(f"stagewise: resuming from step {step}; newer {', '.join(newer)} left as is "
               "(its save was cut short, or --resume-from asked for an older step)",
               file=sys.stderr, flush=True)
+
+
+def _check_writable(config: RunConfig, parts: ModelParts) -> None:
+    """A run that will save: the folder can be written and has room for a checkpoint
+    (weights and AdamW's two moments in fp32, 12 bytes a parameter, plus 10 %)."""
+    checkpoint = config.checkpoint
+    if checkpoint.dir is None or not (checkpoint.save_every or checkpoint.export_hf):
+        return
+    root = Path(checkpoint.dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write checkpoints to {str(root)!r} ({err.strerror}): pick a "
+                          "writable --checkpoint-dir") from None
+    if config.training.lora is not None:
+        return  # adapters only: a small fraction of the model
+    numel = sum(p.numel() for layer in parts.layers for p in layer.parameters())
+    need = int(numel * 12 * 1.1)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise ConfigError(
+            f"a checkpoint of this model takes about {need / 2**20:,.0f} MiB but "
+            f"{str(root)!r} has {free / 2**20:,.0f} MiB free: free space or pick another "
+            "--checkpoint-dir")

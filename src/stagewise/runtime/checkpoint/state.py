@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from stagewise.errors import ConfigError
+from stagewise.errors import ConfigError, RuntimeFailure
 from stagewise.runtime.checkpoint.folders import (
     EXTRA,
     MARKER,
@@ -145,9 +146,20 @@ def save_checkpoint(
     _barrier()
     # No state yet (no step taken): save none rather than let DCP make some by a zero-lr
     # step, which AdamW would count.
-    _write_state(_state(layers, optimizer if optimizer.state else None), partial)
-    if rank == _extra_writer(extra is not None):
-        torch.save({"step": step, "extra": dict(extra or {})}, partial / EXTRA)
+    try:
+        _write_state(_state(layers, optimizer if optimizer.state else None), partial)
+        if rank == _extra_writer(extra is not None):
+            torch.save({"step": step, "extra": dict(extra or {})}, partial / EXTRA)
+    except (Exception, CheckpointException) as err:  # out of space, read-only: on every rank
+        reason = _disk_reason(err)
+        if reason is None:
+            raise  # not the disk (a peer that failed): the partial folder shows how far it got
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeFailure(
+            f"rank {rank} could not write checkpoint step {step} in {str(root)!r}: {reason}; "
+            "the partial folder was removed: free space or pick another --checkpoint-dir, "
+            "then --resume from the last complete checkpoint") from None
     _barrier()  # every rank's files are written
     if rank == 0:
         mark_complete(partial, final, step, _world_size())
@@ -193,7 +205,7 @@ def load_checkpoint(
     # Partial: a hyperparameter the checkpoint lacks (an optimizer option added since) keeps
     # its current value; every tensor was checked to be there.
     planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
-    with _single_process_quiet():
+    with _single_process_quiet(), _unreadable(where):
         dcp.load(state, checkpoint_id=where, planner=planner, no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=_OPTIONS)
@@ -202,8 +214,40 @@ def load_checkpoint(
                        optim_state_dict=state["optim"], options=_OPTIONS)
         for name in stateless:  # none at the save (no step yet): none now either
             optimizer.state.pop(params[name][0], None)
-    saved = torch.load(where / EXTRA, weights_only=True)
+    with _unreadable(where):
+        saved = torch.load(where / EXTRA, weights_only=True)
     return {"step": int(saved["step"]), "extra": saved["extra"]}
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """A failed read of a checkpoint's files as one line naming the folder (DCP's own report
+    is a flattened traceback of every rank)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (Exception, CheckpointException) as err:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} could not be read ({_reason(err)}): a file is damaged "
+            "or missing; `stagewise train --resume` checks each file against the manifest and "
+            "names it") from None
+
+
+def _disk_reason(err: BaseException) -> str | None:
+    """The file system's complaint in a failed write, in a few words (DCP wraps it in a long
+    report of every rank), or None when the failure is not the disk's."""
+    text = str(err)
+    for known in ("No space left on device", "File too large", "Disk quota exceeded",
+                  "Read-only file system", "Permission denied"):
+        if known in text:
+            return known
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    """The cause of a failed read or write in a few words."""
+    return _disk_reason(err) or f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
 
 
 def _distributed() -> bool:
@@ -297,7 +341,8 @@ def _check(
     Returns:
         The parameters of ``optim_params`` without state in the checkpoint.
     """
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    with _unreadable(path):
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     mine: list[str] = []
     problem = None
     for index, layer in sorted(layers.items()):
