@@ -51,13 +51,14 @@ class Case:
     moment: int = 2  # the step after which the fault comes
     steps: int = 8
     timeout: float = 10.0
+    chunks: int = 1  # -v, for interleaved schedules
 
     def argv(self, extra: tuple[str, ...] = ()) -> list[str]:
         """The train command of this case."""
         return [STAGEWISE, "train", "-s", self.schedule, "--mesh", self.mesh, "-m", "4",
                 "--global-batch", "8", "--seq-len", "16", "--dim", "32", "--layers", "4",
                 "--steps", str(self.steps), "--timeout", f"{self.timeout:g}", "--no-plots",
-                *extra]
+                *(("-v", str(self.chunks)) if self.chunks > 1 else ()), *extra]
 
 
 @dataclass
@@ -267,10 +268,10 @@ def grid(quick: bool) -> list[Case]:
     """The cases: schedule x mesh x rank x moment x fault (a slice with ``quick``)."""
     if quick:
         return [Case("stop"), Case("launcher-kill"), Case("flip", steps=6), Case("disk", steps=6)]
-    cases = [Case(fault, schedule, mesh, rank, moment)
+    cases = [Case(fault, schedule, mesh, rank, moment, chunks=chunks)
              for fault in PROCESS_FAULTS
-             for schedule, mesh in (("1f1b", "pp=2"), ("interleaved", "pp=2"),
-                                    ("1f1b", "pp=2,dp=2"))
+             for schedule, mesh, chunks in (("1f1b", "pp=2", 1), ("interleaved-1f1b", "pp=2", 2),
+                                            ("zb-h1", "pp=2,dp=2", 1))
              for rank in (0, 1) for moment in (1, 4)
              if fault.startswith("launcher") is False or rank == 0]
     cases += [Case(fault) for fault in CHECKPOINT_FAULTS]

@@ -152,7 +152,7 @@ def _worker(rank: int, num_ranks: int, folder: str, fn: Callable[..., Any],
     except BaseException as err:
         text = relabel(str(err), name) if isinstance(err, RuntimeFailure) else (
             _error_text(name, err))
-        peer = isinstance(err, PeerFailure)
+        peer = isinstance(err, PeerFailure) or _lost_peer(text)
         if not peer:
             with contextlib.suppress(Exception):
                 store.compare_set("stagewise/failure", "", text)
@@ -182,6 +182,12 @@ def _join(store: dist.Store, rank: int, num_ranks: int, options: _Options,
     dist.init_process_group(options.backend, store=store, rank=rank, world_size=num_ranks,
                             timeout=timedelta(seconds=options.step_timeout))
     progress.record(rank, phase="start-up")
+
+
+def _lost_peer(text: str) -> bool:
+    """Whether an error only says another rank went away (its connection closed)."""
+    return any(words in text for words in ("Connection closed by peer", "Connection reset by peer",
+                                           "Broken pipe"))
 
 
 def _error_text(name: str, err: BaseException) -> str:
