@@ -72,3 +72,15 @@ def test_a_hung_rank_makes_the_others_time_out() -> None:
     message, elapsed = _fail("hang", timeout=3.0)
     assert "waited past the timeout" in message
     assert elapsed < 20
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(90)
+def test_rank_errors_carry_the_global_name_given_to_launch() -> None:
+    # In a mesh the pipeline's own numbering (rank 1) is ambiguous: replicas repeat it.
+    names = ["rank 0 (pp 0, dp 1)", "rank 1 (pp 1, dp 1)", "rank 2 (pp 2, dp 1)"]
+    with pytest.raises(RuntimeFailure) as caught:
+        launch(faulty_rank, 3, ("raise", 1, 20.0), timeout=60, grace=20, names=names)
+    first = str(caught.value).split("; then ")[0]
+    assert first.startswith("rank 1 (pp 1, dp 1) failed at 1F")
+    assert "injected failure in a layer" in first
