@@ -52,12 +52,14 @@ def test_lora_counts_two_forward_passes() -> None:
     )
 
 
-def test_gemm_time_is_the_padded_flops_at_sustained_rate() -> None:
+def test_gemm_time_is_waves_of_tiles_at_the_sustained_rate() -> None:
     c = DEFAULT_CONSTANTS
-    d = c.tile_overhead
-    m = n = k = 8192
-    expected = 2 * (m + d) * (n + d) * (k + d) / (H100.peak_flops * c.matmul_efficiency)
-    assert gemm_time(m, n, k, H100, c) == pytest.approx(expected + c.kernel_overhead_s)
+    # 8192^3 on H100: 64 x 64 = 4096 tiles of 128 x 128 on 132 SMs: 31.03 -> 32 waves, each
+    # tile 2 x 128 x 128 x (8192 + 128) FLOPs at 0.75 of 989.4 / 132 TFLOP/s per SM.
+    per_sm = 989.4e12 * c.matmul_efficiency / 132
+    expected = 32 * 2 * 128 * 128 * (8192 + c.tile_k_overhead) / per_sm
+    assert c.gemm_tile == 128
+    assert gemm_time(8192, 8192, 8192, H100, c) == pytest.approx(expected + c.kernel_overhead_s)
 
 
 def test_gemm_efficiency_falls_for_thin_slices_and_few_tokens() -> None:

@@ -296,8 +296,9 @@ def _print_text(
     gpu = cluster.gpu
     recipe = f"LoRA rank {training.lora_rank}" if training.mode == "lora" else "full training"
     print(
-        f"{model.name} ({model.num_params / 1e9:.1f}B parameters), {recipe}, bf16 + Adam, "
-        f"on {cluster.nodes} x {cluster.gpus_per_node} {gpu.name} ({gpu.memory_gib:g} GiB, "
+        f"{model.name} ({model.num_params / 1e9:.1f}B parameters), {recipe}, "
+        f"{training.precision} + Adam, on {cluster.nodes} x {cluster.gpus_per_node} {gpu.name} "
+        f"({gpu.memory_gib:g} GiB, "
         f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16); seq_len {training.seq_len}, global batch "
         f"{training.global_batch}"
     )

@@ -1,14 +1,11 @@
 """The planner's few global constants, each a physical quantity, none tied to one case.
 
-They are the same for every model, GPU and plan. Values come from physical reasoning and
-vendor/NCCL behaviour, not from fitting: with them the published Megatron-LM runs in
-``benchmarks/data/calibration_runs.json`` are predicted to a median 2.2 % (worst 8.1 %) step
-time error (``benchmarks/planner_accuracy.py``), and moving any one constant by a sizeable
-step (matmul efficiency to 0.70 or 0.85, tile overhead to 32 or 128, link efficiency to 0.7,
-HBM efficiency to 0.6) keeps the median error within 7.5 % and the worst within 15 %.
-``matmul_efficiency`` = 0.75 sits between A100 (large cuBLAS GEMMs reach ~0.8 of 312
-TFLOP/s) and H100 SXM (~0.7-0.75 of 989 TFLOP/s under its power limit); measuring one
-block on the target GPU and comparing with ``layer_time`` is the way to refine it.
+They are the same for every model, GPU and plan; what differs between GPUs (peaks, SMs,
+bandwidths) is in the hardware table (``data/gpus.json``). Only ``matmul_efficiency`` is
+fitted to published runs, and ``benchmarks/planner_accuracy.py`` fits it leaving each source
+out (``benchmarks/data``); the others come from the hardware and library behaviour named
+beside them. Measuring a GEMM table and one block on the target GPU
+(``benchmarks/gpu_layer.py``) and comparing with ``layer_time`` is the way to refine them.
 """
 
 from __future__ import annotations
@@ -23,12 +20,18 @@ class Constants:
     """Efficiencies, overheads and memory reserves.
 
     Attributes:
-        matmul_efficiency: share of the dense peak a large BF16 GEMM sustains (cuBLAS on
-            big square-ish shapes; clocks under load, instruction overheads).
-        tile_overhead: elements a GEMM dimension costs on top of its size: partly filled
-            tiles, the prologue/epilogue of the K loop and the last partial wave, averaged.
-            A GEMM of M x N x K runs as (M + d)(N + d)(K + d) at full efficiency, so thin TP
-            slices (N or K = h/t) and small micro-batches (M = b s) lose efficiency.
+        matmul_efficiency: share of its dense peak one SM sustains on a full output tile
+            (clocks under load, instruction and synchronisation overheads); fitted to
+            published runs leaving each source out (cuBLAS reaches 0.7-0.85 on large GEMMs).
+        fp8_efficiency: an FP8 GEMM's efficiency relative to a BF16 GEMM of the same shape
+            (scaling, power limits: on H100 FP8 GEMMs run 1.4-1.65x, not 2x, faster than
+            BF16 at training shapes, vLLM pull 49363's H100 table); 0.75 is a 1.5x speed-up.
+        gemm_tile: edge of a GEMM output tile in elements (cuBLAS and CUTLASS BF16 and FP8
+            kernels on sm80 and sm90 use 128-wide tiles): the unit of tile and wave
+            quantisation (``kernels.gemm_time``).
+        tile_k_overhead: K elements an output tile costs on top of K: the K loop's
+            prologue (filling the shared-memory pipeline, 2-4 stages of 64) and epilogue
+            (writing the tile out).
         flash_efficiency: fused attention's rate relative to a large GEMM (softmax and
             masking inside the kernel; FlashAttention-2 reports 50-73 % of A100 peak).
         hbm_efficiency: share of HBM bandwidth an element-wise kernel sustains.
@@ -44,7 +47,9 @@ class Constants:
     """
 
     matmul_efficiency: float = 0.75
-    tile_overhead: float = 64.0
+    fp8_efficiency: float = 0.75
+    gemm_tile: int = 128
+    tile_k_overhead: float = 128.0
     flash_efficiency: float = 0.75
     hbm_efficiency: float = 0.80
     kernel_overhead_s: float = 4e-6

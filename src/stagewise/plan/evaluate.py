@@ -18,10 +18,17 @@ from stagewise.plan.flops import (
     model_flops_per_token,
 )
 from stagewise.plan.hardware import Cluster
+from stagewise.plan.kernels import gemm_peak
 from stagewise.plan.memory import GIB, MemoryBreakdown, layer_state_bytes_per_param
 from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
-from stagewise.plan.rank import LOGIT_BYTES, RankSizes, rank_memory, rank_sizes
+from stagewise.plan.rank import (
+    LOGIT_BYTES,
+    RankSizes,
+    fp8_weight_bytes,
+    rank_memory,
+    rank_sizes,
+)
 from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
 from stagewise.plan.steptime import (
     StageProfile,
@@ -138,6 +145,8 @@ def check_config(
 ) -> None:
     """Raise PlanError (naming the values and the fix) when ``config`` cannot run."""
     t, n = config.tp, cluster.num_gpus
+    if training.precision == "fp8":
+        gemm_peak(cluster.gpu, fp8=True)  # refuses a GPU without FP8 tensor cores
     if config.num_gpus != n:
         raise PlanError(
             f"tp x pp x dp = {t} x {config.pp} x {config.dp} = {config.num_gpus} but the "
@@ -253,6 +262,7 @@ def _most_loaded(
 
     def varying(size: RankSizes) -> float:
         states = per_param * size.trainable + weight_b * (size.params - size.trainable)
+        states += fp8_weight_bytes(model, training, config, size)
         activations = cache.peak_activation_bytes(*shape, size.rank, size.stage_bytes)
         return states + activations + (logits if size.last else 0.0)
 

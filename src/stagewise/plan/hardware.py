@@ -32,6 +32,8 @@ class GpuSpec:
         network_bandwidth: inter-node bandwidth per GPU each way, bytes/s.
         gpus_per_node: GPUs in the vendor's reference node.
         source: where the figures come from.
+        sms: streaming multiprocessors: a GEMM's output tiles run on them in waves.
+        fp8_peak_flops: dense FP8 peak, FLOP/s; 0 when the GPU has no FP8 tensor cores.
     """
 
     name: str
@@ -42,6 +44,13 @@ class GpuSpec:
     network_bandwidth: float
     gpus_per_node: int = 8
     source: str = ""
+    sms: int = 1
+    fp8_peak_flops: float = 0.0
+
+    @property
+    def has_fp8(self) -> bool:
+        """Whether the GPU has FP8 tensor cores."""
+        return self.fp8_peak_flops > 0
 
     def __post_init__(self) -> None:
         for label in ("peak_flops", "memory_gib", "hbm_bandwidth", "nvlink_bandwidth",
@@ -116,6 +125,8 @@ def get_gpu(name: str) -> GpuSpec:
                 network_bandwidth=entry["network_gb_s"] * 1e9,
                 gpus_per_node=entry.get("gpus_per_node", 8),
                 source=entry.get("source", ""),
+                sms=entry.get("sms", 1),
+                fp8_peak_flops=entry.get("fp8_peak_tflops", 0.0) * 1e12,
             )
     raise PlanError(
         f"unknown GPU {name!r}: choose one of {', '.join(catalog_gpus())} (or "

@@ -1,14 +1,16 @@
 """Time of one transformer block on one GPU of a TP group: GEMMs, attention, element-wise, TP.
 
-Every kernel is timed from first principles and the global constants (``constants.py``):
+Every kernel is timed from the hardware table and the global constants (``constants.py``):
 
-- GEMM M x N x K: ``max(2(M+d)(N+d)(K+d) / (peak·eff), bytes / (HBM·eff_hbm)) + launch``,
-  d = ``tile_overhead``. Thin TP slices (N or K = h/t, f/t) and short token counts
-  (M = b·s) pay the padding, so their efficiency falls; tiny ones become memory-bound.
+- GEMMs by output tiles, waves over the SMs, split-K and the HBM roofline
+  (:func:`stagewise.plan.kernels.gemm_time`); with FP8 the block's GEMMs run at the FP8
+  peak on one-byte operands, and every GEMM input (forward) and output gradient (backward)
+  is cast first: read bf16, write FP8 and its transpose (4 bytes per element).
 - Attention core: ``flash`` runs the causal half of the 4·b·s²·h/t FLOPs at
-  ``flash_efficiency`` of the GEMM rate (backward 2.5x the forward FLOPs: it recomputes the
-  scores); ``unfused`` runs two batched GEMMs with K or N = head_dim plus softmax (and
-  dropout) kernels over the b·(a/t)·s² scores, bandwidth-bound.
+  ``flash_efficiency`` of the GEMM rate, quantised to waves of b·(a/t)·s/128 query blocks
+  (backward 2.5x the forward FLOPs: it recomputes the scores); ``unfused`` runs two batched
+  GEMMs with K or N = head_dim plus softmax (and dropout) kernels over the b·(a/t)·s² scores,
+  bandwidth-bound.
 - Element-wise kernels (norms, residual adds with dropout, activation, rotary) move bytes at
   ``hbm_efficiency`` of HBM bandwidth; the backward moves twice the forward's bytes. Without
   sequence parallelism the norms and residuals are replicated on every TP rank.
@@ -21,30 +23,18 @@ Every kernel is timed from first principles and the global constants (``constant
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stagewise.plan.comm import all_gather_time, all_reduce_time
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.hardware import GpuSpec
+from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_time
 from stagewise.plan.models import ModelSpec
 
-__all__ = ["LayerSetup", "LayerTime", "block_time", "gemm_time"]
+__all__ = ["LayerSetup", "LayerTime", "block_time", "gemm_time"]  # gemm_time: see kernels
 
 BYTES = 2  # bf16 activations and weights
-
-
-def gemm_time(
-    m: float, n: float, k: float, gpu: GpuSpec, c: Constants, batch: int = 1
-) -> float:
-    """Seconds of ``batch`` GEMMs of (m x k) @ (k x n) in one kernel."""
-    d = c.tile_overhead
-    compute = batch * 2.0 * (m + d) * (n + d) * (k + d) / (gpu.peak_flops * c.matmul_efficiency)
-    memory = batch * BYTES * (m * k + k * n + m * n) / (gpu.hbm_bandwidth * c.hbm_efficiency)
-    return max(compute, memory) + c.kernel_overhead_s
-
-
-def _elementwise(num_bytes: float, kernels: int, gpu: GpuSpec, c: Constants) -> float:
-    return num_bytes / (gpu.hbm_bandwidth * c.hbm_efficiency) + kernels * c.kernel_overhead_s
 
 
 @dataclass(frozen=True)
@@ -60,6 +50,7 @@ class LayerSetup:
     dropout: bool = False
     lora_rank: int | None = None
     tp_bandwidth: float | None = None  # bytes/s each way; None: the GPU's NVLink
+    fp8: bool = False  # the block's GEMMs in FP8 (Transformer Engine style)
 
 
 @dataclass(frozen=True)
@@ -118,11 +109,15 @@ def _gemms(
     """(forward, input-gradient, weight-gradient) GEMM seconds, LoRA adapters included."""
     tokens = setup.micro_batch_size * setup.seq_len
     forward = dgrad = wgrad = 0.0
+    fp8 = setup.fp8
     for m, n, k in _gemm_shapes(model, tokens, setup.tp):
-        forward += gemm_time(m, n, k, gpu, c)
-        dgrad += gemm_time(m, k, n, gpu, c)
+        forward += gemm_time(m, n, k, gpu, c, fp8=fp8)
+        dgrad += gemm_time(m, k, n, gpu, c, fp8=fp8)
+        if fp8:  # cast the input (forward) and the output gradient (backward) to FP8
+            forward += elementwise_time(4.0 * m * k, 1, gpu, c)
+            dgrad += elementwise_time(4.0 * m * n, 1, gpu, c)
         if setup.lora_rank is None:
-            wgrad += gemm_time(k, n, m, gpu, c)
+            wgrad += gemm_time(k, n, m, gpu, c, fp8=fp8)
             continue
         r = setup.lora_rank
         for am, an, ak in ((m, r, k), (m, n, r)):  # x A, then (x A) B
@@ -140,7 +135,8 @@ def _attention(
     heads = model.heads / t
     if setup.attention == "flash":
         flops = 4.0 * b * s * s * model.hidden / t * 0.5
-        rate = gpu.peak_flops * c.matmul_efficiency * c.flash_efficiency
+        waves = attention_waves(b * heads * math.ceil(s / c.gemm_tile), gpu)
+        rate = gpu.peak_flops * c.matmul_efficiency * c.flash_efficiency / waves
         return flops / rate + c.kernel_overhead_s, 2.5 * flops / rate + 2 * c.kernel_overhead_s
     dh, batch = model.head_dim, max(1, round(b * heads))
     scores = gemm_time(s, s, dh, gpu, c, batch) + gemm_time(s, dh, s, gpu, c, batch)
@@ -148,8 +144,8 @@ def _attention(
     forward_bytes = elements * (4 + (5 if setup.dropout else 0))
     backward_bytes = elements * (6 + (5 if setup.dropout else 0))
     kernels = 2 if setup.dropout else 1
-    forward = scores + _elementwise(forward_bytes, kernels, gpu, c)
-    backward = 2 * scores + _elementwise(backward_bytes, kernels, gpu, c)
+    forward = scores + elementwise_time(forward_bytes, kernels, gpu, c)
+    backward = 2 * scores + elementwise_time(backward_bytes, kernels, gpu, c)
     return forward, backward
 
 
@@ -163,7 +159,7 @@ def _elementwise_forward(model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: C
     if model.position == "rope":
         sliced += 4 * tokens * (h + model.kv_dim) / t
         kernels += 1
-    return _elementwise(replicated + sliced, kernels, gpu, c)
+    return elementwise_time(replicated + sliced, kernels, gpu, c)
 
 
 def _tp_comm(

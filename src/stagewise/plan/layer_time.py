@@ -5,9 +5,10 @@ from __future__ import annotations
 from stagewise.errors import PlanError
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.hardware import GpuSpec, get_gpu
+from stagewise.plan.kernels import gemm_peak
 from stagewise.plan.layer import LayerSetup, block_time
 from stagewise.plan.models import ModelSpec, get_model
-from stagewise.plan.spec import RECOMPUTE_MODES
+from stagewise.plan.spec import PRECISIONS, RECOMPUTE_MODES
 
 __all__ = ["layer_time"]
 
@@ -24,6 +25,7 @@ def layer_time(
     sequence_parallel: bool = False,
     attention: str = "flash",
     constants: Constants = DEFAULT_CONSTANTS,
+    precision: str = "bf16",
 ) -> tuple[float, float]:
     """Predicted (forward_s, backward_s) of ONE transformer block on ONE GPU of a TP group.
 
@@ -59,10 +61,11 @@ def layer_time(
         sequence_parallel: Megatron sequence parallelism.
         attention: ``flash`` or ``unfused``.
         constants: the planner's global constants.
+        precision: ``bf16``, or ``fp8`` (the block GEMMs in FP8, their inputs cast first).
 
     Raises:
         PlanError: unknown model or GPU, a tp that does not divide the heads or the MLP, an
-            unknown recompute or attention mode.
+            unknown recompute or attention mode, FP8 on a GPU without FP8 tensor cores.
 
     Example:
         >>> fwd, bwd = layer_time("llama-2-70b", "h100", tp=8, micro_batch_size=1, seq_len=4096)
@@ -72,6 +75,9 @@ def layer_time(
     spec = get_model(model) if isinstance(model, str) else model
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
     _check(spec, tp, recompute, attention)
+    if precision not in PRECISIONS:
+        raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    gemm_peak(device, fp8=precision == "fp8")  # refuses FP8 where the GPU has none
     setup = LayerSetup(
         tp=tp,
         micro_batch_size=micro_batch_size,
@@ -81,6 +87,7 @@ def layer_time(
         attention=attention,
         dropout=spec.dropout,
         tp_bandwidth=device.nvlink_bandwidth,
+        fp8=precision == "fp8",
     )
     block = block_time(spec, device, setup, constants)
     comm_f = block.forward_tp_comm if include_comm else 0.0

@@ -13,7 +13,9 @@ Activations of one block for one micro-batch on one GPU of a TP group of t, in b
 For a GPT block (k = h, f = 4h, dropout, unfused) this is Korthikanti's
 s·b·h·(10 + 24/t + 5·a·s/(h·t)), and s·b·h·34/t with sequence parallelism and selective
 recomputation (which drops the attention core). Full recomputation keeps only each block's
-input (2·s·b·h, sharded with sequence parallelism) and rebuilds one block at a time.
+input (2·s·b·h, sharded with sequence parallelism) and rebuilds one block at a time. With FP8
+(Transformer Engine) the saved inputs of the GEMMs are FP8: the two norm outputs, the
+attention output and the MLP's last activation take one byte per element instead of two.
 """
 
 from __future__ import annotations
@@ -116,9 +118,12 @@ def layer_activation_bytes(
     if mode == "full":
         return 2.0 * sbh / shard
     dropout = training.uses_dropout(model)
-    replicated = (8 + (2 if dropout else 0)) * sbh
-    mlp = (6 if model.mlp == "swiglu" else 4) * s * b * f
-    sliced = 2 * sbh + 4 * s * b * model.kv_dim + 2 * sbh + mlp
+    # FP8 keeps the GEMM inputs it saves for the weight gradients in one byte: both norm
+    # outputs, the attention output and the MLP's last activation.
+    fp8 = 1 if training.precision == "fp8" else 0
+    replicated = (8 - 2 * fp8 + (2 if dropout else 0)) * sbh
+    mlp = ((6 if model.mlp == "swiglu" else 4) - fp8) * s * b * f
+    sliced = (2 - fp8) * sbh + 4 * s * b * model.kv_dim + 2 * sbh + mlp
     if training.attention == "flash":
         core = 4.0 * model.heads * s * b
     elif mode == "selective":

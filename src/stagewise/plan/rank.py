@@ -22,7 +22,10 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 
-__all__ = ["LOGIT_BYTES", "RankSizes", "lora_params_per_block", "rank_memory", "rank_sizes"]
+__all__ = [
+    "LOGIT_BYTES", "RankSizes", "fp8_weight_bytes", "lora_params_per_block", "rank_memory",
+    "rank_sizes",
+]
 
 LOGIT_BYTES = BYTES + 4  # per logit on the last stage: bf16 logits and their fp32 softmax
 
@@ -47,6 +50,7 @@ class RankSizes:
     stage_bytes: tuple[float, ...]
     first: bool
     last: bool
+    blocks: int = 0
 
 
 def lora_params_per_block(model: ModelSpec, lora_rank: int) -> int:
@@ -103,9 +107,23 @@ def rank_sizes(
         trainable = blocks * adapters if lora else params + edge
         result.append(
             RankSizes(rank, stages, params + edge + blocks * adapters, trainable, stage_bytes,
-                      first, last)
+                      first, last, blocks)
         )
     return result
+
+
+def fp8_weight_bytes(
+    model: ModelSpec, training: TrainingSpec, config: ParallelConfig, sizes: RankSizes
+) -> float:
+    """FP8 copies of the rank's block weights, kept for the step (0 without FP8).
+
+    Transformer Engine casts each GEMM weight once per step and keeps the FP8 weight and its
+    transpose (Hopper's FP8 GEMMs need both layouts: forward and input gradient), one byte
+    each per matmul parameter of the rank's blocks.
+    """
+    if training.precision != "fp8":
+        return 0.0
+    return 2.0 * sizes.blocks * model.layer_matmul_params / config.tp
 
 
 def rank_memory(
@@ -142,7 +160,8 @@ def rank_memory(
     if config.shards("weights"):  # FSDP: the block computing and the next one, prefetched
         comm += 2.0 * BYTES * model.layer_params / config.tp
     return MemoryBreakdown(
-        weights=weight_b * (sizes.trainable + frozen),
+        weights=weight_b * (sizes.trainable + frozen) + fp8_weight_bytes(model, training,
+                                                                          config, sizes),
         gradients=grad_b * sizes.trainable,
         optimizer=optim_b * sizes.trainable,
         activations=activations,

@@ -183,6 +183,7 @@ def stage_profile(
         dropout=training.uses_dropout(model),
         lora_rank=training.lora_rank if training.mode == "lora" else None,
         tp_bandwidth=group_bandwidth(cluster, config.tp, 1),
+        fp8=training.precision == "fp8",
     )
     block = block_time(model, cluster.gpu, setup, c)
     embed, head = edge_times(model, cluster, training, config, setup, c)

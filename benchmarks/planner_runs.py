@@ -1,0 +1,186 @@
+"""Published training runs as planner inputs: one :class:`Case` per scored row of benchmarks/data.
+
+Sources (``benchmarks/data/README.md`` says what each file holds):
+
+- ``calibration_runs.json``: Korthikanti et al. 2022, A100 (Megatron-LM 2022: unfused attention
+  with dropout, no overlap of the DP all-reduce); every knob is published, so it is evaluated
+  as given.
+- ``a100_runs.json``: Narayanan et al. 2021, Table 1 (A100, full recomputation); micro-batch
+  size and virtual stages are not published, so the planner chooses them: a search with TP,
+  PP, DP and recomputation held.
+- ``published_runs.json``: NVIDIA NeMo performance tables (H100, FP8) and Meta's Llama 3 405B
+  (H100, BF16). Knobs a row does not state (recomputation, or micro-batch and virtual
+  stages) are chosen by a search with the stated ones held, as a user of the planner would.
+
+Each case knows its source family: leave-one-source-out leaves a family out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from stagewise.errors import PlanError
+from stagewise.plan import (
+    Cluster,
+    Constants,
+    ModelSpec,
+    ParallelConfig,
+    TrainingSpec,
+    evaluate,
+    get_gpu,
+    get_model,
+)
+from stagewise.plan.search import search
+
+DATA = Path(__file__).resolve().parent / "data"
+Inputs = tuple[ModelSpec, Cluster, TrainingSpec, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One published run: its source, its measured step time and how to predict it."""
+
+    id: str
+    source: str
+    gpu: str
+    precision: str
+    measured_s: float
+    predict: Callable[[Constants], float]
+
+
+def gpt_model(run: dict[str, Any], name: str | None = None) -> ModelSpec:
+    """A Megatron GPT (GELU MLP, LayerNorm, learned positions, tied embeddings, dropout)."""
+    return ModelSpec(
+        name=name or run["model"], layers=run["layers"], hidden=run["hidden"],
+        heads=run["heads"], kv_heads=run["kv_heads"] or run["heads"], ffn=run["ffn"],
+        vocab=run["vocab"], mlp="gelu", norm="layernorm", tied_embeddings=True,
+        position="learned", bias=True, dropout=True, max_seq_len=run["seq_len"],
+    )
+
+
+def calibration_inputs(
+    run: dict[str, Any],
+) -> tuple[ModelSpec, Cluster, TrainingSpec, ParallelConfig]:
+    """The planner's inputs for one Korthikanti et al. entry, taken from the entry alone."""
+    cluster = Cluster.of_gpus(get_gpu("A100-SXM4-80GB"), run["num_gpus"])
+    training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch_size"],
+                            attention="unfused", dp_overlap=False)
+    config = ParallelConfig.of(
+        tp=run["tp"], pp=run["pp"], dp=run["dp"], num_chunks=run["vp"],
+        micro_batch_size=run["micro_batch_size"],
+        recompute="full" if run["recompute"].startswith("full") else "selective",
+        sequence_parallel=run["sequence_parallel"],
+        schedule="interleaved-1f1b" if run["vp"] > 1 else "1f1b",
+    )
+    return gpt_model(run), cluster, training, config
+
+
+def _best_of_search(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, fixed: dict[str, Any],
+    constants: Constants,
+) -> float:
+    """Step seconds of the fastest fitting plan holding ``fixed`` (both 1F1B schedules when
+    the schedule is not given), inf when none fits."""
+    options: list[dict[str, Any]] = [{}]
+    if "schedule" not in fixed:
+        options = [{"schedule": "1f1b", "num_chunks": 1}]
+        if fixed.get("pp", 1) > 1:  # uneven stages allowed, as Megatron allows them
+            options += [{"schedule": "interleaved-1f1b", "num_chunks": v} for v in (2, 4, 8)
+                        if fixed["pp"] * v <= model.layers]
+    best = float("inf")
+    for option in options:
+        try:
+            plan = search(model, cluster, training, {**fixed, **option}, constants,
+                          exact_top=1).best
+        except PlanError:
+            continue
+        if plan is not None:
+            best = min(best, plan.time.step_s)
+    return best
+
+
+def _calibration_cases() -> list[Case]:
+    cases = []
+    for run in json.loads((DATA / "calibration_runs.json").read_text()):
+        def predict(c: Constants, run: dict[str, Any] = run) -> float:
+            return evaluate(*calibration_inputs(run), c).time.step_s
+        cases.append(Case(run["id"], "korthikanti22", "A100", "bf16",
+                          run["measured"]["iteration_time_s"], predict))
+    return cases
+
+
+def _narayanan_cases() -> list[Case]:
+    cases = []
+    for run in json.loads((DATA / "a100_runs.json").read_text())["runs"]:
+        if not run.get("scored", True):
+            continue
+        model = gpt_model(run, run["id"])
+        cluster = Cluster.of_gpus(get_gpu("A100-SXM4-80GB"), run["num_gpus"])
+        training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
+                                attention="unfused", dp_overlap=False)
+        fixed = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"], "recompute": "full",
+                 "sequence_parallel": False, "dp_sharding": "none"}
+
+        def predict(c: Constants, inputs: Inputs = (model, cluster, training, fixed)) -> float:
+            return _best_of_search(*inputs, c)
+        cases.append(Case(run["id"], run["source_id"], "A100", "bf16", run["step_time_s"],
+                          predict))
+    return cases
+
+
+def published_model(run: dict[str, Any]) -> ModelSpec:
+    """The catalog model a row names, or the architecture it carries."""
+    arch = run.get("architecture")
+    if arch is None:
+        return get_model(run["model"])
+    fields = {k: v for k, v in arch.items() if k != "source"}
+    return ModelSpec(name=run["model"], max_seq_len=run["seq_len"], **fields)
+
+
+def published_inputs(run: dict[str, Any]) -> Inputs:
+    """Model, cluster, run and the knobs the row states (the search chooses the others)."""
+    model = published_model(run)
+    cluster = Cluster.of_gpus(get_gpu(run["gpu"]), run["num_gpus"])
+    training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
+                            attention="flash", precision=run["precision"])
+    fixed: dict[str, Any] = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"],
+                             "sequence_parallel": run["tp"] > 1}
+    if isinstance(run["micro_batch_size"], int):
+        fixed["micro_batch_size"] = run["micro_batch_size"]
+    if isinstance(run["num_chunks"], int):
+        fixed["num_chunks"] = run["num_chunks"]
+        fixed["schedule"] = "interleaved-1f1b" if run["num_chunks"] > 1 else "1f1b"
+    sharding = str(run.get("dp_sharding", "optimizer")).split(" ")[0]
+    fixed["dp_sharding"] = sharding if run["dp"] > 1 else "none"
+    if str(run["recompute"]).startswith("none"):
+        fixed["recompute"] = "none"
+    return model, cluster, training, fixed
+
+
+def _published_cases() -> list[Case]:
+    cases = []
+    for run in json.loads((DATA / "published_runs.json").read_text())["runs"]:
+        if not run.get("scored", True):
+            continue
+        inputs = published_inputs(run)
+
+        def predict(c: Constants, inputs: Inputs = inputs) -> float:
+            return _best_of_search(*inputs, c)
+        gpu = run["gpu"].split("-")[0]
+        cases.append(Case(run["id"], run["source_family"], gpu, run["precision"],
+                          run["step_time_s"], predict))
+    return cases
+
+
+def load_cases() -> list[Case]:
+    """Every scored run of every source."""
+    return _calibration_cases() + _narayanan_cases() + _published_cases()
+
+
+def with_efficiency(c: Constants, value: float) -> Constants:
+    """``c`` with another matmul_efficiency (the one fitted constant)."""
+    return replace(c, matmul_efficiency=value)

@@ -1,0 +1,80 @@
+"""Kernel times on one GPU: GEMMs by tiles and waves, memory-bound kernels by bytes.
+
+A GEMM (m x k) @ (k x n) is cut into output tiles of ``gemm_tile`` x ``gemm_tile``
+(cuBLAS and CUTLASS BF16/FP8 kernels on sm80/sm90 use 128-wide tiles); the tiles run on the
+GPU's streaming multiprocessors in waves, so a GEMM with 1.1 waves of tiles takes as long as
+one with 2. Each SM computes its tile at ``matmul_efficiency`` of its share of the dense peak,
+for ``k`` plus ``tile_k_overhead`` elements (the K loop's prologue and epilogue: loading the
+first stages, writing the tile out). When there are fewer tiles than SMs the K dimension is
+split over the idle SMs (split-K), at the price of writing and reading the fp32 partial sums.
+Then the roofline: a GEMM can never run faster than its operands and result move through HBM
+at ``hbm_efficiency`` of the bandwidth. Thin tensor-parallel slices (n or k = h/t) and short
+token counts (m = b·s) therefore lose efficiency, and tiny GEMMs become memory-bound.
+
+FP8 GEMMs (Transformer Engine style) run at ``fp8_efficiency`` of the BF16 efficiency against
+the GPU's FP8 peak (twice the BF16 one on H100), read one-byte operands and write bf16 results.
+"""
+
+from __future__ import annotations
+
+import math
+
+from stagewise.errors import PlanError
+from stagewise.plan.constants import Constants
+from stagewise.plan.hardware import GpuSpec
+
+__all__ = ["attention_waves", "elementwise_time", "gemm_peak", "gemm_time"]
+
+OUT_BYTES = 2  # GEMM results are written in bf16
+PARTIAL_BYTES = 4  # split-K partial sums are fp32
+MIN_SPLIT_K = 256  # split-K keeps at least this many K elements per split
+
+
+def gemm_peak(gpu: GpuSpec, fp8: bool) -> float:
+    """The dense tensor-core peak a GEMM runs against (FP8 or BF16), FLOP/s.
+
+    Raises:
+        PlanError: FP8 on a GPU without FP8 tensor cores.
+    """
+    if not fp8:
+        return gpu.peak_flops
+    if not gpu.has_fp8:
+        raise PlanError(
+            f"{gpu.name} has no FP8 tensor cores: use --precision bf16, or an H100, H200 or "
+            "B200"
+        )
+    return gpu.fp8_peak_flops
+
+
+def gemm_time(
+    m: float, n: float, k: float, gpu: GpuSpec, c: Constants, batch: int = 1,
+    fp8: bool = False,
+) -> float:
+    """Seconds of ``batch`` GEMMs of (m x k) @ (k x n) in one kernel (see the module doc)."""
+    tile = c.gemm_tile
+    tiles = batch * math.ceil(m / tile) * math.ceil(n / tile)
+    efficiency = c.matmul_efficiency * (c.fp8_efficiency if fp8 else 1.0)
+    per_sm = gemm_peak(gpu, fp8) * efficiency / gpu.sms
+    splits = 1
+    if tiles < gpu.sms:
+        splits = max(1, min(gpu.sms // tiles, int(k // MIN_SPLIT_K)))
+    waves = math.ceil(tiles * splits / gpu.sms)
+    compute = waves * 2.0 * tile * tile * (k / splits + c.tile_k_overhead) / per_sm
+    operand = 1 if fp8 else 2
+    moved = batch * (operand * (m * k + k * n) + OUT_BYTES * m * n)
+    if splits > 1:
+        moved += 2 * batch * PARTIAL_BYTES * m * n * splits
+    memory = moved / (gpu.hbm_bandwidth * c.hbm_efficiency)
+    return max(compute, memory) + c.kernel_overhead_s
+
+
+def attention_waves(blocks: float, gpu: GpuSpec) -> float:
+    """Wave quantisation of a fused attention kernel of ``blocks`` thread blocks (>= 1)."""
+    if blocks <= 0:
+        return 1.0
+    return math.ceil(blocks / gpu.sms) / (blocks / gpu.sms)
+
+
+def elementwise_time(num_bytes: float, kernels: int, gpu: GpuSpec, c: Constants) -> float:
+    """Memory-bound kernels moving ``num_bytes`` through HBM, plus their launches."""
+    return num_bytes / (gpu.hbm_bandwidth * c.hbm_efficiency) + kernels * c.kernel_overhead_s

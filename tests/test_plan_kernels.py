@@ -1,0 +1,118 @@
+"""The kernel model (tiles, waves, split-K, roofline) and FP8 in time and memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from stagewise.errors import PlanError
+from stagewise.plan import (
+    DEFAULT_CONSTANTS,
+    Cluster,
+    ParallelConfig,
+    TrainingSpec,
+    evaluate,
+    get_gpu,
+    get_model,
+    layer_time,
+)
+from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_time
+from stagewise.plan.memory import layer_activation_bytes
+
+H100 = get_gpu("h100")
+A100 = get_gpu("a100")
+C = DEFAULT_CONSTANTS
+
+
+def test_one_tile_more_than_the_sms_costs_a_second_wave() -> None:
+    # 132 tiles fill H100's 132 SMs once; 133 need a second wave of (nearly) the same length.
+    k = 8192
+    full = gemm_time(12 * 128, 11 * 128, k, H100, C)
+    spill = gemm_time(12 * 128 + 1, 11 * 128, k, H100, C)
+    assert spill - C.kernel_overhead_s == pytest.approx(2 * (full - C.kernel_overhead_s))
+
+
+def test_few_tiles_split_k_over_the_idle_sms() -> None:
+    # One 128 x 128 tile with K = 65536: split over 132 SMs it runs far faster than one SM
+    # would, and still no faster than its bytes allow.
+    k = 65536
+    t = gemm_time(128, 128, k, H100, C)
+    one_sm = 2 * 128 * 128 * (k + C.tile_k_overhead) / (H100.peak_flops * C.matmul_efficiency
+                                                        / H100.sms)
+    assert t < one_sm / 10
+    bytes_moved = 2 * (128 * k * 2) + 2 * 128 * 128
+    assert t >= bytes_moved / (H100.hbm_bandwidth * C.hbm_efficiency)
+
+
+def test_small_gemms_are_slower_per_flop_and_tiny_ones_memory_bound() -> None:
+    def efficiency(m: int, n: int, k: int) -> float:
+        return 2 * m * n * k / gemm_time(m, n, k, H100, C) / H100.peak_flops
+
+    big = efficiency(8192, 8192, 8192)
+    assert big < C.matmul_efficiency
+    assert big > efficiency(8192, 1024, 1024) > efficiency(2048, 512, 512)
+    # 16 tokens x 8192 x 8192 reads the 128 MiB weight: bound by HBM, not FLOPs. Its 64 tiles
+    # are split in K over 2 x 64 SMs, whose fp32 partial sums are written and read back.
+    moved = 2 * 8192 * 8192 + 2 * 16 * 8192 * 2 + 2 * 4 * 16 * 8192 * 2
+    assert gemm_time(16, 8192, 8192, H100, C) == pytest.approx(
+        moved / (H100.hbm_bandwidth * C.hbm_efficiency) + C.kernel_overhead_s, rel=1e-6)
+
+
+def test_elementwise_is_bytes_over_bandwidth_plus_launches() -> None:
+    assert elementwise_time(1e9, 3, A100, C) == pytest.approx(
+        1e9 / (2.039e12 * C.hbm_efficiency) + 3 * C.kernel_overhead_s)
+
+
+def test_attention_waves_quantise_to_whole_waves() -> None:
+    assert attention_waves(132, H100) == pytest.approx(1.0)
+    assert attention_waves(133, H100) == pytest.approx(264 / 133)
+
+
+def test_fp8_gemm_runs_at_its_efficiency_of_twice_the_peak() -> None:
+    big = (8192, 8192, 8192)
+    ratio = (gemm_time(*big, H100, C) - C.kernel_overhead_s) / (
+        gemm_time(*big, H100, C, fp8=True) - C.kernel_overhead_s)
+    assert ratio == pytest.approx(H100.fp8_peak_flops / H100.peak_flops * C.fp8_efficiency)
+
+
+def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores() -> None:
+    with pytest.raises(PlanError, match="A100-SXM4-80GB has no FP8 tensor cores"):
+        gemm_time(1024, 1024, 1024, A100, C, fp8=True)
+    with pytest.raises(PlanError, match="no FP8 tensor cores: use --precision bf16"):
+        layer_time("llama-2-7b", "a100", 1, 1, 4096, precision="fp8")
+    run = TrainingSpec(seq_len=4096, global_batch=8, precision="fp8")
+    with pytest.raises(PlanError, match="no FP8"):
+        evaluate(get_model("llama-2-7b"), Cluster(A100, 1, 8), run,
+                 ParallelConfig.of(tp=1, pp=1, dp=8))
+    for name in ("h100", "h200", "b200"):
+        assert get_gpu(name).has_fp8
+
+
+def test_fp8_block_is_faster_but_not_twice_and_keeps_casts() -> None:
+    bf16 = layer_time("llama-2-70b", "h100", 8, 1, 4096, include_comm=False)
+    fp8 = layer_time("llama-2-70b", "h100", 8, 1, 4096, include_comm=False, precision="fp8")
+    for b, f in zip(bf16, fp8, strict=True):
+        assert b / 2 < f < b  # attention and element-wise work stay bf16
+
+
+def test_fp8_saves_gemm_inputs_in_one_byte_and_keeps_fp8_weight_copies() -> None:
+    model = get_model("llama-2-7b")
+    cfg = ParallelConfig.of(tp=1, pp=1, dp=8, micro_batch_size=1)
+    bf16 = TrainingSpec(seq_len=4096, global_batch=8)
+    fp8 = TrainingSpec(seq_len=4096, global_batch=8, precision="fp8")
+    s, h, f = 4096, model.hidden, model.ffn
+    saved = layer_activation_bytes(model, bf16, cfg) - layer_activation_bytes(model, fp8, cfg)
+    assert saved == pytest.approx(2 * s * h + s * h + s * f)  # two norm outputs, attn out, MLP
+    cluster = Cluster(H100, 1, 8)
+    weights_bf16 = evaluate(model, cluster, bf16, cfg).memory.weights
+    weights_fp8 = evaluate(model, cluster, fp8, cfg).memory.weights
+    assert weights_fp8 - weights_bf16 == pytest.approx(2 * model.layers * model.layer_matmul_params)
+
+
+def test_fp8_step_is_faster_on_h100() -> None:
+    model = get_model("llama-2-7b")
+    cluster = Cluster(H100, 1, 8)
+    cfg = ParallelConfig.of(tp=1, pp=1, dp=8, micro_batch_size=1)
+    bf16 = evaluate(model, cluster, TrainingSpec(seq_len=4096, global_batch=64), cfg)
+    fp8 = evaluate(model, cluster, TrainingSpec(seq_len=4096, global_batch=64,
+                                                precision="fp8"), cfg)
+    assert 1.1 < bf16.time.step_s / fp8.time.step_s < 2.0
