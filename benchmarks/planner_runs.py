@@ -146,7 +146,8 @@ def published_inputs(run: dict[str, Any]) -> Inputs:
     model = published_model(run)
     cluster = Cluster.of_gpus(get_gpu(run["gpu"]), run["num_gpus"])
     training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
-                            attention="flash", precision=run["precision"])
+                            attention="flash", precision=run["precision"],
+                            grad_bytes=run.get("grad_bytes", 4))
     fixed: dict[str, Any] = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"],
                              "sequence_parallel": run["tp"] > 1}
     if isinstance(run["micro_batch_size"], int):
