@@ -1,0 +1,66 @@
+"""The published-runs data the planner is scored on, and the GPU-table fit, are consistent."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from stagewise.plan import DEFAULT_CONSTANTS, get_gpu
+from stagewise.plan.kernels import gemm_time
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from planner_runs import load_cases, published_inputs  # noqa: E402
+
+RUNS = json.loads((BENCHMARKS / "data" / "published_runs.json").read_text())["runs"]
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r["id"] for r in RUNS])
+def test_every_row_is_cited_and_its_derived_step_time_follows_from_its_numbers(
+    run: dict[str, object],
+) -> None:
+    assert run["source"]
+    assert run["flops_counted"]
+    assert run["source_family"]
+    gpus, tp, pp, cp = (int(str(run[k])) for k in ("num_gpus", "tp", "pp", "cp"))
+    assert int(str(run["dp"])) * tp * pp * cp == gpus
+    if "tokens_per_s_per_gpu" in run:
+        tokens = int(str(run["global_batch"])) * int(str(run["seq_len"]))
+        derived = tokens / (float(str(run["tokens_per_s_per_gpu"])) * gpus)
+        assert float(str(run["step_time_s"])) == pytest.approx(derived, rel=1e-3)
+    if run.get("scored", True):
+        model, cluster, _, fixed = published_inputs(run)
+        assert cluster.num_gpus == gpus
+        assert fixed["tp"] == tp
+        assert model.layers > 0
+    else:
+        assert run["not_scored_because"]
+
+
+def test_every_source_has_runs_and_ids_are_unique() -> None:
+    cases = load_cases()
+    assert len({c.id for c in cases}) == len(cases)
+    assert {c.source for c in cases} >= {"korthikanti22", "narayanan21-table1",
+                                         "nvidia-nemo-fp8-h100", "meta-llama3"}
+
+
+def test_a_gpu_table_fit_recovers_the_efficiency_it_was_made_with(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from gpu_tables import fitted_efficiency
+
+    gpu = get_gpu("h100")
+    truth = replace(DEFAULT_CONSTANTS, matmul_efficiency=0.62, fp8_efficiency=0.7)
+    shapes = [(8192, 8192, 8192), (4096, 28672, 8192), (4096, 8192, 3584)]
+    rows = [{"m": m, "n": n, "k": k, "dtype": dtype,
+             "seconds": gemm_time(m, n, k, gpu, truth, fp8=dtype == "fp8")}
+            for m, n, k in shapes for dtype in ("bf16", "fp8")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"catalog_gpu": gpu.name, "gemm": rows}))
+    fitted = fitted_efficiency(path)
+    assert fitted.matmul_efficiency == pytest.approx(0.62, rel=1e-6)
+    assert fitted.fp8_efficiency == pytest.approx(0.7, rel=1e-6)
