@@ -193,3 +193,41 @@ def test_checkpoint_faults_end_in_one_line(fault: str, words: str) -> None:
     result = grid.run_case(grid.Case(fault, steps=6))
     assert result.outcome == "clean", result.message
     assert words in result.message
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_under_torchrun_a_stopped_rank_is_named_by_its_peer(tmp_path: Path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "stagewise",
+               "train", "-m", "2", "--steps", "100000", "--no-plots", "--timeout", "8",
+               "--global-batch", "4", "--seq-len", "16", "--dim", "32", "--layers", "2"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.stdout is not None
+    for line in run.stdout:  # the per-step lines: the ranks are training
+        if line.startswith("step") and line.split()[1] == "3":
+            break
+    workers = sorted((c for c in psutil.Process(run.pid).children(recursive=True)
+                      if "stagewise" in " ".join(c.cmdline())), key=lambda c: c.create_time())
+    workers[-1].send_signal(signal.SIGSTOP)  # rank 1
+    start = time.monotonic()
+    _, err = run.communicate(timeout=120)
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    first = next(line for line in err.splitlines() if line.startswith("stagewise:"))
+    assert "rank 1 stopped responding at" in first
+    assert elapsed < 8 + 15
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+                   for worker in workers)

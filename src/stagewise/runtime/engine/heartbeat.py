@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -146,7 +147,8 @@ class SharedProgress:
 @dataclass
 class StoreProgress:
     """Beats through a ``torch.distributed`` store (torchrun): each beat writes
-    ``stagewise/beat/<rank>`` = ``<count> <what>``; the rest stays in this process."""
+    ``stagewise/beat/<rank>`` = ``<count> <host> <pid> <what>``; the rest stays in this
+    process."""
 
     store: Any
     _state: list[int] = field(default_factory=lambda: [-1, 0, 0, -1, 1, 0])
@@ -165,7 +167,8 @@ class StoreProgress:
     def beat(self, rank: int) -> None:
         """Publish one beat (a store that fails is ignored here: the watcher notices)."""
         self._state[5] += 1
-        text = f"{self._state[5]} {_describe(*self._state[:5])}"
+        what = _describe(*self._state[:5])
+        text = f"{self._state[5]} {socket.gethostname()} {os.getpid()} {what}"
         with contextlib.suppress(Exception):
             self.store.set(f"stagewise/beat/{rank}", text)
 
@@ -175,11 +178,20 @@ class StoreProgress:
 
     def read(self, rank: int) -> tuple[int, str]:
         """``rank``'s last published beat count and what it was doing (0, "" before any)."""
+        count, _, _, what = self._fields(rank)
+        return count, what
+
+    def process(self, rank: int) -> tuple[str, int]:
+        """The host and pid of ``rank``'s last beat (``("", 0)`` before any)."""
+        _, host, pid, _ = self._fields(rank)
+        return host, pid
+
+    def _fields(self, rank: int) -> tuple[int, str, int, str]:
         key = f"stagewise/beat/{rank}"
         if not self.store.check([key]):
-            return 0, "start-up"
-        count, _, what = self.store.get(key).decode().partition(" ")
-        return int(count), what
+            return 0, "", 0, "start-up"
+        count, host, pid, what = self.store.get(key).decode().split(" ", 3)
+        return int(count), host, int(pid), what
 
 
 class Heartbeat:

@@ -2,7 +2,7 @@
 
 Each rank runs one daemon thread that, every beat interval, looks at the failure board and at
 the beats of the next two ranks (ring order: every rank is watched twice, and nobody reads
-every key of a big world). A peer silent for ``stall`` seconds is posted as the run's first
+every key of a big world). A peer silent for half of ``stall`` seconds is posted as the run's first
 error (``rank 5 (pp 1, dp 1) stopped responding at 1B3 in step 4``) and this rank leaves; a
 failure posted by another rank ends this one too after a short grace (in case its main thread
 is stuck in a collective and never polls the board). So a frozen rank, or a lost node, stops the
@@ -11,7 +11,10 @@ whole torchrun job within about ``stall`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import sys
 import threading
 import time
@@ -29,7 +32,8 @@ def watch_peers(progress: StoreProgress, board: FailureBoard, rank: int, world_s
     peers = sorted({(rank + k) % world_size for k in (1, 2)} - {rank})
     if not peers:
         return None
-    watch = StallWatch(peers, stall, startup=stall + 60.0)
+    # Half the timeout: the frozen rank is named before its neighbours' own waits time out.
+    watch = StallWatch(peers, max(stall / 2, 3 * beat_interval(stall)), startup=stall + 60.0)
     thread = threading.Thread(target=_run, args=(progress, board, watch, stall, names),
                               name="stagewise-peerwatch", daemon=True)
     thread.start()
@@ -57,12 +61,22 @@ def _run(progress: StoreProgress, board: FailureBoard, watch: StallWatch, stall:
         if silent:
             peer, what = silent[0]
             text = (f"{names[peer]} stopped responding at {what} (no sign of life for "
-                    f"{stall:g} s: frozen, stopped or its node lost)")
+                    f"{watch.stall:g} s: frozen, stopped or its node lost)")
             board.post(text)
+            _end_if_local(progress, peer)
             _leave(text)
         if posted:
             time.sleep(min(stall, 5.0))  # the main thread normally reports it first
             _leave(posted)
+
+
+def _end_if_local(progress: StoreProgress, peer: int) -> None:
+    """Kill a stopped peer on this host: torchrun's agent would wait 30 s for it to take a
+    SIGTERM it cannot take while stopped."""
+    host, pid = progress.process(peer)
+    if host == socket.gethostname() and pid > 0:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _finishing(what: str) -> bool:
