@@ -66,6 +66,15 @@ def test_stall_watch_gives_start_up_its_own_allowance() -> None:
     assert watch.stalled(lambda rank: (0, "start-up")) == []
 
 
+def test_start_up_allowance_shrinks_once_another_rank_beats() -> None:
+    watch = StallWatch([0, 1], stall=0.1, startup=60.0)
+    beats = {0: 1, 1: 0}
+    read = lambda rank: (beats[rank], "start-up")  # noqa: E731
+    watch.stalled(read)
+    # Rank 0 beat first: rank 1 gets stall + 30 s from then, not the full 60 s.
+    assert watch._startup_limit() == pytest.approx(30.1, abs=0.05)
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.timeout(150)

@@ -227,7 +227,8 @@ class StallWatch:
     Args:
         ranks: the ranks watched.
         stall: seconds without a new beat after which a rank counts as stopped.
-        startup: seconds a rank may take to beat for the first time.
+        startup: seconds a rank may take to beat for the first time (``stall`` + 30 s after
+            another rank's first beat, if that comes sooner).
     """
 
     ranks: Sequence[int]
@@ -235,6 +236,7 @@ class StallWatch:
     startup: float
     _seen: dict[int, tuple[int, float]] = field(default_factory=dict)
     _since: float = field(default_factory=time.monotonic)
+    _first_beat: float | None = None  # when any watched rank beat first
 
     def stalled(self, read: Callable[[int], tuple[int, str]],
                 skip: Callable[[int], bool] = lambda rank: False) -> list[tuple[int, str]]:
@@ -246,12 +248,20 @@ class StallWatch:
             if skip(rank):
                 continue
             count, what = read(rank)
+            if count and self._first_beat is None:
+                self._first_beat = now
             last = self._seen.get(rank)
             if last is None or count != last[0]:
                 self._seen[rank] = (count, now)
                 continue
-            limit = self.startup if count == 0 else self.stall
             silent_since = last[1] if count else self._since
-            if now - silent_since >= limit:
+            if now - silent_since >= (self.stall if count else self._startup_limit()):
                 found.append((silent_since, rank, what))
         return [(rank, what) for _, rank, what in sorted(found)]
+
+    def _startup_limit(self) -> float:
+        """Seconds a rank may go without its first beat: ``startup``, or less once another
+        rank beats (ranks start together: ``stall`` + 30 s after the first one's first beat)."""
+        if self._first_beat is None:
+            return self.startup
+        return min(self.startup, self._first_beat - self._since + self.stall + 30.0)

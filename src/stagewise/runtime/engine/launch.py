@@ -349,9 +349,10 @@ def _failures(
         during = progress.last_action(rank)
         name = names[rank]
         if rank in stalled:
-            found.append((-1, 0.0, f"{name} stopped responding at {stalled[rank]} (no sign of "
-                          f"life for {step_timeout:g} s: frozen or stopped); the launcher "
-                          "ended every rank"))
+            silence = ("it never beat, while the others did" if stalled[rank] == "start-up"
+                       else f"no sign of life for {step_timeout:g} s")
+            found.append((-1, 0.0, f"{name} stopped responding at {stalled[rank]} ({silence}: "
+                          "frozen or stopped); the launcher ended every rank"))
         elif outcome is not None and not outcome.ok:
             found.append((1 if outcome.peer else 0, outcome.when, str(outcome.value)))
         elif outcome is not None and exitcodes[rank] != 0:
