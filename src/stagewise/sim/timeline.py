@@ -21,15 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import accumulate
 from operator import itemgetter, sub
 from typing import NamedTuple
+
+import numpy as np
 
 from stagewise.schedules.ir import Op, Schedule
 
 __all__ = ["Bubble", "Event", "RankStats", "Timeline"]
 
 _START, _END = itemgetter(4), itemgetter(5)  # an Event's start and end
+_STAGE, _OP = itemgetter(1), itemgetter(2)
+# What an op does to live activations: 1 allocates (F, at its start), 0 frees (B or W, at its
+# end), -1 neither (I).
+_FREES = {Op.F: 1, Op.B: 0, Op.W: 0, Op.I: -1}
 
 
 class Event(NamedTuple):
@@ -190,22 +195,39 @@ class Timeline:
 
     def _levels(self, rank: int, in_bytes: bool) -> tuple[list[float], list[float]]:
         """The times the level of ``rank`` changes, and the level after each change."""
+        times, levels = self._level_arrays(rank, in_bytes)
+        return times.tolist(), levels.tolist()
+
+    def _level_arrays(self, rank: int, in_bytes: bool) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_levels` as arrays: a forward allocates when it starts; B, or W when split
+        (never both), frees when it ends. Changes are ordered by (time, frees before
+        allocations, size), the levels summed one change after another (np.cumsum adds in
+        order), so they are the same floats as a running sum in Python."""
         if in_bytes and self.activation_bytes is None:
             raise ValueError("this timeline has no activation sizes; pass activation_bytes")
         size = self.activation_bytes if in_bytes else [1.0 / self.num_chunks] * self.num_stages
         assert size is not None
         row = self._by_rank[rank]
-        op_f, op_b, op_w = Op.F, Op.B, Op.W
-        # A forward allocates when it starts; B, or W when split (never both), frees when it
-        # ends. Each list is already in time order, so the sort only merges the two.
-        changes = [(e.start, 1, size[e.stage]) for e in row if e.op is op_f]
-        changes += [(e.end, 0, -size[e.stage]) for e in row if e.op is op_b or e.op is op_w]
-        changes.sort()  # at equal times frees (0) come before allocations (1)
-        return [c[0] for c in changes], list(accumulate(c[2] for c in changes))
+        if not row:
+            return np.empty(0), np.empty(0)
+        n = len(row)
+        code = np.fromiter(map(_FREES.__getitem__, map(_OP, row)), dtype=np.int8, count=n)
+        stages = np.fromiter(map(_STAGE, row), dtype=np.intp, count=n)
+        sizes = np.asarray(size, dtype=np.float64)[stages]
+        starts = np.fromiter(map(_START, row), dtype=np.float64, count=n)
+        ends = np.fromiter(map(_END, row), dtype=np.float64, count=n)
+        allocates, frees = code == 1, code == 0
+        time = np.concatenate((starts[allocates], ends[frees]))
+        delta = np.concatenate((sizes[allocates], -sizes[frees]))
+        kind = np.concatenate((np.ones(int(allocates.sum()), np.int8),
+                               np.zeros(int(frees.sum()), np.int8)))
+        order = np.lexsort((delta, kind, time))
+        return time[order], np.cumsum(delta[order])
 
     def peak_activations(self, rank: int, in_bytes: bool = False) -> float:
         """Largest live activation level of ``rank`` during the step."""
-        return max(0.0, max(self._levels(rank, in_bytes)[1], default=0.0))  # 0 at the start
+        levels = self._level_arrays(rank, in_bytes)[1]
+        return max(0.0, float(levels.max())) if len(levels) else 0.0  # 0 at the start
 
     def rank_stats(self) -> list[RankStats]:
         """Busy, idle and peak activations of every rank."""
