@@ -43,8 +43,8 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
             f"{schedule.num_stages}: give one cost per (virtual) stage"
         )
     with paused_gc():
-        events = _run(schedule, costs, link)
-        return Timeline.of(schedule, events, activation_bytes=costs.activation_bytes)
+        events, rows = _run(schedule, costs, link)
+        return Timeline.of(schedule, events, activation_bytes=costs.activation_bytes, rows=rows)
 
 
 def hop_tables(placement: tuple[int, ...],
@@ -60,8 +60,10 @@ def hop_tables(placement: tuple[int, ...],
     return forward_hop, grad_hop
 
 
-def _run(schedule: Schedule, costs: Costs, link: Link) -> list[Event]:
-    """The events, in the validator's execution order (every dependency already timed).
+def _run(schedule: Schedule, costs: Costs, link: Link) -> tuple[list[Event], list[list[Event]]]:
+    """The events, in the validator's execution order (every dependency already timed), and
+    the same events by rank. A rank's row comes out in time order: each action starts once
+    the one before it on the rank has ended, and no duration is negative.
 
     Flat arrays, one slot per (stage, micro-batch) at stage * m + microbatch, hold when each
     forward and each input gradient ended, with one extra block of zeros where stage 0's
@@ -83,6 +85,8 @@ def _run(schedule: Schedule, costs: Costs, link: Link) -> list[Event]:
     free_at = [0.0] * schedule.num_ranks
     events: list[Event] = []
     append = events.append
+    rows: list[list[Event]] = [[] for _ in range(schedule.num_ranks)]
+    row_append = [row.append for row in rows]
     op_f, op_w, op_b = Op.F, Op.W, Op.B
     make_event = tuple.__new__  # Event(...) without the NamedTuple constructor's overhead
     for rank, (stage, op, j) in execution_order(schedule):
@@ -107,5 +111,7 @@ def _run(schedule: Schedule, costs: Costs, link: Link) -> list[Event]:
                 start = t
             end = grad_end[here] = start + (full[stage] if op is op_b else inputs[stage])
         free_at[rank] = end
-        append(make_event(Event, (rank, stage, op, j, start, end)))
-    return events
+        event = make_event(Event, (rank, stage, op, j, start, end))
+        append(event)
+        row_append[rank](event)
+    return events, rows

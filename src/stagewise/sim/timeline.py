@@ -19,8 +19,8 @@ backward that finishes with them (B, or W when the backward is split) frees them
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import InitVar, dataclass, field
 from operator import itemgetter, sub
 from typing import NamedTuple
 
@@ -35,6 +35,17 @@ _STAGE, _OP = itemgetter(1), itemgetter(2)
 # What an op does to live activations: 1 allocates (F, at its start), 0 frees (B or W, at its
 # end), -1 neither (I).
 _FREES = {Op.F: 1, Op.B: 0, Op.W: 0, Op.I: -1}
+
+
+def _by_rank(events: Iterable[Event], num_ranks: int) -> list[list[Event]]:
+    """``events`` grouped by rank, each row sorted by (start, end) (stable)."""
+    by_rank: list[list[Event]] = [[] for _ in range(num_ranks)]
+    for event in events:
+        by_rank[event.rank].append(event)
+    by_time = itemgetter(4, 5)  # (start, end)
+    for row in by_rank:
+        row.sort(key=by_time)
+    return by_rank
 
 
 class Event(NamedTuple):
@@ -96,6 +107,8 @@ class Timeline:
         time_unit: ``"cost"`` (simulator cost units) or ``"s"``.
         activation_bytes: bytes one micro-batch's activations take through each stage,
             when known (per stage, len num_stages).
+        rows: (init only) the same events grouped by rank, each row sorted by (start, end),
+            when the producer has them (the simulator does); grouped here when omitted.
     """
 
     events: tuple[Event, ...]
@@ -107,22 +120,18 @@ class Timeline:
     source: str = "simulated"
     time_unit: str = "cost"
     activation_bytes: tuple[float, ...] | None = None
+    rows: InitVar[Sequence[Sequence[Event]] | None] = None
     _by_rank: tuple[tuple[Event, ...], ...] = field(init=False, repr=False, compare=False)
     _busy: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _span: tuple[float, float] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        by_rank: list[list[Event]] = [[] for _ in range(self.num_ranks)]
-        for event in self.events:
-            by_rank[event.rank].append(event)
-        by_time = itemgetter(4, 5)  # (start, end)
-        for row in by_rank:
-            row.sort(key=by_time)
+    def __post_init__(self, rows: Sequence[Sequence[Event]] | None) -> None:
+        by_rank = _by_rank(self.events, self.num_ranks) if rows is None else rows
         # sum(e.end - e.start for e in row), the same additions in the same order, in C
         busy = tuple(sum(map(sub, map(_END, row), map(_START, row))) for row in by_rank)
         first = min((row[0].start for row in by_rank if row), default=0.0)
         last = max(map(_END, self.events), default=0.0)
-        object.__setattr__(self, "_by_rank", tuple(tuple(row) for row in by_rank))
+        object.__setattr__(self, "_by_rank", tuple(map(tuple, by_rank)))
         object.__setattr__(self, "_busy", busy)
         object.__setattr__(self, "_span", (first, last))
 
@@ -134,8 +143,10 @@ class Timeline:
         source: str = "simulated",
         time_unit: str = "cost",
         activation_bytes: tuple[float, ...] | None = None,
+        rows: Sequence[Sequence[Event]] | None = None,
     ) -> Timeline:
-        """A Timeline of ``events`` with the sizes and name taken from ``schedule``."""
+        """A Timeline of ``events`` with the sizes and name taken from ``schedule``; ``rows``
+        as in the class (the events by rank, in time order), when known."""
         return cls(
             events=tuple(events),
             num_ranks=schedule.num_ranks,
@@ -146,6 +157,7 @@ class Timeline:
             source=source,
             time_unit=time_unit,
             activation_bytes=activation_bytes,
+            rows=rows,
         )
 
     # --- time ------------------------------------------------------------------------------
