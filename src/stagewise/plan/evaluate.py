@@ -204,33 +204,45 @@ def evaluate(
     if config.tp == 1 and config.sequence_parallel:
         config = replace(config, sequence_parallel=False)
     cache = cache or PipelineCache()
+    cache.bind((model, cluster, training, constants))
     m = config.num_microbatches(training)
     layers = split_layers(model.layers, config.pp * config.num_chunks)
     shape = (config.schedule, config.pp, m, config.num_chunks)
     placement, stages = cache.placement(*shape), cache.stages(*shape)
-    sizes = rank_sizes(model, training, config, layers, stages)
-    memory = _most_loaded(
-        model, training, config, layers, sizes, cache, m, constants, cluster.gpu.memory_gib
+    # Memo keys name exactly the knobs each quantity reads (model, cluster, training and
+    # constants are fixed by cache.bind), so configurations differing elsewhere share it.
+    knobs = (config.tp, config.micro_batch_size, config.recompute, config.sequence_parallel)
+    sizes_key = ("sizes", *knobs, layers, stages)
+    sizes = cache.memo(
+        sizes_key, lambda: rank_sizes(model, training, config, layers, stages)
     )
-
-    profile: list[StageProfile] = []
+    memory = _most_loaded(
+        model, training, config, layers, (sizes_key, sizes), cache, m, constants,
+        cluster.gpu.memory_gib,
+    )
+    profile_key = ("profile", *knobs, config.dp, layers, placement)
 
     def costs() -> StageProfile:
-        if not profile:
-            profile.append(
-                stage_profile(model, cluster, training, config, layers, placement, constants)
-            )
-        return profile[0]
+        return cache.memo(profile_key, lambda: stage_profile(
+            model, cluster, training, config, layers, placement, constants
+        ))
 
     def estimate() -> StepTime:
         return step_time(
             model, cluster, training, config, layers, sizes, cache, constants, costs()
         )
 
-    def bound() -> float:
+    def busiest() -> float:
         splits = cache.splits_backward(config.schedule, config.pp, m, config.num_chunks)
-        pipeline = costs().busiest(stages, m, splits)
-        return pipeline + tail_floor(model, cluster, training, config, sizes, constants)
+        return costs().busiest(stages, m, splits)
+
+    def bound() -> float:
+        pipeline = cache.memo(("busiest", profile_key, shape), busiest)
+        floor = cache.memo(
+            ("tail", sizes_key, config.dp, config.pp, config.dp_sharding),
+            lambda: tail_floor(model, cluster, training, config, sizes, constants),
+        )
+        return pipeline + floor
 
     return Plan(model, cluster, training, config, m, layers, memory, estimate, bound)
 
@@ -240,7 +252,7 @@ def _most_loaded(
     training: TrainingSpec,
     config: ParallelConfig,
     layers: tuple[int, ...],
-    sizes: list[RankSizes],
+    keyed_sizes: tuple[tuple[object, ...], list[RankSizes]],
     cache: PipelineCache,
     m: int,
     constants: Constants,
@@ -250,8 +262,11 @@ def _most_loaded(
 
     Only model states, activations and the last stage's logits differ between ranks (the
     recompute buffer, communication buffers and reserve do not), so ranks are compared on
-    those and the breakdown is built for the winner alone.
+    those and the breakdown is built for the winner alone. ``keyed_sizes`` is the ranks'
+    sizes and their memo key: the winner is memoised by it, the schedule's shape and the
+    bytes per parameter.
     """
+    sizes_key, sizes = keyed_sizes
     per_param = sum(layer_state_bytes_per_param(training, config))
     shape = (config.schedule, config.pp, m, config.num_chunks)
     logits = (
@@ -266,7 +281,10 @@ def _most_loaded(
         activations = cache.peak_activation_bytes(*shape, size.rank, size.stage_bytes)
         return states + activations + (logits if size.last else 0.0)
 
-    rank = max(sizes, key=varying).rank  # max keeps the first of equals
+    rank = cache.memo(
+        ("most loaded", sizes_key, shape, per_param, weight_b),
+        lambda: max(sizes, key=varying).rank,  # max keeps the first of equals
+    )
     return rank_memory(model, training, config, sizes[rank], cache, m, constants, memory_gib)
 
 

@@ -30,12 +30,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from stagewise.schedules import Op, Schedule, build, execution_order, get
 from stagewise.sim import Bubble
 from stagewise.sim.simulate import hop_tables
 
 __all__ = ["PipelineCache", "PipelineRun"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,30 @@ class PipelineCache:
         self._live_exact: dict[tuple[str, int, int, int], _LiveCounts] = {}
         self._runs: dict[tuple[object, ...], _UnitRun] = {}
         self._splits: dict[tuple[str, int, int], bool] = {}
+        self._placements: dict[tuple[str, int, int, int], tuple[int, ...]] = {}
+        self._memo: dict[tuple[object, ...], object] = {}
+        self._context: tuple[object, ...] = ()
         self.simulations = 0
+
+    def bind(self, context: tuple[object, ...]) -> None:
+        """Key :meth:`memo` to ``context`` (the model, cluster, training and constants of a
+        search): a different context (compared by identity) forgets what was memoised."""
+        if len(context) != len(self._context) or any(
+            a is not b for a, b in zip(context, self._context, strict=False)
+        ):
+            self._memo.clear()
+            self._context = context
+
+    def memo(self, key: tuple[object, ...], make: Callable[[], T]) -> T:
+        """``make()``, computed once per ``key`` while the context (see :meth:`bind`) holds.
+
+        The planner keeps here what depends on only part of a configuration (per-stage
+        costs, rank sizes), keyed by exactly the knobs it reads, so plans that differ in
+        other knobs share it. The first element of a key names the quantity.
+        """
+        if key not in self._memo:
+            self._memo[key] = make()
+        return cast(T, self._memo[key])
 
     def schedule(self, name: str, p: int, m: int, v: int) -> Schedule:
         """The schedule ``name`` for p ranks, m micro-batches, v chunks per rank (not yet
@@ -123,11 +149,14 @@ class PipelineCache:
 
     def placement(self, name: str, p: int, m: int, v: int) -> tuple[int, ...]:
         """The rank of every stage (see :meth:`stages`)."""
-        result = [0] * (p * v)
-        for rank, stages in enumerate(self.stages(name, p, m, v)):
-            for stage in stages:
-                result[stage] = rank
-        return tuple(result)
+        key = (name, p, m, v)
+        if key not in self._placements:
+            result = [0] * (p * v)
+            for rank, stages in enumerate(self.stages(name, p, m, v)):
+                for stage in stages:
+                    result[stage] = rank
+            self._placements[key] = tuple(result)
+        return self._placements[key]
 
     def _live_at(self, name: str, p: int, m: int, v: int) -> _LiveCounts:
         key = (name, p, m, v)
