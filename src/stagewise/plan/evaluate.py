@@ -275,11 +275,14 @@ def _most_loaded(
     )
     weight_b = layer_state_bytes_per_param(training, config)[0]
 
+    peaks = cache.memo(("peaks", sizes_key, shape), lambda: [
+        cache.peak_activation_bytes(*shape, size.rank, size.stage_bytes) for size in sizes
+    ])
+
     def varying(size: RankSizes) -> float:
         states = per_param * size.trainable + weight_b * (size.params - size.trainable)
         states += fp8_weight_bytes(model, training, config, size)
-        activations = cache.peak_activation_bytes(*shape, size.rank, size.stage_bytes)
-        return states + activations + (logits if size.last else 0.0)
+        return states + peaks[size.rank] + (logits if size.last else 0.0)
 
     rank = cache.memo(
         ("most loaded", sizes_key, shape, per_param, weight_b),

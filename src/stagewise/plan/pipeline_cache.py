@@ -19,7 +19,9 @@ points no other point dominates; a plan's peak bytes is the largest weighted sum
 exactly what ``peak_activations(in_bytes=True)`` returns.
 
 A search sizes thousands of plans but times few, so schedules are generated without the
-validator, which runs (once per schedule) only before a schedule is simulated.
+validator. A simulation times the rows while it walks them (:mod:`stagewise.plan.timed_walk`),
+so no separate execution order is built; rows that cannot all run go to the validator, which
+raises naming the fault.
 
 Point-to-point costs differ per stage boundary (inside a node or across nodes), so each
 boundary's transfer time in seconds is passed as ``send_bytes`` with a link of unit bandwidth.
@@ -32,9 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from stagewise.schedules import Op, Schedule, build, execution_order, get
+from stagewise.plan.timed_walk import UnitRun as _UnitRun
+from stagewise.plan.timed_walk import idle_and_slack as _idle_and_slack
+from stagewise.schedules import Op, Schedule, build, get
 from stagewise.sim import Bubble
-from stagewise.sim.simulate import hop_tables
 
 __all__ = ["PipelineCache", "PipelineRun"]
 
@@ -94,8 +97,8 @@ class PipelineCache:
         return cast(T, self._memo[key])
 
     def schedule(self, name: str, p: int, m: int, v: int) -> Schedule:
-        """The schedule ``name`` for p ranks, m micro-batches, v chunks per rank (not yet
-        validated: :meth:`run` validates it before simulating)."""
+        """The schedule ``name`` for p ranks, m micro-batches, v chunks per rank (not
+        validated: a simulation refuses rows that cannot all run)."""
         key = (name, p, m, v)
         if key not in self._schedules:
             generator = get(name)
@@ -271,72 +274,12 @@ class PipelineCache:
         return _idle_and_slack(self.schedule(name, p, m, v), f, b, w, h)
 
 
-def _idle_and_slack(
-    schedule: Schedule,
-    forward: tuple[float, ...],
-    backward: tuple[float, ...],
-    weight: tuple[float, ...],
-    hops: tuple[float, ...],
-) -> _UnitRun:
-    """Each rank's idle time and each stage's slack, from the simulator's rules.
-
-    The loop of :func:`stagewise.sim.simulate` (the same order, sums and comparisons, so the
-    same times: tested against it) keeping only what the planner reads, without a Timeline.
-    ``execution_order`` validates the schedule on its first call (a deadlock raises).
-    """
-    m, num_stages, placement = schedule.num_microbatches, schedule.num_stages, schedule.placement
-    forward_hop, grad_hop = hop_tables(placement, hops)
-    inputs = [x - y for x, y in zip(backward, weight, strict=True)]
-    forward_end = [0.0] * ((num_stages + 1) * m)
-    grad_end = [0.0] * ((num_stages + 1) * m)
-    free_at = [0.0] * schedule.num_ranks
-    busy = [0.0] * schedule.num_ranks
-    done = [0.0] * num_stages
-    op_f, op_w, op_b = Op.F, Op.W, Op.B
-    for rank, (stage, op, j) in execution_order(schedule):
-        here = stage * m + j
-        start = free_at[rank]
-        if op is op_f:
-            t = forward_end[here] + forward_hop[stage]
-            if t > start:
-                start = t
-            end = forward_end[here + m] = start + forward[stage]
-        else:
-            if op is op_w:
-                t = grad_end[here]
-                if t > start:
-                    start = t
-                end = start + weight[stage]
-            else:
-                t = forward_end[here + m]
-                if t > start:
-                    start = t
-                t = grad_end[here + m] + grad_hop[stage]
-                if t > start:
-                    start = t
-                end = grad_end[here] = start + (backward[stage] if op is op_b else inputs[stage])
-            done[stage] = end  # a stage's actions run in order on its rank: the latest
-        busy[rank] += end - start
-        free_at[rank] = end
-    makespan = max(free_at)
-    return _UnitRun(
-        idle=tuple(makespan - x for x in busy),
-        stage_slack=tuple(makespan - x for x in done),
-    )
-
-
 @dataclass(frozen=True)
 class _LiveCounts:
     """Per rank: its stages, and its undominated live counts (one column per stage)."""
 
     stages: tuple[tuple[int, ...], ...]
     points: tuple[list[tuple[float, ...]], ...]
-
-
-@dataclass(frozen=True)
-class _UnitRun:
-    idle: tuple[float, ...]
-    stage_slack: tuple[float, ...]
 
 
 # Peak live micro-batches of rank r for schedules that give each rank one stage, as
@@ -389,18 +332,27 @@ def _live_counts(schedule: Schedule, rank: int) -> list[tuple[float, ...]]:
 
     F adds one micro-batch of its stage; B, or W when the backward is split, frees one (the
     rules of ``Timeline.live_activations``; a rank runs its row in order). Levels rise only
-    at an F, so the points after each F hold every peak.
+    at an F, so the points after each F hold every peak; a point followed by another F is
+    below the next one, so only the last F of each run of forwards is kept.
     """
     stages = schedule.stages_of(rank)
     column = {stage: i for i, stage in enumerate(stages)}
     counts = [0.0] * len(stages)
     points: set[tuple[float, ...]] = set()
-    for action in schedule.actions[rank]:
-        if action.op is Op.F:
-            counts[column[action.stage]] += 1.0
+    rising = False  # the last action was an F whose point is not yet recorded
+    op_f, op_b, op_w = Op.F, Op.B, Op.W
+    for stage, op, _ in schedule.actions[rank]:
+        if op is op_f:
+            counts[column[stage]] += 1.0
+            rising = True
+            continue
+        if rising:
             points.add(tuple(counts))
-        elif action.op is Op.B or action.op is Op.W:  # B, or W when split: never both
-            counts[column[action.stage]] -= 1.0
+            rising = False
+        if op is op_b or op is op_w:  # B, or W when split: never both
+            counts[column[stage]] -= 1.0
+    if rising:
+        points.add(tuple(counts))
     return _undominated(points) or [tuple(counts)]
 
 
