@@ -8,8 +8,8 @@ import pytest
 from stagewise.errors import ScheduleError, StagewiseError
 from stagewise.plan import Cluster, TrainingSpec, evaluate, get_gpu, get_model
 from stagewise.plan.search import candidates, search
-from stagewise.plan.timed_walk import idle_and_slack
-from stagewise.schedules import Action, Op, Schedule
+from stagewise.plan.timed_walk import idle_and_slack, idle_and_slack_in_order
+from stagewise.schedules import Action, Op, Schedule, build
 
 H100 = get_gpu("h100")
 
@@ -80,3 +80,21 @@ def test_timed_walk_names_a_missing_action() -> None:
                         placement=(0, 1), actions=rows)
     with pytest.raises(ScheduleError, match="no backward"):
         idle_and_slack(schedule, (1.0, 1.0), (2.0, 2.0), (1.0, 1.0), (0.0, 0.0))
+
+
+@pytest.mark.parametrize(("name", "p", "v"), [("1f1b", 4, 1), ("interleaved-1f1b", 3, 2),
+                                              ("zb-h2", 3, 1), ("dualpipev", 4, 2)])
+def test_recorded_order_times_other_costs_as_the_walk(name: str, p: int, v: int) -> None:
+    """The order one walk recorded gives, for other costs, the times a new walk gives."""
+    schedule = build(name, num_ranks=p, num_microbatches=3 * p + 1, num_chunks=v)
+    stages = p * v
+    order: list[tuple[int, Action]] = []
+    ones = tuple([1.0] * stages)
+    idle_and_slack(schedule, ones, ones, tuple([0.5] * stages), tuple([0.0] * stages), order)
+    assert len(order) == schedule.num_actions
+    forward = tuple(1.0 + 0.1 * (s % 3) for s in range(stages))
+    backward = tuple(2.2 * f for f in forward)
+    weight = tuple(0.8 * f for f in forward)
+    hops = tuple(0.05 * (s % 2) for s in range(stages))
+    walked = idle_and_slack(schedule, forward, backward, weight, hops)
+    assert idle_and_slack_in_order(schedule, order, forward, backward, weight, hops) == walked

@@ -36,7 +36,8 @@ from typing import TypeVar, cast
 
 from stagewise.plan.timed_walk import UnitRun as _UnitRun
 from stagewise.plan.timed_walk import idle_and_slack as _idle_and_slack
-from stagewise.schedules import Op, Schedule, build, get
+from stagewise.plan.timed_walk import idle_and_slack_in_order
+from stagewise.schedules import Action, Op, Schedule, build, get
 from stagewise.sim import Bubble
 
 __all__ = ["PipelineCache", "PipelineRun"]
@@ -73,6 +74,7 @@ class PipelineCache:
         self._splits: dict[tuple[str, int, int], bool] = {}
         self._placements: dict[tuple[str, int, int, int], tuple[int, ...]] = {}
         self._memo: dict[tuple[object, ...], object] = {}
+        self._orders: dict[tuple[str, int, int, int], list[tuple[int, Action]]] = {}
         self._context: tuple[object, ...] = ()
         self.simulations = 0
 
@@ -271,7 +273,13 @@ class PipelineCache:
         h: tuple[float, ...],
     ) -> _UnitRun:
         self.simulations += 1
-        return _idle_and_slack(self.schedule(name, p, m, v), f, b, w, h)
+        schedule, key = self.schedule(name, p, m, v), (name, p, m, v)
+        if key in self._orders:  # walked before: time it along the order that walk took
+            return idle_and_slack_in_order(schedule, self._orders[key], f, b, w, h)
+        order: list[tuple[int, Action]] = []
+        run = _idle_and_slack(schedule, f, b, w, h, order)
+        self._orders[key] = order
+        return run
 
 
 @dataclass(frozen=True)
