@@ -14,7 +14,6 @@ naming the fault.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from stagewise.schedules import Action, Op, Schedule, execution_order
@@ -47,8 +46,10 @@ def idle_and_slack(
     Flat arrays hold when each forward (slot stage + 1) and each input gradient (slot stage)
     ended, at slot * m + micro-batch, with a block of zeros where stage 0 reads its absent
     input and the last stage its absent gradient; :data:`NOT_YET` marks what has not run.
-    A rank blocked on a slot waits in ``waiting[key]`` (key: the forward slot, or the
-    gradient slot plus the size of a table) until the action filling it runs. The actions
+    A rank blocked on a slot waits in ``waiter[key]`` (key: the forward slot, or the
+    gradient slot plus the size of a table) until the action filling it runs: one rank at
+    most, since only the next stage's rank waits on another rank's slot (two waiters mean
+    an action twice or out of place, and the rows then stop and are refused). The actions
     run are appended to ``order`` when given, as (rank, action): an execution order, which
     :func:`idle_and_slack_in_order` times faster for other costs.
 
@@ -59,11 +60,11 @@ def idle_and_slack(
     forward_hop, grad_hop = hop_tables(schedule.placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
     forward_end, grad_end, free_at, busy, done, position = _tables(schedule)
-    waiting: dict[int, list[int]] = {}
-    size, ready = len(forward_end), deque(range(schedule.num_ranks))
+    size, ready = len(forward_end), list(range(schedule.num_ranks))
+    waiter = [-1] * (2 * size)
     record, op_f, op_w, op_b = (order if order is not None else []).append, Op.F, Op.W, Op.B
     while ready:
-        rank = ready.popleft()
+        rank = ready.pop()  # any order of the ready ranks gives the same times
         row, k, start_at, spent = rows[rank], position[rank], free_at[rank], busy[rank]
         while k < len(row):
             stage, op, j = action = row[k]
@@ -71,7 +72,7 @@ def idle_and_slack(
             if op is op_f:
                 t = forward_end[here]
                 if t < 0.0:
-                    waiting.setdefault(here, []).append(rank)
+                    waiter[here] = rank
                     break
                 t += forward_hop[stage]
                 start = start_at if start_at >= t else t
@@ -80,15 +81,15 @@ def idle_and_slack(
             elif op is op_w:
                 t = grad_end[here]
                 if t < 0.0:
-                    waiting.setdefault(size + here, []).append(rank)
+                    waiter[size + here] = rank
                     break
                 start = start_at if start_at >= t else t
                 end = done[stage] = start + weight[stage]
-                key = -1
+                key = 0  # waiter[0], forward slot 0 of the absent input: never waited on
             else:
                 t, g = forward_end[here + m], grad_end[here + m]
                 if t < 0.0 or g < 0.0:
-                    waiting.setdefault(here + m if t < 0.0 else size + here + m, []).append(rank)
+                    waiter[here + m if t < 0.0 else size + here + m] = rank
                     break
                 start = start_at if start_at >= t else t
                 t = g + grad_hop[stage]
@@ -99,8 +100,9 @@ def idle_and_slack(
                 key = size + here
             spent, start_at, k = spent + (end - start), end, k + 1
             record((rank, action))
-            if key in waiting:
-                ready.extend(waiting.pop(key))
+            if waiter[key] >= 0:
+                ready.append(waiter[key])
+                waiter[key] = -1
         position[rank], free_at[rank], busy[rank] = k, start_at, spent
     _check_ran(schedule, position, forward_end, grad_end)
     return _result(free_at, busy, done)
