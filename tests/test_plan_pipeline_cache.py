@@ -8,10 +8,10 @@ import pytest
 
 from stagewise.plan.pipeline_cache import (
     PipelineCache,
-    _idle_and_slack,
     _live_counts,
     reduced_microbatches,
 )
+from stagewise.plan.timed_walk import idle_and_slack
 from stagewise.schedules import Op, build
 from stagewise.sim import Costs, Link, simulate
 
@@ -91,7 +91,7 @@ def test_idle_and_slack_equal_the_simulator(name: str, p: int, v: int) -> None:
     schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
     costs = Costs.per_stage(forward=forward, backward=backward, weight=weight, send_bytes=hops)
     full = simulate(schedule, costs, Link(latency=0.0, bandwidth=1.0))
-    got = _idle_and_slack(schedule, *(tuple(x) for x in (forward, backward, weight, hops)))
+    got = idle_and_slack(schedule, tuple(forward), tuple(backward), tuple(weight), tuple(hops))
     assert got.idle == pytest.approx([full.idle(r) for r in range(p)], rel=1e-12, abs=1e-9)
     done = [max(e.end for e in full.events if e.stage == s and e.op is not Op.F)
             for s in range(p * v)]
