@@ -151,10 +151,14 @@ def make_folder(bench: Bench) -> int:
     return count
 
 
-def _stagewise_command(bench: Bench) -> list[str]:
+def stagewise_exe() -> list[str]:
+    """The ``stagewise`` command beside this Python (or its module when not installed)."""
     exe = Path(sys.executable).parent / "stagewise"
-    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "stagewise.cli.main"]
-    return [*head, "train", "--model", str(bench.folder), "--data", str(bench.data),
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stagewise.cli.main"]
+
+
+def _stagewise_command(bench: Bench) -> list[str]:
+    return [*stagewise_exe(), "train", "--model", str(bench.folder), "--data", str(bench.data),
             "-s", SCHEDULE, "-p", str(NUM_RANKS), "-m", str(bench.microbatches),
             "--global-batch", str(bench.global_batch), "--seq-len", str(bench.seq_len),
             "--steps", str(bench.steps), "--lr", str(bench.lr),

@@ -48,7 +48,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_speed import Bench, make_folder  # a sibling script, not a package
+# finetune_speed is a sibling script, not a package.
+from finetune_speed import Bench, make_folder, stagewise_exe, token_rows
 
 PRESETS: dict[str, dict[str, int]] = {
     # TinyLlama-1.1B's shape: 1.10B parameters.
@@ -63,14 +64,9 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _stagewise() -> list[str]:
-    exe = Path(sys.executable).parent / "stagewise"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stagewise.cli.main"]
-
-
 def train_command(bench: Bench, pp: int, device: str) -> list[str]:
     """``stagewise train`` of the folder in bf16 on ``pp`` local ranks."""
-    return [*_stagewise(), "train", "--model", str(bench.folder), "--data", str(bench.data),
+    return [*stagewise_exe(), "train", "--model", str(bench.folder), "--data", str(bench.data),
             "-s", "1f1b", "-p", str(pp), "-m", str(bench.microbatches),
             "--global-batch", str(bench.global_batch), "--seq-len", str(bench.seq_len),
             "--steps", str(bench.steps), "--lr", str(bench.lr), "--dtype", "bf16",
@@ -140,25 +136,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def token_rows(bench: Bench) -> torch.Tensor:
-    """The data file tokenised with the folder's tokenizer, cut into rows of S tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(bench.folder)
-    ids = tokenizer(bench.data.read_text())["input_ids"]
-    rows = len(ids) // bench.seq_len
-    needed = bench.global_batch * bench.steps
-    if rows < needed:
-        raise SystemExit(f"{bench.data}: {rows} rows of {bench.seq_len} tokens, {needed} "
-                         "needed: raise --text-repeats")
-    return torch.tensor(ids[: rows * bench.seq_len]).view(rows, bench.seq_len)
-
-
 def planned_memory(bench: Bench, pp: int, gpu: str | None) -> dict[str, Any] | None:
     """The planner's memory per GPU for the run's layout: total, and total less ``reserved``."""
     if gpu is None:
         return None
-    command = [*_stagewise(), "plan", "--model-config", str(bench.folder / "config.json"),
+    command = [*stagewise_exe(), "plan", "--model-config", str(bench.folder / "config.json"),
                "--gpu", gpu, "--gpus", str(pp), "--tp", "1", "--pp", str(pp), "--dp", "1",
                "--seq-len", str(bench.seq_len), "--global-batch", str(bench.global_batch),
                "--micro-batch-size", str(bench.global_batch // bench.microbatches),

@@ -31,15 +31,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_speed import Bench, make_folder  # a sibling script, not a package
+from finetune_speed import Bench, make_folder, stagewise_exe  # a sibling script, not a package
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 GIB = float(1 << 30)
-
-
-def _stagewise() -> list[str]:
-    exe = Path(sys.executable).parent / "stagewise"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stagewise.cli.main"]
 
 
 def _run(command: list[str], cwd: Path | None = None) -> dict[str, Any]:
@@ -53,7 +48,7 @@ def _run(command: list[str], cwd: Path | None = None) -> dict[str, Any]:
 
 def measured(bench: Bench, pp: int, rank: int) -> dict[str, Any]:
     """The LoRA run's report: each rank's state bytes and saved activation bytes."""
-    command = [*_stagewise(), "train", "--model", str(bench.folder), "--data", str(bench.data),
+    command = [*stagewise_exe(), "train", "--model", str(bench.folder), "--data", str(bench.data),
                "-s", "1f1b", "-p", str(pp), "-m", str(bench.microbatches),
                "--global-batch", str(bench.global_batch), "--seq-len", str(bench.seq_len),
                "--steps", str(bench.steps), "--lr", "1e-3", "--dtype", "bf16",
@@ -68,7 +63,7 @@ def measured(bench: Bench, pp: int, rank: int) -> dict[str, Any]:
 
 def planned(bench: Bench, pp: int, rank: int) -> dict[str, Any]:
     """The planner's memory of the same run (its peak rank)."""
-    command = [*_stagewise(), "plan", "--model-config", str(bench.folder / "config.json"),
+    command = [*stagewise_exe(), "plan", "--model-config", str(bench.folder / "config.json"),
                "--gpu", "H100", "--gpus", str(pp), "--tp", "1", "--pp", str(pp), "--dp", "1",
                "--seq-len", str(bench.seq_len), "--global-batch", str(bench.global_batch),
                "--micro-batch-size", str(bench.global_batch // bench.microbatches),
