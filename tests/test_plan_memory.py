@@ -153,3 +153,29 @@ def test_cached_peak_equals_the_simulated_timelines_peak(name: str) -> None:
             rank, in_bytes=True)
         assert cache.peak_activation_bytes(name, p, m, v, rank, stage_bytes) == pytest.approx(
             expected)
+
+
+@pytest.mark.parametrize("attention", ["flash", "unfused"])
+def test_lora_block_activations_by_hand(attention: str) -> None:
+    # Llama 2 7B, LoRA r=16 on all seven projections, as peft on a Hugging Face block saves
+    # them under bf16 autocast (tests/test_plan_lora_memory_fit.py measures a real block).
+    model = get_model("llama-2-7b")
+    s, b, h, f, a, d, r = 4096, 1, 4096, 11008, 32, 128, 16
+    sbh, sbf, sb = s * b * h, s * b * f, s * b
+    run = TrainingSpec(seq_len=s, global_batch=1, mode="lora", lora_rank=r, attention=attention)
+    cfg = ParallelConfig.of(tp=1, pp=1, dp=1, micro_batch_size=b)
+    norms = 2 * (4 * sbh + 4 * sb)  # fp32 input and 1/rms of both RMSNorms
+    inputs = 6 * 2 * sbh + 2 * sbf  # a bf16 input copy per adapter: q k v o gate up, down
+    adapters = 7 * 2 * sb * r  # A x of each adapter
+    casts = 2 * r * (4 * (h + h) + 3 * (h + f))  # bf16 casts of every A and B (kv = h here)
+    mlp = 3 * 2 * sbf  # gate, SiLU(gate), up
+    rotary = 2 * 2 * sb * d  # cos and sin
+    if attention == "flash":
+        core = 2 * sbh + 2 * 2 * sbh + 2 * sbh + 4 * a * sb  # Q, K, V, out, fp32 log-sum-exp
+    else:
+        core = 3 * 2 * sbh + (4 + 2) * a * s * s * b  # Q, K, V; fp32 softmax and bf16 copy
+    expected = norms + inputs + adapters + casts + mlp + rotary + core
+    assert layer_activation_bytes(model, run, cfg) == pytest.approx(expected, rel=1e-12)
+    # The block as full training saves it (Megatron's fused kernels) is smaller.
+    full = replace(run, mode="full")
+    assert layer_activation_bytes(model, full, cfg) < 0.75 * expected

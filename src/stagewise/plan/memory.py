@@ -16,6 +16,31 @@ recomputation (which drops the attention core). Full recomputation keeps only ea
 input (2·s·b·h, sharded with sequence parallelism) and rebuilds one block at a time. With FP8
 (Transformer Engine) the saved inputs of the GEMMs are FP8: the two norm outputs, the
 attention output and the MLP's last activation take one byte per element instead of two.
+
+LoRA fine-tuning (``mode="lora"``) is what ``stagewise train --lora`` runs: Hugging Face blocks
+with peft adapters (float32) on a frozen bf16 base under bf16 autocast. What that saves was
+counted tensor by tensor with ``saved_tensors_hooks`` on a Llama block (``tests/
+test_plan_lora_memory_fit.py`` repeats the count) and differs from the Megatron block above:
+
+- the frozen base GEMMs save no input (their weight gradient is never needed); instead each
+  adapted linear saves its own bf16 copy of its input (peft casts the input to the adapter's
+  float32, autocast casts it back for the GEMM), so Q, K and V keep three copies of the norm
+  output (2·s·b·h each), gate and up two more, the output projection and the MLP's down
+  projection one each (2·s·b·h, 2·s·b·f);
+- each norm saves its fp32 input and 1/rms (4·s·b·h + 4·s·b: Hugging Face's RMSNorm upcasts
+  to fp32; autocast runs LayerNorm in fp32);
+- each adapter saves A·x (2·s·b·r) and autocast's bf16 casts of A and B (2 bytes per adapter
+  parameter, made again every micro-batch);
+- the MLP keeps gate, SiLU(gate) and up (6·s·b·f; GELU: its input, 2·s·b·f);
+- attention: fused (PyTorch SDPA's flash kernel) keeps Q, K, V, its output and the fp32
+  log-sum-exp; eager (``attention="unfused"``) keeps Q, and K and V repeated to every head
+  (2·s·b·h each), the fp32 softmax (4·a·s²·b) and its bf16 copy (2·a·s²·b), with attention
+  dropout its mask and output (3·a·s²·b);
+- rotary models: each block recomputes its cos and sin (2 x 2·s·b·h/a); with dropout, the
+  two residual dropout masks (2·s·b·h, one byte each).
+
+On the first stage the embedding is frozen, so the first block's input needs no gradient and
+its first norm saves nothing (:func:`lora_first_norm_bytes` is what it does not save).
 """
 
 from __future__ import annotations
@@ -30,6 +55,8 @@ __all__ = [
     "MemoryBreakdown",
     "layer_activation_bytes",
     "layer_state_bytes_per_param",
+    "lora_first_norm_bytes",
+    "lora_params_per_block",
 ]
 
 GIB = float(1 << 30)
@@ -117,6 +144,8 @@ def layer_activation_bytes(
     shard = t if config.sequence_parallel else 1
     if mode == "full":
         return 2.0 * sbh / shard
+    if training.mode == "lora":
+        return _lora_block_bytes(model, training, config, mode)
     dropout = training.uses_dropout(model)
     # FP8 keeps the GEMM inputs it saves for the weight gradients in one byte: both norm
     # outputs, the attention output and the MLP's last activation.
@@ -131,6 +160,49 @@ def layer_activation_bytes(
     else:
         core = (2 + (3 if dropout else 0)) * model.heads * s * s * b
     return replicated / shard + (sliced + core) / t
+
+
+def lora_params_per_block(model: ModelSpec, lora_rank: int) -> int:
+    """Adapter parameters of one block: r x (in + out) for Q, K, V, O and the MLP matrices."""
+    h, k, f = model.hidden, model.kv_dim, model.ffn
+    attention = (h + h) + 2 * (h + k) + (h + h)
+    mlp = (model.mlp_matrices - 1) * (h + f) + (f + h)
+    return lora_rank * (attention + mlp)
+
+
+def _lora_block_bytes(
+    model: ModelSpec, training: TrainingSpec, config: ParallelConfig, mode: str
+) -> float:
+    """One block's saved bytes under peft LoRA on a Hugging Face block (module docstring)."""
+    b, s, t = config.micro_batch_size, training.seq_len, config.tp
+    h, k, f, a, r = model.hidden, model.kv_dim, model.ffn, model.heads, training.lora_rank
+    sb, sbh = s * b, s * b * h
+    shard = t if config.sequence_parallel else 1
+    column_inputs = 3 + model.mlp_matrices - 1  # Q, K, V and the MLP's up (and gate)
+    adapters = 4 + model.mlp_matrices
+    dropout = training.uses_dropout(model)
+    replicated = 2 * (4 * sbh + 4 * sb) + column_inputs * 2 * sbh + (2 * sbh if dropout else 0)
+    if model.position == "rope":
+        replicated += 2 * 2 * sb * model.head_dim
+    unsharded = adapters * 2 * sb * r  # A·x: the adapter rank is not split over TP
+    mlp = (6 if model.mlp == "swiglu" else 2) * sb * f
+    sliced = 2 * sbh + 2 * sb * f + mlp + 2.0 * lora_params_per_block(model, r)
+    if training.attention == "flash":
+        core = 2 * sbh + 4 * sb * k + 2 * sbh + 4 * a * sb
+    else:
+        core = 3 * 2 * sbh
+        if mode != "selective":
+            core += (4 + 2 + (3 if dropout else 0)) * a * s * s * b
+    return replicated / shard + unsharded + (sliced + core) / t
+
+
+def lora_first_norm_bytes(
+    model: ModelSpec, training: TrainingSpec, config: ParallelConfig
+) -> float:
+    """The fp32 input and 1/rms one LoRA block's first norm saves (module docstring)."""
+    sb = config.micro_batch_size * training.seq_len
+    shard = config.tp if config.sequence_parallel else 1
+    return (4.0 * sb * model.hidden + 4.0 * sb) / shard
 
 
 def layer_state_bytes_per_param(

@@ -17,6 +17,8 @@ from stagewise.plan.memory import (
     MemoryBreakdown,
     layer_activation_bytes,
     layer_state_bytes_per_param,
+    lora_first_norm_bytes,
+    lora_params_per_block,
 )
 from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
@@ -53,14 +55,6 @@ class RankSizes:
     blocks: int = 0
 
 
-def lora_params_per_block(model: ModelSpec, lora_rank: int) -> int:
-    """Adapter parameters of one block: r x (in + out) for Q, K, V, O and the MLP matrices."""
-    h, k, f = model.hidden, model.kv_dim, model.ffn
-    attention = (h + h) + 2 * (h + k) + (h + h)
-    mlp = (model.mlp_matrices - 1) * (h + f) + (f + h)
-    return lora_rank * (attention + mlp)
-
-
 def _stage_bytes(
     model: ModelSpec, training: TrainingSpec, config: ParallelConfig, layers: tuple[int, ...]
 ) -> tuple[float, ...]:
@@ -68,11 +62,15 @@ def _stage_bytes(
     sbh = config.micro_batch_size * training.seq_len * model.hidden
     shard = config.tp if config.sequence_parallel else 1
     dropout = training.uses_dropout(model)
+    lora = training.mode == "lora"
     sizes = []
     for stage, count in enumerate(layers):
         size = count * per_layer
-        if stage == 0 and dropout:
-            size += sbh / shard  # embedding dropout mask
+        if stage == 0 and dropout and not lora:
+            size += sbh / shard  # embedding dropout mask (LoRA: a frozen embedding's output
+            # needs no gradient, so its dropout saves nothing)
+        if stage == 0 and count and lora and config.recompute != "full":
+            size -= lora_first_norm_bytes(model, training, config)  # its input needs no grad
         if stage == len(layers) - 1:
             size += 2.0 * BYTES * sbh / shard  # final norm input and output
         sizes.append(size)
