@@ -366,3 +366,23 @@ def test_memory_margin_marks_plans_at_risk(capsys: pytest.CaptureFixture[str]) -
     wide = _json(capsys, [*LESSON, "--nodes", "4", *fixed, "--memory-margin-gib",
                           str(free + 0.5)])["recommended"]
     assert wide["at_risk"] is True
+    narrow = _json(capsys, [*LESSON, "--nodes", "4", *fixed, "--memory-margin-gib",
+                            str(max(free - 0.5, 0.0))])["recommended"]
+    assert narrow["at_risk"] is False
+
+
+def test_memory_margin_is_said_in_the_text_and_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 14 item 6: a plan within the margin (default 2 GiB) of the limit is marked at risk.
+    fixed = ["--tp", "8", "--pp", "4", "--micro-batch-size", "1", "--recompute", "none",
+             "--schedule", "1f1b", "--no-sequence-parallel", "--dp-sharding", "none"]
+    plan = _json(capsys, [*LESSON, "--nodes", "4", *fixed, "--json"])["recommended"]
+    free = plan["headroom_gib"]
+    assert free > 0
+    assert cli([*LESSON, "--nodes", "4", *fixed, "--memory-margin-gib", str(free + 1)]) == 0
+    risky = capsys.readouterr().out
+    assert f"at risk: only {free:.1f} GiB free at the peak (margin {free + 1:g} GiB)" in risky
+    assert "at risk" in risky.split("top ")[-1]  # the table's note column
+    assert cli([*LESSON, "--nodes", "4", *fixed, "--memory-margin-gib", "0"]) == 0
+    assert "at risk" not in capsys.readouterr().out

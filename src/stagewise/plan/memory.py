@@ -53,6 +53,7 @@ from stagewise.plan.spec import ParallelConfig, TrainingSpec
 __all__ = [
     "GIB",
     "MemoryBreakdown",
+    "adapter_extra_weight_bytes",
     "layer_activation_bytes",
     "layer_state_bytes_per_param",
     "lora_first_norm_bytes",
@@ -215,9 +216,23 @@ def layer_state_bytes_per_param(
     replicas shard it (``config.dp_sharding``): ZeRO-1 (Megatron's distributed optimizer)
     gives 6 + 12/d (Megatron-LM ``docs/distrib_optimizer.md``), ZeRO-2 2 + 16/d, FSDP 18/d
     (the gathered weights of the blocks being computed are counted separately).
+
+    LoRA: the adapters are float32 (peft's ``autocast_adapter_dtype`` casts them up on a bf16
+    base, and ``stagewise train --lora`` keeps them so), so they are their own master weights
+    and AdamW keeps only its two fp32 moments (8); the adapters' other 2 weight bytes are
+    :func:`adapter_extra_weight_bytes`. The weight figure here (2) is also what every frozen
+    base parameter takes.
     """
     d = config.dp
     weights = 2.0 / (d if config.shards("weights") else 1)
     gradients = float(training.grad_bytes) / (d if config.shards("gradients") else 1)
-    optimizer = 12.0 / (d if config.shards("optimizer") else 1)
+    moments = 8.0 if training.mode == "lora" else 12.0
+    optimizer = moments / (d if config.shards("optimizer") else 1)
     return weights, gradients, optimizer
+
+
+def adapter_extra_weight_bytes(training: TrainingSpec, config: ParallelConfig) -> float:
+    """Bytes per LoRA adapter parameter beyond the 2 of a bf16 weight (fp32 adapters), else 0."""
+    if training.mode != "lora":
+        return 0.0
+    return 2.0 / (config.dp if config.shards("weights") else 1)

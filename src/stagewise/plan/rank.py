@@ -15,6 +15,7 @@ from stagewise.plan.layer import BYTES
 from stagewise.plan.memory import (
     GIB,
     MemoryBreakdown,
+    adapter_extra_weight_bytes,
     layer_activation_bytes,
     layer_state_bytes_per_param,
     lora_first_norm_bytes,
@@ -158,8 +159,9 @@ def rank_memory(
     if config.shards("weights"):  # FSDP: the block computing and the next one, prefetched
         comm += 2.0 * BYTES * model.layer_params / config.tp
     return MemoryBreakdown(
-        weights=weight_b * (sizes.trainable + frozen) + fp8_weight_bytes(model, training,
-                                                                          config, sizes),
+        weights=weight_b * (sizes.trainable + frozen)
+        + adapter_extra_weight_bytes(training, config) * sizes.trainable
+        + fp8_weight_bytes(model, training, config, sizes),
         gradients=grad_b * sizes.trainable,
         optimizer=optim_b * sizes.trainable,
         activations=activations,
