@@ -28,7 +28,7 @@ test_plan_lora_memory_fit.py`` repeats the count) and differs from the Megatron 
   output (2·s·b·h each), gate and up two more, the output projection and the MLP's down
   projection one each (2·s·b·h, 2·s·b·f);
 - each norm saves its fp32 input and 1/rms (4·s·b·h + 4·s·b: Hugging Face's RMSNorm upcasts
-  to fp32; autocast runs LayerNorm in fp32);
+  to fp32; LayerNorm is counted the same, as CUDA autocast runs it in fp32);
 - each adapter saves A·x (2·s·b·r) and autocast's bf16 casts of A and B (2 bytes per adapter
   parameter, made again every micro-batch);
 - the MLP keeps gate, SiLU(gate) and up (6·s·b·f; GELU: its input, 2·s·b·f);
