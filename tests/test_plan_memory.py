@@ -182,3 +182,18 @@ def test_lora_block_activations_by_hand(attention: str) -> None:
     # The block as full training saves it (Megatron's fused kernels) is smaller.
     full = replace(run, mode="full")
     assert layer_activation_bytes(model, full, cfg) < 0.75 * expected
+
+
+def test_lora_first_stage_skips_the_first_norm_and_the_last_keeps_the_final_norm() -> None:
+    from stagewise.plan.rank import rank_sizes
+
+    model = get_model("llama-2-7b")
+    s, h = 4096, 4096
+    run = TrainingSpec(seq_len=s, global_batch=1, mode="lora")
+    cfg = ParallelConfig.of(tp=1, pp=2, dp=1, micro_batch_size=1)
+    block = layer_activation_bytes(model, run, cfg)
+    stage_bytes = rank_sizes(model, run, cfg, (16, 16), [(0,), (1,)])[0].stage_bytes
+    # The frozen embedding's output needs no gradient: the first block's first RMSNorm saves
+    # neither its fp32 input nor 1/rms. The last stage adds the final norm's input and output.
+    assert stage_bytes[0] == pytest.approx(16 * block - (4 * s * h + 4 * s))
+    assert stage_bytes[1] == pytest.approx(16 * block + 4 * s * h)
