@@ -51,12 +51,11 @@ def _rank_row(rank: int, num_ranks: int, num_chunks: int, groups: list[list[int]
     backwards = actions(Op.B, range(num_chunks - 1, -1, -1))
     total = len(forwards)
     warmup = min(total, (num_chunks - 1) * len(groups[0]) + 2 * (num_ranks - rank - 1))
-    row = forwards[:warmup]
-    for i in range(total - warmup):
-        row.append(forwards[warmup + i])
-        row.append(backwards[i])
-    row.extend(backwards[total - warmup :])
-    return row
+    steady = total - warmup  # one forward, one backward, alternating (slice writes, in C)
+    alternating: list[Action] = [forwards[0]] * (2 * steady)
+    alternating[0::2] = forwards[warmup:]
+    alternating[1::2] = backwards[:steady]
+    return forwards[:warmup] + alternating + backwards[steady:]
 
 
 def _build(num_ranks: int, num_microbatches: int, num_chunks: int) -> Schedule:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import InitVar, dataclass, field
 from functools import cached_property, partial
 from itertools import chain, repeat
-from operator import itemgetter, sub
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import numpy as np
@@ -119,16 +119,20 @@ class SimulatedRows:
 
 
 class _Row:
-    """One rank's events in time order, as columns; the Event tuples built on first read."""
+    """One rank's events in time order, as columns; the Event tuples and numpy arrays built
+    on first use."""
 
-    __slots__ = ("_arrays", "_events", "actions", "ends", "rank", "starts")
+    __slots__ = ("_events", "_letters", "_stages", "_times", "actions", "ends", "rank",
+                 "starts")
 
     def __init__(self, rank: int, actions: Sequence[tuple[int, Op, int]],
                  starts: Sequence[float], ends: Sequence[float],
                  events: tuple[Event, ...] | None = None) -> None:
         self.rank, self.actions, self.starts, self.ends = rank, actions, starts, ends
         self._events = events
-        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._letters: np.ndarray | None = None
+        self._stages: np.ndarray | None = None
+        self._times: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def of_events(cls, rank: int, events: Sequence[Event]) -> _Row:
@@ -141,18 +145,30 @@ class _Row:
             actions = self.actions
             self._events = tuple(map(partial(tuple.__new__, Event), zip(
                 repeat(self.rank), map(_STAGE, actions), map(_OP, actions),
-                map(_MICROBATCH, actions), self.starts, self.ends)))
+                map(_MICROBATCH, actions), self.starts, self.ends, strict=False)))
         return self._events
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(op letters as bytes, stages, starts, ends) as numpy arrays."""
-        if self._arrays is None:
-            n = len(self.actions)
-            letters = np.frombuffer("".join(map(_OP, self.actions)).encode("ascii"), np.uint8)
-            stages = np.fromiter(map(_STAGE, self.actions), dtype=np.intp, count=n)
-            self._arrays = (letters, stages, np.array(self.starts, dtype=np.float64),
-                            np.array(self.ends, dtype=np.float64))
-        return self._arrays
+    def letters(self) -> np.ndarray:
+        """Each action's op letter, as a byte."""
+        if self._letters is None:
+            text = "".join(map(_OP, self.actions)).encode("ascii")
+            self._letters = np.frombuffer(text, dtype=np.uint8)
+        return self._letters
+
+    def stages(self) -> np.ndarray:
+        """Each action's stage."""
+        if self._stages is None:
+            self._stages = np.fromiter(map(_STAGE, self.actions), dtype=np.intp,
+                                       count=len(self.actions))
+        return self._stages
+
+    def times(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each action's start and end."""
+        if self._times is None:
+            n = len(self.starts)
+            self._times = (np.fromiter(self.starts, dtype=np.float64, count=n),
+                           np.fromiter(self.ends, dtype=np.float64, count=n))
+        return self._times
 
 
 class _Events:
@@ -265,13 +281,17 @@ class Timeline:
 
     @cached_property
     def _busy(self) -> tuple[float, ...]:
-        # sum(e.end - e.start for e in row), the same additions in the same order, in C
-        return tuple(sum(map(sub, row.ends, row.starts)) for row in self._rows)
+        # Each row's end - start added one after another (np.add.accumulate adds in order)
+        busy = []
+        for row in self._rows:
+            starts, ends = row.times()
+            busy.append(float(np.add.accumulate(ends - starts)[-1]) if len(ends) else 0.0)
+        return tuple(busy)
 
     @cached_property
     def _span(self) -> tuple[float, float]:
         first = min((row.starts[0] for row in self._rows if row.starts), default=0.0)
-        last = max((max(row.ends) for row in self._rows if row.ends), default=0.0)
+        last = max((float(row.times()[1].max()) for row in self._rows if row.ends), default=0.0)
         return first, last
 
     @property
@@ -326,8 +346,11 @@ class Timeline:
         row = self._rows[rank]
         if not row.actions:
             return np.empty(0), np.empty(0)
-        letters, stages, starts, ends = row.arrays()
-        sizes = np.asarray(size, dtype=np.float64)[stages]
+        letters, (starts, ends) = row.letters(), row.times()
+        if len(set(size)) == 1:  # one size (always, in stage-micro-batch units)
+            sizes = np.full(len(letters), size[0], dtype=np.float64)
+        else:
+            sizes = np.asarray(size, dtype=np.float64)[row.stages()]
         allocates = letters == _LETTER_F
         frees = (letters == _LETTER_B) | (letters == _LETTER_W)
         time = np.concatenate((starts[allocates], ends[frees]))
