@@ -3,7 +3,7 @@
 Dependencies (DESIGN.md): ``F(s, j)`` needs ``F(s-1, j)``; ``B/I(s, j)`` needs ``F(s, j)`` and
 ``B/I(s+1, j)``; ``W(s, j)`` needs ``I(s, j)``. Each rank runs its row in order and blocks on a
 receive until the action it waits for has run, so a schedule deadlocks exactly when following
-the rows in order gets stuck. :func:`execution_runs` follows them and is shared with the
+the rows in order gets stuck. :func:`execution` follows them and is shared with the
 simulator, which computes times along the same order.
 """
 
@@ -11,12 +11,21 @@ from __future__ import annotations
 
 from itertools import chain, repeat
 from operator import itemgetter
+from typing import TYPE_CHECKING
 
 from stagewise.errors import ScheduleError
 from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Action, Op, Schedule
 
-__all__ = ["check", "execution_order", "execution_runs", "is_valid"]
+if TYPE_CHECKING:
+    from stagewise.schedules._rounds import Levels
+
+__all__ = ["WIDE_ACTIONS", "WIDE_RANKS", "Runs", "check", "execution", "execution_order",
+           "is_valid", "is_wide"]
+
+Runs = tuple[tuple[int, int, int], ...]  # (rank, first, stop): rank runs row[first:stop]
+# Schedules with at least this many ranks and actions are walked round by round (numpy).
+WIDE_RANKS, WIDE_ACTIONS = 16, 4096
 
 # Completion kinds: the forward, the input gradient (B or I) and the weight gradient (B or W).
 _FWD, _GRAD, _WGT = 0, 1, 2
@@ -33,7 +42,7 @@ def check(schedule: Schedule) -> None:
     """
     if schedule._derived.get("checked"):
         return
-    execution_runs(schedule)  # checks placement, completeness and deadlock in one walk
+    execution(schedule)  # checks placement, completeness and deadlock in one walk
     schedule._derived["checked"] = True
 
 
@@ -142,51 +151,74 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     """One order in which the ranks can run their rows, as (rank, action) pairs.
 
     Every action appears after everything it depends on and after the actions before it on its
-    own rank, so the list is a valid sequential execution of the whole pipeline: the runs of
-    :func:`execution_runs`, written out. Computed once per schedule and reused.
+    own rank, so the list is a valid sequential execution of the whole pipeline: the order of
+    :func:`execution`, written out. Computed once per schedule and reused.
 
     Raises:
-        ScheduleError: as :func:`execution_runs`.
+        ScheduleError: as :func:`execution`.
     """
     cached = schedule._derived.get("execution_order")
     if cached is not None:
         return cached  # type: ignore[return-value]
-    rows = schedule.actions
+    rows, found = schedule.actions, execution(schedule)
     with paused_gc():
-        order = list(chain.from_iterable(
-            zip(repeat(rank, stop - first), rows[rank][first:stop], strict=True)
-            for rank, first, stop in execution_runs(schedule)
-        ))
+        if isinstance(found, tuple):
+            order = list(chain.from_iterable(
+                zip(repeat(rank, stop - first), rows[rank][first:stop], strict=True)
+                for rank, first, stop in found
+            ))
+        else:
+            flat = list(chain.from_iterable(rows))
+            ranks = found.columns.rank[found.order].tolist()
+            order = list(zip(ranks, map(flat.__getitem__, found.order.tolist()), strict=True))
     schedule._derived["execution_order"] = order
     return order
 
 
-def execution_runs(schedule: Schedule) -> tuple[tuple[int, int, int], ...]:
-    """The execution order as runs ``(rank, first, stop)``: ``rank`` runs
-    ``actions[rank][first:stop]`` next, then the next run follows.
+def execution(schedule: Schedule) -> Runs | Levels:
+    """How the rows run, found once per schedule and reused.
 
-    Each run is as long as the rank can go before it waits for another rank, so there are far
-    fewer runs than actions; the simulator times the actions run by run. A rank's runs come
-    in row order. Computed once per schedule and reused.
+    For most schedules, the runs of the sequential walk: ``(rank, first, stop)``, ``rank``
+    runs ``actions[rank][first:stop]`` next, then the next run follows (each as long as the
+    rank can go before it waits for another rank; a rank's runs come in row order). For wide
+    ones (:func:`is_wide`), the :class:`~stagewise.schedules._rounds.Levels` of the walk that
+    moves all ranks at once, one round at a time; the verdict and the errors are the same.
+    The simulator times the actions in either order.
 
     Raises:
         ScheduleError: an action out of range or on the wrong rank, a (stage, micro-batch)
             incomplete or with an action twice, or rows that deadlock (each stuck rank, its
             position, its action and the action it waits for).
     """
-    cached = schedule._derived.get("execution_runs")
+    cached = schedule._derived.get("execution")
     if cached is not None:
         return cached  # type: ignore[return-value]
     with paused_gc():
-        runs, position = _walk(schedule) if _in_place(schedule) else (None, None)
-    if runs is None:
+        found, position = _run_rows(schedule)
+    if found is None:
         # Something is wrong: name it the way the separate checks do, a misplaced or
         # incomplete action first, then the deadlock.
         _check_complete(schedule)
         assert position is not None, "an action out of place passed _check_complete"
         raise _deadlock(schedule, position)
-    schedule._derived["execution_runs"] = runs
-    return runs
+    schedule._derived["execution"] = found
+    return found
+
+
+def is_wide(schedule: Schedule) -> bool:
+    """True when the round-by-round walk is the faster: many ranks (a round's numpy calls
+    then stand in for many Python steps) and enough actions to repay setting it up."""
+    return schedule.num_ranks >= WIDE_RANKS and schedule.num_actions >= WIDE_ACTIONS
+
+
+def _run_rows(schedule: Schedule) -> tuple[Runs | Levels | None, list[int] | None]:
+    if is_wide(schedule):
+        from stagewise.schedules._rounds import walk_rounds  # numpy, only when needed
+
+        return walk_rounds(schedule)
+    if not _in_place(schedule):
+        return None, None
+    return _walk(schedule)
 
 
 def _in_place(schedule: Schedule) -> bool:
@@ -199,7 +231,7 @@ def _in_place(schedule: Schedule) -> bool:
     return True
 
 
-def _walk(schedule: Schedule) -> tuple[tuple[tuple[int, int, int], ...] | None, list[int]]:
+def _walk(schedule: Schedule) -> tuple[Runs | None, list[int]]:
     """Run the rows in order with blocking receives, every action already in place: (the
     runs, or None if not all ran; where each rank stopped). None too when a (stage,
     micro-batch) is left incomplete or has an action twice (or a B beside its I or W).

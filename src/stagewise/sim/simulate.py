@@ -8,10 +8,12 @@ The runtime follows the same rules, so the simulated Timeline is the prediction 
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from stagewise.errors import ConfigError
 from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Op, Schedule
-from stagewise.schedules.validate import execution_runs
+from stagewise.schedules.validate import Runs, execution
 from stagewise.sim.costs import Costs, Link
 from stagewise.sim.timeline import SimulatedRows, Timeline
 
@@ -42,10 +44,21 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
             f"costs describe {costs.num_stages} stages but schedule {schedule.name!r} has "
             f"{schedule.num_stages}: give one cost per (virtual) stage"
         )
+    hop = [link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
+           for s in range(schedule.num_stages)]
+    forward_hop, grad_hop = hop_tables(schedule.placement, hop)
     with paused_gc():
-        runs = execution_runs(schedule)
-        starts, ends = _run(schedule, runs, costs, link)
-        columns = SimulatedRows(actions=schedule.actions, starts=starts, ends=ends, runs=runs)
+        found = execution(schedule)
+        if isinstance(found, tuple):
+            starts, ends = _run(schedule, found, costs, forward_hop, grad_hop)
+            columns = SimulatedRows(schedule.actions, starts, ends, runs=found)
+        else:  # a wide schedule, walked round by round: timed level by level
+            from stagewise.sim._by_level import run_by_level
+
+            start, end = run_by_level(schedule, found, costs, forward_hop, grad_hop)
+            cuts = found.columns.offsets.tolist()
+            columns = SimulatedRows(schedule.actions, [start[a:b] for a, b in pairwise(cuts)],
+                                    [end[a:b] for a, b in pairwise(cuts)], order=found.order)
         return Timeline.of(schedule, (), activation_bytes=costs.activation_bytes,
                            simulated=columns)
 
@@ -63,8 +76,8 @@ def hop_tables(placement: tuple[int, ...],
     return forward_hop, grad_hop
 
 
-def _run(schedule: Schedule, runs: tuple[tuple[int, int, int], ...], costs: Costs,
-         link: Link) -> tuple[list[list[float]], list[list[float]]]:
+def _run(schedule: Schedule, runs: Runs, costs: Costs, forward_hop: list[float],
+         grad_hop: list[float]) -> tuple[list[list[float]], list[list[float]]]:
     """When each action of each rank starts and ends, ``starts[rank][k]`` and ``ends[rank][k]``,
     timed run by run in the validator's execution order (every dependency already timed).
     A rank's row comes out in time order: each action starts once the one before it on the
@@ -76,9 +89,6 @@ def _run(schedule: Schedule, runs: tuple[tuple[int, int, int], ...], costs: Cost
     when both stages share a rank, so every action reads its inputs the same way, no branch.
     """
     m, num_stages = schedule.num_microbatches, schedule.num_stages
-    hop = [link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
-           for s in range(num_stages)]
-    forward_hop, grad_hop = hop_tables(schedule.placement, hop)
     forward, weight = costs.forward, costs.weight
     full = costs.backward
     inputs = [b - w for b, w in zip(full, weight, strict=True)]

@@ -107,15 +107,18 @@ class SimulatedRows:
 
     Attributes:
         actions: ``actions[rank]``, the rank's row of (stage, op, micro-batch) actions.
-        starts, ends: ``starts[rank][k]`` and ``ends[rank][k]``, when ``actions[rank][k]`` ran.
-        runs: the order the events were produced in, as ``(rank, first, stop)`` runs of
-            rows (see :func:`stagewise.schedules.validate.execution_runs`).
+        starts, ends: ``starts[rank][k]`` and ``ends[rank][k]``, when ``actions[rank][k]`` ran
+            (lists, or numpy arrays).
+        runs, order: the order the events were produced in (one of the two): ``(rank,
+            first, stop)`` runs of rows, or indices into the rows laid end to end (see
+            :func:`stagewise.schedules.validate.execution`).
     """
 
     actions: Sequence[Sequence[tuple[int, Op, int]]]
-    starts: Sequence[Sequence[float]]
-    ends: Sequence[Sequence[float]]
-    runs: Sequence[tuple[int, int, int]]
+    starts: Sequence[Sequence[float] | np.ndarray]
+    ends: Sequence[Sequence[float] | np.ndarray]
+    runs: Sequence[tuple[int, int, int]] | None = None
+    order: np.ndarray | None = None
 
 
 class _Row:
@@ -126,7 +129,7 @@ class _Row:
                  "starts")
 
     def __init__(self, rank: int, actions: Sequence[tuple[int, Op, int]],
-                 starts: Sequence[float], ends: Sequence[float],
+                 starts: Sequence[float] | np.ndarray, ends: Sequence[float] | np.ndarray,
                  events: tuple[Event, ...] | None = None) -> None:
         self.rank, self.actions, self.starts, self.ends = rank, actions, starts, ends
         self._events = events
@@ -145,7 +148,8 @@ class _Row:
             actions = self.actions
             self._events = tuple(map(partial(tuple.__new__, Event), zip(
                 repeat(self.rank), map(_STAGE, actions), map(_OP, actions),
-                map(_MICROBATCH, actions), self.starts, self.ends, strict=False)))
+                map(_MICROBATCH, actions), _floats(self.starts), _floats(self.ends),
+                strict=False)))
         return self._events
 
     def letters(self) -> np.ndarray:
@@ -165,10 +169,30 @@ class _Row:
     def times(self) -> tuple[np.ndarray, np.ndarray]:
         """Each action's start and end."""
         if self._times is None:
-            n = len(self.starts)
-            self._times = (np.fromiter(self.starts, dtype=np.float64, count=n),
-                           np.fromiter(self.ends, dtype=np.float64, count=n))
+            self._times = (_array(self.starts), _array(self.ends))
         return self._times
+
+
+def _array(times: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``times`` as a float64 array (itself when it is one)."""
+    if isinstance(times, np.ndarray):
+        return times
+    return np.fromiter(times, dtype=np.float64, count=len(times))
+
+
+def _floats(times: Sequence[float] | np.ndarray) -> Sequence[float]:
+    """``times`` as Python floats."""
+    return times.tolist() if isinstance(times, np.ndarray) else times
+
+
+def _in_order(rows: list[tuple[Event, ...]], simulated: SimulatedRows) -> tuple[Event, ...]:
+    """The events of ``rows`` in the order the simulator produced them."""
+    if simulated.runs is not None:
+        return tuple(chain.from_iterable(
+            rows[rank][first:stop] for rank, first, stop in simulated.runs))
+    assert simulated.order is not None, "a simulated timeline has runs or an order"
+    flat = list(chain.from_iterable(rows))
+    return tuple(map(flat.__getitem__, simulated.order.tolist()))
 
 
 class _Events:
@@ -185,9 +209,8 @@ class _Events:
             raise AttributeError("events has no default")  # the dataclass field is required
         events: tuple[Event, ...] | None = timeline.__dict__["_events"]
         if events is None:
-            rows = [row.events() for row in timeline._rows]
-            events = tuple(chain.from_iterable(
-                rows[rank][first:stop] for rank, first, stop in timeline._runs))
+            assert timeline._simulated is not None, "only a simulated timeline waits for them"
+            events = _in_order([row.events() for row in timeline._rows], timeline._simulated)
             timeline.__dict__["_events"] = events
         return events
 
@@ -229,16 +252,15 @@ class Timeline:
     rows: InitVar[Sequence[Sequence[Event]] | None] = None
     simulated: InitVar[SimulatedRows | None] = None
     _rows: tuple[_Row, ...] = field(init=False, repr=False, compare=False)
-    # The order of a simulated timeline's events, as runs of its rows (empty otherwise).
-    _runs: Sequence[tuple[int, int, int]] = field(init=False, repr=False, compare=False,
-                                                  default=())
+    _simulated: SimulatedRows | None = field(init=False, repr=False, compare=False,
+                                             default=None)
 
     def __post_init__(self, rows: Sequence[Sequence[Event]] | None,
                       simulated: SimulatedRows | None) -> None:
         if simulated is not None:
             columns = zip(simulated.actions, simulated.starts, simulated.ends, strict=True)
             ranked = tuple(_Row(rank, *row) for rank, row in enumerate(columns))
-            object.__setattr__(self, "_runs", simulated.runs)
+            object.__setattr__(self, "_simulated", simulated)
             self.__dict__["_events"] = None  # built from the columns on first read
         else:
             by_rank = _by_rank(self.events, self.num_ranks) if rows is None else rows
@@ -290,8 +312,10 @@ class Timeline:
 
     @cached_property
     def _span(self) -> tuple[float, float]:
-        first = min((row.starts[0] for row in self._rows if row.starts), default=0.0)
-        last = max((float(row.times()[1].max()) for row in self._rows if row.ends), default=0.0)
+        first = min((float(row.starts[0]) for row in self._rows if len(row.starts)),
+                    default=0.0)
+        last = max((float(row.times()[1].max()) for row in self._rows if len(row.ends)),
+                   default=0.0)
         return first, last
 
     @property
