@@ -137,7 +137,7 @@ def timeline_changes(timeline: Timeline, rank: int) -> int:
 def test_a_wide_pipeline_times_the_same_both_ways() -> None:
     """At a size the validator walks round by round on its own (is_wide), the level-by-level
     timeline equals the run-by-run one of the same rows, event for event."""
-    wide = build("interleaved-1f1b", num_ranks=16, num_microbatches=64, num_chunks=2)
+    wide = build("interleaved-1f1b", num_ranks=32, num_microbatches=64, num_chunks=2)
     assert validate.is_wide(wide)
     assert not isinstance(validate.execution(wide), tuple)
     narrow = Schedule(wide.name, wide.num_ranks, wide.num_stages, wide.num_microbatches,
@@ -146,8 +146,8 @@ def test_a_wide_pipeline_times_the_same_both_ways() -> None:
     costs = random_costs(wide, 3)
     link = Link(latency=0.02, bandwidth=1e5)
     by_level, by_run = simulate(wide, costs, link), simulate(narrow, costs, link)
-    assert [by_level.rank_events(r) for r in range(16)] == [
-        by_run.rank_events(r) for r in range(16)]
+    assert [by_level.rank_events(r) for r in range(32)] == [
+        by_run.rank_events(r) for r in range(32)]
     assert by_level.bubble() == by_run.bubble()
     assert by_level.rank_stats() == by_run.rank_stats()
     assert list(by_level.events) == reference_events(wide, costs, link)

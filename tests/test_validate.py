@@ -237,7 +237,7 @@ def test_both_walks_accept_the_generators_and_give_an_execution_order(
 
 
 def test_wide_schedules_are_walked_round_by_round() -> None:
-    wide = build("interleaved-1f1b", num_ranks=16, num_microbatches=64, num_chunks=4)
+    wide = build("interleaved-1f1b", num_ranks=32, num_microbatches=64, num_chunks=4)
     narrow = build("1f1b", num_ranks=4, num_microbatches=8)
     assert validate.is_wide(wide)
     assert not validate.is_wide(narrow)
