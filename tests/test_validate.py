@@ -233,6 +233,10 @@ def test_both_walks_accept_the_generators_and_give_an_execution_order(
             assert (stage - 1, Op.F, j) in ran
         if op is Op.W:
             assert (stage, Op.I, j) in ran
+        if op in (Op.B, Op.I):
+            assert (stage, Op.F, j) in ran
+            assert stage + 1 == schedule.num_stages or {
+                (stage + 1, Op.B, j), (stage + 1, Op.I, j)} & ran
         ran.add((stage, op, j))
 
 

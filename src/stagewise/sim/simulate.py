@@ -56,9 +56,11 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
             from stagewise.sim._by_level import run_by_level
 
             start, end = run_by_level(schedule, found, costs, forward_hop, grad_hop)
-            cuts = found.columns.offsets.tolist()
-            columns = SimulatedRows(schedule.actions, [start[a:b] for a, b in pairwise(cuts)],
-                                    [end[a:b] for a, b in pairwise(cuts)], order=found.order)
+            cuts, flat = list(pairwise(found.columns.offsets.tolist())), found.columns
+            columns = SimulatedRows(
+                schedule.actions, [start[a:b] for a, b in cuts], [end[a:b] for a, b in cuts],
+                order=found.order, letters=[flat.letter[a:b] for a, b in cuts],
+                stages=[flat.stage[a:b] for a, b in cuts])
         return Timeline.of(schedule, (), activation_bytes=costs.activation_bytes,
                            simulated=columns)
 

@@ -112,6 +112,8 @@ class SimulatedRows:
         runs, order: the order the events were produced in (one of the two): ``(rank,
             first, stop)`` runs of rows, or indices into the rows laid end to end (see
             :func:`stagewise.schedules.validate.execution`).
+        letters, stages: each rank's op letters (as bytes) and stages as arrays, when the
+            producer has them (otherwise read from ``actions`` when needed).
     """
 
     actions: Sequence[Sequence[tuple[int, Op, int]]]
@@ -119,6 +121,8 @@ class SimulatedRows:
     ends: Sequence[Sequence[float] | np.ndarray]
     runs: Sequence[tuple[int, int, int]] | None = None
     order: np.ndarray | None = None
+    letters: Sequence[np.ndarray] | None = None
+    stages: Sequence[np.ndarray] | None = None
 
 
 class _Row:
@@ -130,11 +134,10 @@ class _Row:
 
     def __init__(self, rank: int, actions: Sequence[tuple[int, Op, int]],
                  starts: Sequence[float] | np.ndarray, ends: Sequence[float] | np.ndarray,
-                 events: tuple[Event, ...] | None = None) -> None:
+                 events: tuple[Event, ...] | None = None, letters: np.ndarray | None = None,
+                 stages: np.ndarray | None = None) -> None:
         self.rank, self.actions, self.starts, self.ends = rank, actions, starts, ends
-        self._events = events
-        self._letters: np.ndarray | None = None
-        self._stages: np.ndarray | None = None
+        self._events, self._letters, self._stages = events, letters, stages
         self._times: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
@@ -258,8 +261,12 @@ class Timeline:
     def __post_init__(self, rows: Sequence[Sequence[Event]] | None,
                       simulated: SimulatedRows | None) -> None:
         if simulated is not None:
-            columns = zip(simulated.actions, simulated.starts, simulated.ends, strict=True)
-            ranked = tuple(_Row(rank, *row) for rank, row in enumerate(columns))
+            unknown: list[np.ndarray | None] = [None] * len(simulated.actions)
+            columns = zip(simulated.actions, simulated.starts, simulated.ends,
+                          simulated.letters or unknown, simulated.stages or unknown, strict=True)
+            ranked = tuple(_Row(rank, actions, starts, ends, letters=letters, stages=stages)
+                           for rank, (actions, starts, ends, letters, stages)
+                           in enumerate(columns))
             object.__setattr__(self, "_simulated", simulated)
             self.__dict__["_events"] = None  # built from the columns on first read
         else:
