@@ -151,27 +151,33 @@ def _inputs(schedule: Schedule, found: Columns) -> tuple[np.ndarray, np.ndarray]
 
 def _rounds(found: Columns, inputs: tuple[np.ndarray, np.ndarray]
             ) -> tuple[np.ndarray | None, list[int]]:
-    """Each round, every rank whose next action's inputs have run runs it."""
-    first, second = inputs
-    n = len(first)
-    ran = np.zeros(n + 1, dtype=bool)
+    """Each round, every rank whose next action's inputs have run runs it.
+
+    ``heads[rank]`` is the rank's next action, or ``n + 1`` once its row is done: an action
+    that waits for itself and never runs, so finished ranks need no separate bookkeeping.
+    """
+    n = len(inputs[0])
+    done_row = n + 1
+    first, second = (np.append(column, [n, done_row]) for column in inputs)
+    first[done_row] = done_row
+    ran = np.zeros(n + 2, dtype=bool)
     ran[n] = True  # "waits for nothing" has run
     starts, stops = found.offsets[:-1], found.offsets[1:]
-    head = starts.copy()  # each rank's next action
+    after = np.arange(1, n + 1)  # the action after each on its rank; done_row after the last
+    after[stops[stops > starts] - 1] = done_row
+    heads = np.where(stops > starts, starts, done_row)
     level = np.empty(n, dtype=np.int32)
-    active = np.flatnonzero(stops > starts)
     round_number = 0
-    while active.size:
-        heads = head[active]
+    while True:
         ready = ran[first[heads]] & ran[second[heads]]
         running = heads[ready]
         if not running.size:
-            return None, (head - starts).tolist()
+            break
         ran[running] = True
         level[running] = round_number
-        moved = active[ready]
-        head[moved] += 1
-        if np.any(head[moved] == stops[moved]):
-            active = active[head[active] < stops[active]]
+        heads[ready] = after[running]
         round_number += 1
-    return level, (head - starts).tolist()
+    position = np.where(heads == done_row, stops, heads) - starts
+    if np.any(heads != done_row):
+        return None, position.tolist()
+    return level, position.tolist()
