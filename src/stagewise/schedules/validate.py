@@ -25,7 +25,7 @@ __all__ = ["WIDE_ACTIONS", "WIDE_RANKS", "Runs", "check", "execution", "executio
 
 Runs = tuple[tuple[int, int, int], ...]  # (rank, first, stop): rank runs row[first:stop]
 # Schedules with at least this many ranks and actions are walked round by round (numpy).
-WIDE_RANKS, WIDE_ACTIONS = 32, 8192  # measured: about where the two cost the same
+WIDE_RANKS, WIDE_ACTIONS = 16, 4096  # measured: about where the two cost the same
 
 # Completion kinds: the forward, the input gradient (B or I) and the weight gradient (B or W).
 _FWD, _GRAD, _WGT = 0, 1, 2
