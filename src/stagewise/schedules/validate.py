@@ -5,6 +5,11 @@ Dependencies (DESIGN.md): ``F(s, j)`` needs ``F(s-1, j)``; ``B/I(s, j)`` needs `
 receive until the action it waits for has run, so a schedule deadlocks exactly when following
 the rows in order gets stuck. :func:`execution` follows them and is shared with the
 simulator, which computes times along the same order.
+
+Two walks, the same verdict: rank by rank in Python (:func:`_walk`), or, for wide pipelines
+(:func:`is_wide`), all ranks at once one round at a time in numpy
+(:mod:`stagewise.schedules._rounds`). Either only finds *that* something is wrong; the
+detailed checks below then name it, so the messages are the same both ways.
 """
 
 from __future__ import annotations
