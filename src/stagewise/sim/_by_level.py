@@ -29,21 +29,28 @@ def run_by_level(schedule: Schedule, levels: Levels, costs: Costs,
     and from s + 1 (0.0 where both share a rank), as :func:`stagewise.sim.simulate.hop_tables`
     gives them.
     """
-    found = levels.columns
-    n = len(found.stage)
+    n = len(levels.columns.stage)
     order = levels.order
-    before, first, second, hop_first, hop_second, duration = (
-        column[order] for column in _tables(schedule, levels, costs, forward_hop, grad_hop))
-    end = np.zeros(n + 1)  # end[n]: "nothing to wait for", at 0.0
+    # Work in execution order, so each level is a slice: ``at[i]`` is the position of flat
+    # action i in ``order`` (the end of "nothing to wait for", n, stays n).
+    at = np.empty(n + 1, dtype=np.intp)
+    at[order] = np.arange(n)
+    at[n] = n
+    before, first, second, hop_first, hop_second, duration = _tables(
+        schedule, levels, costs, forward_hop, grad_hop)
+    before, first, second = (at[column[order]] for column in (before, first, second))
+    hop_first, hop_second, duration = (column[order] for column in (hop_first, hop_second,
+                                                                     duration))
+    # start and end by position in ``order``; end[n], "nothing to wait for", stays 0.0
+    end = np.zeros(n + 1)
     start = np.empty(n)
     maximum = np.maximum
     for low, high in pairwise(levels.bounds):
-        ran = order[low:high]
-        at = maximum(end[before[low:high]], end[first[low:high]] + hop_first[low:high])
-        maximum(at, end[second[low:high]] + hop_second[low:high], out=at)
-        start[ran] = at
-        end[ran] = at + duration[low:high]
-    return start, end[:n]
+        ready = maximum(end[before[low:high]], end[first[low:high]] + hop_first[low:high])
+        maximum(ready, end[second[low:high]] + hop_second[low:high], out=ready)
+        start[low:high] = ready
+        np.add(ready, duration[low:high], out=end[low:high])
+    return start[at[:n]], end[at[:n]]
 
 
 def _tables(schedule: Schedule, levels: Levels, costs: Costs, forward_hop: list[float],
