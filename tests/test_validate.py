@@ -177,7 +177,7 @@ def corrupted(rows: list[list[Action]], rng: random.Random, num_microbatches: in
 
 BASES = [("gpipe", 3, 4, None), ("1f1b", 4, 6, None), ("interleaved-1f1b", 3, 6, 2),
          ("zb-h1", 3, 5, None), ("zb-v", 3, 6, None), ("dualpipev", 3, 6, None),
-         ("looped-bfs", 2, 4, 2)]
+         ("looped-bfs", 2, 4, 2), ("interleaved-1f1b", 16, 32, 2)]
 
 
 @pytest.mark.parametrize(("name", "p", "m", "v"), BASES)
