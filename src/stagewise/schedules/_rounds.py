@@ -28,7 +28,7 @@ __all__ = ["Levels", "columns", "walk_rounds"]
 LETTER_F, LETTER_B, LETTER_I, LETTER_W = (ord(op.value) for op in (Op.F, Op.B, Op.I, Op.W))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
 class Columns:
     """A schedule's actions as flat arrays, rank after rank, each rank's row in order.
 
@@ -66,7 +66,7 @@ def columns(schedule: Schedule) -> Columns:
     return found
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Levels:
     """A schedule that runs, as the rounds found it.
 
