@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -79,7 +78,7 @@ class Row:
             from stagewise.sim.timeline import Event  # the class, to build its tuples in C
 
             actions = self.actions
-            self._events = tuple(map(partial(tuple.__new__, Event), zip(
+            self._events = tuple(map(tuple.__new__, repeat(Event), zip(
                 repeat(self.rank), map(_STAGE, actions), map(_OP, actions),
                 map(_MICROBATCH, actions), _floats(self.starts), _floats(self.ends),
                 strict=False)))
