@@ -100,7 +100,7 @@ class RankStats:
 
 class _Events:
     """The ``events`` field of a :class:`Timeline`: the tuple it was given, or, for a simulated
-    timeline (given ``None`` and its columns), the events built from the columns on first read,
+    timeline (given the simulator's columns), the events built from the columns on first read,
     in the simulator's execution order."""
 
     @overload
