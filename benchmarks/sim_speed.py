@@ -7,6 +7,10 @@ and every rank's busy/idle/peak activations. Target: p=64, m=512, v=4 interleave
 (262,144 actions) at 1,000,000 actions/s or more. Prints the median of the repeats, in wall
 and in CPU time (CPU time is steadier on a shared machine), as actions per second, and the
 same for simulate() alone on a built (so already validated) schedule.
+
+Schedules with many ranks (``stagewise.schedules.validate.is_wide``: the target is one) are
+walked by the validator round by round and timed level by level in numpy; smaller ones rank
+by rank in Python. The sweep's p = 16 cases with at least 4,096 actions take the first way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import statistics
 import time
 
 from stagewise.schedules import build
+from stagewise.schedules.validate import is_wide
 from stagewise.sim import simulate
 
 
@@ -62,6 +67,8 @@ def main() -> None:
           f"{actions / alone:,.0f} actions/s")
     print(f"  build() (generator + validation) alone: {built:.3f} s CPU; the Timeline's bubble "
           f"and rank stats: {cpu - built - alone:.3f} s CPU (medians, the rest of the total)")
+    wide = is_wide(build("interleaved-1f1b", num_ranks=64, num_microbatches=512, num_chunks=4))
+    print(f"  validator and simulator: {'round by round, numpy' if wide else 'rank by rank'}")
     seconds, count, actions = sweep()
     print(f"sweep of {count} configurations (gpipe, 1f1b, interleaved; p 2-16, m 4-64, v 1-4): "
           f"{seconds:.2f} s, {actions:,} actions, {actions / seconds:,.0f} actions/s")

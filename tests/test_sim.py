@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+from dataclasses import FrozenInstanceError, replace
 from fractions import Fraction
 
 import pytest
@@ -221,3 +224,25 @@ def test_simulator_equals_a_reference_implementation(name: str, p: int, m: int, 
     again = Timeline.of(schedule, timeline.events)
     assert [again.peak_activations(r) for r in range(p)] == [
         max(level for _, level in timeline.live_activations(r)) for r in range(p)]
+
+
+@pytest.mark.parametrize(("p", "m"), [(4, 8), (16, 256)])  # run by run; level by level
+def test_a_simulated_timeline_behaves_as_one_built_from_its_events(p: int, m: int) -> None:
+    """The simulator hands the Timeline columns and the events are built when first read;
+    equality, copies, pickling and dataclasses.replace see the same events as a Timeline
+    made from them."""
+    schedule = build("1f1b", num_ranks=p, num_microbatches=m)
+    sizes = [10.0 + s for s in range(p)]
+    costs = Costs.per_stage([1.0 + 0.1 * s for s in range(p)], [2.0] * p, activation_bytes=sizes)
+    timeline = simulate(schedule, costs)
+    rebuilt = Timeline.of(schedule, timeline.events, activation_bytes=costs.activation_bytes)
+    assert timeline == rebuilt
+    assert pickle.loads(pickle.dumps(simulate(schedule, costs))) == rebuilt
+    assert copy.deepcopy(simulate(schedule, costs)).rank_stats() == rebuilt.rank_stats()
+    assert [timeline.rank_events(r) for r in range(p)] == [rebuilt.rank_events(r)
+                                                            for r in range(p)]
+    halved = replace(timeline, activation_bytes=tuple(b / 2 for b in sizes))
+    assert [halved.peak_activations(r, in_bytes=True) for r in range(p)] == [
+        timeline.peak_activations(r, in_bytes=True) / 2 for r in range(p)]
+    with pytest.raises(FrozenInstanceError):
+        timeline.events = ()  # type: ignore[misc]

@@ -3,7 +3,8 @@
 The references below are the event loop and the activation levels as first written (one
 Python step per action, a sort of (time, kind, size) tuples, a running sum). The fast code
 must give the same floats, bit for bit, over a grid of schedules, sizes, per-stage costs and
-links, including split backward (zb-h1, zb-h2), interleaved and V-shaped (zb-v, dualpipev).
+links, including split backward (zb-h1, zb-h2), interleaved and V-shaped (zb-v, dualpipev),
+both ways it runs: run by run in Python, and level by level in numpy for wide pipelines.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from itertools import accumulate
 
 import pytest
 
-from stagewise.schedules import Op, Schedule, build
+from stagewise.schedules import Op, Schedule, build, validate
 from stagewise.schedules.validate import execution_order
 from stagewise.sim import Costs, Event, Link, Timeline, simulate
 
@@ -81,13 +82,24 @@ def random_costs(schedule: Schedule, seed: int) -> Costs:
     )
 
 
+@pytest.fixture(params=["run by run", "level by level"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each of the simulator's two loops (chosen by the validator's walk,
+    :func:`stagewise.schedules.validate.is_wide`)."""
+    wide = request.param == "level by level"
+    monkeypatch.setattr(validate, "WIDE_RANKS", 1 if wide else 10**9)
+    monkeypatch.setattr(validate, "WIDE_ACTIONS", 1)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("name", "p", "m"), CASES)
-def test_same_timeline_as_the_reference(name: str, p: int, m: int) -> None:
+def test_same_timeline_as_the_reference(path: str, name: str, p: int, m: int) -> None:
     v = 2 if name in ("interleaved-1f1b", "looped-bfs") and m % p == 0 else None
     try:
         schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=v)
     except Exception as error:  # a size the schedule refuses: nothing to compare
         pytest.skip(str(error))
+    assert isinstance(validate.execution(schedule), tuple) == (path == "run by run")
     uniform = Costs.uniform(schedule, activation_bytes=3.0)
     links = (Link(), Link(latency=0.3), Link(latency=0.01, bandwidth=1e6))
     for seed, link in itertools.product(range(3), links):
@@ -95,6 +107,7 @@ def test_same_timeline_as_the_reference(name: str, p: int, m: int) -> None:
         timeline = simulate(schedule, costs, link)
         expected = reference_events(schedule, costs, link)
         assert list(timeline.events) == expected  # exact floats, same order
+        assert all(type(e.start) is float and type(e.end) is float for e in timeline.events)
         for rank in range(p):
             assert [e for e in timeline.rank_events(rank)] == sorted(
                 (e for e in expected if e.rank == rank), key=lambda e: (e.start, e.end))
@@ -106,7 +119,7 @@ def test_same_timeline_as_the_reference(name: str, p: int, m: int) -> None:
                 assert timeline.peak_activations(rank, in_bytes=in_bytes) == peak
 
 
-def test_the_target_size_matches_the_reference() -> None:
+def test_the_target_size_matches_the_reference(path: str) -> None:
     schedule = build("interleaved-1f1b", num_ranks=8, num_microbatches=64, num_chunks=4)
     costs = random_costs(schedule, 7)
     timeline = simulate(schedule, costs, Link(latency=0.05))
@@ -119,3 +132,22 @@ def test_the_target_size_matches_the_reference() -> None:
 def timeline_changes(timeline: Timeline, rank: int) -> int:
     """How many level changes ``rank`` has (F, B and W events)."""
     return sum(e.op is not Op.I for e in timeline.rank_events(rank))
+
+
+def test_a_wide_pipeline_times_the_same_both_ways() -> None:
+    """At a size the validator walks round by round on its own (is_wide), the level-by-level
+    timeline equals the run-by-run one of the same rows, event for event."""
+    wide = build("interleaved-1f1b", num_ranks=32, num_microbatches=64, num_chunks=2)
+    assert validate.is_wide(wide)
+    assert not isinstance(validate.execution(wide), tuple)
+    narrow = Schedule(wide.name, wide.num_ranks, wide.num_stages, wide.num_microbatches,
+                      wide.placement, wide.actions)
+    narrow._derived["execution"], _ = validate._walk(narrow)  # the run-by-run walk's runs
+    costs = random_costs(wide, 3)
+    link = Link(latency=0.02, bandwidth=1e5)
+    by_level, by_run = simulate(wide, costs, link), simulate(narrow, costs, link)
+    assert [by_level.rank_events(r) for r in range(32)] == [
+        by_run.rank_events(r) for r in range(32)]
+    assert by_level.bubble() == by_run.bubble()
+    assert by_level.rank_stats() == by_run.rank_stats()
+    assert list(by_level.events) == reference_events(wide, costs, link)

@@ -14,7 +14,6 @@ refused with the nearest m that works.
 
 from __future__ import annotations
 
-from functools import partial
 from itertools import chain, repeat
 
 from stagewise.errors import ScheduleError
@@ -37,26 +36,23 @@ def _groups(num_ranks: int, num_microbatches: int) -> list[list[int]]:
 
 
 def _rank_row(rank: int, num_ranks: int, num_chunks: int, groups: list[list[int]]) -> list[Action]:
-    # Actions built in C (zip and map), not one Action(...) call each: large pipelines have
-    # hundreds of thousands of them.
-    new_action = partial(tuple.__new__, Action)
-
+    # Actions built in C (tuple.__new__(Action, fields) mapped over zips), not one Action(...)
+    # call each: large pipelines have hundreds of thousands of them.
     def actions(op: Op, chunks: range) -> list[Action]:
         pairs = [(chunk * num_ranks + rank, group) for group in groups for chunk in chunks]
         stages = chain.from_iterable(repeat(stage, len(group)) for stage, group in pairs)
         microbatches = chain.from_iterable(group for _, group in pairs)
-        return list(map(new_action, zip(stages, repeat(op), microbatches)))
+        return list(map(tuple.__new__, repeat(Action), zip(stages, repeat(op), microbatches)))
 
     forwards = actions(Op.F, range(num_chunks))
     backwards = actions(Op.B, range(num_chunks - 1, -1, -1))
     total = len(forwards)
     warmup = min(total, (num_chunks - 1) * len(groups[0]) + 2 * (num_ranks - rank - 1))
-    row = forwards[:warmup]
-    for i in range(total - warmup):
-        row.append(forwards[warmup + i])
-        row.append(backwards[i])
-    row.extend(backwards[total - warmup :])
-    return row
+    steady = total - warmup  # one forward, one backward, alternating (slice writes, in C)
+    alternating: list[Action] = [forwards[0]] * (2 * steady)
+    alternating[0::2] = forwards[warmup:]
+    alternating[1::2] = backwards[:steady]
+    return forwards[:warmup] + alternating + backwards[steady:]
 
 
 def _build(num_ranks: int, num_microbatches: int, num_chunks: int) -> Schedule:

@@ -3,22 +3,38 @@
 Dependencies (DESIGN.md): ``F(s, j)`` needs ``F(s-1, j)``; ``B/I(s, j)`` needs ``F(s, j)`` and
 ``B/I(s+1, j)``; ``W(s, j)`` needs ``I(s, j)``. Each rank runs its row in order and blocks on a
 receive until the action it waits for has run, so a schedule deadlocks exactly when following
-the rows in order gets stuck. :func:`execution_order` follows them and is shared with the
+the rows in order gets stuck. :func:`execution` follows them and is shared with the
 simulator, which computes times along the same order.
+
+Two walks, the same verdict: rank by rank in Python (:func:`_walk`), or, for wide pipelines
+(:func:`is_wide`), all ranks at once one round at a time in numpy
+(:mod:`stagewise.schedules._rounds`). Either only finds *that* something is wrong; the
+detailed checks below then name it, so the messages are the same both ways.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from itertools import chain, repeat
+from operator import itemgetter
+from typing import TYPE_CHECKING
 
 from stagewise.errors import ScheduleError
 from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Action, Op, Schedule
 
-__all__ = ["check", "execution_order", "is_valid"]
+if TYPE_CHECKING:
+    from stagewise.schedules._rounds import Levels
+
+__all__ = ["WIDE_ACTIONS", "WIDE_RANKS", "Runs", "check", "execution", "execution_order",
+           "is_valid", "is_wide"]
+
+Runs = tuple[tuple[int, int, int], ...]  # (rank, first, stop): rank runs row[first:stop]
+# Schedules with at least this many ranks and actions are walked round by round (numpy).
+WIDE_RANKS, WIDE_ACTIONS = 16, 4096  # measured: about where the two cost the same
 
 # Completion kinds: the forward, the input gradient (B or I) and the weight gradient (B or W).
 _FWD, _GRAD, _WGT = 0, 1, 2
+_STAGE, _MICROBATCH = itemgetter(0), itemgetter(2)  # an Action's stage and micro-batch
 
 
 def check(schedule: Schedule) -> None:
@@ -31,7 +47,7 @@ def check(schedule: Schedule) -> None:
     """
     if schedule._derived.get("checked"):
         return
-    execution_order(schedule)  # checks placement, completeness and deadlock in one walk
+    execution(schedule)  # checks placement, completeness and deadlock in one walk
     schedule._derived["checked"] = True
 
 
@@ -140,83 +156,144 @@ def execution_order(schedule: Schedule) -> list[tuple[int, Action]]:
     """One order in which the ranks can run their rows, as (rank, action) pairs.
 
     Every action appears after everything it depends on and after the actions before it on its
-    own rank, so the list is a valid sequential execution of the whole pipeline. The result is
-    computed once per schedule and reused.
+    own rank, so the list is a valid sequential execution of the whole pipeline: the order of
+    :func:`execution`, written out. Computed once per schedule and reused.
+
+    Raises:
+        ScheduleError: as :func:`execution`.
+    """
+    cached = schedule._derived.get("execution_order")
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    rows, found = schedule.actions, execution(schedule)
+    with paused_gc():
+        if isinstance(found, tuple):
+            order = list(chain.from_iterable(
+                zip(repeat(rank, stop - first), rows[rank][first:stop], strict=True)
+                for rank, first, stop in found
+            ))
+        else:
+            flat = list(chain.from_iterable(rows))
+            ranks = found.columns.rank[found.order].tolist()
+            order = list(zip(ranks, map(flat.__getitem__, found.order.tolist()), strict=True))
+    schedule._derived["execution_order"] = order
+    return order
+
+
+def execution(schedule: Schedule) -> Runs | Levels:
+    """How the rows run, found once per schedule and reused.
+
+    For most schedules, the runs of the sequential walk: ``(rank, first, stop)``, ``rank``
+    runs ``actions[rank][first:stop]`` next, then the next run follows (each as long as the
+    rank can go before it waits for another rank; a rank's runs come in row order). For wide
+    ones (:func:`is_wide`), the :class:`~stagewise.schedules._rounds.Levels` of the walk that
+    moves all ranks at once, one round at a time; the verdict and the errors are the same.
+    The simulator times the actions in either order.
 
     Raises:
         ScheduleError: an action out of range or on the wrong rank, a (stage, micro-batch)
             incomplete or with an action twice, or rows that deadlock (each stuck rank, its
             position, its action and the action it waits for).
     """
-    cached = schedule._derived.get("execution_order")
+    cached = schedule._derived.get("execution")
     if cached is not None:
         return cached  # type: ignore[return-value]
     with paused_gc():
-        order, position = _walk(schedule)
-    if order is None:
+        found, position = _run_rows(schedule)
+    if found is None:
         # Something is wrong: name it the way the separate checks do, a misplaced or
         # incomplete action first, then the deadlock.
         _check_complete(schedule)
+        assert position is not None, "an action out of place passed _check_complete"
         raise _deadlock(schedule, position)
-    schedule._derived["execution_order"] = order
-    return order
+    schedule._derived["execution"] = found
+    return found
 
 
-def _walk(schedule: Schedule) -> tuple[list[tuple[int, Action]] | None, list[int]]:
-    """Run the rows in order with blocking receives: (the order, None if not all ran; where
-    each rank stopped). The order is None too for an action out of place or run twice, or a
-    (stage, micro-batch) left incomplete.
+def is_wide(schedule: Schedule) -> bool:
+    """True when the round-by-round walk is the faster: many ranks (a round's numpy calls
+    then stand in for many Python steps) and enough actions to repay setting it up."""
+    return schedule.num_ranks >= WIDE_RANKS and schedule.num_actions >= WIDE_ACTIONS
+
+
+def _run_rows(schedule: Schedule) -> tuple[Runs | Levels | None, list[int] | None]:
+    if is_wide(schedule):
+        from stagewise.schedules._rounds import walk_rounds  # numpy, only when needed
+
+        return walk_rounds(schedule)
+    if not _in_place(schedule):
+        return None, None
+    return _walk(schedule)
+
+
+def _in_place(schedule: Schedule) -> bool:
+    """Every action names a stage its rank holds and a micro-batch in 0..m-1 (sets, in C)."""
+    microbatches = set(range(schedule.num_microbatches))
+    for rank, row in enumerate(schedule.actions):
+        if not (set(map(_STAGE, row)) <= set(schedule.stages_of(rank))
+                and set(map(_MICROBATCH, row)) <= microbatches):
+            return False
+    return True
+
+
+def _walk(schedule: Schedule) -> tuple[Runs | None, list[int]]:
+    """Run the rows in order with blocking receives, every action already in place: (the
+    runs, or None if not all ran; where each rank stopped). None too when a (stage,
+    micro-batch) is left incomplete or has an action twice (or a B beside its I or W).
+
+    One flag per completion in ``ran``: the forward of (s, j) at (s + 1) * m + j, after a
+    block of ones for stage 0's absent input; its input gradient (B or I) at ``grads`` +
+    s * m + j, before a block of ones for the last stage's absent gradient; its weight
+    gradient (B or W) at ``weights`` + s * m + j. Every action sets one flag (a B two), so
+    the rows ran completely, each action once, exactly when every flag is set and there were
+    as many settings as flags. A rank blocked on a flag waits in ``waiter`` at it: one rank at
+    most, since only the rank holding the neighbouring stage waits there for another rank; a
+    rank waiting on its own flag never runs again, so nothing is lost when it is overwritten.
     """
-    # Completion flags live in one flat array: index kind * S * m + stage * m + microbatch.
-    num_stages, m, placement = schedule.num_stages, schedule.num_microbatches, schedule.placement
-    block = num_stages * m
-    grad_base, weight_base = block, 2 * block
-    last = num_stages - 1
-    done = bytearray(3 * block)
-    waiting: dict[int, list[int]] = {}
+    m, rows, num_stages = schedule.num_microbatches, schedule.actions, schedule.num_stages
+    grads, weights = (num_stages + 1) * m, 2 * (num_stages + 1) * m
+    ran = bytearray(b"\1" * m + b"\0" * (num_stages * 2 * m) + b"\1" * m
+                    + b"\0" * (num_stages * m))
+    waiter = [-1] * len(ran)
     position = [0] * schedule.num_ranks
-    ready = deque(range(schedule.num_ranks))
-    order: list[tuple[int, Action]] = []
-    append = order.append
+    ready = list(range(schedule.num_ranks - 1, -1, -1))  # a stack: rank 0 first
+    runs: list[tuple[int, int, int]] = []
+    count = backwards = 0
     op_f, op_b, op_w = Op.F, Op.B, Op.W
     while ready:
-        rank = ready.popleft()
-        row = schedule.actions[rank]
-        k, end = position[rank], len(row)
-        while k < end:
-            action = row[k]
-            stage, op, j = action
-            if not (0 <= j < m and 0 <= stage <= last and placement[stage] == rank):
-                return None, position
+        rank = ready.pop()
+        row = rows[rank]
+        first = k = position[rank]
+        stop = len(row)
+        while k < stop:
+            stage, op, j = row[k]
             here = stage * m + j
             if op is op_f:
-                missing = here - m if stage and not done[here - m] else -1
-                first, second = here, -1
+                need, key = here, here + m
             elif op is op_w:
-                missing = -1 if done[grad_base + here] else grad_base + here
-                first, second = weight_base + here, -1
-            else:
-                if not done[here]:
-                    missing = here
-                elif stage < last and not done[grad_base + here + m]:
-                    missing = grad_base + here + m
-                else:
-                    missing = -1
-                first, second = grad_base + here, (weight_base + here if op is op_b else -1)
-            if missing >= 0:
-                waiting.setdefault(missing, []).append(rank)
+                need, key = grads + here, weights + here
+            else:  # B or I: its own forward, then the next stage's gradient
+                need = grads + here + m if ran[here + m] else here + m
+                key = grads + here
+            if not ran[need]:
+                waiter[need] = rank
                 break
-            for key in (first, second) if second >= 0 else (first,):
-                if done[key]:
-                    return None, position  # the same action (or B beside I/W) twice
-                done[key] = 1
-                ready.extend(waiting.pop(key, ()))
-            append((rank, action))
+            if op is op_b:
+                ran[weights + here] = 1
+                backwards += 1
+            ran[key] = 1
+            if waiter[key] >= 0:
+                ready.append(waiter[key])
+                waiter[key] = -1
             k += 1
-        position[rank] = k
-    if len(order) != schedule.num_actions or 0 in done:
+        if k > first:
+            runs.append((rank, first, k))
+            count += k - first
+            position[rank] = k
+    flags = 3 * num_stages * m
+    if count + backwards != flags or count != schedule.num_actions or 0 in ran:
         return None, position
-    return order, position
+    return tuple(runs), position
 
 
 def _deadlock(schedule: Schedule, position: list[int]) -> ScheduleError:

@@ -8,12 +8,14 @@ The runtime follows the same rules, so the simulated Timeline is the prediction 
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from stagewise.errors import ConfigError
 from stagewise.schedules._gc import paused_gc
 from stagewise.schedules.ir import Op, Schedule
-from stagewise.schedules.validate import execution_order
+from stagewise.schedules.validate import Runs, execution
 from stagewise.sim.costs import Costs, Link
-from stagewise.sim.timeline import Event, Timeline
+from stagewise.sim.timeline import SimulatedRows, Timeline
 
 __all__ = ["simulate"]
 
@@ -42,9 +44,25 @@ def simulate(schedule: Schedule, costs: Costs | None = None, link: Link | None =
             f"costs describe {costs.num_stages} stages but schedule {schedule.name!r} has "
             f"{schedule.num_stages}: give one cost per (virtual) stage"
         )
+    hop = [link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
+           for s in range(schedule.num_stages)]
+    forward_hop, grad_hop = hop_tables(schedule.placement, hop)
     with paused_gc():
-        events, rows = _run(schedule, costs, link)
-        return Timeline.of(schedule, events, activation_bytes=costs.activation_bytes, rows=rows)
+        found = execution(schedule)
+        if isinstance(found, tuple):
+            starts, ends = _run(schedule, found, costs, forward_hop, grad_hop)
+            columns = SimulatedRows(schedule.actions, starts, ends, runs=found)
+        else:  # a wide schedule, walked round by round: timed level by level
+            from stagewise.sim._by_level import run_by_level
+
+            start, end = run_by_level(schedule, found, costs, forward_hop, grad_hop)
+            cuts, flat = list(pairwise(found.columns.offsets.tolist())), found.columns
+            columns = SimulatedRows(
+                schedule.actions, [start[a:b] for a, b in cuts], [end[a:b] for a, b in cuts],
+                order=found.order, letters=[flat.letter[a:b] for a, b in cuts],
+                stages=[flat.stage[a:b] for a, b in cuts])
+        return Timeline.of(schedule, (), activation_bytes=costs.activation_bytes,
+                           simulated=columns)
 
 
 def hop_tables(placement: tuple[int, ...],
@@ -60,10 +78,12 @@ def hop_tables(placement: tuple[int, ...],
     return forward_hop, grad_hop
 
 
-def _run(schedule: Schedule, costs: Costs, link: Link) -> tuple[list[Event], list[list[Event]]]:
-    """The events, in the validator's execution order (every dependency already timed), and
-    the same events by rank. A rank's row comes out in time order: each action starts once
-    the one before it on the rank has ended, and no duration is negative.
+def _run(schedule: Schedule, runs: Runs, costs: Costs, forward_hop: list[float],
+         grad_hop: list[float]) -> tuple[list[list[float]], list[list[float]]]:
+    """When each action of each rank starts and ends, ``starts[rank][k]`` and ``ends[rank][k]``,
+    timed run by run in the validator's execution order (every dependency already timed).
+    A rank's row comes out in time order: each action starts once the one before it on the
+    rank has ended, and no duration is negative.
 
     Flat arrays, one slot per (stage, micro-batch) at stage * m + microbatch, hold when each
     forward and each input gradient ended, with one extra block of zeros where stage 0's
@@ -71,10 +91,6 @@ def _run(schedule: Schedule, costs: Costs, link: Link) -> tuple[list[Event], lis
     when both stages share a rank, so every action reads its inputs the same way, no branch.
     """
     m, num_stages = schedule.num_microbatches, schedule.num_stages
-    placement = schedule.placement
-    hop = [link.transfer_time(costs.send_bytes[s] if costs.send_bytes else 0.0)
-           for s in range(num_stages)]
-    forward_hop, grad_hop = hop_tables(placement, hop)
     forward, weight = costs.forward, costs.weight
     full = costs.backward
     inputs = [b - w for b, w in zip(full, weight, strict=True)]
@@ -82,36 +98,36 @@ def _run(schedule: Schedule, costs: Costs, link: Link) -> tuple[list[Event], lis
     forward_end = [0.0] * ((num_stages + 1) * m)
     # grad_end[s * m + j]: B or I of (s, j) ended; the last block is zeros (the loss).
     grad_end = [0.0] * ((num_stages + 1) * m)
-    free_at = [0.0] * schedule.num_ranks
-    events: list[Event] = []
-    append = events.append
-    rows: list[list[Event]] = [[] for _ in range(schedule.num_ranks)]
-    row_append = [row.append for row in rows]
+    rows = schedule.actions
+    starts: list[list[float]] = [[] for _ in rows]
+    ends: list[list[float]] = [[] for _ in rows]
+    start_appends = [row.append for row in starts]
+    end_appends = [row.append for row in ends]
     op_f, op_w, op_b = Op.F, Op.W, Op.B
-    make_event = tuple.__new__  # Event(...) without the NamedTuple constructor's overhead
-    for rank, (stage, op, j) in execution_order(schedule):
-        here = stage * m + j
-        start = free_at[rank]
-        if op is op_f:
-            t = forward_end[here] + forward_hop[stage]
-            if t > start:
-                start = t
-            end = forward_end[here + m] = start + forward[stage]
-        elif op is op_w:
-            t = grad_end[here]
-            if t > start:
-                start = t
-            end = start + weight[stage]
-        else:
-            t = forward_end[here + m]
-            if t > start:
-                start = t
-            t = grad_end[here + m] + grad_hop[stage]
-            if t > start:
-                start = t
-            end = grad_end[here] = start + (full[stage] if op is op_b else inputs[stage])
-        free_at[rank] = end
-        event = make_event(Event, (rank, stage, op, j, start, end))
-        append(event)
-        row_append[rank](event)
-    return events, rows
+    for rank, first, stop in runs:
+        start_append, end_append = start_appends[rank], end_appends[rank]
+        end = ends[rank][-1] if first else 0.0  # when the rank is free
+        for stage, op, j in rows[rank][first:stop]:
+            here = stage * m + j
+            start = end
+            if op is op_f:
+                t = forward_end[here] + forward_hop[stage]
+                if t > start:
+                    start = t
+                end = forward_end[here + m] = start + forward[stage]
+            elif op is op_w:
+                t = grad_end[here]
+                if t > start:
+                    start = t
+                end = start + weight[stage]
+            else:
+                t = forward_end[here + m]
+                if t > start:
+                    start = t
+                t = grad_end[here + m] + grad_hop[stage]
+                if t > start:
+                    start = t
+                end = grad_end[here] = start + (full[stage] if op is op_b else inputs[stage])
+            start_append(start)
+            end_append(end)
+    return starts, ends

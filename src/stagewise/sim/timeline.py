@@ -15,26 +15,29 @@ Bubble fractions, always labelled:
 Activation memory is in stage-micro-batch units: one micro-batch's activations for one full
 stage (a chunk of a rank with v chunks is 1/v). A forward allocates its units when it starts; the
 backward that finishes with them (B, or W when the backward is split) frees them when it ends.
+
+Storage: each rank's events are kept as columns (its actions, their starts, their ends); the
+:class:`Event` tuples are built only when someone reads them, since the bubble, the idle time
+and the activation levels need only the columns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import InitVar, dataclass, field
-from operator import itemgetter, sub
-from typing import NamedTuple
+from functools import cached_property
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import numpy as np
 
 from stagewise.schedules.ir import Op, Schedule
+from stagewise.sim._rows import Row, SimulatedRows, in_order
 
-__all__ = ["Bubble", "Event", "RankStats", "Timeline"]
+__all__ = ["Bubble", "Event", "RankStats", "SimulatedRows", "Timeline"]
 
-_START, _END = itemgetter(4), itemgetter(5)  # an Event's start and end
-_STAGE, _OP = itemgetter(1), itemgetter(2)
-# What an op does to live activations: 1 allocates (F, at its start), 0 frees (B or W, at its
-# end), -1 neither (I).
-_FREES = {Op.F: 1, Op.B: 0, Op.W: 0, Op.I: -1}
+# An op's letter as a byte: F allocates activations at its start, B or W frees them at its end.
+_LETTER_F, _LETTER_B, _LETTER_W = (ord(op.value) for op in (Op.F, Op.B, Op.W))
 
 
 def _by_rank(events: Iterable[Event], num_ranks: int) -> list[list[Event]]:
@@ -95,12 +98,36 @@ class RankStats:
     peak_activation_bytes: float | None
 
 
+class _Events:
+    """The ``events`` field of a :class:`Timeline`: the tuple it was given, or, for a simulated
+    timeline (given the simulator's columns), the events built from the columns on first read,
+    in the simulator's execution order."""
+
+    @overload
+    def __get__(self, timeline: None, owner: Any) -> _Events: ...
+    @overload
+    def __get__(self, timeline: Timeline, owner: Any) -> tuple[Event, ...]: ...
+    def __get__(self, timeline: Timeline | None, owner: Any = None) -> tuple[Event, ...] | _Events:
+        if timeline is None:
+            raise AttributeError("events has no default")  # the dataclass field is required
+        events: tuple[Event, ...] | None = timeline.__dict__["_events"]
+        if events is None:
+            assert timeline._simulated is not None, "only a simulated timeline waits for them"
+            events = in_order([row.events() for row in timeline._rows], timeline._simulated)
+            timeline.__dict__["_events"] = events
+        return events
+
+    def __set__(self, timeline: Timeline, events: Iterable[Event]) -> None:
+        timeline.__dict__["_events"] = tuple(events)
+
+
 @dataclass(frozen=True)
 class Timeline:
     """The events of one step and the sizes needed to read them.
 
     Attributes:
-        events: one per action, in any order.
+        events: one per action, in any order (the producer's); for a simulated timeline,
+            built from its columns on first read.
         num_ranks, num_stages, num_microbatches, num_chunks: the schedule's sizes.
         schedule_name: which schedule ran.
         source: ``"simulated"`` or ``"measured"``.
@@ -108,10 +135,15 @@ class Timeline:
         activation_bytes: bytes one micro-batch's activations take through each stage,
             when known (per stage, len num_stages).
         rows: (init only) the same events grouped by rank, each row sorted by (start, end),
-            when the producer has them (the simulator does); grouped here when omitted.
+            when the producer has them; grouped here when omitted.
+        simulated: (init only) the simulator's columns, read in place of ``events`` and
+            ``rows`` (give ``events=()``); the events are then built from them when first read.
     """
 
-    events: tuple[Event, ...]
+    if TYPE_CHECKING:
+        events: tuple[Event, ...]
+    else:  # the same field, read through _Events (which gives it no default)
+        events: _Events = _Events()
     num_ranks: int
     num_stages: int
     num_microbatches: int
@@ -121,19 +153,26 @@ class Timeline:
     time_unit: str = "cost"
     activation_bytes: tuple[float, ...] | None = None
     rows: InitVar[Sequence[Sequence[Event]] | None] = None
-    _by_rank: tuple[tuple[Event, ...], ...] = field(init=False, repr=False, compare=False)
-    _busy: tuple[float, ...] = field(init=False, repr=False, compare=False)
-    _span: tuple[float, float] = field(init=False, repr=False, compare=False)
+    simulated: InitVar[SimulatedRows | None] = None
+    _rows: tuple[Row, ...] = field(init=False, repr=False, compare=False)
+    _simulated: SimulatedRows | None = field(init=False, repr=False, compare=False,
+                                             default=None)
 
-    def __post_init__(self, rows: Sequence[Sequence[Event]] | None) -> None:
-        by_rank = _by_rank(self.events, self.num_ranks) if rows is None else rows
-        # sum(e.end - e.start for e in row), the same additions in the same order, in C
-        busy = tuple(sum(map(sub, map(_END, row), map(_START, row))) for row in by_rank)
-        first = min((row[0].start for row in by_rank if row), default=0.0)
-        last = max(map(_END, self.events), default=0.0)
-        object.__setattr__(self, "_by_rank", tuple(map(tuple, by_rank)))
-        object.__setattr__(self, "_busy", busy)
-        object.__setattr__(self, "_span", (first, last))
+    def __post_init__(self, rows: Sequence[Sequence[Event]] | None,
+                      simulated: SimulatedRows | None) -> None:
+        if simulated is not None:
+            unknown: list[np.ndarray | None] = [None] * len(simulated.actions)
+            columns = zip(simulated.actions, simulated.starts, simulated.ends,
+                          simulated.letters or unknown, simulated.stages or unknown, strict=True)
+            ranked = tuple(Row(rank, actions, starts, ends, letters=letters, stages=stages)
+                           for rank, (actions, starts, ends, letters, stages)
+                           in enumerate(columns))
+            object.__setattr__(self, "_simulated", simulated)
+            self.__dict__["_events"] = None  # built from the columns on first read
+        else:
+            by_rank = _by_rank(self.events, self.num_ranks) if rows is None else rows
+            ranked = tuple(Row.of_events(rank, row) for rank, row in enumerate(by_rank))
+        object.__setattr__(self, "_rows", ranked)
 
     @classmethod
     def of(
@@ -144,9 +183,11 @@ class Timeline:
         time_unit: str = "cost",
         activation_bytes: tuple[float, ...] | None = None,
         rows: Sequence[Sequence[Event]] | None = None,
+        simulated: SimulatedRows | None = None,
     ) -> Timeline:
         """A Timeline of ``events`` with the sizes and name taken from ``schedule``; ``rows``
-        as in the class (the events by rank, in time order), when known."""
+        as in the class. With ``simulated`` (the simulator's columns) the events are built
+        from the columns when first read, and ``events`` is ignored (pass ``()``)."""
         return cls(
             events=tuple(events),
             num_ranks=schedule.num_ranks,
@@ -158,13 +199,31 @@ class Timeline:
             time_unit=time_unit,
             activation_bytes=activation_bytes,
             rows=rows,
+            simulated=simulated,
         )
 
     # --- time ------------------------------------------------------------------------------
 
     def rank_events(self, rank: int) -> tuple[Event, ...]:
         """Events of ``rank`` sorted by start time."""
-        return self._by_rank[rank]
+        return self._rows[rank].events()
+
+    @cached_property
+    def _busy(self) -> tuple[float, ...]:
+        # Each row's end - start added one after another (np.add.accumulate adds in order)
+        busy = []
+        for row in self._rows:
+            starts, ends = row.times()
+            busy.append(float(np.add.accumulate(ends - starts)[-1]) if len(ends) else 0.0)
+        return tuple(busy)
+
+    @cached_property
+    def _span(self) -> tuple[float, float]:
+        first = min((float(row.starts[0]) for row in self._rows if len(row.starts)),
+                    default=0.0)
+        last = max((float(row.times()[1].max()) for row in self._rows if len(row.ends)),
+                   default=0.0)
+        return first, last
 
     @property
     def start(self) -> float:
@@ -202,33 +261,29 @@ class Timeline:
         Levels are stage-micro-batch units, or bytes when ``in_bytes`` (needs
         ``activation_bytes``).
         """
-        times, levels = self._levels(rank, in_bytes)
-        return [(self.start, 0.0), *zip(times, levels, strict=True)]
-
-    def _levels(self, rank: int, in_bytes: bool) -> tuple[list[float], list[float]]:
-        """The times the level of ``rank`` changes, and the level after each change."""
         times, levels = self._level_arrays(rank, in_bytes)
-        return times.tolist(), levels.tolist()
+        return [(self.start, 0.0), *zip(times.tolist(), levels.tolist(), strict=True)]
 
     def _level_arrays(self, rank: int, in_bytes: bool) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_levels` as arrays: a forward allocates when it starts; B, or W when split
-        (never both), frees when it ends. Changes are ordered by (time, frees before
-        allocations, size), the levels summed one change after another (np.cumsum adds in
-        order), so they are the same floats as a running sum in Python."""
+        """The times the level of ``rank`` changes and the level after each change: a forward
+        allocates when it starts; B, or W when split (never both), frees when it ends.
+        Changes are ordered by (time, frees before allocations, size), the levels summed one
+        change after another (np.cumsum adds in order), so they are the same floats as a
+        running sum in Python."""
         if in_bytes and self.activation_bytes is None:
             raise ValueError("this timeline has no activation sizes; pass activation_bytes")
         size = self.activation_bytes if in_bytes else [1.0 / self.num_chunks] * self.num_stages
         assert size is not None
-        row = self._by_rank[rank]
-        if not row:
+        row = self._rows[rank]
+        if not row.actions:
             return np.empty(0), np.empty(0)
-        n = len(row)
-        code = np.fromiter(map(_FREES.__getitem__, map(_OP, row)), dtype=np.int8, count=n)
-        stages = np.fromiter(map(_STAGE, row), dtype=np.intp, count=n)
-        sizes = np.asarray(size, dtype=np.float64)[stages]
-        starts = np.fromiter(map(_START, row), dtype=np.float64, count=n)
-        ends = np.fromiter(map(_END, row), dtype=np.float64, count=n)
-        allocates, frees = code == 1, code == 0
+        letters, (starts, ends) = row.letters(), row.times()
+        if len(set(size)) == 1:  # one size (always, in stage-micro-batch units)
+            sizes = np.full(len(letters), size[0], dtype=np.float64)
+        else:
+            sizes = np.asarray(size, dtype=np.float64)[row.stages()]
+        allocates = letters == _LETTER_F
+        frees = (letters == _LETTER_B) | (letters == _LETTER_W)
         time = np.concatenate((starts[allocates], ends[frees]))
         delta = np.concatenate((sizes[allocates], -sizes[frees]))
         kind = np.concatenate((np.ones(int(allocates.sum()), np.int8),
