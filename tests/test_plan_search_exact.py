@@ -88,7 +88,7 @@ def test_recorded_order_times_other_costs_as_the_walk(name: str, p: int, v: int)
     """The order one walk recorded gives, for other costs, the times a new walk gives."""
     schedule = build(name, num_ranks=p, num_microbatches=3 * p + 1, num_chunks=v)
     stages = p * v
-    order: list[tuple[int, Action]] = []
+    order: list[Action] = []
     ones = tuple([1.0] * stages)
     idle_and_slack(schedule, ones, ones, tuple([0.5] * stages), tuple([0.0] * stages), order)
     assert len(order) == schedule.num_actions

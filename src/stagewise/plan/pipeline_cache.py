@@ -74,7 +74,7 @@ class PipelineCache:
         self._splits: dict[tuple[str, int, int], bool] = {}
         self._placements: dict[tuple[str, int, int, int], tuple[int, ...]] = {}
         self._memo: dict[tuple[object, ...], object] = {}
-        self._orders: dict[tuple[str, int, int, int], list[tuple[int, Action]]] = {}
+        self._orders: dict[tuple[str, int, int, int], list[Action]] = {}
         self._context: tuple[object, ...] = ()
         self.simulations = 0
 
@@ -276,7 +276,7 @@ class PipelineCache:
         schedule, key = self.schedule(name, p, m, v), (name, p, m, v)
         if key in self._orders:  # walked before: time it along the order that walk took
             return idle_and_slack_in_order(schedule, self._orders[key], f, b, w, h)
-        order: list[tuple[int, Action]] = []
+        order: list[Action] = []
         run = _idle_and_slack(schedule, f, b, w, h, order)
         self._orders[key] = order
         return run

@@ -39,7 +39,7 @@ def idle_and_slack(
     backward: tuple[float, ...],
     weight: tuple[float, ...],
     hops: tuple[float, ...],
-    order: list[tuple[int, Action]] | None = None,
+    order: list[Action] | None = None,
 ) -> UnitRun:
     """Time one step of ``schedule`` with per-stage costs and per-boundary transfer times.
 
@@ -50,8 +50,9 @@ def idle_and_slack(
     gradient slot plus the size of a table) until the action filling it runs: one rank at
     most, since only the next stage's rank waits on another rank's slot (two waiters mean
     an action twice or out of place, and the rows then stop and are refused). The actions
-    run are appended to ``order`` when given, as (rank, action): an execution order, which
-    :func:`idle_and_slack_in_order` times faster for other costs.
+    run are appended to ``order`` when given (the schedule's own Action objects, so the
+    list allocates nothing per action; each action's rank is its stage's placement): an
+    execution order, which :func:`idle_and_slack_in_order` times faster for other costs.
 
     Raises:
         ScheduleError: the rows cannot all run (from ``execution_order``, naming why).
@@ -99,7 +100,7 @@ def idle_and_slack(
                 done[stage] = end  # a stage's actions run in order on its rank: the latest
                 key = size + here
             spent, start_at, k = spent + (end - start), end, k + 1
-            record((rank, action))
+            record(action)
             if waiter[key] >= 0:
                 ready.append(waiter[key])
                 waiter[key] = -1
@@ -110,7 +111,7 @@ def idle_and_slack(
 
 def idle_and_slack_in_order(
     schedule: Schedule,
-    order: list[tuple[int, Action]],
+    order: list[Action],
     forward: tuple[float, ...],
     backward: tuple[float, ...],
     weight: tuple[float, ...],
@@ -118,13 +119,13 @@ def idle_and_slack_in_order(
 ) -> UnitRun:
     """:func:`idle_and_slack` along an execution order the schedule is known to run in (one
     that walk recorded): the same times, without waiting and waking."""
-    m = schedule.num_microbatches
-    forward_hop, grad_hop = hop_tables(schedule.placement, hops)
+    m, placement = schedule.num_microbatches, schedule.placement
+    forward_hop, grad_hop = hop_tables(placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
     forward_end, grad_end, free_at, busy, done, _ = _tables(schedule)
     op_f, op_w, op_b = Op.F, Op.W, Op.B
-    for rank, (stage, op, j) in order:
-        here = stage * m + j
+    for stage, op, j in order:
+        here, rank = stage * m + j, placement[stage]
         start = free_at[rank]
         if op is op_f:
             t = forward_end[here] + forward_hop[stage]
