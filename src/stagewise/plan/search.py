@@ -12,13 +12,11 @@ attention, selective recomputation (of the attention core) equals no recomputati
 
 from __future__ import annotations
 
-import gc
 import heapq
 import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +28,7 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.spec import RECOMPUTE_MODES, ParallelConfig, TrainingSpec
 from stagewise.schedules import get, names
+from stagewise.schedules._gc import paused_gc
 
 __all__ = ["SearchResult", "candidates", "search"]
 
@@ -246,7 +245,7 @@ def search(
     plans: list[Plan] = []
     skipped: list[tuple[str, str]] = []
     step = max(1, len(configs) // 100)
-    with _collector_paused():
+    with paused_gc():  # a search keeps its schedules' actions alive: no cycles to find
         for i, config in enumerate(configs):
             try:
                 plans.append(evaluate(model, cluster, training, config, constants, cache))
@@ -258,24 +257,6 @@ def search(
     others = sorted((p for p in plans if not p.fits), key=lambda p: p.memory.total)
     return SearchResult(fitting + others, skipped, time.perf_counter() - start,
                         cache.simulations)
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while the search runs, then as it was.
-
-    A search keeps its schedules (hundreds of thousands of actions) alive while it allocates
-    many small objects, so each full collection walks all of them to free nothing: a third
-    of a big search's time. Nothing of the search forms reference cycles that must be
-    freed early; objects are still freed by reference counting meanwhile.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _rank_fitting(plans: list[Plan], exact_top: int) -> list[Plan]:

@@ -15,6 +15,7 @@ naming the fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 from stagewise.schedules import Action, Op, Schedule, execution_order
 from stagewise.sim.simulate import hop_tables
@@ -57,18 +58,19 @@ def idle_and_slack(
     Raises:
         ScheduleError: the rows cannot all run (from ``execution_order``, naming why).
     """
-    m, rows = schedule.num_microbatches, schedule.actions
+    m, num_ranks = schedule.num_microbatches, schedule.num_ranks
     forward_hop, grad_hop = hop_tables(schedule.placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
-    forward_end, grad_end, free_at, busy, done, position = _tables(schedule)
-    size, ready = len(forward_end), list(range(schedule.num_ranks))
-    waiter = [-1] * (2 * size)
+    forward_end, grad_end, free_at, busy, done = _tables(schedule)
+    size, ready, waiter = len(forward_end), list(range(num_ranks)), [-1] * (2 * len(forward_end))
+    # Each rank's actions not yet run, and the one it waits on (None: none, or its row ran).
+    rest, blocked = [iter(row) for row in schedule.actions], _nothing_waited(num_ranks)
     record, op_f, op_w, op_b = (order if order is not None else []).append, Op.F, Op.W, Op.B
     while ready:
         rank = ready.pop()  # any order of the ready ranks gives the same times
-        row, k, start_at, spent = rows[rank], position[rank], free_at[rank], busy[rank]
-        while k < len(row):
-            stage, op, j = action = row[k]
+        start_at, spent, waited = free_at[rank], busy[rank], blocked[rank]
+        for action in rest[rank] if waited is None else chain((waited,), rest[rank]):
+            stage, op, j = action
             here = stage * m + j
             if op is op_f:
                 t = forward_end[here]
@@ -77,8 +79,8 @@ def idle_and_slack(
                     break
                 t += forward_hop[stage]
                 start = start_at if start_at >= t else t
-                end = forward_end[here + m] = start + forward[stage]
                 key = here + m
+                end = forward_end[key] = start + forward[stage]
             elif op is op_w:
                 t = grad_end[here]
                 if t < 0.0:
@@ -99,13 +101,15 @@ def idle_and_slack(
                 end = grad_end[here] = start + (backward[stage] if op is op_b else inputs[stage])
                 done[stage] = end  # a stage's actions run in order on its rank: the latest
                 key = size + here
-            spent, start_at, k = spent + (end - start), end, k + 1
+            spent, start_at = spent + (end - start), end
             record(action)
             if waiter[key] >= 0:
                 ready.append(waiter[key])
                 waiter[key] = -1
-        position[rank], free_at[rank], busy[rank] = k, start_at, spent
-    _check_ran(schedule, position, forward_end, grad_end)
+        else:
+            action = None  # the row ran to its end
+        blocked[rank], free_at[rank], busy[rank] = action, start_at, spent
+    _check_ran(schedule, blocked, forward_end, grad_end)
     return _result(free_at, busy, done)
 
 
@@ -122,7 +126,7 @@ def idle_and_slack_in_order(
     m, placement = schedule.num_microbatches, schedule.placement
     forward_hop, grad_hop = hop_tables(placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
-    forward_end, grad_end, free_at, busy, done, _ = _tables(schedule)
+    forward_end, grad_end, free_at, busy, done = _tables(schedule)
     op_f, op_w, op_b = Op.F, Op.W, Op.B
     for stage, op, j in order:
         here, rank = stage * m + j, placement[stage]
@@ -152,9 +156,9 @@ def idle_and_slack_in_order(
 
 
 def _tables(schedule: Schedule) -> tuple[list[float], list[float], list[float], list[float],
-                                         list[float], list[int]]:
+                                         list[float]]:
     """Forward ends, gradient ends, each rank's free time and busy time, each stage's last
-    gradient end, each rank's position in its row."""
+    gradient end."""
     m, num_stages, num_ranks = schedule.num_microbatches, schedule.num_stages, schedule.num_ranks
     return (
         [0.0] * m + [NOT_YET] * (num_stages * m),
@@ -162,8 +166,11 @@ def _tables(schedule: Schedule) -> tuple[list[float], list[float], list[float], 
         [0.0] * num_ranks,
         [0.0] * num_ranks,
         [0.0] * num_stages,
-        [0] * num_ranks,
     )
+
+
+def _nothing_waited(num_ranks: int) -> list[Action | None]:
+    return [None] * num_ranks
 
 
 def _result(free_at: list[float], busy: list[float], done: list[float]) -> UnitRun:
@@ -175,10 +182,11 @@ def _result(free_at: list[float], busy: list[float], done: list[float]) -> UnitR
 
 
 def _check_ran(
-    schedule: Schedule, position: list[int], forward_end: list[float], grad_end: list[float]
+    schedule: Schedule, blocked: list[Action | None], forward_end: list[float],
+    grad_end: list[float],
 ) -> None:
-    """Hand a schedule whose rows did not all run, or that left a forward or gradient
-    unrun, to ``execution_order``, which names the fault."""
-    stuck = any(k < len(row) for k, row in zip(position, schedule.actions, strict=True))
+    """Hand a schedule whose rows did not all run (a rank still waits), or that left a
+    forward or gradient unrun, to ``execution_order``, which names the fault."""
+    stuck = any(action is not None for action in blocked)
     if stuck or NOT_YET in forward_end or NOT_YET in grad_end:
         execution_order(schedule)  # raises ScheduleError
