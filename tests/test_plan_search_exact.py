@@ -61,6 +61,20 @@ def test_fast_search_ranks_as_the_exact_one(
     assert first_of_layout == best_of_layout
 
 
+def test_plans_timed_after_the_search_are_timed_as_alone() -> None:
+    """The search releases its schedules when it returns; a plan it left untimed, timed
+    later (its shapes built again), has the time of the plan evaluated on its own."""
+    model, cluster = get_model("llama-2-13b"), Cluster(H100, 2, 8)
+    training = TrainingSpec(seq_len=2048, global_batch=32)
+    result = search(model, cluster, training, exact_top=1)
+    untimed = [plan for plan in result.fitting if "time" not in plan.__dict__]
+    assert len(untimed) > 10  # the bound left most plans untimed
+    for plan in untimed[::5]:
+        alone = evaluate(model, cluster, training, plan.config)
+        assert plan.time == alone.time
+        assert plan.time.step_s >= plan.lower_bound_s
+
+
 def test_timed_walk_names_a_deadlock() -> None:
     """Rank 1 runs its backward before its forward: the walk stops and the validator says so."""
     rows = (

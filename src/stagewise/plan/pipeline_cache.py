@@ -109,6 +109,13 @@ class PipelineCache:
             self._schedules[key] = generator.make(p, m, v)
         return self._schedules[key]
 
+    def release_schedules(self) -> None:
+        """Forget the schedules built and the execution orders walked (the bulk of a search's
+        memory: every action of every shape); what was read from them is kept, and a later
+        simulation that needs one builds it again."""
+        self._schedules.clear()
+        self._orders.clear()
+
     def splits_backward(self, name: str, p: int, m: int, v: int) -> bool:
         """Whether the schedule runs I and W apart (its weight gradients can fill bubbles).
 

@@ -254,6 +254,7 @@ def search(
             if progress and (i % step == 0 or i == len(configs) - 1):
                 progress(i + 1, len(configs))
         fitting = _rank_fitting([p for p in plans if p.fits], max(1, exact_top))
+        cache.release_schedules()  # freed before the collector runs again: nothing to walk
     others = sorted((p for p in plans if not p.fits), key=lambda p: p.memory.total)
     return SearchResult(fitting + others, skipped, time.perf_counter() - start,
                         cache.simulations)
