@@ -55,9 +55,10 @@ def test_peak_activations_match_the_full_schedule(name: str, p: int, v: int) -> 
     costs = Costs.per_stage(forward=forward, backward=backward, weight=weight, send_bytes=hops)
     full = replace(simulate(schedule, costs, Link(latency=0.0, bandwidth=1.0)),
                    activation_bytes=tuple(stage_bytes))
+    expected = [full.peak_activations(rank, in_bytes=True) for rank in range(p)]
     for rank in range(p):
-        expected = full.peak_activations(rank, in_bytes=True)
-        assert cache.peak_activation_bytes(name, p, m, v, rank, stage_bytes) == expected
+        assert cache.peak_activation_bytes(name, p, m, v, rank, stage_bytes) == expected[rank]
+    assert cache.peak_activation_bytes_by_rank(name, p, m, v, stage_bytes) == expected
 
 
 @pytest.mark.parametrize("name", ["1f1b", "zb-h1", "zb-h2"])

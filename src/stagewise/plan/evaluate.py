@@ -275,9 +275,10 @@ def _most_loaded(
     )
     weight_b = layer_state_bytes_per_param(training, config)[0]
 
-    peaks = cache.memo(("peaks", sizes_key, shape), lambda: [
-        cache.peak_activation_bytes(*shape, size.rank, size.stage_bytes) for size in sizes
-    ])
+    peaks = cache.memo(  # every rank's stage_bytes is the same tuple (one per stage)
+        ("peaks", sizes_key, shape),
+        lambda: cache.peak_activation_bytes_by_rank(*shape, sizes[0].stage_bytes),
+    )
 
     def varying(size: RankSizes) -> float:
         states = per_param * size.trainable + weight_b * (size.params - size.trainable)

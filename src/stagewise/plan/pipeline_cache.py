@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import mul
 from typing import TypeVar, cast
 
 from stagewise.plan.timed_walk import UnitRun as _UnitRun
@@ -193,14 +194,17 @@ class PipelineCache:
     ) -> float:
         """Peak live activation bytes of ``rank`` given one micro-batch's bytes per stage."""
         live = self._live_points(name, p, m, v)
-        stages, points = live.stages[rank], live.points[rank]
-        if len(stages) == 1:  # one stage: its largest count (points are largest first)
-            return points[0][0] * stage_bytes[stages[0]]
-        weights = [stage_bytes[s] for s in stages]
-        return max(
-            (sum(c * w for c, w in zip(point, weights, strict=True)) for point in points),
-            default=0.0,
-        )
+        return _peak(live.stages[rank], live.points[rank], stage_bytes)
+
+    def peak_activation_bytes_by_rank(
+        self, name: str, p: int, m: int, v: int, stage_bytes: Sequence[float]
+    ) -> list[float]:
+        """:meth:`peak_activation_bytes` of every rank, in rank order."""
+        live = self._live_points(name, p, m, v)
+        return [
+            _peak(stages, points, stage_bytes)
+            for stages, points in zip(live.stages, live.points, strict=True)
+        ]
 
     def run(
         self,
@@ -333,6 +337,17 @@ def reduced_microbatches(p: int, m: int, name: str = "") -> tuple[int, int]:
         return m, m
     m1 = k * p + (m - k * p) % p
     return m1, m1 + p
+
+
+def _peak(
+    stages: tuple[int, ...], points: list[tuple[float, ...]], stage_bytes: Sequence[float]
+) -> float:
+    """The largest weighted sum of a rank's live counts (one stage: its largest count,
+    points being largest first)."""
+    if len(stages) == 1:
+        return points[0][0] * stage_bytes[stages[0]]
+    weights = [stage_bytes[s] for s in stages]
+    return max((sum(map(mul, point, weights)) for point in points), default=0.0)
 
 
 def _grid(values: Sequence[float], ref: float, step: float = GRID) -> tuple[float, ...]:
