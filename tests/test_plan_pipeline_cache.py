@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stagewise.plan.pipeline_cache import (
     PipelineCache,
     _live_counts,
+    _undominated,
     reduced_microbatches,
 )
 from stagewise.plan.timed_walk import idle_and_slack
@@ -97,3 +100,20 @@ def test_idle_and_slack_equal_the_simulator(name: str, p: int, v: int) -> None:
     done = [max(e.end for e in full.events if e.stage == s and e.op is not Op.F)
             for s in range(p * v)]
     assert got.stage_slack == pytest.approx([full.makespan - x for x in done], abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5).flatmap(
+    lambda d: st.sets(st.tuples(*[st.integers(0, 6).map(float)] * d), min_size=1, max_size=40)
+))
+def test_undominated_keeps_exactly_the_points_nothing_else_covers(
+    points: set[tuple[float, ...]],
+) -> None:
+    """Against the definition, pair by pair: kept iff no other point is >= in every
+    coordinate; largest first."""
+    expected = sorted(
+        (p for p in points
+         if not any(q != p and all(a >= b for a, b in zip(q, p, strict=True)) for q in points)),
+        reverse=True,
+    )
+    assert _undominated(points) == expected

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import mul
+from operator import ge, mul
 from typing import TypeVar, cast
 
 from stagewise.plan.timed_walk import UnitRun as _UnitRun
@@ -397,7 +397,10 @@ def _undominated(points: set[tuple[float, ...]]) -> list[tuple[float, ...]]:
             if not kept or point[1] > kept[-1][1]:
                 kept.append(point)
         return kept
-    for point in ordered:
-        if not any(all(k >= x for k, x in zip(other, point, strict=True)) for other in kept):
+    for point in ordered:  # only a point before it (lexicographically larger) can dominate it
+        for other in kept:
+            if all(map(ge, other, point)):
+                break
+        else:
             kept.append(point)
     return kept
