@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stagewise.plan.pipeline_cache import (
+    V_SHAPED_LIVE,
     PipelineCache,
     _live_counts,
     _undominated,
@@ -76,6 +77,26 @@ def test_single_stage_closed_forms_match_the_built_schedule(name: str, p: int, m
         expected = counts * stage_bytes[rank]
         assert PipelineCache().peak_activation_bytes(name, p, m, 1, rank, stage_bytes) == expected
     assert PipelineCache().placement(name, p, m, 1) == schedule.placement
+
+
+@pytest.mark.parametrize("name", ["zb-v", "dualpipev"])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 8])
+def test_v_shaped_closed_forms_match_the_built_schedule(name: str, p: int) -> None:
+    """The cache sizes ZB-V and DualPipeV without building them, for every m from the
+    least the closed forms hold for (2p - 1, 2p) to past the reduced sizes it is asked at:
+    the same stages and live counts as the built schedule's, which splits its backward
+    (peaks against the simulator's timeline: test_peak_activations_match_the_full_schedule)."""
+    first = V_SHAPED_LIVE[name][0](p)
+    assert first <= 2 * p  # every m the search reduces to (m1 >= 2p) is covered
+    for m in range(first, 6 * p + 2):
+        schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=2)
+        cache = PipelineCache()
+        live = cache._live_at(name, p, m, 2)
+        assert cache._schedules == {}  # nothing built
+        assert live.stages == tuple(schedule.stages_of(r) for r in range(p))
+        assert live.points == tuple(_live_counts(schedule, r) for r in range(p))
+        assert cache.placement(name, p, m, 2) == schedule.placement
+        assert cache.splits_backward(name, p, m, 2) is schedule.splits_backward is True
 
 
 @pytest.mark.parametrize(("name", "p", "v"), CASES)
