@@ -8,11 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stagewise.plan.live_counts import V_SHAPED_LIVE, closed_form, undominated
+from stagewise.plan.live_counts import row_live_counts as _live_counts
 from stagewise.plan.pipeline_cache import (
-    V_SHAPED_LIVE,
     PipelineCache,
-    _live_counts,
-    _undominated,
     reduced_microbatches,
 )
 from stagewise.plan.timed_walk import idle_and_slack
@@ -99,6 +98,21 @@ def test_v_shaped_closed_forms_match_the_built_schedule(name: str, p: int) -> No
         assert cache.splits_backward(name, p, m, 2) is schedule.splits_backward is True
 
 
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 8])
+def test_interleaved_closed_form_matches_the_built_schedule(p: int) -> None:
+    """Interleaved 1F1B is sized without building it when p divides m: for every v the
+    search takes (2..8) and m = p..8p, it builds (groups of p always run) and its rows give
+    the same stages and live counts; other m are left to the built schedule."""
+    for v in range(2, 9):
+        for m in range(p, 8 * p + 1, p):
+            schedule = build("interleaved-1f1b", num_ranks=p, num_microbatches=m, num_chunks=v)
+            live = closed_form("interleaved-1f1b", p, m, v)
+            assert live is not None
+            assert live.stages == tuple(schedule.stages_of(r) for r in range(p))
+            assert live.points == tuple(_live_counts(schedule, r) for r in range(p))
+    assert closed_form("interleaved-1f1b", 4, 10, 2) is None
+
+
 @pytest.mark.parametrize(("name", "p", "v"), CASES)
 def test_splitting_the_backward_does_not_depend_on_m(name: str, p: int, v: int) -> None:
     cache = PipelineCache()
@@ -137,4 +151,4 @@ def test_undominated_keeps_exactly_the_points_nothing_else_covers(
          if not any(q != p and all(a >= b for a, b in zip(q, p, strict=True)) for q in points)),
         reverse=True,
     )
-    assert _undominated(points) == expected
+    assert undominated(points) == expected

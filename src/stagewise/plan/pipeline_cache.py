@@ -11,12 +11,9 @@ of each rank is taken from the cached simulation; each rank's busy time is summe
 the plan's own costs, so the rounding touches the bubble alone. One cache lives for one search;
 nothing is kept between calls.
 
-Peak activation memory depends only on the order of each rank's actions, not on the costs.
-For every rank the cache keeps the count of live micro-batches of each of its stages after
-every forward (F adds one; B, or W when the backward is split, frees one: the rules of
-``Timeline.live_activations``, which any simulation of the schedule follows), pruned to the
-points no other point dominates; a plan's peak bytes is the largest weighted sum over them,
-exactly what ``peak_activations(in_bytes=True)`` returns.
+Peak activation memory depends only on the order of each rank's actions
+(:mod:`stagewise.plan.live_counts`): counts kept per shape, from closed forms where they hold,
+else walked from the built schedule.
 
 A search sizes thousands of plans but times few, so schedules are generated without the
 validator. A simulation times the rows while it walks them (:mod:`stagewise.plan.timed_walk`),
@@ -32,13 +29,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import ge, mul
 from typing import TypeVar, cast
 
+from stagewise.plan.live_counts import (
+    SINGLE_STAGE_LIVE,
+    V_SHAPED_LIVE,
+    LiveCounts,
+    closed_form,
+    counted,
+    peak,
+)
 from stagewise.plan.timed_walk import UnitRun as _UnitRun
 from stagewise.plan.timed_walk import idle_and_slack as _idle_and_slack
 from stagewise.plan.timed_walk import idle_and_slack_in_order
-from stagewise.schedules import Action, Op, Schedule, build, get
+from stagewise.schedules import Action, Schedule, build, get
 from stagewise.sim import Bubble
 
 __all__ = ["PipelineCache", "PipelineRun"]
@@ -69,8 +73,8 @@ class PipelineCache:
 
     def __init__(self) -> None:
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
-        self._live: dict[tuple[str, int, int, int], _LiveCounts] = {}
-        self._live_exact: dict[tuple[str, int, int, int], _LiveCounts] = {}
+        self._live: dict[tuple[str, int, int, int], LiveCounts] = {}
+        self._live_exact: dict[tuple[str, int, int, int], LiveCounts] = {}
         self._runs: dict[tuple[object, ...], _UnitRun] = {}
         self._splits: dict[tuple[str, int, int], bool] = {}
         self._placements: dict[tuple[str, int, int, int], tuple[int, ...]] = {}
@@ -135,7 +139,7 @@ class PipelineCache:
             ).splits_backward
         return self._splits[key]
 
-    def _live_points(self, name: str, p: int, m: int, v: int) -> _LiveCounts:
+    def _live_points(self, name: str, p: int, m: int, v: int) -> LiveCounts:
         """Undominated live counts of every rank; a rank's are computed at m1 and m2 (see
         :func:`reduced_microbatches`) and kept when they agree (the schedule's in-flight
         counts have saturated, as for 1F1B-like schedules), at m itself otherwise (GPipe
@@ -148,7 +152,7 @@ class PipelineCache:
                 second = self._live_at(name, p, m2, v)
                 if first.points != second.points:
                     full = self._live_at(name, p, m, v)
-                    first = _LiveCounts(first.stages, tuple(
+                    first = LiveCounts(first.stages, tuple(
                         a if a == b else c
                         for a, b, c in zip(first.points, second.points, full.points, strict=True)
                     ))
@@ -173,28 +177,11 @@ class PipelineCache:
             self._placements[key] = tuple(result)
         return self._placements[key]
 
-    def _live_at(self, name: str, p: int, m: int, v: int) -> _LiveCounts:
+    def _live_at(self, name: str, p: int, m: int, v: int) -> LiveCounts:
         key = (name, p, m, v)
-        if key in self._live_exact:
-            return self._live_exact[key]
-        if name in SINGLE_STAGE_LIVE:  # closed forms (tests/test_plan_pipeline_cache.py)
-            peak = SINGLE_STAGE_LIVE[name]
-            self._live_exact[key] = _LiveCounts(
-                tuple((r,) for r in range(p)),
-                tuple([(float(peak(p, m, r)),)] for r in range(p)),
-            )
-        elif name in V_SHAPED_LIVE and v == 2 and m >= V_SHAPED_LIVE[name][0](p):
-            points = V_SHAPED_LIVE[name][1]
-            self._live_exact[key] = _LiveCounts(
-                tuple((r, 2 * p - 1 - r) for r in range(p)),
-                tuple(points(p, m, r) for r in range(p)),
-            )
-        else:
-            schedule = self.schedule(name, p, m, v)
-            self._live_exact[key] = _LiveCounts(
-                tuple(schedule.stages_of(r) for r in range(p)),
-                tuple(_live_counts(schedule, r) for r in range(p)),
-            )
+        if key not in self._live_exact:
+            live = closed_form(name, p, m, v)
+            self._live_exact[key] = live or counted(self.schedule(name, p, m, v))
         return self._live_exact[key]
 
     def peak_activation_bytes(
@@ -202,7 +189,7 @@ class PipelineCache:
     ) -> float:
         """Peak live activation bytes of ``rank`` given one micro-batch's bytes per stage."""
         live = self._live_points(name, p, m, v)
-        return _peak(live.stages[rank], live.points[rank], stage_bytes)
+        return peak(live.stages[rank], live.points[rank], stage_bytes)
 
     def peak_activation_bytes_by_rank(
         self, name: str, p: int, m: int, v: int, stage_bytes: Sequence[float]
@@ -210,7 +197,7 @@ class PipelineCache:
         """:meth:`peak_activation_bytes` of every rank, in rank order."""
         live = self._live_points(name, p, m, v)
         return [
-            _peak(stages, points, stage_bytes)
+            peak(stages, points, stage_bytes)
             for stages, points in zip(live.stages, live.points, strict=True)
         ]
 
@@ -301,48 +288,6 @@ class PipelineCache:
         return run
 
 
-@dataclass(frozen=True)
-class _LiveCounts:
-    """Per rank: its stages, and its undominated live counts (one column per stage)."""
-
-    stages: tuple[tuple[int, ...], ...]
-    points: tuple[list[tuple[float, ...]], ...]
-
-
-# Peak live micro-batches of rank r for schedules that give each rank one stage, as
-# functions of (p, m, r), so these schedules need not be built to size memory: 1F1B holds
-# min(p - r, m) (sim/closed_form.py), ZB-H1 min(m, p) and ZB-H2 min(m, 2p - 1) on every rank
-# (sim/closed_form_zb.py); checked against the built schedules' counts in the tests.
-SINGLE_STAGE_LIVE: dict[str, Callable[[int, int, int], int]] = {
-    "1f1b": lambda p, m, r: min(p - r, m),
-    "zb-h1": lambda p, m, r: min(m, p),
-    "zb-h2": lambda p, m, r: min(m, 2 * p - 1),
-}
-
-
-
-def _zb_v_live(p: int, m: int, r: int) -> list[tuple[float, ...]]:
-    """ZB-V's rank r (from m >= 2p - 1): its warm-up leaves 2p - r - 1 forwards of its
-    first stage and r of its second in flight; the V's bottom adds one of the second (the
-    point (2p - r - 1, r + 1)), the steady state's first forward one of the first (the point
-    (2p - r, r)), except on rank 0 at m = 2p - 1, whose forwards are all in the warm-up."""
-    if r == 0 and m == 2 * p - 1:
-        return [(2.0 * p - 1, 1.0)]
-    return [(2.0 * p - r, float(r)), (2.0 * p - r - 1, r + 1.0)]
-
-
-# Undominated live counts of the V-shaped schedules, rank r holding stages r and 2p - 1 - r
-# (columns in that order), as (the least m they hold for, counts of (p, m, r)), so these
-# schedules need not be built to size memory. With fewer micro-batches ZB-V leaves actions
-# out (its schedule is built and counted then); DualPipeV refuses m < 2p. DualPipeV's rank r
-# peaks at (2p - r, r + 1). Checked against the built schedules in the tests, as is that
-# both split their backward at every size.
-V_SHAPED_LIVE: dict[str, tuple[Callable[[int], int],
-                               Callable[[int, int, int], list[tuple[float, ...]]]]] = {
-    "zb-v": (lambda p: 2 * p - 1, _zb_v_live),
-    "dualpipev": (lambda p: 2 * p, lambda p, m, r: [(2.0 * p - r, r + 1.0)]),
-}
-
 GRID = math.log(1.02)
 WEIGHT_GRID = math.log(1.05)
 HOP_STEP = 0.02  # transfer times in steps of 2 % of a mean stage forward
@@ -371,68 +316,8 @@ def reduced_microbatches(p: int, m: int, name: str = "") -> tuple[int, int]:
     return m1, m1 + p
 
 
-def _peak(
-    stages: tuple[int, ...], points: list[tuple[float, ...]], stage_bytes: Sequence[float]
-) -> float:
-    """The largest weighted sum of a rank's live counts (one stage: its largest count,
-    points being largest first)."""
-    if len(stages) == 1:
-        return points[0][0] * stage_bytes[stages[0]]
-    weights = [stage_bytes[s] for s in stages]
-    return max((sum(map(mul, point, weights)) for point in points), default=0.0)
-
-
 def _grid(values: Sequence[float], ref: float, step: float = GRID) -> tuple[float, ...]:
     """Each value / ref, snapped to a geometric grid of ``step`` (in log; 0 stays 0)."""
     return tuple(
         math.exp(round(math.log(x / ref) / step) * step) if x > 0 else 0.0 for x in values
     )
-
-
-def _live_counts(schedule: Schedule, rank: int) -> list[tuple[float, ...]]:
-    """Live micro-batches of each of ``rank``'s stages after every forward, undominated only.
-
-    F adds one micro-batch of its stage; B, or W when the backward is split, frees one (the
-    rules of ``Timeline.live_activations``; a rank runs its row in order). Levels rise only
-    at an F, so the points after each F hold every peak; a point followed by another F is
-    below the next one, so only the last F of each run of forwards is kept.
-    """
-    stages = schedule.stages_of(rank)
-    column = {stage: i for i, stage in enumerate(stages)}
-    counts = [0.0] * len(stages)
-    points: set[tuple[float, ...]] = set()
-    rising = False  # the last action was an F whose point is not yet recorded
-    op_f, op_b, op_w = Op.F, Op.B, Op.W
-    for stage, op, _ in schedule.actions[rank]:
-        if op is op_f:
-            counts[column[stage]] += 1.0
-            rising = True
-            continue
-        if rising:
-            points.add(tuple(counts))
-            rising = False
-        if op is op_b or op is op_w:  # B, or W when split: never both
-            counts[column[stage]] -= 1.0
-    if rising:
-        points.add(tuple(counts))
-    return _undominated(points) or [tuple(counts)]
-
-
-def _undominated(points: set[tuple[float, ...]]) -> list[tuple[float, ...]]:
-    """The points no other point dominates (>= in every coordinate), largest first."""
-    ordered = sorted(points, reverse=True)
-    if ordered and len(ordered[0]) == 1:
-        return ordered[:1]
-    kept: list[tuple[float, ...]] = []
-    if ordered and len(ordered[0]) == 2:  # a sweep: the second coordinate must rise
-        for point in ordered:
-            if not kept or point[1] > kept[-1][1]:
-                kept.append(point)
-        return kept
-    for point in ordered:  # only a point before it (lexicographically larger) can dominate it
-        for other in kept:
-            if all(map(ge, other, point)):
-                break
-        else:
-            kept.append(point)
-    return kept
