@@ -122,7 +122,13 @@ def idle_and_slack_in_order(
     hops: tuple[float, ...],
 ) -> UnitRun:
     """:func:`idle_and_slack` along an execution order the schedule is known to run in (one
-    that walk recorded): the same times, without waiting and waking."""
+    that walk recorded): the same times, without waiting and waking.
+
+    An action's inputs from its own rank (a B or I's forward, a W's input gradient) ran
+    earlier in its row, and no duration is negative, so they never delay it: only the
+    previous stage's forward (for an F) and the next stage's gradient (for a B or I) are
+    read.
+    """
     m, placement = schedule.num_microbatches, schedule.placement
     forward_hop, grad_hop = hop_tables(placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
@@ -136,15 +142,9 @@ def idle_and_slack_in_order(
             if t > start:
                 start = t
             end = forward_end[here + m] = start + forward[stage]
-        elif op is op_w:
-            t = grad_end[here]
-            if t > start:
-                start = t
+        elif op is op_w:  # its I ran earlier on this rank: it cannot start later
             end = done[stage] = start + weight[stage]
-        else:
-            t = forward_end[here + m]
-            if t > start:
-                start = t
+        else:  # its F ran earlier on this rank: only the gradient from the next stage waits
             t = grad_end[here + m] + grad_hop[stage]
             if t > start:
                 start = t
