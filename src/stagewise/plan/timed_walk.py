@@ -124,10 +124,10 @@ def idle_and_slack_in_order(
     """:func:`idle_and_slack` along an execution order the schedule is known to run in (one
     that walk recorded): the same times, without waiting and waking.
 
-    An action's inputs from its own rank (a B or I's forward, a W's input gradient) ran
-    earlier in its row, and no duration is negative, so they never delay it: only the
-    previous stage's forward (for an F) and the next stage's gradient (for a B or I) are
-    read.
+    Each action runs on its stage's rank (as in every registered generator's rows), so an
+    action's inputs from its own rank (a B or I's forward, a W's input gradient) ran
+    earlier in its row and, no duration being negative, never delay it: only the previous
+    stage's forward (for an F) and the next stage's gradient (for a B or I) are read.
     """
     m, placement = schedule.num_microbatches, schedule.placement
     forward_hop, grad_hop = hop_tables(placement, hops)
