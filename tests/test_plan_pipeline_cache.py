@@ -82,7 +82,7 @@ def test_single_stage_closed_forms_match_the_built_schedule(name: str, p: int, m
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 8])
 def test_v_shaped_closed_forms_match_the_built_schedule(name: str, p: int) -> None:
     """The cache sizes ZB-V and DualPipeV without building them, for every m from the
-    least the closed forms hold for (2p - 1, 2p) to past the reduced sizes it is asked at:
+    least the closed forms hold for (1, 2p) to past the reduced sizes it is asked at:
     the same stages and live counts as the built schedule's, which splits its backward
     (peaks against the simulator's timeline: test_peak_activations_match_the_full_schedule)."""
     first = V_SHAPED_LIVE[name][0](p)

@@ -8,8 +8,8 @@ points no other point dominates; a plan's peak bytes is the largest weighted sum
 (:func:`peak`), exactly what ``peak_activations(in_bytes=True)`` returns.
 
 :func:`closed_form` gives these points without building the schedule where the generator's
-structure fixes them (1F1B, ZB-H1, ZB-H2 at any m; ZB-V and DualPipeV from m >= 2p - 1 and
-2p; interleaved 1F1B when p divides m), so a search builds only the schedules it simulates.
+structure fixes them (1F1B, ZB-H1, ZB-H2 and ZB-V at any m; DualPipeV from m >= 2p, all it
+takes; interleaved 1F1B when p divides m), so a search builds only the schedules it simulates.
 Every closed form is checked against the built schedules' counts in
 tests/test_plan_pipeline_cache.py. Notation: p ranks, m micro-batches, v chunks per rank,
 r a rank.
@@ -51,22 +51,23 @@ SINGLE_STAGE_LIVE: dict[str, Callable[[int, int, int], int]] = {
 
 
 def _zb_v_live(p: int, m: int, r: int) -> Points:
-    """ZB-V's rank r (from m >= 2p - 1): its warm-up leaves 2p - r - 1 forwards of its
-    first stage and r of its second in flight; the V's bottom adds one of the second (the
-    point (2p - r - 1, r + 1)), the steady state's first forward one of the first (the point
-    (2p - r, r)), except on rank 0 at m = 2p - 1, whose forwards are all in the warm-up."""
-    if r == 0 and m == 2 * p - 1:
-        return [(2.0 * p - 1, 1.0)]
-    return [(2.0 * p - r, float(r)), (2.0 * p - r - 1, r + 1.0)]
+    """ZB-V's rank r: its warm-up leaves 2p - r - 1 forwards of its first stage and r of
+    its second in flight, and the V's bottom one more of the second: the point
+    (2p - r - 1, r + 1), each count capped at m (the generator leaves out the actions of
+    micro-batches beyond m). When m >= 2p - r the steady state's first forward adds one of
+    the first stage as the second's frees one: the point (2p - r, r)."""
+    points: set[tuple[float, ...]] = {(float(min(m, 2 * p - r - 1)), float(min(m, r + 1)))}
+    if m >= 2 * p - r:
+        points.add((2.0 * p - r, float(r)))
+    return undominated(points)
 
 
 # Undominated live counts of the V-shaped schedules, rank r holding stages r and 2p - 1 - r
-# (columns in that order), as (the least m they hold for, counts of (p, m, r)). With fewer
-# micro-batches ZB-V leaves actions out (its schedule is built and counted then); DualPipeV
-# refuses m < 2p. DualPipeV's rank r peaks at (2p - r, r + 1). Both split their backward at
-# every size (tests).
+# (columns in that order), as (the least m they hold for, counts of (p, m, r)). DualPipeV
+# refuses m < 2p (its schedule is built then, and raises); its rank r peaks at
+# (2p - r, r + 1). Both split their backward at every size (tests).
 V_SHAPED_LIVE: dict[str, tuple[Callable[[int], int], Callable[[int, int, int], Points]]] = {
-    "zb-v": (lambda p: 2 * p - 1, _zb_v_live),
+    "zb-v": (lambda p: 1, _zb_v_live),
     "dualpipev": (lambda p: 2 * p, lambda p, m, r: [(2.0 * p - r, r + 1.0)]),
 }
 
