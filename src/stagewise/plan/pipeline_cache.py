@@ -1,19 +1,20 @@
 """The pipeline part of a plan, from real stagewise schedules and the stagewise simulator.
 
-:class:`PipelineCache` builds each schedule once (``stagewise.schedules.build``), reads peak
-activation memory from its :class:`~stagewise.sim.Timeline`, and runs
-:func:`stagewise.sim.simulate` with the plan's per-stage costs. A search evaluates thousands of
-plans that share a few pipeline shapes, so simulations are cached by (schedule, p, m, v, cost
-ratios): each stage's forward and backward divided by the mean stage forward and snapped to a
-2 % geometric grid (the weight-gradient part to 5 %, and only for schedules that run W on its
-own), and each boundary's transfer time in steps of 2 % of a mean forward. Only the idle time
-of each rank is taken from the cached simulation; each rank's busy time is summed exactly from
-the plan's own costs, so the rounding touches the bubble alone. One cache lives for one search;
-nothing is kept between calls.
+:class:`PipelineCache` builds each schedule it needs once (the registry's generators), reads
+peak activation memory from its rows or a closed form, and times it as
+:func:`stagewise.sim.simulate` would with the plan's per-stage costs. A search evaluates
+thousands of plans that share a few pipeline shapes, so simulations are cached by (schedule, p,
+m, v, cost ratios): each stage's forward and backward divided by the mean stage forward and
+snapped to a 2 % geometric grid (the weight-gradient part to 5 %, and only for schedules that
+run W on its own), and each boundary's transfer time in steps of 2 % of a mean forward. Only
+the idle time of each rank is taken from the cached simulation; each rank's busy time is summed
+exactly from the plan's own costs, so the rounding touches the bubble alone. One cache lives
+for one search; nothing is kept between calls, and the search releases the schedules (the bulk
+of its memory) when it returns.
 
 Peak activation memory depends only on the order of each rank's actions
-(:mod:`stagewise.plan.live_counts`): counts kept per shape, from closed forms where they hold,
-else walked from the built schedule.
+(:mod:`stagewise.plan.live_counts`): counts kept per shape, from closed forms where they hold
+(so a shape that is never simulated is never built), else walked from the built schedule.
 
 A search sizes thousands of plans but times few, so schedules are generated without the
 validator. A simulation times the rows while it walks them (:mod:`stagewise.plan.timed_walk`),
