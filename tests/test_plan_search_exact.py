@@ -18,6 +18,9 @@ CASES = [
     ("llama-2-7b", 1, 8, 4096, 16),
     ("llama-2-13b", 2, 8, 2048, 32),
     ("gpt2-xl", 1, 4, 1024, 8),
+    # m = 3, 6, 12, 24 on p up to 8: interleaved sized from its rows (p does not divide m)
+    # and from its closed form, ZB-V below 2p - 1, DualPipeV refused below 2p.
+    ("llama-2-7b", 1, 8, 4096, 24),
 ]
 
 
