@@ -44,6 +44,7 @@ from stagewise.plan.timed_walk import UnitRun as _UnitRun
 from stagewise.plan.timed_walk import idle_and_slack as _idle_and_slack
 from stagewise.plan.timed_walk import idle_and_slack_in_order
 from stagewise.schedules import Action, Schedule, build, get
+from stagewise.schedules._gc import paused_gc
 from stagewise.sim import Bubble
 
 __all__ = ["PipelineCache", "PipelineRun"]
@@ -112,7 +113,8 @@ class PipelineCache:
             generator = get(name)
             if generator.fixed_chunks is not None and v != generator.fixed_chunks:
                 build(name, num_ranks=p, num_microbatches=m, num_chunks=v)  # raises, says why
-            self._schedules[key] = generator.make(p, m, v)
+            with paused_gc():  # many small tuples, no cycles (a search pauses it throughout)
+                self._schedules[key] = generator.make(p, m, v)
         return self._schedules[key]
 
     def release_schedules(self) -> None:
