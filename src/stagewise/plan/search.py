@@ -218,7 +218,8 @@ def search(
     plan could still enter the fastest ``exact_top`` or beat the best plan of its own TP x PP
     layout; the rest are provably slower than both and follow, ordered by their bound (their
     exact time is computed when read). So the first ``exact_top`` fitting plans and the best
-    plan of every layout are exact.
+    plan of every layout are exact. Python's cyclic garbage collector is paused while the
+    search runs (it would walk every cached action to free nothing) and restored after.
 
     Args:
         model, cluster, training: what to plan.
