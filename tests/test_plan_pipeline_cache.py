@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from stagewise.plan.live_counts import V_SHAPED_LIVE, closed_form, undominated
+from stagewise.plan.live_counts import row_live_counts as _live_counts
 from stagewise.plan.pipeline_cache import (
     PipelineCache,
-    _live_counts,
     reduced_microbatches,
 )
 from stagewise.plan.timed_walk import idle_and_slack
@@ -55,9 +58,10 @@ def test_peak_activations_match_the_full_schedule(name: str, p: int, v: int) -> 
     costs = Costs.per_stage(forward=forward, backward=backward, weight=weight, send_bytes=hops)
     full = replace(simulate(schedule, costs, Link(latency=0.0, bandwidth=1.0)),
                    activation_bytes=tuple(stage_bytes))
+    expected = [full.peak_activations(rank, in_bytes=True) for rank in range(p)]
     for rank in range(p):
-        expected = full.peak_activations(rank, in_bytes=True)
-        assert cache.peak_activation_bytes(name, p, m, v, rank, stage_bytes) == expected
+        assert cache.peak_activation_bytes(name, p, m, v, rank, stage_bytes) == expected[rank]
+    assert cache.peak_activation_bytes_by_rank(name, p, m, v, stage_bytes) == expected
 
 
 @pytest.mark.parametrize("name", ["1f1b", "zb-h1", "zb-h2"])
@@ -72,6 +76,41 @@ def test_single_stage_closed_forms_match_the_built_schedule(name: str, p: int, m
         expected = counts * stage_bytes[rank]
         assert PipelineCache().peak_activation_bytes(name, p, m, 1, rank, stage_bytes) == expected
     assert PipelineCache().placement(name, p, m, 1) == schedule.placement
+
+
+@pytest.mark.parametrize("name", ["zb-v", "dualpipev"])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 8])
+def test_v_shaped_closed_forms_match_the_built_schedule(name: str, p: int) -> None:
+    """The cache sizes ZB-V and DualPipeV without building them, for every m from the
+    least the closed forms hold for (1, 2p) to past the reduced sizes it is asked at:
+    the same stages and live counts as the built schedule's, which splits its backward
+    (peaks against the simulator's timeline: test_peak_activations_match_the_full_schedule)."""
+    first = V_SHAPED_LIVE[name][0](p)
+    assert first <= 2 * p  # every m the search reduces to (m1 >= 2p) is covered
+    for m in range(first, 6 * p + 2):
+        schedule = build(name, num_ranks=p, num_microbatches=m, num_chunks=2)
+        cache = PipelineCache()
+        live = cache._live_at(name, p, m, 2)
+        assert cache._schedules == {}  # nothing built
+        assert live.stages == tuple(schedule.stages_of(r) for r in range(p))
+        assert live.points == tuple(_live_counts(schedule, r) for r in range(p))
+        assert cache.placement(name, p, m, 2) == schedule.placement
+        assert cache.splits_backward(name, p, m, 2) is schedule.splits_backward is True
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 8])
+def test_interleaved_closed_form_matches_the_built_schedule(p: int) -> None:
+    """Interleaved 1F1B is sized without building it when p divides m: for every v the
+    search takes (2..8) and m = p..8p, it builds (groups of p always run) and its rows give
+    the same stages and live counts; other m are left to the built schedule."""
+    for v in range(2, 9):
+        for m in range(p, 8 * p + 1, p):
+            schedule = build("interleaved-1f1b", num_ranks=p, num_microbatches=m, num_chunks=v)
+            live = closed_form("interleaved-1f1b", p, m, v)
+            assert live is not None
+            assert live.stages == tuple(schedule.stages_of(r) for r in range(p))
+            assert live.points == tuple(_live_counts(schedule, r) for r in range(p))
+    assert closed_form("interleaved-1f1b", 4, 10, 2) is None
 
 
 @pytest.mark.parametrize(("name", "p", "v"), CASES)
@@ -96,3 +135,20 @@ def test_idle_and_slack_equal_the_simulator(name: str, p: int, v: int) -> None:
     done = [max(e.end for e in full.events if e.stage == s and e.op is not Op.F)
             for s in range(p * v)]
     assert got.stage_slack == pytest.approx([full.makespan - x for x in done], abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5).flatmap(
+    lambda d: st.sets(st.tuples(*[st.integers(0, 6).map(float)] * d), min_size=1, max_size=40)
+))
+def test_undominated_keeps_exactly_the_points_nothing_else_covers(
+    points: set[tuple[float, ...]],
+) -> None:
+    """Against the definition, pair by pair: kept iff no other point is >= in every
+    coordinate; largest first."""
+    expected = sorted(
+        (p for p in points
+         if not any(q != p and all(a >= b for a, b in zip(q, p, strict=True)) for q in points)),
+        reverse=True,
+    )
+    assert undominated(points) == expected

@@ -18,6 +18,9 @@ CASES = [
     ("llama-2-7b", 1, 8, 4096, 16),
     ("llama-2-13b", 2, 8, 2048, 32),
     ("gpt2-xl", 1, 4, 1024, 8),
+    # m = 3, 6, 12, 24 on p up to 8: interleaved sized from its rows (p does not divide m)
+    # and from its closed form, ZB-V below 2p - 1, DualPipeV refused below 2p.
+    ("llama-2-7b", 1, 8, 4096, 24),
 ]
 
 
@@ -61,6 +64,20 @@ def test_fast_search_ranks_as_the_exact_one(
     assert first_of_layout == best_of_layout
 
 
+def test_plans_timed_after_the_search_are_timed_as_alone() -> None:
+    """The search releases its schedules when it returns; a plan it left untimed, timed
+    later (its shapes built again), has the time of the plan evaluated on its own."""
+    model, cluster = get_model("llama-2-13b"), Cluster(H100, 2, 8)
+    training = TrainingSpec(seq_len=2048, global_batch=32)
+    result = search(model, cluster, training, exact_top=1)
+    untimed = [plan for plan in result.fitting if "time" not in plan.__dict__]
+    assert len(untimed) > 10  # the bound left most plans untimed
+    for plan in untimed[::5]:
+        alone = evaluate(model, cluster, training, plan.config)
+        assert plan.time == alone.time
+        assert plan.time.step_s >= plan.lower_bound_s
+
+
 def test_timed_walk_names_a_deadlock() -> None:
     """Rank 1 runs its backward before its forward: the walk stops and the validator says so."""
     rows = (
@@ -88,7 +105,7 @@ def test_recorded_order_times_other_costs_as_the_walk(name: str, p: int, v: int)
     """The order one walk recorded gives, for other costs, the times a new walk gives."""
     schedule = build(name, num_ranks=p, num_microbatches=3 * p + 1, num_chunks=v)
     stages = p * v
-    order: list[tuple[int, Action]] = []
+    order: list[Action] = []
     ones = tuple([1.0] * stages)
     idle_and_slack(schedule, ones, ones, tuple([0.5] * stages), tuple([0.0] * stages), order)
     assert len(order) == schedule.num_actions

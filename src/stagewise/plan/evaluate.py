@@ -6,6 +6,7 @@ breakdown of the most loaded GPU, the step-time breakdown and the figures users 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -263,31 +264,35 @@ def _most_loaded(
     Only model states, activations and the last stage's logits differ between ranks (the
     recompute buffer, communication buffers and reserve do not), so ranks are compared on
     those and the breakdown is built for the winner alone. ``keyed_sizes`` is the ranks'
-    sizes and their memo key: the winner is memoised by it, the schedule's shape and the
-    bytes per parameter.
+    sizes and their memo key: the ranks' peak activations are memoised by it and the
+    schedule's shape, the winner also by the bytes per parameter.
     """
     sizes_key, sizes = keyed_sizes
-    per_param = sum(layer_state_bytes_per_param(training, config))
+    state_bytes = layer_state_bytes_per_param(training, config)
+    per_param, weight_b = sum(state_bytes), state_bytes[0]
     shape = (config.schedule, config.pp, m, config.num_chunks)
-    logits = (
-        config.micro_batch_size * training.seq_len * model.padded_vocab(config.tp) / config.tp
-        * LOGIT_BYTES
-    )
-    weight_b = layer_state_bytes_per_param(training, config)[0]
 
-    peaks = cache.memo(("peaks", sizes_key, shape), lambda: [
-        cache.peak_activation_bytes(*shape, size.rank, size.stage_bytes) for size in sizes
-    ])
+    def most_loaded() -> int:
+        peaks = cache.memo(  # every rank's stage_bytes is the same tuple (one per stage)
+            ("peaks", sizes_key, shape),
+            lambda: cache.peak_activation_bytes_by_rank(*shape, sizes[0].stage_bytes),
+        )
+        logits = (
+            config.micro_batch_size * training.seq_len * model.padded_vocab(config.tp)
+            / config.tp * LOGIT_BYTES
+        )
+        rank, most = 0, -math.inf
+        for size in sizes:  # the first of equals wins
+            states = per_param * size.trainable + weight_b * (size.params - size.trainable)
+            states += fp8_weight_bytes(model, training, config, size)
+            varying = states + peaks[size.rank]
+            if size.last:
+                varying += logits
+            if varying > most:
+                rank, most = size.rank, varying
+        return rank
 
-    def varying(size: RankSizes) -> float:
-        states = per_param * size.trainable + weight_b * (size.params - size.trainable)
-        states += fp8_weight_bytes(model, training, config, size)
-        return states + peaks[size.rank] + (logits if size.last else 0.0)
-
-    rank = cache.memo(
-        ("most loaded", sizes_key, shape, per_param, weight_b),
-        lambda: max(sizes, key=varying).rank,  # max keeps the first of equals
-    )
+    rank = cache.memo(("most loaded", sizes_key, shape, per_param, weight_b), most_loaded)
     return rank_memory(model, training, config, sizes[rank], cache, m, constants, memory_gib)
 
 

@@ -1,22 +1,20 @@
 """The pipeline part of a plan, from real stagewise schedules and the stagewise simulator.
 
-:class:`PipelineCache` builds each schedule once (``stagewise.schedules.build``), reads peak
-activation memory from its :class:`~stagewise.sim.Timeline`, and runs
-:func:`stagewise.sim.simulate` with the plan's per-stage costs. A search evaluates thousands of
-plans that share a few pipeline shapes, so simulations are cached by (schedule, p, m, v, cost
-ratios): each stage's forward and backward divided by the mean stage forward and snapped to a
-2 % geometric grid (the weight-gradient part to 5 %, and only for schedules that run W on its
-own), and each boundary's transfer time in steps of 2 % of a mean forward. Only the idle time
-of each rank is taken from the cached simulation; each rank's busy time is summed exactly from
-the plan's own costs, so the rounding touches the bubble alone. One cache lives for one search;
-nothing is kept between calls.
+:class:`PipelineCache` builds each schedule it needs once (the registry's generators), reads
+peak activation memory from its rows or a closed form, and times it as
+:func:`stagewise.sim.simulate` would with the plan's per-stage costs. A search evaluates
+thousands of plans that share a few pipeline shapes, so simulations are cached by (schedule, p,
+m, v, cost ratios): each stage's forward and backward divided by the mean stage forward and
+snapped to a 2 % geometric grid (the weight-gradient part to 5 %, and only for schedules that
+run W on its own), and each boundary's transfer time in steps of 2 % of a mean forward. Only
+the idle time of each rank is taken from the cached simulation; each rank's busy time is summed
+exactly from the plan's own costs, so the rounding touches the bubble alone. One cache lives
+for one search; nothing is kept between calls, and the search releases the schedules (the bulk
+of its memory) when it returns.
 
-Peak activation memory depends only on the order of each rank's actions, not on the costs.
-For every rank the cache keeps the count of live micro-batches of each of its stages after
-every forward (F adds one; B, or W when the backward is split, frees one: the rules of
-``Timeline.live_activations``, which any simulation of the schedule follows), pruned to the
-points no other point dominates; a plan's peak bytes is the largest weighted sum over them,
-exactly what ``peak_activations(in_bytes=True)`` returns.
+Peak activation memory depends only on the order of each rank's actions
+(:mod:`stagewise.plan.live_counts`): counts kept per shape, from closed forms where they hold
+(so a shape that is never simulated is never built), else walked from the built schedule.
 
 A search sizes thousands of plans but times few, so schedules are generated without the
 validator. A simulation times the rows while it walks them (:mod:`stagewise.plan.timed_walk`),
@@ -34,10 +32,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
+from stagewise.plan.live_counts import (
+    SINGLE_STAGE_LIVE,
+    V_SHAPED_LIVE,
+    LiveCounts,
+    closed_form,
+    counted,
+    peak,
+)
 from stagewise.plan.timed_walk import UnitRun as _UnitRun
 from stagewise.plan.timed_walk import idle_and_slack as _idle_and_slack
 from stagewise.plan.timed_walk import idle_and_slack_in_order
-from stagewise.schedules import Action, Op, Schedule, build, get
+from stagewise.schedules import Action, Schedule, build, get
+from stagewise.schedules._gc import paused_gc
 from stagewise.sim import Bubble
 
 __all__ = ["PipelineCache", "PipelineRun"]
@@ -68,13 +75,13 @@ class PipelineCache:
 
     def __init__(self) -> None:
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
-        self._live: dict[tuple[str, int, int, int], _LiveCounts] = {}
-        self._live_exact: dict[tuple[str, int, int, int], _LiveCounts] = {}
+        self._live: dict[tuple[str, int, int, int], LiveCounts] = {}
+        self._live_exact: dict[tuple[str, int, int, int], LiveCounts] = {}
         self._runs: dict[tuple[object, ...], _UnitRun] = {}
         self._splits: dict[tuple[str, int, int], bool] = {}
         self._placements: dict[tuple[str, int, int, int], tuple[int, ...]] = {}
         self._memo: dict[tuple[object, ...], object] = {}
-        self._orders: dict[tuple[str, int, int, int], list[tuple[int, Action]]] = {}
+        self._orders: dict[tuple[str, int, int, int], list[Action]] = {}
         self._context: tuple[object, ...] = ()
         self.simulations = 0
 
@@ -106,8 +113,16 @@ class PipelineCache:
             generator = get(name)
             if generator.fixed_chunks is not None and v != generator.fixed_chunks:
                 build(name, num_ranks=p, num_microbatches=m, num_chunks=v)  # raises, says why
-            self._schedules[key] = generator.make(p, m, v)
+            with paused_gc():  # many small tuples, no cycles (a search pauses it throughout)
+                self._schedules[key] = generator.make(p, m, v)
         return self._schedules[key]
+
+    def release_schedules(self) -> None:
+        """Forget the schedules built and the execution orders walked (the bulk of a search's
+        memory: every action of every shape); what was read from them is kept, and a later
+        simulation that needs one builds it again."""
+        self._schedules.clear()
+        self._orders.clear()
 
     def splits_backward(self, name: str, p: int, m: int, v: int) -> bool:
         """Whether the schedule runs I and W apart (its weight gradients can fill bubbles).
@@ -118,6 +133,8 @@ class PipelineCache:
         """
         if get(name).ops == 2:
             return False
+        if name in V_SHAPED_LIVE:  # both split at every size (tests)
+            return True
         key = (name, p, v)
         if key not in self._splits:
             self._splits[key] = self.schedule(
@@ -125,7 +142,7 @@ class PipelineCache:
             ).splits_backward
         return self._splits[key]
 
-    def _live_points(self, name: str, p: int, m: int, v: int) -> _LiveCounts:
+    def _live_points(self, name: str, p: int, m: int, v: int) -> LiveCounts:
         """Undominated live counts of every rank; a rank's are computed at m1 and m2 (see
         :func:`reduced_microbatches`) and kept when they agree (the schedule's in-flight
         counts have saturated, as for 1F1B-like schedules), at m itself otherwise (GPipe
@@ -138,7 +155,7 @@ class PipelineCache:
                 second = self._live_at(name, p, m2, v)
                 if first.points != second.points:
                     full = self._live_at(name, p, m, v)
-                    first = _LiveCounts(first.stages, tuple(
+                    first = LiveCounts(first.stages, tuple(
                         a if a == b else c
                         for a, b, c in zip(first.points, second.points, full.points, strict=True)
                     ))
@@ -163,22 +180,11 @@ class PipelineCache:
             self._placements[key] = tuple(result)
         return self._placements[key]
 
-    def _live_at(self, name: str, p: int, m: int, v: int) -> _LiveCounts:
+    def _live_at(self, name: str, p: int, m: int, v: int) -> LiveCounts:
         key = (name, p, m, v)
-        if key in self._live_exact:
-            return self._live_exact[key]
-        if name in SINGLE_STAGE_LIVE:  # closed forms (tests/test_plan_pipeline_cache.py)
-            peak = SINGLE_STAGE_LIVE[name]
-            self._live_exact[key] = _LiveCounts(
-                tuple((r,) for r in range(p)),
-                tuple([(float(peak(p, m, r)),)] for r in range(p)),
-            )
-        else:
-            schedule = self.schedule(name, p, m, v)
-            self._live_exact[key] = _LiveCounts(
-                tuple(schedule.stages_of(r) for r in range(p)),
-                tuple(_live_counts(schedule, r) for r in range(p)),
-            )
+        if key not in self._live_exact:
+            live = closed_form(name, p, m, v)
+            self._live_exact[key] = live or counted(self.schedule(name, p, m, v))
         return self._live_exact[key]
 
     def peak_activation_bytes(
@@ -186,14 +192,17 @@ class PipelineCache:
     ) -> float:
         """Peak live activation bytes of ``rank`` given one micro-batch's bytes per stage."""
         live = self._live_points(name, p, m, v)
-        stages, points = live.stages[rank], live.points[rank]
-        if len(stages) == 1:  # one stage: its largest count (points are largest first)
-            return points[0][0] * stage_bytes[stages[0]]
-        weights = [stage_bytes[s] for s in stages]
-        return max(
-            (sum(c * w for c, w in zip(point, weights, strict=True)) for point in points),
-            default=0.0,
-        )
+        return peak(live.stages[rank], live.points[rank], stage_bytes)
+
+    def peak_activation_bytes_by_rank(
+        self, name: str, p: int, m: int, v: int, stage_bytes: Sequence[float]
+    ) -> list[float]:
+        """:meth:`peak_activation_bytes` of every rank, in rank order."""
+        live = self._live_points(name, p, m, v)
+        return [
+            peak(stages, points, stage_bytes)
+            for stages, points in zip(live.stages, live.points, strict=True)
+        ]
 
     def run(
         self,
@@ -276,29 +285,11 @@ class PipelineCache:
         schedule, key = self.schedule(name, p, m, v), (name, p, m, v)
         if key in self._orders:  # walked before: time it along the order that walk took
             return idle_and_slack_in_order(schedule, self._orders[key], f, b, w, h)
-        order: list[tuple[int, Action]] = []
+        order: list[Action] = []
         run = _idle_and_slack(schedule, f, b, w, h, order)
         self._orders[key] = order
         return run
 
-
-@dataclass(frozen=True)
-class _LiveCounts:
-    """Per rank: its stages, and its undominated live counts (one column per stage)."""
-
-    stages: tuple[tuple[int, ...], ...]
-    points: tuple[list[tuple[float, ...]], ...]
-
-
-# Peak live micro-batches of rank r for schedules that give each rank one stage, as
-# functions of (p, m, r), so these schedules need not be built to size memory: 1F1B holds
-# min(p - r, m) (sim/closed_form.py), ZB-H1 min(m, p) and ZB-H2 min(m, 2p - 1) on every rank
-# (sim/closed_form_zb.py); checked against the built schedules' counts in the tests.
-SINGLE_STAGE_LIVE: dict[str, Callable[[int, int, int], int]] = {
-    "1f1b": lambda p, m, r: min(p - r, m),
-    "zb-h1": lambda p, m, r: min(m, p),
-    "zb-h2": lambda p, m, r: min(m, 2 * p - 1),
-}
 
 GRID = math.log(1.02)
 WEIGHT_GRID = math.log(1.05)
@@ -333,49 +324,3 @@ def _grid(values: Sequence[float], ref: float, step: float = GRID) -> tuple[floa
     return tuple(
         math.exp(round(math.log(x / ref) / step) * step) if x > 0 else 0.0 for x in values
     )
-
-
-def _live_counts(schedule: Schedule, rank: int) -> list[tuple[float, ...]]:
-    """Live micro-batches of each of ``rank``'s stages after every forward, undominated only.
-
-    F adds one micro-batch of its stage; B, or W when the backward is split, frees one (the
-    rules of ``Timeline.live_activations``; a rank runs its row in order). Levels rise only
-    at an F, so the points after each F hold every peak; a point followed by another F is
-    below the next one, so only the last F of each run of forwards is kept.
-    """
-    stages = schedule.stages_of(rank)
-    column = {stage: i for i, stage in enumerate(stages)}
-    counts = [0.0] * len(stages)
-    points: set[tuple[float, ...]] = set()
-    rising = False  # the last action was an F whose point is not yet recorded
-    op_f, op_b, op_w = Op.F, Op.B, Op.W
-    for stage, op, _ in schedule.actions[rank]:
-        if op is op_f:
-            counts[column[stage]] += 1.0
-            rising = True
-            continue
-        if rising:
-            points.add(tuple(counts))
-            rising = False
-        if op is op_b or op is op_w:  # B, or W when split: never both
-            counts[column[stage]] -= 1.0
-    if rising:
-        points.add(tuple(counts))
-    return _undominated(points) or [tuple(counts)]
-
-
-def _undominated(points: set[tuple[float, ...]]) -> list[tuple[float, ...]]:
-    """The points no other point dominates (>= in every coordinate), largest first."""
-    ordered = sorted(points, reverse=True)
-    if ordered and len(ordered[0]) == 1:
-        return ordered[:1]
-    kept: list[tuple[float, ...]] = []
-    if ordered and len(ordered[0]) == 2:  # a sweep: the second coordinate must rise
-        for point in ordered:
-            if not kept or point[1] > kept[-1][1]:
-                kept.append(point)
-        return kept
-    for point in ordered:
-        if not any(all(k >= x for k, x in zip(other, point, strict=True)) for other in kept):
-            kept.append(point)
-    return kept

@@ -28,6 +28,7 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.spec import RECOMPUTE_MODES, ParallelConfig, TrainingSpec
 from stagewise.schedules import get, names
+from stagewise.schedules._gc import paused_gc
 
 __all__ = ["SearchResult", "candidates", "search"]
 
@@ -217,7 +218,8 @@ def search(
     plan could still enter the fastest ``exact_top`` or beat the best plan of its own TP x PP
     layout; the rest are provably slower than both and follow, ordered by their bound (their
     exact time is computed when read). So the first ``exact_top`` fitting plans and the best
-    plan of every layout are exact.
+    plan of every layout are exact. Python's cyclic garbage collector is paused while the
+    search runs (it would walk every cached action to free nothing) and restored after.
 
     Args:
         model, cluster, training: what to plan.
@@ -244,14 +246,16 @@ def search(
     plans: list[Plan] = []
     skipped: list[tuple[str, str]] = []
     step = max(1, len(configs) // 100)
-    for i, config in enumerate(configs):
-        try:
-            plans.append(evaluate(model, cluster, training, config, constants, cache))
-        except StagewiseError as err:
-            skipped.append((config.describe(), str(err)))
-        if progress and (i % step == 0 or i == len(configs) - 1):
-            progress(i + 1, len(configs))
-    fitting = _rank_fitting([p for p in plans if p.fits], max(1, exact_top))
+    with paused_gc():  # a search keeps its schedules' actions alive: no cycles to find
+        for i, config in enumerate(configs):
+            try:
+                plans.append(evaluate(model, cluster, training, config, constants, cache))
+            except StagewiseError as err:
+                skipped.append((config.describe(), str(err)))
+            if progress and (i % step == 0 or i == len(configs) - 1):
+                progress(i + 1, len(configs))
+        fitting = _rank_fitting([p for p in plans if p.fits], max(1, exact_top))
+        cache.release_schedules()  # freed before the collector runs again: nothing to walk
     others = sorted((p for p in plans if not p.fits), key=lambda p: p.memory.total)
     return SearchResult(fitting + others, skipped, time.perf_counter() - start,
                         cache.simulations)

@@ -15,6 +15,7 @@ naming the fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 from stagewise.schedules import Action, Op, Schedule, execution_order
 from stagewise.sim.simulate import hop_tables
@@ -39,7 +40,7 @@ def idle_and_slack(
     backward: tuple[float, ...],
     weight: tuple[float, ...],
     hops: tuple[float, ...],
-    order: list[tuple[int, Action]] | None = None,
+    order: list[Action] | None = None,
 ) -> UnitRun:
     """Time one step of ``schedule`` with per-stage costs and per-boundary transfer times.
 
@@ -50,24 +51,26 @@ def idle_and_slack(
     gradient slot plus the size of a table) until the action filling it runs: one rank at
     most, since only the next stage's rank waits on another rank's slot (two waiters mean
     an action twice or out of place, and the rows then stop and are refused). The actions
-    run are appended to ``order`` when given, as (rank, action): an execution order, which
-    :func:`idle_and_slack_in_order` times faster for other costs.
+    run are appended to ``order`` when given (the schedule's own Action objects, so the
+    list allocates nothing per action; each action's rank is its stage's placement): an
+    execution order, which :func:`idle_and_slack_in_order` times faster for other costs.
 
     Raises:
         ScheduleError: the rows cannot all run (from ``execution_order``, naming why).
     """
-    m, rows = schedule.num_microbatches, schedule.actions
+    m, num_ranks = schedule.num_microbatches, schedule.num_ranks
     forward_hop, grad_hop = hop_tables(schedule.placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
-    forward_end, grad_end, free_at, busy, done, position = _tables(schedule)
-    size, ready = len(forward_end), list(range(schedule.num_ranks))
-    waiter = [-1] * (2 * size)
+    forward_end, grad_end, free_at, busy, done = _tables(schedule)
+    size, ready, waiter = len(forward_end), list(range(num_ranks)), [-1] * (2 * len(forward_end))
+    # Each rank's actions not yet run, and the one it waits on (None: none, or its row ran).
+    rest, blocked = [iter(row) for row in schedule.actions], _nothing_waited(num_ranks)
     record, op_f, op_w, op_b = (order if order is not None else []).append, Op.F, Op.W, Op.B
     while ready:
         rank = ready.pop()  # any order of the ready ranks gives the same times
-        row, k, start_at, spent = rows[rank], position[rank], free_at[rank], busy[rank]
-        while k < len(row):
-            stage, op, j = action = row[k]
+        start_at, spent, waited = free_at[rank], busy[rank], blocked[rank]
+        for action in rest[rank] if waited is None else chain((waited,), rest[rank]):
+            stage, op, j = action
             here = stage * m + j
             if op is op_f:
                 t = forward_end[here]
@@ -76,8 +79,8 @@ def idle_and_slack(
                     break
                 t += forward_hop[stage]
                 start = start_at if start_at >= t else t
-                end = forward_end[here + m] = start + forward[stage]
                 key = here + m
+                end = forward_end[key] = start + forward[stage]
             elif op is op_w:
                 t = grad_end[here]
                 if t < 0.0:
@@ -98,48 +101,50 @@ def idle_and_slack(
                 end = grad_end[here] = start + (backward[stage] if op is op_b else inputs[stage])
                 done[stage] = end  # a stage's actions run in order on its rank: the latest
                 key = size + here
-            spent, start_at, k = spent + (end - start), end, k + 1
-            record((rank, action))
+            spent, start_at = spent + (end - start), end
+            record(action)
             if waiter[key] >= 0:
                 ready.append(waiter[key])
                 waiter[key] = -1
-        position[rank], free_at[rank], busy[rank] = k, start_at, spent
-    _check_ran(schedule, position, forward_end, grad_end)
+        else:
+            action = None  # the row ran to its end
+        blocked[rank], free_at[rank], busy[rank] = action, start_at, spent
+    _check_ran(schedule, blocked, forward_end, grad_end)
     return _result(free_at, busy, done)
 
 
 def idle_and_slack_in_order(
     schedule: Schedule,
-    order: list[tuple[int, Action]],
+    order: list[Action],
     forward: tuple[float, ...],
     backward: tuple[float, ...],
     weight: tuple[float, ...],
     hops: tuple[float, ...],
 ) -> UnitRun:
     """:func:`idle_and_slack` along an execution order the schedule is known to run in (one
-    that walk recorded): the same times, without waiting and waking."""
-    m = schedule.num_microbatches
-    forward_hop, grad_hop = hop_tables(schedule.placement, hops)
+    that walk recorded): the same times, without waiting and waking.
+
+    Each action runs on its stage's rank (as in every registered generator's rows), so an
+    action's inputs from its own rank (a B or I's forward, a W's input gradient) ran
+    earlier in its row and, no duration being negative, never delay it: only the previous
+    stage's forward (for an F) and the next stage's gradient (for a B or I) are read.
+    """
+    m, placement = schedule.num_microbatches, schedule.placement
+    forward_hop, grad_hop = hop_tables(placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
-    forward_end, grad_end, free_at, busy, done, _ = _tables(schedule)
+    forward_end, grad_end, free_at, busy, done = _tables(schedule)
     op_f, op_w, op_b = Op.F, Op.W, Op.B
-    for rank, (stage, op, j) in order:
-        here = stage * m + j
+    for stage, op, j in order:
+        here, rank = stage * m + j, placement[stage]
         start = free_at[rank]
         if op is op_f:
             t = forward_end[here] + forward_hop[stage]
             if t > start:
                 start = t
             end = forward_end[here + m] = start + forward[stage]
-        elif op is op_w:
-            t = grad_end[here]
-            if t > start:
-                start = t
+        elif op is op_w:  # its I ran earlier on this rank: it cannot start later
             end = done[stage] = start + weight[stage]
-        else:
-            t = forward_end[here + m]
-            if t > start:
-                start = t
+        else:  # its F ran earlier on this rank: only the gradient from the next stage waits
             t = grad_end[here + m] + grad_hop[stage]
             if t > start:
                 start = t
@@ -151,9 +156,9 @@ def idle_and_slack_in_order(
 
 
 def _tables(schedule: Schedule) -> tuple[list[float], list[float], list[float], list[float],
-                                         list[float], list[int]]:
+                                         list[float]]:
     """Forward ends, gradient ends, each rank's free time and busy time, each stage's last
-    gradient end, each rank's position in its row."""
+    gradient end."""
     m, num_stages, num_ranks = schedule.num_microbatches, schedule.num_stages, schedule.num_ranks
     return (
         [0.0] * m + [NOT_YET] * (num_stages * m),
@@ -161,8 +166,11 @@ def _tables(schedule: Schedule) -> tuple[list[float], list[float], list[float], 
         [0.0] * num_ranks,
         [0.0] * num_ranks,
         [0.0] * num_stages,
-        [0] * num_ranks,
     )
+
+
+def _nothing_waited(num_ranks: int) -> list[Action | None]:
+    return [None] * num_ranks
 
 
 def _result(free_at: list[float], busy: list[float], done: list[float]) -> UnitRun:
@@ -174,10 +182,11 @@ def _result(free_at: list[float], busy: list[float], done: list[float]) -> UnitR
 
 
 def _check_ran(
-    schedule: Schedule, position: list[int], forward_end: list[float], grad_end: list[float]
+    schedule: Schedule, blocked: list[Action | None], forward_end: list[float],
+    grad_end: list[float],
 ) -> None:
-    """Hand a schedule whose rows did not all run, or that left a forward or gradient
-    unrun, to ``execution_order``, which names the fault."""
-    stuck = any(k < len(row) for k, row in zip(position, schedule.actions, strict=True))
+    """Hand a schedule whose rows did not all run (a rank still waits), or that left a
+    forward or gradient unrun, to ``execution_order``, which names the fault."""
+    stuck = any(action is not None for action in blocked)
     if stuck or NOT_YET in forward_end or NOT_YET in grad_end:
         execution_order(schedule)  # raises ScheduleError
