@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from stagewise.plan.comm import all_gather_time, all_reduce_time
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.hardware import GpuSpec
-from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_time
+from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_rate, gemm_time
 from stagewise.plan.models import ModelSpec
 
 __all__ = ["LayerSetup", "LayerTime", "block_time", "gemm_time"]  # gemm_time: see kernels
@@ -136,7 +136,7 @@ def _attention(
     if setup.attention == "flash":
         flops = 4.0 * b * s * s * model.hidden / t * 0.5
         waves = attention_waves(b * heads * math.ceil(s / c.gemm_tile), gpu)
-        rate = gpu.peak_flops * c.matmul_efficiency * c.flash_efficiency / waves
+        rate = gemm_rate(gpu, c) * c.flash_efficiency / waves
         return flops / rate + c.kernel_overhead_s, 2.5 * flops / rate + 2 * c.kernel_overhead_s
     dh, batch = model.head_dim, max(1, round(b * heads))
     scores = gemm_time(s, s, dh, gpu, c, batch) + gemm_time(s, dh, s, gpu, c, batch)
