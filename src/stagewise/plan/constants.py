@@ -47,6 +47,11 @@ class Constants:
         collective_latency_s: time per ring step of a collective (synchronisation, small
             message latency).
         p2p_latency_s: fixed time of one pipeline send/receive between nodes.
+        tp_backward_overlap: the backward of a column-parallel linear overlaps its TP
+            collectives with its own GEMMs (Megatron-LM's asynchronous all-reduce and
+            sequence-parallel gather, since late 2021; ``layer``'s module doc). False for
+            the Megatron-LM of early 2021 (Narayanan et al.), whose backward all-reduces
+            were synchronous.
         reserved_gib: memory the run cannot use: CUDA context, cuBLAS and NCCL workspaces.
         fragmentation: share of device memory lost to the caching allocator's fragmentation
             and short-lived peaks; a plan must leave it free.
@@ -62,6 +67,7 @@ class Constants:
     link_efficiency: float = 0.80
     collective_latency_s: float = 8e-6
     p2p_latency_s: float = 20e-6
+    tp_backward_overlap: bool = True
     reserved_gib: float = 1.0
     fragmentation: float = 0.05
 

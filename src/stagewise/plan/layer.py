@@ -17,8 +17,13 @@ Every kernel is timed from the hardware table and the global constants (``consta
 - TP collectives: without sequence parallelism two all-reduces of the b·s·h activation in the
   forward and two in the backward; with it, all-gathers and reduce-scatters of the same total
   volume, plus two more all-gathers in the backward: the sharded inputs are gathered again
-  for the weight-gradient GEMMs. Megatron overlaps those with the input-gradient GEMMs, but
-  they compete for SMs and HBM; the model counts them as exposed.
+  for the weight-gradient GEMMs. The forward's are exposed. In the backward, Megatron's
+  column-parallel linears (fused QKV, MLP up) overlap their collectives with their own GEMMs
+  (``LinearWithGradAccumulationAndAsyncCommunication``; Korthikanti et al. 2022, sec. 4.2.2):
+  the input gradient's all-reduce (or reduce-scatter) runs during the weight-gradient GEMM, and
+  with sequence parallelism the input's re-gather during the input-gradient GEMM; only what
+  outlasts its GEMM is exposed. The row-parallel linears' backward collectives (the output
+  gradient's all-gather with sequence parallelism) come before their GEMMs: exposed.
 """
 
 from __future__ import annotations
@@ -105,26 +110,29 @@ def _gemm_shapes(model: ModelSpec, tokens: int, tp: int) -> list[tuple[float, fl
 
 def _gemms(
     model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
-) -> tuple[float, float, float]:
-    """(forward, input-gradient, weight-gradient) GEMM seconds, LoRA adapters included."""
+) -> list[tuple[float, float, float]]:
+    """(forward, input-gradient, weight-gradient) GEMM seconds of each of the block's four
+    linears (in ``_gemm_shapes``' order), LoRA adapters included."""
     tokens = setup.micro_batch_size * setup.seq_len
-    forward = dgrad = wgrad = 0.0
     fp8 = setup.fp8
+    linears = []
     for m, n, k in _gemm_shapes(model, tokens, setup.tp):
-        forward += gemm_time(m, n, k, gpu, c, fp8=fp8)
-        dgrad += gemm_time(m, k, n, gpu, c, fp8=fp8)
+        forward = gemm_time(m, n, k, gpu, c, fp8=fp8)
+        dgrad = gemm_time(m, k, n, gpu, c, fp8=fp8)
+        wgrad = 0.0
         if fp8:  # cast the input (forward) and the output gradient (backward) to FP8
             forward += elementwise_time(4.0 * m * k, 1, gpu, c)
             dgrad += elementwise_time(4.0 * m * n, 1, gpu, c)
         if setup.lora_rank is None:
-            wgrad += gemm_time(k, n, m, gpu, c, fp8=fp8)
-            continue
-        r = setup.lora_rank
-        for am, an, ak in ((m, r, k), (m, n, r)):  # x A, then (x A) B
-            forward += gemm_time(am, an, ak, gpu, c)
-            dgrad += gemm_time(am, ak, an, gpu, c)
-            wgrad += gemm_time(ak, an, am, gpu, c)
-    return forward, dgrad, wgrad
+            wgrad = gemm_time(k, n, m, gpu, c, fp8=fp8)
+        else:
+            r = setup.lora_rank
+            for am, an, ak in ((m, r, k), (m, n, r)):  # x A, then (x A) B
+                forward += gemm_time(am, an, ak, gpu, c)
+                dgrad += gemm_time(am, ak, an, gpu, c)
+                wgrad += gemm_time(ak, an, am, gpu, c)
+        linears.append((forward, dgrad, wgrad))
+    return linears
 
 
 def _attention(
@@ -162,30 +170,45 @@ def _elementwise_forward(model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: C
     return elementwise_time(replicated + sliced, kernels, gpu, c)
 
 
+COLUMN_PARALLEL = (0, 2)  # fused QKV and MLP up: their backward overlaps its collectives
+
+
 def _tp_comm(
-    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
+    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants,
+    linears: list[tuple[float, float, float]],
 ) -> tuple[float, float]:
-    """Seconds of the TP collectives of one (forward, backward)."""
+    """Exposed seconds of the TP collectives of one (forward, backward); ``linears`` are the
+    (forward, dgrad, wgrad) GEMM seconds that the backward's collectives overlap."""
     t = setup.tp
     if t == 1:
         return 0.0, 0.0
     size = BYTES * setup.micro_batch_size * setup.seq_len * model.hidden
     bandwidth = setup.tp_bandwidth or gpu.nvlink_bandwidth
     if setup.sequence_parallel:
-        gather = all_gather_time(size, t, bandwidth, c)
-        return 4 * gather, 6 * gather
+        gather = all_gather_time(size, t, bandwidth, c)  # = one reduce-scatter
+        if not c.tp_backward_overlap:
+            return 4 * gather, 6 * gather
+        backward = 2 * gather  # the row-parallel linears' output-gradient gathers
+        for i in COLUMN_PARALLEL:
+            _, dgrad, wgrad = linears[i]
+            backward += max(0.0, gather - dgrad) + max(0.0, gather - wgrad)
+        return 4 * gather, backward
     reduce = all_reduce_time(size, t, bandwidth, c)
-    return 2 * reduce, 2 * reduce
+    if not c.tp_backward_overlap:
+        return 2 * reduce, 2 * reduce
+    backward = sum(max(0.0, reduce - linears[i][2]) for i in COLUMN_PARALLEL)
+    return 2 * reduce, backward
 
 
 def block_time(
     model: ModelSpec, gpu: GpuSpec, setup: LayerSetup, c: Constants = DEFAULT_CONSTANTS
 ) -> LayerTime:
     """Time of one transformer block's forward and backward on one GPU of its TP group."""
-    gemm_f, gemm_d, gemm_w = _gemms(model, setup, gpu, c)
+    linears = _gemms(model, setup, gpu, c)
+    gemm_f, gemm_d, gemm_w = (sum(times) for times in zip(*linears, strict=True))
     attn_f, attn_b = _attention(model, setup, gpu, c)
     elem_f = _elementwise_forward(model, setup, gpu, c)
-    comm_f, comm_b = _tp_comm(model, setup, gpu, c)
+    comm_f, comm_b = _tp_comm(model, setup, gpu, c, linears)
     forward = gemm_f + attn_f + elem_f + comm_f
     if setup.recompute == "full":
         recompute = forward
