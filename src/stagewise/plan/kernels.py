@@ -15,7 +15,8 @@ token counts (m = b·s) therefore lose efficiency, and tiny GEMMs become memory-
 
 FP8 GEMMs (Transformer Engine style) run at ``fp8_efficiency`` x ``matmul_efficiency`` of the
 GPU's measured FP8 GEMM rate (1.77x the BF16 one on H100, not the datasheet's 2x), read one-byte
-operands and write bf16 results.
+operands and write bf16 results. Only the K loop runs faster: a tile's prologue and its bf16
+write-out take as long as in BF16, so ``tile_k_overhead`` is timed at the BF16 rate.
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def gemm_time(
     tile = c.gemm_tile
     tiles = batch * math.ceil(m / tile) * math.ceil(n / tile)
     per_sm = gemm_rate(gpu, c, fp8) / gpu.sms
+    bf16_per_sm = gemm_rate(gpu, c) / gpu.sms  # the K loop's fill and the bf16 write-out
     splits = 1
     if tiles < gpu.sms:
         splits = max(1, min(gpu.sms // tiles, int(k // MIN_SPLIT_K)))
     waves = math.ceil(tiles * splits / gpu.sms)
-    compute = waves * 2.0 * tile * tile * (k / splits + c.tile_k_overhead) / per_sm
+    per_tile = k / splits / per_sm + c.tile_k_overhead / bf16_per_sm
+    compute = waves * 2.0 * tile * tile * per_tile
     operand = 1 if fp8 else 2
     moved = batch * (operand * (m * k + k * n) + OUT_BYTES * m * n)
     if splits > 1:
