@@ -17,6 +17,7 @@ from stagewise.plan import (
 )
 from stagewise.plan.hardware import UNMEASURED_GEMM_SHARE, catalog_gpus
 from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_time
+from stagewise.plan.layer import LayerSetup, block_time, elementwise_bytes
 from stagewise.plan.memory import layer_activation_bytes
 
 H100 = get_gpu("h100")
@@ -139,3 +140,29 @@ def test_fp8_step_is_faster_on_h100() -> None:
     fp8 = evaluate(model, cluster, TrainingSpec(seq_len=4096, global_batch=64,
                                                 precision="fp8"), cfg)
     assert 1.1 < bf16.time.step_s / fp8.time.step_s < 2.0
+
+
+def test_elementwise_bytes_are_megatrons_fused_kernels_counted_by_hand() -> None:
+    # Llama-2-7B (SwiGLU, RMSNorm, RoPE, no dropout), TP 2 without sequence parallelism,
+    # 4096 tokens: h = 4096 replicated, f = 11008 / 2, q + kv = (4096 + 4096) / 2.
+    llama = get_model("llama-2-7b")
+    setup = LayerSetup(tp=2, micro_batch_size=1, seq_len=4096)
+    h, f, qkv = 4096, 5504, 4096
+    forward = 2 * 4 * h + 2 * 6 * h + 6 * f + 4 * qkv  # norms, residuals, SwiGLU, rotary
+    backward = 2 * 6 * h + 2 * 6 * h + 10 * f + 4 * qkv
+    assert elementwise_bytes(llama, setup) == pytest.approx((4096 * forward, 4096 * backward))
+
+
+def test_elementwise_bytes_of_a_sharded_gpt_block_with_dropout() -> None:
+    # GPT-22B (GeLU, learned positions, dropout), TP 8 with sequence parallelism: the norms
+    # and residuals sharded (h / 8), dropout's mask written and read back.
+    gpt = get_model("gpt-22b")
+    setup = LayerSetup(tp=8, micro_batch_size=2, seq_len=2048, sequence_parallel=True,
+                       dropout=True)
+    h8, f8 = 6144 / 8, 24576 / 8
+    forward = 2 * 4 * h8 + 2 * 7 * h8 + 4 * f8
+    backward = 2 * 6 * h8 + 2 * 11 * h8 + 6 * f8
+    assert elementwise_bytes(gpt, setup) == pytest.approx((4096 * forward, 4096 * backward))
+    block = block_time(gpt, A100, setup)
+    assert block.backward_elementwise == pytest.approx(
+        elementwise_time(4096 * backward, 5, A100, C))

@@ -89,7 +89,8 @@ def test_layer_time_of_a_tp_slice() -> None:
         assert alone[t][0] < alone[1][0]
         assert alone[t][0] * t > alone[1][0]
     for fwd, bwd in alone.values():
-        assert 1.9 < bwd / fwd < 2.6  # two GEMMs per forward GEMM, flash backward 2.5x
+        # two GEMMs per forward GEMM, flash backward 2.5x; element-wise backward lighter
+        assert 1.8 < bwd / fwd < 2.6
     # Roughly 2 x 0.87e9 x 4096 x 2 forward FLOPs at ~0.8 of 989 TFLOP/s: 9 to 12 ms.
     assert 0.008 < alone[1][0] < 0.012
 

@@ -11,9 +11,10 @@ Every kernel is timed from the hardware table and the global constants (``consta
   (backward 2.5x the forward FLOPs: it recomputes the scores); ``unfused`` runs two batched
   GEMMs with K or N = head_dim plus softmax (and dropout) kernels over the b·(a/t)·s² scores,
   bandwidth-bound.
-- Element-wise kernels (norms, residual adds with dropout, activation, rotary) move bytes at
-  ``hbm_efficiency`` of HBM bandwidth; the backward moves twice the forward's bytes. Without
-  sequence parallelism the norms and residuals are replicated on every TP rank.
+- Element-wise kernels (norms, residual adds with dropout, activation, rotary) move the bytes
+  Megatron's fused kernels read and write (:func:`elementwise_bytes`) at ``hbm_efficiency`` of
+  HBM bandwidth. Without sequence parallelism the norms and residuals are replicated on every
+  TP rank.
 - TP collectives: without sequence parallelism two all-reduces of the b·s·h activation in the
   forward and two in the backward; with it, all-gathers and reduce-scatters of the same total
   volume, plus two more all-gathers in the backward: the sharded inputs are gathered again
@@ -37,7 +38,8 @@ from stagewise.plan.hardware import GpuSpec
 from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_rate, gemm_time
 from stagewise.plan.models import ModelSpec
 
-__all__ = ["LayerSetup", "LayerTime", "block_time", "gemm_time"]  # gemm_time: see kernels
+# gemm_time: see kernels
+__all__ = ["LayerSetup", "LayerTime", "block_time", "elementwise_bytes", "gemm_time"]
 
 BYTES = 2  # bf16 activations and weights
 
@@ -157,17 +159,47 @@ def _attention(
     return forward, backward
 
 
-def _elementwise_forward(model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants) -> float:
+def elementwise_bytes(model: ModelSpec, setup: LayerSetup) -> tuple[float, float]:
+    """(forward, backward) HBM bytes of one block's memory-bound kernels on one GPU.
+
+    Megatron-LM's fused kernels in bf16, per token, with h the hidden size (divided by t with
+    sequence parallelism: the norms and residuals are then sharded), f the MLP width, q and
+    kv the query and key/value widths (all three divided by t):
+
+    - norm: forward reads x and writes its output (4h); backward reads x and dy, writes dx
+      (6h); two per block;
+    - residual add (fused with dropout when the model has it): forward reads two inputs,
+      writes one (6h, +1h mask); backward adds the branch's input gradient to the residual
+      gradient (6h; dropout's backward reads the mask: +5h); two per block;
+    - activation: SwiGLU reads gate and up, writes their product (6f; backward reads dy,
+      gate and up, writes both gradients: 10f); bias-GeLU reads and writes f (4f; backward
+      reads dy and x, writes dx: 6f);
+    - rotary embedding (RoPE models): reads and writes q and k (4(q + kv)), both ways.
+    """
     tokens = setup.micro_batch_size * setup.seq_len
-    h, t = model.hidden, setup.tp
-    shard = t if setup.sequence_parallel else 1
-    replicated = tokens * h / shard * (2 * 4 + 2 * (7 if setup.dropout else 6))
-    sliced = tokens * model.ffn / t * (6 if model.mlp == "swiglu" else 4)
-    kernels = 5
+    t = setup.tp
+    h = model.hidden / (t if setup.sequence_parallel else 1)
+    f = model.ffn / t
+    mask = 1.0 if setup.dropout else 0.0
+    forward = 2 * 4 * h + 2 * (6 + mask) * h
+    backward = 2 * 6 * h + 2 * (6 + 5 * mask) * h
+    if model.mlp == "swiglu":
+        forward, backward = forward + 6 * f, backward + 10 * f
+    else:
+        forward, backward = forward + 4 * f, backward + 6 * f
     if model.position == "rope":
-        sliced += 4 * tokens * (h + model.kv_dim) / t
-        kernels += 1
-    return elementwise_time(replicated + sliced, kernels, gpu, c)
+        rotary = 4 * (model.hidden + model.kv_dim) / t
+        forward, backward = forward + rotary, backward + rotary
+    return tokens * forward, tokens * backward
+
+
+def _elementwise(
+    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
+) -> tuple[float, float]:
+    """(forward, backward) seconds of the block's memory-bound kernels."""
+    forward, backward = elementwise_bytes(model, setup)
+    kernels = 5 + (1 if model.position == "rope" else 0)
+    return elementwise_time(forward, kernels, gpu, c), elementwise_time(backward, kernels, gpu, c)
 
 
 COLUMN_PARALLEL = (0, 2)  # fused QKV and MLP up: their backward overlaps its collectives
@@ -207,7 +239,7 @@ def block_time(
     linears = _gemms(model, setup, gpu, c)
     gemm_f, gemm_d, gemm_w = (sum(times) for times in zip(*linears, strict=True))
     attn_f, attn_b = _attention(model, setup, gpu, c)
-    elem_f = _elementwise_forward(model, setup, gpu, c)
+    elem_f, elem_b = _elementwise(model, setup, gpu, c)
     comm_f, comm_b = _tp_comm(model, setup, gpu, c, linears)
     forward = gemm_f + attn_f + elem_f + comm_f
     if setup.recompute == "full":
@@ -223,7 +255,7 @@ def block_time(
         forward_tp_comm=comm_f,
         backward_gemm=gemm_d + gemm_w,
         backward_attention=attn_b,
-        backward_elementwise=2 * elem_f,
+        backward_elementwise=elem_b,
         backward_tp_comm=comm_b,
         recompute=recompute,
         weight_grad=gemm_w,
