@@ -114,25 +114,33 @@ def _calibration_cases() -> list[Case]:
     return cases
 
 
-def _narayanan_cases() -> list[Case]:
-    cases = []
-    for run in json.loads((DATA / "a100_runs.json").read_text())["runs"]:
-        if not run.get("scored", True):
-            continue
-        model = gpt_model(run, run["id"])
-        cluster = Cluster.of_gpus(get_gpu("A100-SXM4-80GB"), run["num_gpus"])
-        training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
-                                attention="unfused", dp_overlap=False)
-        fixed = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"], "recompute": "full",
-                 "sequence_parallel": False, "dp_sharding": "none"}
+def _a100_case(run: dict[str, Any]) -> Case:
+    """A row of ``a100_runs.json`` (full recomputation, unfused attention, no DP overlap, the
+    Megatron-LM of 2021 whose backward TP all-reduces were synchronous: the asynchronous one
+    came late that year); a row that names its schedule holds it."""
+    model = gpt_model(run, run["id"])
+    cluster = Cluster.of_gpus(get_gpu("A100-SXM4-80GB"), run["num_gpus"])
+    training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
+                            attention="unfused", dp_overlap=False)
+    fixed = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"], "recompute": "full",
+             "sequence_parallel": False, "dp_sharding": "none"}
+    if "schedule" in run:
+        fixed.update(schedule=run["schedule"], num_chunks=run["num_chunks"])
 
-        def predict(c: Constants, inputs: Inputs = (model, cluster, training, fixed)) -> float:
-            # The paper's Megatron-LM (early 2021) ran the backward TP all-reduces
-            # synchronously: the asynchronous one came later that year.
-            return _best_of_search(*inputs, replace(c, tp_backward_overlap=False))
-        cases.append(Case(run["id"], run["source_id"], "A100", "bf16", run["step_time_s"],
-                          predict))
-    return cases
+    def predict(c: Constants, inputs: Inputs = (model, cluster, training, fixed)) -> float:
+        return _best_of_search(*inputs, replace(c, tp_backward_overlap=False))
+    return Case(run["id"], run["source_id"], "A100", "bf16", run["step_time_s"], predict)
+
+
+def _narayanan_cases() -> list[Case]:
+    runs = json.loads((DATA / "a100_runs.json").read_text())["runs"]
+    return [_a100_case(run) for run in runs if run.get("scored", True)]
+
+
+def reference_cases() -> list[Case]:
+    """Rows kept out of the score (``reference``: true) but predicted for the record."""
+    runs = json.loads((DATA / "a100_runs.json").read_text())["runs"]
+    return [_a100_case(run) for run in runs if run.get("reference", False)]
 
 
 def published_model(run: dict[str, Any]) -> ModelSpec:

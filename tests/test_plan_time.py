@@ -91,8 +91,12 @@ def test_layer_time_of_a_tp_slice() -> None:
     for fwd, bwd in alone.values():
         # two GEMMs per forward GEMM, flash backward 2.5x; element-wise backward lighter
         assert 1.8 < bwd / fwd < 2.6
-    # Roughly 2 x 0.87e9 x 4096 x 2 forward FLOPs at ~0.8 of 989 TFLOP/s: 9 to 12 ms.
-    assert 0.008 < alone[1][0] < 0.012
+    # 2 x 0.87e9 weights x 4096 tokens of GEMMs and 2 x 4096^2 x 8192 of causal attention,
+    # at the sustained share of H100's measured 794.5 TFLOP/s, plus a little element-wise
+    # work and tile/wave rounding: at most 15 % above the pure FLOP time.
+    flops = 2 * 0.87e9 * 4096 + 2 * 4096**2 * 8192
+    ideal = flops / (DEFAULT_CONSTANTS.matmul_efficiency * 794.5e12)
+    assert ideal < alone[1][0] < 1.15 * ideal
 
 
 def test_backward_tp_collectives_hide_behind_the_column_parallel_gemms() -> None:

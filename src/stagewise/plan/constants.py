@@ -57,7 +57,7 @@ class Constants:
             and short-lived peaks; a plan must leave it free.
     """
 
-    matmul_efficiency: float = 0.90
+    matmul_efficiency: float = 0.82
     fp8_efficiency: float = 1.0
     gemm_tile: int = 128
     tile_k_overhead: float = 128.0
