@@ -21,7 +21,7 @@ from stagewise.plan import (
     lower_bound_step_time,
     model_flops_per_token,
 )
-from stagewise.plan.comm import all_reduce_time
+from stagewise.plan.comm import all_gather_time, all_reduce_time
 from stagewise.plan.layer import LayerSetup, block_time, gemm_time
 from stagewise.schedules import build
 from stagewise.sim import Costs, simulate
@@ -120,6 +120,30 @@ def test_backward_tp_collectives_hide_behind_the_column_parallel_gemms() -> None
         hidden.append(1 - block.backward_tp_comm / (2 * reduce))
     assert 0.5 < hidden[0] < 1  # on NVLink the MLP's all-reduce hides whole, QKV's in part
     assert hidden[0] > hidden[1] > hidden[2] > 0
+
+
+def test_sequence_parallel_backward_hides_the_regathers_and_reduce_scatters() -> None:
+    # With sequence parallelism the column-parallel linears re-gather their input during
+    # the input-gradient GEMM and reduce-scatter the input gradient during the weight-gradient
+    # GEMM; the row-parallel linears' output-gradient gathers (2) come first: exposed.
+    model, t, tokens = get_model("gpt-3-175b"), 8, 2048
+    h, f = model.hidden, model.ffn
+    c = DEFAULT_CONSTANTS
+    qkv, up = (h + 2 * model.kv_dim) / t, f / t  # GeLU MLP: one up projection
+    dgrad = {"qkv": gemm_time(tokens, h, qkv, A100, c), "up": gemm_time(tokens, h, up, A100, c)}
+    wgrad = {"qkv": gemm_time(h, qkv, tokens, A100, c), "up": gemm_time(h, up, tokens, A100, c)}
+    for bandwidth in (300e9, 5e9):
+        setup = LayerSetup(tp=t, micro_batch_size=1, seq_len=tokens, sequence_parallel=True,
+                           tp_bandwidth=bandwidth)
+        gather = all_gather_time(2 * tokens * h, t, bandwidth, c)
+        exposed = 2 * gather + sum(max(0.0, gather - dgrad[k]) + max(0.0, gather - wgrad[k])
+                                   for k in ("qkv", "up"))
+        block = block_time(model, A100, setup)
+        assert block.backward_tp_comm == pytest.approx(exposed)
+        assert block.forward_tp_comm == pytest.approx(4 * gather)
+        synchronous = replace(c, tp_backward_overlap=False)
+        assert block_time(model, A100, setup, synchronous).backward_tp_comm == pytest.approx(
+            6 * gather)
 
 
 def test_layer_time_rejects_a_tp_that_does_not_divide_the_heads() -> None:
