@@ -224,3 +224,24 @@ def test_cached_pipeline_run_matches_a_direct_simulation() -> None:
                       [2 * b for b in backward], [b for b in backward], [0.0] * 8)
     assert cache.simulations == 1  # same ratios: served from the cache, scaled
     assert again.makespan == pytest.approx(2 * run.makespan)
+
+
+def test_dp_reduction_starts_with_the_last_backward() -> None:
+    # One stage per rank (PP=1), DP=8 over the network (one GPU per node): the gradients'
+    # all-reduce starts when the last micro-batch's backward starts (Megatron's buckets), so
+    # only what outlasts that backward is exposed.
+    model = get_model("llama-2-7b")
+    cluster = Cluster(H100, 8, 1)
+    training = TrainingSpec(seq_len=4096, global_batch=16)
+    config = ParallelConfig.of(tp=1, pp=1, dp=8, micro_batch_size=1, dp_sharding="none")
+    plan = evaluate(model, cluster, training, config)
+    reduce = all_reduce_time(4.0 * model.num_params, 8, H100.network_bandwidth,
+                             DEFAULT_CONSTANTS)
+    assert plan.time.dp_total_s == pytest.approx(reduce)
+    block, layers = plan.time.block, model.layers
+    last_backward = layers * block.backward  # plus the embedding's and the head's
+    assert reduce > last_backward  # over one 50 GB/s NIC it outlasts one backward
+    assert plan.time.dp_exposed_s < reduce - last_backward
+    assert plan.time.dp_exposed_s > 0.9 * (reduce - last_backward)
+    overlapless = evaluate(model, cluster, replace(training, dp_overlap=False), config)
+    assert overlapless.time.dp_exposed_s == pytest.approx(reduce)

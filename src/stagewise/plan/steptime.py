@@ -4,8 +4,10 @@ step = pipeline makespan (stagewise simulator: compute, TP collectives inside ea
 cost, point-to-point transfers between stages, the bubble) + the exposed part of the DP
 gradient reduction + the optimizer step (+ the tied-embedding gradient sync across the first
 and last stage). With ``dp_overlap`` each stage's gradients start reducing when its last
-backward ends (one reduction stream per rank, stages in the order they finish), so only what
-runs past the end of the pipeline is exposed; without it the whole reduction is.
+backward starts (Megatron-LM's ``overlap_grad_reduce``: buckets are reduced as the last
+micro-batch's backward fills them; one reduction stream per rank, stages in the order they
+finish), so only what runs past the end of the pipeline is exposed; without it the whole
+reduction is.
 """
 
 from __future__ import annotations
@@ -229,7 +231,9 @@ def step_time(
             free = -run.makespan  # times relative to the end of the pipeline
             for stage in sorted(size.stages, key=lambda s: -run.stage_slack[s]):
                 share = layers[stage] / total_layers
-                free = max(free, -run.stage_slack[stage]) + reduce_s * share
+                # Buckets fill during the stage's last backward: its reduction starts then.
+                start = -run.stage_slack[stage] - profile.backward[stage]
+                free = max(free, start) + reduce_s * share
             exposed = max(0.0, free) if reduce_s > 0 else 0.0
         else:
             exposed = reduce_s
