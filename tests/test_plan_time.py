@@ -228,8 +228,8 @@ def test_cached_pipeline_run_matches_a_direct_simulation() -> None:
 
 def test_dp_reduction_starts_with_the_last_backward() -> None:
     # One stage per rank (PP=1), DP=8 over the network (one GPU per node): the gradients'
-    # all-reduce starts when the last micro-batch's backward starts (Megatron's buckets), so
-    # only what outlasts that backward is exposed.
+    # all-reduce starts when the last micro-batch's backward starts (chunked by layer), so
+    # only what outlasts that backward is exposed, and at least the last layer's chunk.
     model = get_model("llama-2-7b")
     cluster = Cluster(H100, 8, 1)
     training = TrainingSpec(seq_len=4096, global_batch=16)
@@ -243,5 +243,12 @@ def test_dp_reduction_starts_with_the_last_backward() -> None:
     assert reduce > last_backward  # over one 50 GB/s NIC it outlasts one backward
     assert plan.time.dp_exposed_s < reduce - last_backward
     assert plan.time.dp_exposed_s > 0.9 * (reduce - last_backward)
+    # over NVLink the reduction hides behind the last backward but its last layer's chunk
+    config_node = replace(config, dp_sharding="none")
+    in_node = evaluate(model, Cluster(H100, 1, 8), training, config_node)
+    nvlink = all_reduce_time(4.0 * model.num_params, 8, H100.nvlink_bandwidth,
+                             DEFAULT_CONSTANTS)
+    assert nvlink < last_backward
+    assert in_node.time.dp_exposed_s == pytest.approx(nvlink / layers, rel=0.02)
     overlapless = evaluate(model, cluster, replace(training, dp_overlap=False), config)
     assert overlapless.time.dp_exposed_s == pytest.approx(reduce)
