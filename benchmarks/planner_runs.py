@@ -8,10 +8,12 @@ Sources (``benchmarks/data/README.md`` says what each file holds):
 - ``a100_runs.json``: Narayanan et al. 2021, Table 1 (A100, full recomputation); micro-batch
   size and virtual stages are not published, so the planner chooses them: a search with TP,
   PP, DP and recomputation held. That Megatron-LM's backward TP all-reduces were synchronous
-  (``Constants.tp_backward_overlap`` off).
+  (``Constants.tp_overlap`` ``"none"``).
 - ``published_runs.json``: NVIDIA NeMo performance tables (H100, FP8) and Meta's Llama 3 405B
   (H100, BF16). Knobs a row does not state (recomputation, or micro-batch and virtual
   stages) are chosen by a search with the stated ones held, as a user of the planner would.
+  A row's ``tp_comm_overlap`` (NeMo's TP > 1 rows: ``"all"``, Transformer Engine's userbuffers,
+  cited in the row) sets ``Constants.tp_overlap``.
 
 Each case knows its source family: leave-one-source-out leaves a family out.
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 from stagewise.errors import PlanError
 from stagewise.plan import (
+    DEFAULT_CONSTANTS,
     Cluster,
     Constants,
     ModelSpec,
@@ -128,7 +131,7 @@ def _a100_case(run: dict[str, Any]) -> Case:
         fixed.update(schedule=run["schedule"], num_chunks=run["num_chunks"])
 
     def predict(c: Constants, inputs: Inputs = (model, cluster, training, fixed)) -> float:
-        return _best_of_search(*inputs, replace(c, tp_backward_overlap=False))
+        return _best_of_search(*inputs, replace(c, tp_overlap="none"))
     return Case(run["id"], run["source_id"], "A100", "bf16", run["step_time_s"], predict)
 
 
@@ -179,9 +182,10 @@ def _published_cases() -> list[Case]:
         if not run.get("scored", True):
             continue
         inputs = published_inputs(run)
+        overlap = run.get("tp_comm_overlap", DEFAULT_CONSTANTS.tp_overlap)
 
-        def predict(c: Constants, inputs: Inputs = inputs) -> float:
-            return _best_of_search(*inputs, c)
+        def predict(c: Constants, inputs: Inputs = inputs, overlap: str = overlap) -> float:
+            return _best_of_search(*inputs, replace(c, tp_overlap=overlap))
         gpu = run["gpu"].split("-")[0]
         cases.append(Case(run["id"], run["source_family"], gpu, run["precision"],
                           run["step_time_s"], predict))

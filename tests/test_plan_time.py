@@ -114,7 +114,7 @@ def test_backward_tp_collectives_hide_behind_the_column_parallel_gemms() -> None
         exposed = max(0.0, reduce - wgrad_qkv) + max(0.0, reduce - wgrad_up)
         assert block.backward_tp_comm == pytest.approx(exposed)
         assert block.forward_tp_comm == pytest.approx(2 * reduce)
-        synchronous = replace(DEFAULT_CONSTANTS, tp_backward_overlap=False)
+        synchronous = replace(DEFAULT_CONSTANTS, tp_overlap="none")
         assert block_time(model, H100, setup, synchronous).backward_tp_comm == pytest.approx(
             2 * reduce)
         hidden.append(1 - block.backward_tp_comm / (2 * reduce))
@@ -141,9 +141,37 @@ def test_sequence_parallel_backward_hides_the_regathers_and_reduce_scatters() ->
         block = block_time(model, A100, setup)
         assert block.backward_tp_comm == pytest.approx(exposed)
         assert block.forward_tp_comm == pytest.approx(4 * gather)
-        synchronous = replace(c, tp_backward_overlap=False)
+        synchronous = replace(c, tp_overlap="none")
         assert block_time(model, A100, setup, synchronous).backward_tp_comm == pytest.approx(
             6 * gather)
+
+
+def test_userbuffers_overlap_hides_every_collective_behind_its_gemm() -> None:
+    # tp_overlap="all" (Transformer Engine userbuffers, sequence parallel): each linear's
+    # forward gather / reduce-scatter runs with its forward GEMM, the row-parallel linears'
+    # output-gradient gathers with their input-gradient GEMMs.
+    model, t, tokens = get_model("gpt-3-175b"), 4, 2048
+    h, f = model.hidden, model.ffn
+    c = replace(DEFAULT_CONSTANTS, tp_overlap="all")
+    shapes = [(tokens, 3 * h / t, h), (tokens, h, h / t), (tokens, f / t, h), (tokens, h, f / t)]
+    forward = [gemm_time(m, n, k, H100, c) for m, n, k in shapes]
+    dgrad = [gemm_time(m, k, n, H100, c) for m, n, k in shapes]
+    wgrad = [gemm_time(k, n, m, H100, c) for m, n, k in shapes]
+    for bandwidth in (450e9, 5e9):
+        setup = LayerSetup(tp=t, micro_batch_size=1, seq_len=tokens, sequence_parallel=True,
+                           tp_bandwidth=bandwidth)
+        gather = all_gather_time(2 * tokens * h, t, bandwidth, c)
+        exposed_forward = sum(max(0.0, gather - g) for g in forward)
+        exposed_backward = sum(max(0.0, gather - dgrad[i]) + max(0.0, gather - wgrad[i])
+                               for i in (0, 2)) + sum(max(0.0, gather - dgrad[i]) for i in (1, 3))
+        block = block_time(model, H100, setup, c)
+        assert block.forward_tp_comm == pytest.approx(exposed_forward)
+        assert block.backward_tp_comm == pytest.approx(exposed_backward)
+        megatron = block_time(model, H100, setup)  # "backward": the forward's all exposed
+        assert megatron.forward_tp_comm == pytest.approx(4 * gather)
+        assert block.tp_comm <= megatron.tp_comm
+    with pytest.raises(PlanError, match="tp_overlap must be one of none, backward, all"):
+        replace(DEFAULT_CONSTANTS, tp_overlap="some")
 
 
 def test_layer_time_rejects_a_tp_that_does_not_divide_the_heads() -> None:

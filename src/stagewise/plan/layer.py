@@ -25,6 +25,11 @@ Every kernel is timed from the hardware table and the global constants (``consta
   with sequence parallelism the input's re-gather during the input-gradient GEMM; only what
   outlasts its GEMM is exposed. The row-parallel linears' backward collectives (the output
   gradient's all-gather with sequence parallelism) come before their GEMMs: exposed.
+  ``Constants.tp_overlap`` says which overlap runs: ``"backward"`` (the above), ``"none"``
+  (everything exposed), or ``"all"``: Transformer Engine's userbuffers with sequence
+  parallelism also split each forward gather / reduce-scatter and each row-parallel
+  output-gradient gather into chunks run with their linear's GEMM, so every collective is
+  exposed only by what outlasts its GEMM.
 """
 
 from __future__ import annotations
@@ -203,6 +208,12 @@ def _elementwise(
 
 
 COLUMN_PARALLEL = (0, 2)  # fused QKV and MLP up: their backward overlaps its collectives
+ROW_PARALLEL = (1, 3)  # attention output and MLP down
+
+
+def _hidden(comm: float, gemm: float) -> float:
+    """What of a collective outlasts the GEMM it overlaps."""
+    return max(0.0, comm - gemm)
 
 
 def _tp_comm(
@@ -210,26 +221,28 @@ def _tp_comm(
     linears: list[tuple[float, float, float]],
 ) -> tuple[float, float]:
     """Exposed seconds of the TP collectives of one (forward, backward); ``linears`` are the
-    (forward, dgrad, wgrad) GEMM seconds that the backward's collectives overlap."""
+    (forward, dgrad, wgrad) GEMM seconds of the four linears that collectives overlap."""
     t = setup.tp
     if t == 1:
         return 0.0, 0.0
     size = BYTES * setup.micro_batch_size * setup.seq_len * model.hidden
     bandwidth = setup.tp_bandwidth or gpu.nvlink_bandwidth
-    if setup.sequence_parallel:
-        gather = all_gather_time(size, t, bandwidth, c)  # = one reduce-scatter
-        if not c.tp_backward_overlap:
-            return 4 * gather, 6 * gather
-        backward = 2 * gather  # the row-parallel linears' output-gradient gathers
-        for i in COLUMN_PARALLEL:
-            _, dgrad, wgrad = linears[i]
-            backward += max(0.0, gather - dgrad) + max(0.0, gather - wgrad)
-        return 4 * gather, backward
-    reduce = all_reduce_time(size, t, bandwidth, c)
-    if not c.tp_backward_overlap:
-        return 2 * reduce, 2 * reduce
-    backward = sum(max(0.0, reduce - linears[i][2]) for i in COLUMN_PARALLEL)
-    return 2 * reduce, backward
+    if not setup.sequence_parallel:
+        reduce = all_reduce_time(size, t, bandwidth, c)
+        if c.tp_overlap == "none":
+            return 2 * reduce, 2 * reduce
+        return 2 * reduce, sum(_hidden(reduce, linears[i][2]) for i in COLUMN_PARALLEL)
+    gather = all_gather_time(size, t, bandwidth, c)  # = one reduce-scatter
+    if c.tp_overlap == "none":
+        return 4 * gather, 6 * gather
+    backward = sum(_hidden(gather, linears[i][1]) + _hidden(gather, linears[i][2])
+                   for i in COLUMN_PARALLEL)
+    if c.tp_overlap == "backward":  # the row-parallel output-gradient gathers come first
+        return 4 * gather, backward + 2 * gather
+    # userbuffers: every input gather / output reduce-scatter runs in chunks with its GEMM
+    forward = sum(_hidden(gather, linears[i][0]) for i in (*COLUMN_PARALLEL, *ROW_PARALLEL))
+    backward += sum(_hidden(gather, linears[i][1]) for i in ROW_PARALLEL)
+    return forward, backward
 
 
 def block_time(
