@@ -42,9 +42,12 @@ class Constants:
         tile_k_overhead: K elements an output tile costs on top of K: the K loop's
             prologue (filling the shared-memory pipeline, 2-4 stages of 64) and epilogue
             (writing the tile out).
-        flash_efficiency: fused attention's rate relative to the sustained large-GEMM rate
-            (softmax and masking inside the kernel; FlashAttention-2 reports 50-73 % of
-            A100 peak).
+        flash_efficiency: fused attention's forward rate relative to the sustained
+            large-GEMM rate (softmax and masking inside the kernel; FlashAttention-2 reports
+            50-73 % of A100 peak).
+        flash_backward_share: the fused attention backward's rate as a share of its
+            forward's (FlashAttention-2, Dao 2023: up to 73 % of A100 peak forward, 63 %
+            backward; 63 / 73).
         hbm_efficiency: share of HBM bandwidth an element-wise kernel sustains.
         kernel_overhead_s: launch and tail time of one kernel.
         link_efficiency: bus bandwidth NCCL reaches as a share of the link bandwidth
@@ -65,10 +68,11 @@ class Constants:
     """
 
     matmul_efficiency: float = 0.82
-    fp8_efficiency: float = 0.88
+    fp8_efficiency: float = 0.90
     gemm_tile: int = 128
     tile_k_overhead: float = 128.0
     flash_efficiency: float = 0.75
+    flash_backward_share: float = 0.86
     hbm_efficiency: float = 0.80
     kernel_overhead_s: float = 4e-6
     link_efficiency: float = 0.80

@@ -8,7 +8,8 @@ Every kernel is timed from the hardware table and the global constants (``consta
   is cast first: read bf16, write FP8 and its transpose (4 bytes per element).
 - Attention core: ``flash`` runs the causal half of the 4·b·s²·h/t FLOPs at
   ``flash_efficiency`` of the GEMM rate, quantised to waves of b·(a/t)·s/128 query blocks
-  (backward 2.5x the forward FLOPs: it recomputes the scores); ``unfused`` runs two batched
+  (backward 2.5x the forward FLOPs: it recomputes the scores, at ``flash_backward_share`` of
+  the forward's rate); ``unfused`` runs two batched
   GEMMs with K or N = head_dim plus softmax (and dropout) kernels over the b·(a/t)·s² scores,
   bandwidth-bound.
 - Element-wise kernels (norms, residual adds with dropout, activation, rotary) move the bytes
@@ -152,7 +153,8 @@ def _attention(
         flops = 4.0 * b * s * s * model.hidden / t * 0.5
         waves = attention_waves(b * heads * math.ceil(s / c.gemm_tile), gpu)
         rate = gemm_rate(gpu, c) * c.flash_efficiency / waves
-        return flops / rate + c.kernel_overhead_s, 2.5 * flops / rate + 2 * c.kernel_overhead_s
+        backward = 2.5 * flops / (rate * c.flash_backward_share)
+        return flops / rate + c.kernel_overhead_s, backward + 2 * c.kernel_overhead_s
     dh, batch = model.head_dim, max(1, round(b * heads))
     scores = gemm_time(s, s, dh, gpu, c, batch) + gemm_time(s, dh, s, gpu, c, batch)
     elements = b * heads * s * s
