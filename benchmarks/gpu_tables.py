@@ -145,24 +145,41 @@ def attention_table(args: argparse.Namespace) -> list[dict[str, Any]]:
 def fitted_efficiency(path: Path, base: Constants = DEFAULT_CONSTANTS) -> Constants:
     """``base`` with the matmul (and FP8) efficiency that best fits a measured GEMM table.
 
-    Each GEMM's planner time scales as 1 / efficiency where it is compute-bound, so every
-    compute-bound row gives its own efficiency; the medians are the fitted values.
+    A BF16 GEMM's planner time scales as 1 / ``matmul_efficiency`` where it is compute-bound,
+    so every compute-bound row gives its own efficiency; their median is the fitted value.
+    Then each FP8 row's ``fp8_efficiency`` is solved for (bisection: an FP8 tile's fill and
+    write-out run at the BF16 rate, so its time is not simply proportional); their median.
     """
     table = json.loads(path.read_text())
     gpu = get_gpu(table["catalog_gpu"])
+    compute_bound = replace(base, kernel_overhead_s=0.0, hbm_efficiency=1e9)
     fitted: dict[str, list[float]] = {"bf16": [], "fp32": [], "fp8": []}
-    for row in table["gemm"]:
-        fp8 = row["dtype"] == "fp8"
-        ideal = gemm_time(row["m"], row["n"], row["k"], gpu, replace(base, kernel_overhead_s=0.0,
-                          matmul_efficiency=1.0, fp8_efficiency=1.0, hbm_efficiency=1e9),
-                          fp8=fp8)
-        seconds = row["seconds"] - base.kernel_overhead_s
-        if seconds > 0:
+    rows = [(row, row["seconds"] - base.kernel_overhead_s) for row in table["gemm"]]
+    for row, seconds in rows:
+        if row["dtype"] != "fp8" and seconds > 0:
+            ideal = gemm_time(row["m"], row["n"], row["k"], gpu,
+                              replace(compute_bound, matmul_efficiency=1.0))
             fitted[row["dtype"]].append(ideal / seconds)
     plain = fitted["bf16"] or fitted["fp32"]  # fp32: the CPU check of this script
     matmul = statistics.median(plain) if plain else base.matmul_efficiency
-    fp8 = statistics.median(fitted["fp8"]) / matmul if fitted["fp8"] else base.fp8_efficiency
+    for row, seconds in rows:
+        if row["dtype"] == "fp8" and seconds > 0:
+            def model(fp8_efficiency: float, row: dict[str, Any] = row) -> float:
+                c = replace(compute_bound, matmul_efficiency=matmul,
+                            fp8_efficiency=fp8_efficiency)
+                return gemm_time(row["m"], row["n"], row["k"], gpu, c, fp8=True)
+            fitted["fp8"].append(_solve_decreasing(model, seconds))
+    fp8 = statistics.median(fitted["fp8"]) if fitted["fp8"] else base.fp8_efficiency
     return replace(base, matmul_efficiency=matmul, fp8_efficiency=fp8)
+
+
+def _solve_decreasing(fn: Callable[[float], float], target: float) -> float:
+    """x in [0.01, 100] with fn(x) = target for a decreasing fn (bisection on a log scale)."""
+    low, high = 0.01, 100.0
+    for _ in range(80):
+        mid = (low * high) ** 0.5
+        low, high = (mid, high) if fn(mid) > target else (low, mid)
+    return (low * high) ** 0.5
 
 
 def main() -> None:

@@ -7,10 +7,13 @@ Sources (``benchmarks/data/README.md`` says what each file holds):
   as given.
 - ``a100_runs.json``: Narayanan et al. 2021, Table 1 (A100, full recomputation); micro-batch
   size and virtual stages are not published, so the planner chooses them: a search with TP,
-  PP, DP and recomputation held.
+  PP, DP and recomputation held. That Megatron-LM's backward TP all-reduces were synchronous
+  (``Constants.tp_overlap`` ``"none"``).
 - ``published_runs.json``: NVIDIA NeMo performance tables (H100, FP8) and Meta's Llama 3 405B
   (H100, BF16). Knobs a row does not state (recomputation, or micro-batch and virtual
   stages) are chosen by a search with the stated ones held, as a user of the planner would.
+  A row's ``tp_comm_overlap`` (NeMo's TP > 1 rows: ``"all"``, Transformer Engine's userbuffers,
+  cited in the row) sets ``Constants.tp_overlap``.
 
 Each case knows its source family: leave-one-source-out leaves a family out.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 from stagewise.errors import PlanError
 from stagewise.plan import (
+    DEFAULT_CONSTANTS,
     Cluster,
     Constants,
     ModelSpec,
@@ -113,23 +117,33 @@ def _calibration_cases() -> list[Case]:
     return cases
 
 
-def _narayanan_cases() -> list[Case]:
-    cases = []
-    for run in json.loads((DATA / "a100_runs.json").read_text())["runs"]:
-        if not run.get("scored", True):
-            continue
-        model = gpt_model(run, run["id"])
-        cluster = Cluster.of_gpus(get_gpu("A100-SXM4-80GB"), run["num_gpus"])
-        training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
-                                attention="unfused", dp_overlap=False)
-        fixed = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"], "recompute": "full",
-                 "sequence_parallel": False, "dp_sharding": "none"}
+def _a100_case(run: dict[str, Any]) -> Case:
+    """A row of ``a100_runs.json`` (full recomputation, unfused attention, no DP overlap, the
+    Megatron-LM of 2021 whose backward TP all-reduces were synchronous: the asynchronous one
+    came late that year); a row that names its schedule holds it."""
+    model = gpt_model(run, run["id"])
+    cluster = Cluster.of_gpus(get_gpu("A100-SXM4-80GB"), run["num_gpus"])
+    training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
+                            attention="unfused", dp_overlap=False)
+    fixed = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"], "recompute": "full",
+             "sequence_parallel": False, "dp_sharding": "none"}
+    if "schedule" in run:
+        fixed.update(schedule=run["schedule"], num_chunks=run["num_chunks"])
 
-        def predict(c: Constants, inputs: Inputs = (model, cluster, training, fixed)) -> float:
-            return _best_of_search(*inputs, c)
-        cases.append(Case(run["id"], run["source_id"], "A100", "bf16", run["step_time_s"],
-                          predict))
-    return cases
+    def predict(c: Constants, inputs: Inputs = (model, cluster, training, fixed)) -> float:
+        return _best_of_search(*inputs, replace(c, tp_overlap="none"))
+    return Case(run["id"], run["source_id"], "A100", "bf16", run["step_time_s"], predict)
+
+
+def _narayanan_cases() -> list[Case]:
+    runs = json.loads((DATA / "a100_runs.json").read_text())["runs"]
+    return [_a100_case(run) for run in runs if run.get("scored", True)]
+
+
+def reference_cases() -> list[Case]:
+    """Rows kept out of the score (``reference``: true) but predicted for the record."""
+    runs = json.loads((DATA / "a100_runs.json").read_text())["runs"]
+    return [_a100_case(run) for run in runs if run.get("reference", False)]
 
 
 def published_model(run: dict[str, Any]) -> ModelSpec:
@@ -168,9 +182,10 @@ def _published_cases() -> list[Case]:
         if not run.get("scored", True):
             continue
         inputs = published_inputs(run)
+        overlap = run.get("tp_comm_overlap", DEFAULT_CONSTANTS.tp_overlap)
 
-        def predict(c: Constants, inputs: Inputs = inputs) -> float:
-            return _best_of_search(*inputs, c)
+        def predict(c: Constants, inputs: Inputs = inputs, overlap: str = overlap) -> float:
+            return _best_of_search(*inputs, replace(c, tp_overlap=overlap))
         gpu = run["gpu"].split("-")[0]
         cases.append(Case(run["id"], run["source_family"], gpu, run["precision"],
                           run["step_time_s"], predict))

@@ -6,6 +6,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,33 @@ def test_every_row_is_cited_and_its_derived_step_time_follows_from_its_numbers(
         assert model.layers > 0
     else:
         assert run["not_scored_because"]
+
+
+A100_RUNS = json.loads((BENCHMARKS / "data" / "a100_runs.json").read_text())["runs"]
+
+
+@pytest.mark.parametrize("run", [r for r in A100_RUNS if r["step_time_s"]],
+                         ids=[r["id"] for r in A100_RUNS if r["step_time_s"]])
+def test_a100_step_times_follow_eq_3_of_narayanan_et_al(run: dict[str, Any]) -> None:
+    # F = 96 B s l h^2 (1 + s/6h + V/16lh) per iteration (full recomputation counted);
+    # step = F / (TFLOP/s per GPU x GPUs), to the published TFLOP/s' 3 digits.
+    b, s, layers, h, v = (run[k] for k in ("global_batch", "seq_len", "layers", "hidden", "vocab"))
+    flops = 96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
+    step = flops / (run["tflops_per_gpu"] * 1e12 * run["num_gpus"])
+    assert run["step_time_s"] == pytest.approx(step, rel=0.005)
+    assert run["dp"] * run["tp"] * run["pp"] == run["num_gpus"]
+    if not run.get("scored", True):
+        assert run["not_scored_because"]
+
+
+def test_reference_rows_are_predicted_but_not_scored() -> None:
+    from planner_runs import reference_cases
+
+    scored = {c.id for c in load_cases()}
+    reference = reference_cases()
+    assert {c.id for c in reference} == {"mtnlg-530b-2240", "mtnlg-530b-2800",
+                                         "mtnlg-530b-3360"}
+    assert not scored & {c.id for c in reference}
 
 
 def test_every_source_has_runs_and_ids_are_unique() -> None:

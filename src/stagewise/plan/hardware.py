@@ -2,7 +2,11 @@
 
 Bandwidths are per GPU and per direction, in bytes per second once loaded: ``nvlink`` inside a
 node, ``network`` (InfiniBand or RoCE) between nodes. Peaks are dense (no sparsity) BF16 tensor
-core figures from the vendors' datasheets, cited in ``source``. :func:`get_gpu` also knows the
+core figures from the vendors' datasheets, cited in ``source``. Beside each peak, the achievable
+dense GEMM rate (``gemm_flops``, ``fp8_gemm_flops``): the best large-GEMM throughput measured
+with cuBLAS through ``torch.matmul`` (``gemm_source``), what the kernel model scales
+(``kernels.gemm_time``); a GPU with no published measurement gets ``UNMEASURED_GEMM_SHARE`` of
+its peak, said so in its ``gemm_source``. :func:`get_gpu` also knows the
 devices of ``data/toy_devices.json`` (``cpu``: a rough stand-in for one CPU process, so the
 planner can lay out toy runs on one machine); :func:`catalog_gpus` lists only real GPUs.
 """
@@ -16,7 +20,12 @@ from typing import Any
 
 from stagewise.errors import PlanError
 
-__all__ = ["Cluster", "GpuSpec", "catalog_gpus", "get_gpu"]
+__all__ = ["UNMEASURED_GEMM_SHARE", "Cluster", "GpuSpec", "catalog_gpus", "get_gpu"]
+
+UNMEASURED_GEMM_SHARE = 0.80
+"""Achievable share of the dense peak for a GPU without a published GEMM measurement: H100
+SXM's measured share (794.5 of 989 TFLOP/s, stas00/ml-engineering's MAMF table), about the
+median of the NVIDIA GPUs there (A100 86.9 %, H100 80.3 %, B200 77.6 %)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,11 @@ class GpuSpec:
         source: where the figures come from.
         sms: streaming multiprocessors: a GEMM's output tiles run on them in waves.
         fp8_peak_flops: dense FP8 peak, FLOP/s; 0 when the GPU has no FP8 tensor cores.
+        gemm_flops: achievable dense BF16 rate of a large GEMM, FLOP/s (0: the peak x
+            ``UNMEASURED_GEMM_SHARE``).
+        fp8_gemm_flops: achievable dense FP8 rate of a large GEMM, FLOP/s (0: the FP8 peak x
+            ``UNMEASURED_GEMM_SHARE``).
+        gemm_source: where the achievable rates come from.
     """
 
     name: str
@@ -46,11 +60,22 @@ class GpuSpec:
     source: str = ""
     sms: int = 1
     fp8_peak_flops: float = 0.0
+    gemm_flops: float = 0.0
+    fp8_gemm_flops: float = 0.0
+    gemm_source: str = ""
 
     @property
     def has_fp8(self) -> bool:
         """Whether the GPU has FP8 tensor cores."""
         return self.fp8_peak_flops > 0
+
+    def achievable_gemm_flops(self, fp8: bool = False) -> float:
+        """The measured large-GEMM rate (BF16 or FP8), FLOP/s; see ``gemm_flops``."""
+        peak, measured = (
+            (self.fp8_peak_flops, self.fp8_gemm_flops) if fp8
+            else (self.peak_flops, self.gemm_flops)
+        )
+        return measured if measured > 0 else peak * UNMEASURED_GEMM_SHARE
 
     def __post_init__(self) -> None:
         for label in ("peak_flops", "memory_gib", "hbm_bandwidth", "nvlink_bandwidth",
@@ -127,6 +152,10 @@ def get_gpu(name: str) -> GpuSpec:
                 source=entry.get("source", ""),
                 sms=entry.get("sms", 1),
                 fp8_peak_flops=entry.get("fp8_peak_tflops", 0.0) * 1e12,
+                gemm_flops=entry.get("gemm_tflops", 0.0) * 1e12,
+                fp8_gemm_flops=entry.get("fp8_gemm_tflops", 0.0) * 1e12,
+                gemm_source=entry.get("gemm_source", "not measured: "
+                                      f"{UNMEASURED_GEMM_SHARE:g} x the dense peak"),
             )
     raise PlanError(
         f"unknown GPU {name!r}: choose one of {', '.join(catalog_gpus())} (or "

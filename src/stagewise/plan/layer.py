@@ -8,17 +8,29 @@ Every kernel is timed from the hardware table and the global constants (``consta
   is cast first: read bf16, write FP8 and its transpose (4 bytes per element).
 - Attention core: ``flash`` runs the causal half of the 4·b·s²·h/t FLOPs at
   ``flash_efficiency`` of the GEMM rate, quantised to waves of b·(a/t)·s/128 query blocks
-  (backward 2.5x the forward FLOPs: it recomputes the scores); ``unfused`` runs two batched
+  (backward 2.5x the forward FLOPs: it recomputes the scores, at ``flash_backward_share`` of
+  the forward's rate); ``unfused`` runs two batched
   GEMMs with K or N = head_dim plus softmax (and dropout) kernels over the b·(a/t)·s² scores,
   bandwidth-bound.
-- Element-wise kernels (norms, residual adds with dropout, activation, rotary) move bytes at
-  ``hbm_efficiency`` of HBM bandwidth; the backward moves twice the forward's bytes. Without
-  sequence parallelism the norms and residuals are replicated on every TP rank.
+- Element-wise kernels (norms, residual adds with dropout, activation, rotary) move the bytes
+  Megatron's fused kernels read and write (:func:`elementwise_bytes`) at ``hbm_efficiency`` of
+  HBM bandwidth. Without sequence parallelism the norms and residuals are replicated on every
+  TP rank.
 - TP collectives: without sequence parallelism two all-reduces of the b·s·h activation in the
   forward and two in the backward; with it, all-gathers and reduce-scatters of the same total
   volume, plus two more all-gathers in the backward: the sharded inputs are gathered again
-  for the weight-gradient GEMMs. Megatron overlaps those with the input-gradient GEMMs, but
-  they compete for SMs and HBM; the model counts them as exposed.
+  for the weight-gradient GEMMs. The forward's are exposed. In the backward, Megatron's
+  column-parallel linears (fused QKV, MLP up) overlap their collectives with their own GEMMs
+  (``LinearWithGradAccumulationAndAsyncCommunication``; Korthikanti et al. 2022, sec. 4.2.2):
+  the input gradient's all-reduce (or reduce-scatter) runs during the weight-gradient GEMM, and
+  with sequence parallelism the input's re-gather during the input-gradient GEMM; only what
+  outlasts its GEMM is exposed. The row-parallel linears' backward collectives (the output
+  gradient's all-gather with sequence parallelism) come before their GEMMs: exposed.
+  ``Constants.tp_overlap`` says which overlap runs: ``"backward"`` (the above), ``"none"``
+  (everything exposed), or ``"all"``: Transformer Engine's userbuffers with sequence
+  parallelism also split each forward gather / reduce-scatter and each row-parallel
+  output-gradient gather into chunks run with their linear's GEMM, so every collective is
+  exposed only by what outlasts its GEMM.
 """
 
 from __future__ import annotations
@@ -29,10 +41,11 @@ from dataclasses import dataclass
 from stagewise.plan.comm import all_gather_time, all_reduce_time
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.hardware import GpuSpec
-from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_time
+from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_rate, gemm_time
 from stagewise.plan.models import ModelSpec
 
-__all__ = ["LayerSetup", "LayerTime", "block_time", "gemm_time"]  # gemm_time: see kernels
+# gemm_time: see kernels
+__all__ = ["LayerSetup", "LayerTime", "block_time", "elementwise_bytes", "gemm_time"]
 
 BYTES = 2  # bf16 activations and weights
 
@@ -105,26 +118,29 @@ def _gemm_shapes(model: ModelSpec, tokens: int, tp: int) -> list[tuple[float, fl
 
 def _gemms(
     model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
-) -> tuple[float, float, float]:
-    """(forward, input-gradient, weight-gradient) GEMM seconds, LoRA adapters included."""
+) -> list[tuple[float, float, float]]:
+    """(forward, input-gradient, weight-gradient) GEMM seconds of each of the block's four
+    linears (in ``_gemm_shapes``' order), LoRA adapters included."""
     tokens = setup.micro_batch_size * setup.seq_len
-    forward = dgrad = wgrad = 0.0
     fp8 = setup.fp8
+    linears = []
     for m, n, k in _gemm_shapes(model, tokens, setup.tp):
-        forward += gemm_time(m, n, k, gpu, c, fp8=fp8)
-        dgrad += gemm_time(m, k, n, gpu, c, fp8=fp8)
+        forward = gemm_time(m, n, k, gpu, c, fp8=fp8)
+        dgrad = gemm_time(m, k, n, gpu, c, fp8=fp8)
+        wgrad = 0.0
         if fp8:  # cast the input (forward) and the output gradient (backward) to FP8
             forward += elementwise_time(4.0 * m * k, 1, gpu, c)
             dgrad += elementwise_time(4.0 * m * n, 1, gpu, c)
         if setup.lora_rank is None:
-            wgrad += gemm_time(k, n, m, gpu, c, fp8=fp8)
-            continue
-        r = setup.lora_rank
-        for am, an, ak in ((m, r, k), (m, n, r)):  # x A, then (x A) B
-            forward += gemm_time(am, an, ak, gpu, c)
-            dgrad += gemm_time(am, ak, an, gpu, c)
-            wgrad += gemm_time(ak, an, am, gpu, c)
-    return forward, dgrad, wgrad
+            wgrad = gemm_time(k, n, m, gpu, c, fp8=fp8)
+        else:
+            r = setup.lora_rank
+            for am, an, ak in ((m, r, k), (m, n, r)):  # x A, then (x A) B
+                forward += gemm_time(am, an, ak, gpu, c)
+                dgrad += gemm_time(am, ak, an, gpu, c)
+                wgrad += gemm_time(ak, an, am, gpu, c)
+        linears.append((forward, dgrad, wgrad))
+    return linears
 
 
 def _attention(
@@ -136,8 +152,9 @@ def _attention(
     if setup.attention == "flash":
         flops = 4.0 * b * s * s * model.hidden / t * 0.5
         waves = attention_waves(b * heads * math.ceil(s / c.gemm_tile), gpu)
-        rate = gpu.peak_flops * c.matmul_efficiency * c.flash_efficiency / waves
-        return flops / rate + c.kernel_overhead_s, 2.5 * flops / rate + 2 * c.kernel_overhead_s
+        rate = gemm_rate(gpu, c) * c.flash_efficiency / waves
+        backward = 2.5 * flops / (rate * c.flash_backward_share)
+        return flops / rate + c.kernel_overhead_s, backward + 2 * c.kernel_overhead_s
     dh, batch = model.head_dim, max(1, round(b * heads))
     scores = gemm_time(s, s, dh, gpu, c, batch) + gemm_time(s, dh, s, gpu, c, batch)
     elements = b * heads * s * s
@@ -149,43 +166,96 @@ def _attention(
     return forward, backward
 
 
-def _elementwise_forward(model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants) -> float:
+def elementwise_bytes(model: ModelSpec, setup: LayerSetup) -> tuple[float, float]:
+    """(forward, backward) HBM bytes of one block's memory-bound kernels on one GPU.
+
+    Megatron-LM's fused kernels in bf16, per token, with h the hidden size (divided by t with
+    sequence parallelism: the norms and residuals are then sharded), f the MLP width, q and
+    kv the query and key/value widths (all three divided by t):
+
+    - norm: forward reads x and writes its output (4h); backward reads x and dy, writes dx
+      (6h); two per block;
+    - residual add (fused with dropout when the model has it): forward reads two inputs,
+      writes one (6h, +1h mask); backward adds the branch's input gradient to the residual
+      gradient (6h; dropout's backward reads the mask: +5h); two per block;
+    - activation: SwiGLU reads gate and up, writes their product (6f; backward reads dy,
+      gate and up, writes both gradients: 10f); bias-GeLU reads and writes f (4f; backward
+      reads dy and x, writes dx: 6f);
+    - rotary embedding (RoPE models): reads and writes q and k (4(q + kv)), both ways.
+    """
     tokens = setup.micro_batch_size * setup.seq_len
-    h, t = model.hidden, setup.tp
-    shard = t if setup.sequence_parallel else 1
-    replicated = tokens * h / shard * (2 * 4 + 2 * (7 if setup.dropout else 6))
-    sliced = tokens * model.ffn / t * (6 if model.mlp == "swiglu" else 4)
-    kernels = 5
+    t = setup.tp
+    h = model.hidden / (t if setup.sequence_parallel else 1)
+    f = model.ffn / t
+    mask = 1.0 if setup.dropout else 0.0
+    forward = 2 * 4 * h + 2 * (6 + mask) * h
+    backward = 2 * 6 * h + 2 * (6 + 5 * mask) * h
+    if model.mlp == "swiglu":
+        forward, backward = forward + 6 * f, backward + 10 * f
+    else:
+        forward, backward = forward + 4 * f, backward + 6 * f
     if model.position == "rope":
-        sliced += 4 * tokens * (h + model.kv_dim) / t
-        kernels += 1
-    return elementwise_time(replicated + sliced, kernels, gpu, c)
+        rotary = 4 * (model.hidden + model.kv_dim) / t
+        forward, backward = forward + rotary, backward + rotary
+    return tokens * forward, tokens * backward
+
+
+def _elementwise(
+    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
+) -> tuple[float, float]:
+    """(forward, backward) seconds of the block's memory-bound kernels."""
+    forward, backward = elementwise_bytes(model, setup)
+    kernels = 5 + (1 if model.position == "rope" else 0)
+    return elementwise_time(forward, kernels, gpu, c), elementwise_time(backward, kernels, gpu, c)
+
+
+COLUMN_PARALLEL = (0, 2)  # fused QKV and MLP up: their backward overlaps its collectives
+ROW_PARALLEL = (1, 3)  # attention output and MLP down
+
+
+def _hidden(comm: float, gemm: float) -> float:
+    """What of a collective outlasts the GEMM it overlaps."""
+    return max(0.0, comm - gemm)
 
 
 def _tp_comm(
-    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants
+    model: ModelSpec, setup: LayerSetup, gpu: GpuSpec, c: Constants,
+    linears: list[tuple[float, float, float]],
 ) -> tuple[float, float]:
-    """Seconds of the TP collectives of one (forward, backward)."""
+    """Exposed seconds of the TP collectives of one (forward, backward); ``linears`` are the
+    (forward, dgrad, wgrad) GEMM seconds of the four linears that collectives overlap."""
     t = setup.tp
     if t == 1:
         return 0.0, 0.0
     size = BYTES * setup.micro_batch_size * setup.seq_len * model.hidden
     bandwidth = setup.tp_bandwidth or gpu.nvlink_bandwidth
-    if setup.sequence_parallel:
-        gather = all_gather_time(size, t, bandwidth, c)
+    if not setup.sequence_parallel:
+        reduce = all_reduce_time(size, t, bandwidth, c)
+        if c.tp_overlap == "none":
+            return 2 * reduce, 2 * reduce
+        return 2 * reduce, sum(_hidden(reduce, linears[i][2]) for i in COLUMN_PARALLEL)
+    gather = all_gather_time(size, t, bandwidth, c)  # = one reduce-scatter
+    if c.tp_overlap == "none":
         return 4 * gather, 6 * gather
-    reduce = all_reduce_time(size, t, bandwidth, c)
-    return 2 * reduce, 2 * reduce
+    backward = sum(_hidden(gather, linears[i][1]) + _hidden(gather, linears[i][2])
+                   for i in COLUMN_PARALLEL)
+    if c.tp_overlap == "backward":  # the row-parallel output-gradient gathers come first
+        return 4 * gather, backward + 2 * gather
+    # userbuffers: every input gather / output reduce-scatter runs in chunks with its GEMM
+    forward = sum(_hidden(gather, linears[i][0]) for i in (*COLUMN_PARALLEL, *ROW_PARALLEL))
+    backward += sum(_hidden(gather, linears[i][1]) for i in ROW_PARALLEL)
+    return forward, backward
 
 
 def block_time(
     model: ModelSpec, gpu: GpuSpec, setup: LayerSetup, c: Constants = DEFAULT_CONSTANTS
 ) -> LayerTime:
     """Time of one transformer block's forward and backward on one GPU of its TP group."""
-    gemm_f, gemm_d, gemm_w = _gemms(model, setup, gpu, c)
+    linears = _gemms(model, setup, gpu, c)
+    gemm_f, gemm_d, gemm_w = (sum(times) for times in zip(*linears, strict=True))
     attn_f, attn_b = _attention(model, setup, gpu, c)
-    elem_f = _elementwise_forward(model, setup, gpu, c)
-    comm_f, comm_b = _tp_comm(model, setup, gpu, c)
+    elem_f, elem_b = _elementwise(model, setup, gpu, c)
+    comm_f, comm_b = _tp_comm(model, setup, gpu, c, linears)
     forward = gemm_f + attn_f + elem_f + comm_f
     if setup.recompute == "full":
         recompute = forward
@@ -200,7 +270,7 @@ def block_time(
         forward_tp_comm=comm_f,
         backward_gemm=gemm_d + gemm_w,
         backward_attention=attn_b,
-        backward_elementwise=2 * elem_f,
+        backward_elementwise=elem_b,
         backward_tp_comm=comm_b,
         recompute=recompute,
         weight_grad=gemm_w,

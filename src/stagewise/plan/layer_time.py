@@ -41,8 +41,9 @@ def layer_time(
       b x s x h bf16 activation; with ``sequence_parallel`` two all-gathers and two
       reduce-scatters, norms and residuals then sharded).
     - backward_s: input- and weight-gradient GEMMs, the attention backward, element-wise
-      backward (twice the forward's bytes), the same TP collectives as the forward when
-      ``include_comm``, plus what ``recompute`` repeats (``full``: the whole forward;
+      backward (``layer.elementwise_bytes``), when ``include_comm`` the backward's TP
+      collectives less what the column-parallel linears' GEMMs hide (``layer``'s module
+      doc), plus what ``recompute`` repeats (``full``: the whole forward;
       ``selective``: the attention core, nothing with flash attention).
 
     Not included: embedding, output head and loss, optimizer, pipeline transfers, DP

@@ -3,9 +3,14 @@
 step = pipeline makespan (stagewise simulator: compute, TP collectives inside each stage's
 cost, point-to-point transfers between stages, the bubble) + the exposed part of the DP
 gradient reduction + the optimizer step (+ the tied-embedding gradient sync across the first
-and last stage). With ``dp_overlap`` each stage's gradients start reducing when its last
-backward ends (one reduction stream per rank, stages in the order they finish), so only what
-runs past the end of the pipeline is exposed; without it the whole reduction is.
+and last stage). With ``dp_overlap`` (Megatron-LM's ``overlap_grad_reduce``) the reduction is
+chunked by the layers of a stage and overlaps compute, one stream per rank, stages in the order
+they finish; only what runs past the end of the pipeline is exposed, without it the whole
+reduction is. With pipeline parallelism a stage's chunk starts when its last backward ends;
+without it (one stage per rank) each layer's chunk starts as the last backward reaches it, so
+the reduction starts with the last backward and at least the last layer's chunk is exposed
+(NeMo's "Communication Overlap" guide: DP communication chunked by a transformer layer, by the
+layers of a virtual pipeline stage with pipeline parallelism, one chunk exposed).
 """
 
 from __future__ import annotations
@@ -227,10 +232,15 @@ def step_time(
         if training.dp_overlap:
             total_layers = sum(layers[s] for s in size.stages) or 1
             free = -run.makespan  # times relative to the end of the pipeline
+            last_chunk = 0.0
             for stage in sorted(size.stages, key=lambda s: -run.stage_slack[s]):
                 share = layers[stage] / total_layers
-                free = max(free, -run.stage_slack[stage]) + reduce_s * share
-            exposed = max(0.0, free) if reduce_s > 0 else 0.0
+                start = -run.stage_slack[stage]
+                if config.pp == 1:  # layer buckets fill during the last backward
+                    start -= profile.backward[stage]
+                    last_chunk = reduce_s * share / max(1, layers[stage])
+                free = max(free, start) + reduce_s * share
+            exposed = max(0.0, free, last_chunk) if reduce_s > 0 else 0.0
         else:
             exposed = reduce_s
         if exposed + gather_s + optimizer > sum(tail):
