@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stagewise.errors import ConfigError
 from stagewise.runtime.engine.launch import RankContext
@@ -270,11 +272,30 @@ def check_llama_tp_rank(
     return _check_llama(tp_mesh, f"llama rank {context.rank}", heads, kv_heads, layers)
 
 
+class _AllReduceCount(TorchDispatchMode):
+    """Counts the all-reduces dispatched inside it (DTensor's functional collectives).
+
+    Not torch's ``CommDebugMode``: its module tracker loses its place in the Hugging Face
+    decoder layers' backward (IndexError in torch 2.13 with transformers 5.25) and the test
+    needs only the count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if "all_reduce" in str(func):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _check_llama(
     tp_mesh: DeviceMesh, label: str, heads: int = 4, kv_heads: int = 2, layers: int = 2
 ) -> list[str]:
     """:func:`check_llama_tp_rank` on a given tp mesh (a collective over it)."""
-    from torch.distributed.tensor.debug import CommDebugMode
     from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(
@@ -297,7 +318,7 @@ def _check_llama(
     positions = torch.arange(hidden.shape[1]).unsqueeze(0)
     rotary = model.rotary_emb(hidden, positions)
     outputs = []
-    with CommDebugMode() as comms:
+    with _AllReduceCount() as comms:
         for layers_run in (model.layers, reference):
             x = hidden.clone().requires_grad_()
             out = x
@@ -309,9 +330,8 @@ def _check_llama(
     (out, grad), (ref_out, ref_grad) = outputs
     # Per layer: forward all-reduces after o_proj and down_proj; backward one per norm that
     # feeds column-parallel matmuls (q/k/v share one, gate/up another).
-    reduces = sum(n for op, n in comms.get_comm_counts().items() if "all_reduce" in str(op))
-    if reduces != 4 * layers:
-        problems.append(f"{label}: {reduces} all-reduces for {layers} layers, expected 4 each")
+    if comms.count != 4 * layers:
+        problems.append(f"{label}: {comms.count} all-reduces for {layers} layers, expected 4 each")
     compared = _close(out, ref_out, f"{label} output", problems)
     compared += _close(grad, ref_grad, f"{label} input gradient", problems)
     compared += _compare_grads(
