@@ -281,7 +281,7 @@ class _AllReduceCount(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.count = 0
 
     def __torch_dispatch__(
