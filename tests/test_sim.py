@@ -246,3 +246,13 @@ def test_a_simulated_timeline_behaves_as_one_built_from_its_events(p: int, m: in
         timeline.peak_activations(r, in_bytes=True) / 2 for r in range(p)]
     with pytest.raises(FrozenInstanceError):
         timeline.events = ()  # type: ignore[misc]
+
+
+def test_a_timeline_refuses_events_and_the_simulators_columns_together() -> None:
+    schedule = build("1f1b", num_ranks=2, num_microbatches=2)
+    timeline = simulate(schedule, Costs.per_stage([1.0, 1.0], [2.0, 2.0]))
+    columns = timeline._simulated  # what the simulator handed it
+    assert columns is not None
+    assert Timeline.of(schedule, (), simulated=columns) == timeline
+    with pytest.raises(ValueError, match="not both"):
+        Timeline.of(schedule, timeline.events[:1], simulated=columns)

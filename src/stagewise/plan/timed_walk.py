@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 
+from stagewise.errors import ScheduleError
 from stagewise.schedules import Action, Op, Schedule, execution_order
 from stagewise.sim.simulate import hop_tables
 
@@ -61,7 +62,7 @@ def idle_and_slack(
     m, num_ranks = schedule.num_microbatches, schedule.num_ranks
     forward_hop, grad_hop = hop_tables(schedule.placement, hops)
     inputs = [x - y for x, y in zip(backward, weight, strict=True)]
-    forward_end, grad_end, free_at, busy, done = _tables(schedule)
+    forward_end, grad_end, free_at, busy, done = _tables(_placed(schedule))
     size, ready, waiter = len(forward_end), list(range(num_ranks)), [-1] * (2 * len(forward_end))
     # Each rank's actions not yet run, and the one it waits on (None: none, or its row ran).
     rest, blocked = [iter(row) for row in schedule.actions], _nothing_waited(num_ranks)
@@ -169,7 +170,20 @@ def _tables(schedule: Schedule) -> tuple[list[float], list[float], list[float], 
     )
 
 
+def _placed(schedule: Schedule) -> Schedule:
+    """``schedule``, once every action is known to sit on its stage's rank (the replay's
+    premise); else handed to ``execution_order``, which raises naming the misplaced action."""
+    placement = schedule.placement
+    for rank, row in enumerate(schedule.actions):
+        if any(placement[stage] != rank for stage, _, _ in row):
+            execution_order(schedule)  # raises ScheduleError, naming the fault
+            raise ScheduleError(f"rank {rank}'s row holds an action of a stage placed on "
+                                "another rank: move it to the row of its stage's rank")
+    return schedule
+
+
 def _nothing_waited(num_ranks: int) -> list[Action | None]:
+    """Each rank's action waited on: none yet (typed for the walk's assignments)."""
     return [None] * num_ranks
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, overload
 import numpy as np
 
 from stagewise.schedules.ir import Op, Schedule
-from stagewise.sim._rows import Row, SimulatedRows, in_order
+from stagewise.sim._columns import Row, SimulatedRows, in_order
 
 __all__ = ["Bubble", "Event", "RankStats", "SimulatedRows", "Timeline"]
 
@@ -161,6 +161,9 @@ class Timeline:
     def __post_init__(self, rows: Sequence[Sequence[Event]] | None,
                       simulated: SimulatedRows | None) -> None:
         if simulated is not None:
+            if self.__dict__["_events"]:
+                raise ValueError("a Timeline takes its events or the simulator's columns, not "
+                                 "both: pass events=() with simulated=")
             unknown: list[np.ndarray | None] = [None] * len(simulated.actions)
             columns = zip(simulated.actions, simulated.starts, simulated.ends,
                           simulated.letters or unknown, simulated.stages or unknown, strict=True)
@@ -187,7 +190,7 @@ class Timeline:
     ) -> Timeline:
         """A Timeline of ``events`` with the sizes and name taken from ``schedule``; ``rows``
         as in the class. With ``simulated`` (the simulator's columns) the events are built
-        from the columns when first read, and ``events`` is ignored (pass ``()``)."""
+        from the columns when first read, and ``events`` must be empty (pass ``()``)."""
         return cls(
             events=tuple(events),
             num_ranks=schedule.num_ranks,

@@ -26,7 +26,7 @@ _START, _END = itemgetter(4), itemgetter(5)  # an Event's start and end
 _STAGE, _OP, _MICROBATCH = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds numpy arrays: compared by identity
 class SimulatedRows:
     """What the simulator hands a :class:`~stagewise.sim.timeline.Timeline`: each rank's
     events as columns.
