@@ -159,7 +159,6 @@ def _rounds(found: Columns, inputs: tuple[np.ndarray, np.ndarray]
     n = len(inputs[0])
     done_row = n + 1
     first, second = (np.append(column, [n, done_row]) for column in inputs)
-    first[done_row] = done_row
     ran = np.zeros(n + 2, dtype=bool)
     ran[n] = True  # "waits for nothing" has run
     starts, stops = found.offsets[:-1], found.offsets[1:]
