@@ -9,9 +9,11 @@ Sources (``benchmarks/data/README.md`` says what each file holds):
   size and virtual stages are not published, so the planner chooses them: a search with TP,
   PP, DP and recomputation held. That Megatron-LM's backward TP all-reduces were synchronous
   (``Constants.tp_overlap`` ``"none"``).
-- ``published_runs.json``: NVIDIA NeMo performance tables (H100, FP8) and Meta's Llama 3 405B
-  (H100, BF16). Knobs a row does not state (recomputation, or micro-batch and virtual
-  stages) are chosen by a search with the stated ones held, as a user of the planner would.
+- ``published_runs.json``: NVIDIA NeMo performance tables (H100, FP8), Meta's Llama 3 405B
+  (H100, BF16) and MosaicML LLM Foundry's MPT benchmarks (H100, BF16 and FP8, PyTorch FSDP).
+  Knobs a row does not state (recomputation, or micro-batch and virtual stages) are chosen by
+  a search with the stated ones held, as a user of the planner would; a stated recomputation
+  ("none" or "full") is held.
   A row's ``tp_comm_overlap`` (NeMo's TP > 1 rows: ``"all"``, Transformer Engine's userbuffers,
   cited in the row) sets ``Constants.tp_overlap``.
 
@@ -171,8 +173,9 @@ def published_inputs(run: dict[str, Any]) -> Inputs:
         fixed["schedule"] = "interleaved-1f1b" if run["num_chunks"] > 1 else "1f1b"
     sharding = str(run.get("dp_sharding", "optimizer")).split(" ")[0]
     fixed["dp_sharding"] = sharding if run["dp"] > 1 else "none"
-    if str(run["recompute"]).startswith("none"):
-        fixed["recompute"] = "none"
+    for stated in ("none", "full"):
+        if str(run["recompute"]).startswith(stated):
+            fixed["recompute"] = stated
     return model, cluster, training, fixed
 
 
