@@ -137,3 +137,21 @@ def test_a_gpu_table_fit_recovers_the_efficiency_it_was_made_with(tmp_path: Path
     fitted = fitted_efficiency(path)
     assert fitted.matmul_efficiency == pytest.approx(0.62, rel=1e-6)
     assert fitted.fp8_efficiency == pytest.approx(0.7, rel=1e-6)
+
+
+@pytest.mark.parametrize("matmul", [0.7, 0.82, 1.0])
+def test_flash_attn_2_on_hopper_runs_at_its_published_share_of_the_peak(matmul: float) -> None:
+    # FlashAttention-3's abstract: FlashAttention-2 reaches 35 % of the H100's peak. The
+    # attention rate the planner then uses is 0.35 x 989.4 TFLOP/s whatever the fitted
+    # matmul efficiency; on an A100 (no FP8 tensor cores, FlashAttention-2's own GPU) and for
+    # rows naming no kernel nothing changes.
+    from planner_runs import with_attention_kernel
+
+    from stagewise.plan.kernels import gemm_rate
+
+    c = replace(DEFAULT_CONSTANTS, matmul_efficiency=matmul)
+    h100, a100 = get_gpu("H100-SXM5-80GB"), get_gpu("A100-SXM4-80GB")
+    fa2 = with_attention_kernel(c, "flash-attn-2", h100)
+    assert gemm_rate(h100, fa2) * fa2.flash_efficiency == pytest.approx(0.35 * 989.4e12)
+    assert with_attention_kernel(c, "flash-attn-2", a100) == c
+    assert with_attention_kernel(c, None, h100) == c
