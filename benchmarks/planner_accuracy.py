@@ -33,8 +33,8 @@ from stagewise.plan.memory import GIB
 
 FP8_PRIOR = 1.0
 """fp8_efficiency where the fitting sources hold no FP8 run: an FP8 GEMM sustains the same share
-of its measured rate as a BF16 one. Not the shipped value, which is fitted on every source
-(NeMo's FP8 runs included) and so may not predict NeMo held out."""
+of its measured rate as a BF16 one. Not the shipped value, which is fitted with NeMo's FP8
+runs included and so may not predict NeMo held out."""
 MATMUL_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(21))  # 0.70 ... 1.10
 FP8_GRID = tuple(round(0.80 + 0.02 * i, 2) for i in range(16))  # 0.80 ... 1.10
 Key = tuple[float, float]
@@ -155,7 +155,7 @@ def memory_check(path: Path = DATA / "calibration_runs.json") -> list[dict[str, 
 def _line(label: str, s: dict[str, Any]) -> str:
     fitted = s.get("fitted")
     pair = f"fitted {fitted[0]:.2f}/{fitted[1]:.2f}  " if fitted else " " * 19
-    return (f"  {label:22} {pair}median {s['median']:6.1%}  worst {s['worst']:6.1%}  "
+    return (f"  {label:26} {pair}median {s['median']:6.1%}  worst {s['worst']:6.1%}  "
             f"mean signed {s['mean_signed']:+6.1%}  (n={s['n']})")
 
 
