@@ -15,7 +15,9 @@ Sources (``benchmarks/data/README.md`` says what each file holds):
   a search with the stated ones held, as a user of the planner would; a stated recomputation
   ("none" or "full") is held.
   A row's ``tp_comm_overlap`` (NeMo's TP > 1 rows: ``"all"``, Transformer Engine's userbuffers,
-  cited in the row) sets ``Constants.tp_overlap``.
+  cited in the row) sets ``Constants.tp_overlap``, its ``param_gather_overlap`` (NeMo's rows:
+  ``overlap_param_sync``) ``Constants.param_gather_overlap``, its ``attention_kernel``
+  (LLM Foundry's: flash-attn 2) the flash rate (:func:`with_attention_kernel`).
 
 Each case knows its source family: leave-one-source-out leaves a family out.
 """
@@ -205,11 +207,13 @@ def _published_cases() -> list[Case]:
         inputs = published_inputs(run)
         overlap = run.get("tp_comm_overlap", DEFAULT_CONSTANTS.tp_overlap)
         kernel = run.get("attention_kernel")
+        gather = bool(run.get("param_gather_overlap", False))
 
         def predict(c: Constants, inputs: Inputs = inputs, overlap: str = overlap,
-                    kernel: str | None = kernel) -> float:
+                    kernel: str | None = kernel, gather: bool = gather) -> float:
             c = with_attention_kernel(c, kernel, inputs[1].gpu)
-            return _best_of_search(*inputs, replace(c, tp_overlap=overlap))
+            return _best_of_search(*inputs, replace(c, tp_overlap=overlap,
+                                                    param_gather_overlap=gather))
         gpu = run["gpu"].split("-")[0]
         cases.append(Case(run["id"], run["source_family"], gpu, run["precision"],
                           run["step_time_s"], predict))
