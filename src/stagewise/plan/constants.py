@@ -5,7 +5,7 @@ GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``matmul_efficiency`` and ``fp8_efficiency`` are fitted to published runs, and
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
 the shipped values are the fit on the four sources before LLM Foundry's (the fit on all five,
-0.84 / 0.88, moves the wrong way for a reason README's accuracy section gives, so it is not
+0.84 / 0.86, moves the wrong way for a reason README's accuracy section gives, so it is not
 shipped). The others come from the
 hardware and library behaviour named beside them. Measuring a GEMM table and one block on the
 target GPU (``benchmarks/gpu_layer.py``) and comparing with ``layer_time`` is the way to refine
