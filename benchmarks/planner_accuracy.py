@@ -4,8 +4,9 @@ Leave-one-source-out over every scored run in ``benchmarks/data`` (``planner_run
 each row into planner inputs). Two constants are fitted, each on a grid of 0.02 steps, on the
 sources that are NOT held out: ``matmul_efficiency`` (the share of each GPU's measured GEMM rate
 sustained in training) on their BF16 runs (minimising the median |error|), then
-``fp8_efficiency`` on their FP8 runs (``FP8_PRIOR``, 1.0, when they have none: never the
-shipped value, which is fitted on all sources). The held-out
+``fp8_efficiency`` on their FP8 runs, each measured against its own source's BF16 level where
+that source also publishes BF16 runs (``fp8_relative_errors``), ``FP8_PRIOR``, 1.0, when they
+have none: never the shipped value. The held-out
 source is predicted with those; every other constant is physical and never fitted. Printed per
 source and overall: median |error|, worst |error| and mean signed error (negative: predicted
 faster than published), out of sample and in sample; then every run, the rows kept out of the
@@ -32,8 +33,8 @@ from stagewise.plan.memory import GIB
 
 FP8_PRIOR = 1.0
 """fp8_efficiency where the fitting sources hold no FP8 run: an FP8 GEMM sustains the same share
-of its measured rate as a BF16 one. Not the shipped value, which is fitted on every source
-(NeMo's FP8 runs included) and so may not predict NeMo held out."""
+of its measured rate as a BF16 one. Not the shipped value, which is fitted with NeMo's FP8
+runs included and so may not predict NeMo held out."""
 MATMUL_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(21))  # 0.70 ... 1.10
 FP8_GRID = tuple(round(0.80 + 0.02 * i, 2) for i in range(16))  # 0.80 ... 1.10
 Key = tuple[float, float]
@@ -67,14 +68,33 @@ def _median_abs(errors: list[float]) -> float:
     return statistics.median(abs(e) for e in errors) if errors else 0.0
 
 
+def fp8_relative_errors(errors: Errors, key: Key, keep: set[str]) -> list[float]:
+    """Errors at ``key`` of the FP8 runs of the sources in ``keep``, each against its own
+    source's BF16 level: (1 + error) / (1 + that source's median signed BF16 error) - 1.
+
+    ``fp8_efficiency`` is FP8's share relative to BF16's, so a source that also publishes
+    BF16 runs fits it on how much faster its FP8 runs are than its BF16 ones, not on how
+    far its whole stack is from the planner (that level is ``matmul_efficiency``'s, fitted
+    on the BF16 runs of every source); a source with FP8 runs only is taken as it is.
+    """
+    relative = []
+    for source in sorted(keep):
+        fp8 = errors.select(key, {source}, True)
+        bf16 = errors.select(key, {source}, False)
+        level = statistics.median(bf16) if bf16 else 0.0
+        relative += [(1 + e) / (1 + level) - 1 for e in fp8]
+    return relative
+
+
 def fit(errors: Errors, keep: set[str]) -> Key:
     """(matmul, fp8) efficiencies fitted on the runs of the sources in ``keep``: matmul on
-    their BF16 runs, then fp8 on their FP8 runs (``FP8_PRIOR`` when they have none)."""
+    their BF16 runs, then fp8 on their FP8 runs, each against its source's BF16 level
+    (:func:`fp8_relative_errors`; ``FP8_PRIOR`` when they have no FP8 run)."""
     default_fp8 = FP8_PRIOR
     me = min(MATMUL_GRID, key=lambda v: _median_abs(errors.select((v, default_fp8), keep, False)))
     if not errors.select((me, default_fp8), keep, True):
         return me, default_fp8
-    fe = min(FP8_GRID, key=lambda v: _median_abs(errors.select((me, v), keep, True)))
+    fe = min(FP8_GRID, key=lambda v: _median_abs(fp8_relative_errors(errors, (me, v), keep)))
     return me, fe
 
 
@@ -135,7 +155,7 @@ def memory_check(path: Path = DATA / "calibration_runs.json") -> list[dict[str, 
 def _line(label: str, s: dict[str, Any]) -> str:
     fitted = s.get("fitted")
     pair = f"fitted {fitted[0]:.2f}/{fitted[1]:.2f}  " if fitted else " " * 19
-    return (f"  {label:22} {pair}median {s['median']:6.1%}  worst {s['worst']:6.1%}  "
+    return (f"  {label:26} {pair}median {s['median']:6.1%}  worst {s['worst']:6.1%}  "
             f"mean signed {s['mean_signed']:+6.1%}  (n={s['n']})")
 
 

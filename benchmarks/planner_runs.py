@@ -9,11 +9,15 @@ Sources (``benchmarks/data/README.md`` says what each file holds):
   size and virtual stages are not published, so the planner chooses them: a search with TP,
   PP, DP and recomputation held. That Megatron-LM's backward TP all-reduces were synchronous
   (``Constants.tp_overlap`` ``"none"``).
-- ``published_runs.json``: NVIDIA NeMo performance tables (H100, FP8) and Meta's Llama 3 405B
-  (H100, BF16). Knobs a row does not state (recomputation, or micro-batch and virtual
-  stages) are chosen by a search with the stated ones held, as a user of the planner would.
+- ``published_runs.json``: NVIDIA NeMo performance tables (H100, FP8), Meta's Llama 3 405B
+  (H100, BF16) and MosaicML LLM Foundry's MPT benchmarks (H100, BF16 and FP8, PyTorch FSDP).
+  Knobs a row does not state (recomputation, or micro-batch and virtual stages) are chosen by
+  a search with the stated ones held, as a user of the planner would; a stated recomputation
+  ("none" or "full") is held.
   A row's ``tp_comm_overlap`` (NeMo's TP > 1 rows: ``"all"``, Transformer Engine's userbuffers,
-  cited in the row) sets ``Constants.tp_overlap``.
+  cited in the row) sets ``Constants.tp_overlap``, its ``param_gather_overlap`` (NeMo's rows:
+  ``overlap_param_sync``) ``Constants.param_gather_overlap``, its ``attention_kernel``
+  (LLM Foundry's: flash-attn 2) the flash rate (:func:`with_attention_kernel`).
 
 Each case knows its source family: leave-one-source-out leaves a family out.
 """
@@ -38,6 +42,7 @@ from stagewise.plan import (
     get_gpu,
     get_model,
 )
+from stagewise.plan.hardware import GpuSpec
 from stagewise.plan.search import search
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -171,9 +176,27 @@ def published_inputs(run: dict[str, Any]) -> Inputs:
         fixed["schedule"] = "interleaved-1f1b" if run["num_chunks"] > 1 else "1f1b"
     sharding = str(run.get("dp_sharding", "optimizer")).split(" ")[0]
     fixed["dp_sharding"] = sharding if run["dp"] > 1 else "none"
-    if str(run["recompute"]).startswith("none"):
-        fixed["recompute"] = "none"
+    for stated in ("none", "full"):
+        if str(run["recompute"]).startswith(stated):
+            fixed["recompute"] = stated
     return model, cluster, training, fixed
+
+
+FLASH_ATTN_2_HOPPER_SHARE = 0.35
+"""FlashAttention-2's forward rate on H100 as a share of the BF16 peak: "FlashAttention-2
+achieves only 35% utilization on H100 GPUs" (Shah et al. 2024, "FlashAttention-3",
+arXiv:2407.08608, abstract; FlashAttention-3 reaches 75 %). The planner's own flash rate
+stands for the Hopper kernels NeMo and Megatron run (cuDNN, FlashAttention-3)."""
+
+
+def with_attention_kernel(c: Constants, kernel: str | None, gpu: GpuSpec) -> Constants:
+    """``c`` with the flash rate of the attention kernel a row names, where it differs from the
+    planner's: flash-attn 2 on a Hopper GPU (FP8 tensor cores) runs at
+    ``FLASH_ATTN_2_HOPPER_SHARE`` of the peak, whatever ``matmul_efficiency`` is fitted to."""
+    if kernel != "flash-attn-2" or not gpu.has_fp8:
+        return c
+    sustained = c.matmul_efficiency * gpu.achievable_gemm_flops()
+    return replace(c, flash_efficiency=FLASH_ATTN_2_HOPPER_SHARE * gpu.peak_flops / sustained)
 
 
 def _published_cases() -> list[Case]:
@@ -183,9 +206,14 @@ def _published_cases() -> list[Case]:
             continue
         inputs = published_inputs(run)
         overlap = run.get("tp_comm_overlap", DEFAULT_CONSTANTS.tp_overlap)
+        kernel = run.get("attention_kernel")
+        gather = bool(run.get("param_gather_overlap", False))
 
-        def predict(c: Constants, inputs: Inputs = inputs, overlap: str = overlap) -> float:
-            return _best_of_search(*inputs, replace(c, tp_overlap=overlap))
+        def predict(c: Constants, inputs: Inputs = inputs, overlap: str = overlap,
+                    kernel: str | None = kernel, gather: bool = gather) -> float:
+            c = with_attention_kernel(c, kernel, inputs[1].gpu)
+            return _best_of_search(*inputs, replace(c, tp_overlap=overlap,
+                                                    param_gather_overlap=gather))
         gpu = run["gpu"].split("-")[0]
         cases.append(Case(run["id"], run["source_family"], gpu, run["precision"],
                           run["step_time_s"], predict))

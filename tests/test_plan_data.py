@@ -74,7 +74,52 @@ def test_every_source_has_runs_and_ids_are_unique() -> None:
     cases = load_cases()
     assert len({c.id for c in cases}) == len(cases)
     assert {c.source for c in cases} >= {"korthikanti22", "narayanan21-table1",
-                                         "nvidia-nemo-fp8-h100", "meta-llama3"}
+                                         "nvidia-nemo-fp8-h100", "meta-llama3",
+                                         "mosaicml-llm-foundry-h100"}
+
+
+FOUNDRY = [r for r in RUNS if r["source_family"] == "mosaicml-llm-foundry-h100"]
+
+
+@pytest.mark.parametrize("run", FOUNDRY, ids=[r["id"] for r in FOUNDRY])
+def test_llm_foundry_rows_agree_with_their_own_columns(run: dict[str, Any]) -> None:
+    # Two columns copied from each table row check each other: the total throughput is the
+    # per-GPU one times the GPUs (the per-GPU figure is rounded down to a token), and the
+    # batch in tokens is the batch in sequences times the sequence length.
+    per_gpu = run["tokens_per_s"] / run["num_gpus"]
+    assert run["tokens_per_s_per_gpu"] <= per_gpu < run["tokens_per_s_per_gpu"] + 1
+    assert run["global_batch_tokens"] == run["global_batch"] * run["seq_len"]
+    assert run["step_time_s"] == pytest.approx(run["global_batch_tokens"] / run["tokens_per_s"],
+                                               abs=1e-4)
+
+
+@pytest.mark.parametrize("run", FOUNDRY, ids=[r["id"] for r in FOUNDRY])
+def test_llm_foundry_architectures_give_the_tables_parameter_count(run: dict[str, Any]) -> None:
+    # The table's NumParams, by hand: per layer 12 d^2 weights and 13 d biases and norms
+    # (qkv 3d, out d, fc1 4d, fc2 d, two LayerNorms 4d), a final LayerNorm 2d, the tied
+    # embedding V d and the learned position table s d. The planner counts the same.
+    a = run["architecture"]
+    d, layers, vocab, seq = a["hidden"], a["layers"], a["vocab"], run["seq_len"]
+    by_hand = layers * (12 * d * d + 13 * d) + 2 * d + vocab * d + seq * d
+    assert by_hand == run["num_params"]
+    model, _, _, _ = published_inputs(run)
+    assert model.num_params == run["num_params"]
+
+
+def test_fp8_is_fitted_against_its_own_sources_bf16_level() -> None:
+    # A source whose every run (BF16 and FP8) is 20 % fast has FP8 exactly where its BF16
+    # is: relative errors 0. A source with FP8 runs only keeps its own errors.
+    from planner_accuracy import fp8_relative_errors
+
+    class Fixed:
+        def select(self, key: object, keep: set[str], fp8: bool | None = None) -> list[float]:
+            (source,) = keep
+            if source == "both":
+                return [-0.2, -0.2] if fp8 else [-0.2, -0.1, -0.3]
+            return [0.05] if fp8 else []
+
+    relative = fp8_relative_errors(Fixed(), (0.8, 0.9), {"both", "fp8-only"})
+    assert relative == pytest.approx([0.0, 0.0, 0.05])
 
 
 def test_a_gpu_table_fit_recovers_the_efficiency_it_was_made_with(tmp_path: Path) -> None:
@@ -92,3 +137,21 @@ def test_a_gpu_table_fit_recovers_the_efficiency_it_was_made_with(tmp_path: Path
     fitted = fitted_efficiency(path)
     assert fitted.matmul_efficiency == pytest.approx(0.62, rel=1e-6)
     assert fitted.fp8_efficiency == pytest.approx(0.7, rel=1e-6)
+
+
+@pytest.mark.parametrize("matmul", [0.7, 0.82, 1.0])
+def test_flash_attn_2_on_hopper_runs_at_its_published_share_of_the_peak(matmul: float) -> None:
+    # FlashAttention-3's abstract: FlashAttention-2 reaches 35 % of the H100's peak. The
+    # attention rate the planner then uses is 0.35 x 989.4 TFLOP/s whatever the fitted
+    # matmul efficiency; on an A100 (no FP8 tensor cores, FlashAttention-2's own GPU) and for
+    # rows naming no kernel nothing changes.
+    from planner_runs import with_attention_kernel
+
+    from stagewise.plan.kernels import gemm_rate
+
+    c = replace(DEFAULT_CONSTANTS, matmul_efficiency=matmul)
+    h100, a100 = get_gpu("H100-SXM5-80GB"), get_gpu("A100-SXM4-80GB")
+    fa2 = with_attention_kernel(c, "flash-attn-2", h100)
+    assert gemm_rate(h100, fa2) * fa2.flash_efficiency == pytest.approx(0.35 * 989.4e12)
+    assert with_attention_kernel(c, "flash-attn-2", a100) == c
+    assert with_attention_kernel(c, None, h100) == c

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from stagewise.errors import PlanError
+from stagewise.errors import PlanError, StagewiseError
 from stagewise.plan import (
     DEFAULT_CONSTANTS,
     Cluster,
@@ -280,3 +280,53 @@ def test_dp_reduction_starts_with_the_last_backward() -> None:
     assert in_node.time.dp_exposed_s == pytest.approx(nvlink / layers, rel=0.02)
     overlapless = evaluate(model, cluster, replace(training, dp_overlap=False), config)
     assert overlapless.time.dp_exposed_s == pytest.approx(reduce)
+
+
+def test_an_overlapped_parameter_gather_hides_behind_the_first_forward() -> None:
+    # The distributed optimizer (ZeRO-1) gathers the updated bf16 weights after every step.
+    # Exposed whole by default; with param_gather_overlap (Megatron's --overlap-param-gather,
+    # NeMo's overlap_param_sync) the gather runs bucket by bucket during the next step's first
+    # forward: only what outlasts one micro-batch's forward through the rank's layers is
+    # exposed, and at least one layer's bucket.
+    model = get_model("llama-2-7b")
+    training = TrainingSpec(seq_len=4096, global_batch=16)
+    config = ParallelConfig.of(tp=1, pp=1, dp=8, micro_batch_size=1, dp_sharding="optimizer")
+    on = replace(DEFAULT_CONSTANTS, param_gather_overlap=True)
+    for cluster, bandwidth in ((Cluster(H100, 8, 1), H100.network_bandwidth),
+                               (Cluster(H100, 1, 8), H100.nvlink_bandwidth)):
+        exposed = evaluate(model, cluster, training, config).time
+        hidden = evaluate(model, cluster, training, config, on).time
+        gather = all_gather_time(2.0 * model.num_params, 8, bandwidth, DEFAULT_CONSTANTS)
+        blocks = model.layers * exposed.block.forward  # the forward without embedding and head
+        saved = exposed.step_s - hidden.step_s
+        assert saved == pytest.approx(exposed.dp_exposed_s - hidden.dp_exposed_s)
+        assert hidden.dp_total_s == exposed.dp_total_s  # the same gather, only hidden
+        if gather > 1.2 * blocks:  # one NIC: the blocks' forward hides, plus a little (edges)
+            assert blocks <= saved < 1.1 * blocks
+        else:  # NVLink: all but the first layer's bucket hides
+            assert saved == pytest.approx(gather * (1 - 1 / model.layers))
+    replicated = replace(config, dp_sharding="none")
+    assert (evaluate(model, Cluster(H100, 8, 1), training, replicated, on).time.step_s
+            == evaluate(model, Cluster(H100, 8, 1), training, replicated).time.step_s)
+
+
+def test_the_fast_search_stays_exact_with_an_overlapped_parameter_gather() -> None:
+    # The search prunes with tail_floor, which must stay a lower bound of what a step adds
+    # after its pipeline when the gather is overlapped (it then counts none of it): the
+    # fastest plans and their times are those of evaluating every candidate on its own.
+    from stagewise.plan.search import candidates, search
+
+    on = replace(DEFAULT_CONSTANTS, param_gather_overlap=True)
+    model, cluster = get_model("llama-2-13b"), Cluster(H100, 2, 8)
+    training = TrainingSpec(seq_len=2048, global_batch=32)
+    k = 10
+    fast = search(model, cluster, training, constants=on, exact_top=k).fitting
+    exact = []
+    for config in candidates(model, cluster, training):
+        try:
+            plan = evaluate(model, cluster, training, config, on)
+        except StagewiseError:  # a schedule the micro-batches cannot run, as the search skips
+            continue
+        if plan.fits:
+            exact.append(plan.time.step_s)
+    assert [p.time.step_s for p in fast[:k]] == sorted(exact)[:k]

@@ -10,7 +10,10 @@ reduction is. With pipeline parallelism a stage's chunk starts when its last bac
 without it (one stage per rank) each layer's chunk starts as the last backward reaches it, so
 the reduction starts with the last backward and at least the last layer's chunk is exposed
 (NeMo's "Communication Overlap" guide: DP communication chunked by a transformer layer, by the
-layers of a virtual pipeline stage with pipeline parallelism, one chunk exposed).
+layers of a virtual pipeline stage with pipeline parallelism, one chunk exposed). The
+distributed optimizer's parameter all-gather is exposed whole, or with
+``Constants.param_gather_overlap`` only what outlasts one micro-batch's forward through the
+rank's layers, and at least one layer's bucket (the first layer waits for its own).
 """
 
 from __future__ import annotations
@@ -132,6 +135,16 @@ def _rank_tail(
     return reduce_s, gather_s, optimizer
 
 
+def _exposed_gather(
+    gather_s: float, size: RankSizes, layers: tuple[int, ...], profile: StageProfile
+) -> float:
+    """The overlapped parameter gather's exposed seconds on one rank: what outlasts one
+    micro-batch's forward through its stages, and at least one layer's bucket."""
+    forward = sum(profile.forward[s] for s in size.stages)
+    rank_layers = max(1, sum(layers[s] for s in size.stages))
+    return max(gather_s / rank_layers, gather_s - forward)
+
+
 def embedding_sync_time(
     model: ModelSpec, cluster: Cluster, training: TrainingSpec, config: ParallelConfig,
     c: Constants,
@@ -164,7 +177,8 @@ def tail_floor(
     for size in sizes:
         reduce_s, gather_s, optimizer = _rank_tail(cluster, config, training, size.trainable, c)
         exposed = 0.0 if training.dp_overlap else reduce_s
-        floor = max(floor, exposed + gather_s + optimizer)
+        gather = 0.0 if c.param_gather_overlap else gather_s  # overlapped: >= 0 exposed
+        floor = max(floor, exposed + gather + optimizer)
     return floor + embedding_sync_time(model, cluster, training, config, c)
 
 
@@ -229,6 +243,8 @@ def step_time(
     for size in sizes:
         reduce_s, gather_s, optimizer = _rank_tail(cluster, config, training, size.trainable, c)
         dp_total = max(dp_total, reduce_s + gather_s)
+        if c.param_gather_overlap and gather_s > 0:
+            gather_s = _exposed_gather(gather_s, size, layers, profile)
         if training.dp_overlap:
             total_layers = sum(layers[s] for s in size.stages) or 1
             free = -run.makespan  # times relative to the end of the pipeline
