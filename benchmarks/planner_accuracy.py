@@ -35,7 +35,7 @@ FP8_PRIOR = 1.0
 """fp8_efficiency where the fitting sources hold no FP8 run: an FP8 GEMM sustains the same share
 of its measured rate as a BF16 one. Not the shipped value, which is fitted with NeMo's FP8
 runs included and so may not predict NeMo held out."""
-MATMUL_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(21))  # 0.70 ... 1.10
+MATMUL_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(16))  # 0.70 ... 1.00, at most measured
 FP8_GRID = tuple(round(0.80 + 0.02 * i, 2) for i in range(16))  # 0.80 ... 1.10
 Key = tuple[float, float]
 

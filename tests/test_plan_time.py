@@ -272,8 +272,7 @@ def test_dp_reduction_starts_with_the_last_backward() -> None:
     assert plan.time.dp_exposed_s < reduce - last_backward
     assert plan.time.dp_exposed_s > 0.9 * (reduce - last_backward)
     # over NVLink the reduction hides behind the last backward but its last layer's chunk
-    config_node = replace(config, dp_sharding="none")
-    in_node = evaluate(model, Cluster(H100, 1, 8), training, config_node)
+    in_node = evaluate(model, Cluster(H100, 1, 8), training, config)
     nvlink = all_reduce_time(4.0 * model.num_params, 8, H100.nvlink_bandwidth,
                              DEFAULT_CONSTANTS)
     assert nvlink < last_backward
