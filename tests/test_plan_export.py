@@ -22,12 +22,13 @@ def _megatron_parser() -> argparse.ArgumentParser:
                  "decoder-last-pipeline-num-layers", "recompute-num-layers", "micro-batch-size",
                  "global-batch-size", "seq-length", "max-position-embeddings", "num-layers",
                  "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups",
-                 "vocab-size"):
+                 "vocab-size", "num-virtual-stages-per-pipeline-rank"):
         parser.add_argument(f"--{name}", type=int)
     for name in ("sequence-parallel", "use-distributed-optimizer", "recompute-activations",
                  "overlap-grad-reduce", "group-query-attention", "swiglu",
                  "untie-embeddings-and-output-weights", "disable-bias-linear", "use-flash-attn",
-                 "bf16"):
+                 "bf16", "account-for-embedding-in-pipeline-split",
+                 "account-for-loss-in-pipeline-split"):
         parser.add_argument(f"--{name}", action="store_true")
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
     parser.add_argument("--recompute-method", choices=("uniform", "block"))
@@ -85,6 +86,33 @@ def test_megatron_selective_recompute_and_uneven_split() -> None:
     assert ns.recompute_granularity is None
     assert (ns.decoder_first_pipeline_num_layers, ns.decoder_last_pipeline_num_layers) == (7, 7)
     assert ns.num_layers_per_virtual_pipeline_stage is None
+
+
+def test_megatron_interleaved_edges_split_counts_the_embedding_and_loss_as_layers() -> None:
+    # Llama 3 405B, 2 chunks: 126 layers over 32 virtual stages, 3 on the first and the last,
+    # 4 elsewhere: Megatron's split with the embedding and the loss counted as layers,
+    # (126 + 2) / 32 = 4 each.
+    plan = evaluate(get_model("llama-3-405b"), Cluster.of_gpus(get_gpu("h100"), 256),
+                    TrainingSpec(seq_len=8192, global_batch=32),
+                    ParallelConfig.of(tp=8, pp=16, dp=2, num_chunks=2,
+                                      schedule="interleaved-1f1b"))
+    assert plan.layers == (3,) + (4,) * 30 + (3,)
+    ns = _megatron_parser().parse_args(megatron_args(plan))
+    assert ns.num_virtual_stages_per_pipeline_rank == 2
+    assert ns.account_for_embedding_in_pipeline_split
+    assert ns.account_for_loss_in_pipeline_split
+    assert ns.num_layers_per_virtual_pipeline_stage is None
+    assert ns.decoder_first_pipeline_num_layers is None
+    assert not any("by hand" in note for note in export_notes(plan))
+    # An interleaved split Megatron's flags cannot express is still left to the user.
+    odd = evaluate(get_model("llama-3-405b"), Cluster.of_gpus(get_gpu("h100"), 192),
+                   TrainingSpec(seq_len=8192, global_batch=24),
+                   ParallelConfig.of(tp=8, pp=12, dp=2, num_chunks=2,
+                                     schedule="interleaved-1f1b"))
+    assert (126 + 2) % 24
+    assert len(set(odd.layers)) > 1
+    assert "--account-for-loss-in-pipeline-split" not in megatron_args(odd)
+    assert any("by hand" in note for note in export_notes(odd))
 
 
 def test_gpt_model_keeps_biases_dropout_and_tied_embeddings() -> None:

@@ -197,3 +197,19 @@ def test_lora_first_stage_skips_the_first_norm_and_the_last_keeps_the_final_norm
     # neither its fp32 input nor 1/rms. The last stage adds the final norm's input and output.
     assert stage_bytes[0] == pytest.approx(16 * block - (4 * s * h + 4 * s))
     assert stage_bytes[1] == pytest.approx(16 * block + 4 * s * h)
+
+
+def test_fp8_flash_block_keeps_the_kernels_bf16_output_and_the_projections_fp8_copy() -> None:
+    # Llama 2 70B, TP=8 with sequence parallelism, FP8, flash attention, counted by hand:
+    # norms' inputs (2 bytes) and outputs (1 byte, FP8), sharded by SP; Q (2), K and V (2 each,
+    # kv width); the attention output as flash's bf16 output (2) and the projection's FP8
+    # copy (1); gate and up (2 each) and the FP8 product (1); flash's fp32 log-sum-exp.
+    model = get_model("llama-2-70b")
+    s, b, t = 4096, 1, 8
+    h, k, f, a = model.hidden, model.kv_dim, model.ffn, model.heads
+    run = TrainingSpec(seq_len=s, global_batch=8, precision="fp8")
+    cfg = ParallelConfig.of(tp=t, pp=1, dp=1, sequence_parallel=True)
+    norms = 2 * (2 + 1) * s * b * h / t
+    attention = (2 * s * b * h + 2 * 2 * s * b * k + (2 + 1) * s * b * h + 4 * a * s * b) / t
+    mlp = (2 + 2 + 1) * s * b * f / t
+    assert layer_activation_bytes(model, run, cfg) == pytest.approx(norms + attention + mlp)

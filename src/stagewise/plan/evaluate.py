@@ -30,7 +30,7 @@ from stagewise.plan.rank import (
     rank_memory,
     rank_sizes,
 )
-from stagewise.plan.spec import ParallelConfig, TrainingSpec, split_layers
+from stagewise.plan.spec import ParallelConfig, TrainingSpec, stage_layers
 from stagewise.plan.steptime import (
     StageProfile,
     StepTime,
@@ -207,7 +207,7 @@ def evaluate(
     cache = cache or PipelineCache()
     cache.bind((model, cluster, training, constants))
     m = config.num_microbatches(training)
-    layers = split_layers(model.layers, config.pp * config.num_chunks)
+    layers = stage_layers(model.layers, config.pp * config.num_chunks, config.layer_split)
     shape = (config.schedule, config.pp, m, config.num_chunks)
     placement, stages = cache.placement(*shape), cache.stages(*shape)
     # Memo keys name exactly the knobs each quantity reads (model, cluster, training and

@@ -31,6 +31,17 @@ def _uneven_layers(plan: Plan) -> tuple[int, int] | None:
     return None if len(set(layers)) == 1 else (layers[0], layers[-1])
 
 
+def _edges_split(plan: Plan) -> bool:
+    """Whether the layers are Megatron's account-for-embedding-and-loss split: layers + 2
+    slots even over the stages, the first and the last giving one slot to the embedding and
+    the loss (Megatron asks for layers + 2 divisible by pp x virtual stages)."""
+    layers, stages = plan.layers, len(plan.layers)
+    if stages < 2 or (plan.model.layers + 2) % stages:
+        return False
+    share = (plan.model.layers + 2) // stages
+    return layers == (share - 1,) + (share,) * (stages - 2) + (share - 1,)
+
+
 def megatron_args(plan: Plan) -> list[str]:
     """Megatron-LM ``pretrain_gpt.py`` arguments for ``plan`` (model shape included).
 
@@ -60,7 +71,11 @@ def _layout_args(plan: Plan) -> list[str]:
         "--pipeline-model-parallel-size", str(cfg.pp),
     ]
     uneven = _uneven_layers(plan)
-    if cfg.num_chunks > 1 and uneven is None:
+    if cfg.num_chunks > 1 and _edges_split(plan):
+        args += ["--num-virtual-stages-per-pipeline-rank", str(cfg.num_chunks),
+                 "--account-for-embedding-in-pipeline-split",
+                 "--account-for-loss-in-pipeline-split"]
+    elif cfg.num_chunks > 1 and uneven is None:
         args += ["--num-layers-per-virtual-pipeline-stage", str(plan.layers[0])]
     elif uneven is not None and cfg.num_chunks == 1:
         args += ["--decoder-first-pipeline-num-layers", str(uneven[0]),
@@ -149,7 +164,7 @@ def export_notes(plan: Plan) -> list[str]:
             f"Megatron-LM has no {cfg.schedule} schedule: the line runs {nearest}; "
             "use torchtitan with the exported schedule instead"
         )
-    if cfg.num_chunks > 1 and _uneven_layers(plan) is not None:
+    if cfg.num_chunks > 1 and _uneven_layers(plan) is not None and not _edges_split(plan):
         notes.append("layers do not split evenly into virtual stages: set the split by hand")
     if cfg.tp > 1 and not cfg.sequence_parallel:
         notes.append("torchtitan always shards the sequence over TP (sequence parallel)")

@@ -16,6 +16,10 @@ recomputation (which drops the attention core). Full recomputation keeps only ea
 input (2·s·b·h, sharded with sequence parallelism) and rebuilds one block at a time. With FP8
 (Transformer Engine) the saved inputs of the GEMMs are FP8: the two norm outputs, the
 attention output and the MLP's last activation take one byte per element instead of two.
+With flash attention the attention output is kept twice under FP8: the flash kernel saves its
+own bf16 output for its backward (2·s·b·h) and the output projection its FP8 copy (1·s·b·h),
+3·s·b·h where bf16 keeps one 2·s·b·h tensor for both (Transformer Engine's ``DotProductAttention``
+saves ``out`` in ``ctx.save_for_backward``; its ``Linear`` saves the FP8-cast input).
 
 LoRA fine-tuning (``mode="lora"``) is what ``stagewise train --lora`` runs: Hugging Face blocks
 with peft adapters (float32) on a frozen bf16 base under bf16 autocast. What that saves was
@@ -153,7 +157,10 @@ def layer_activation_bytes(
     fp8 = 1 if training.precision == "fp8" else 0
     replicated = (8 - 2 * fp8 + (2 if dropout else 0)) * sbh
     mlp = ((6 if model.mlp == "swiglu" else 4) - fp8) * s * b * f
-    sliced = (2 - fp8) * sbh + 4 * s * b * model.kv_dim + 2 * sbh + mlp
+    # The attention output: one bf16 tensor read by both backwards; under FP8 the projection
+    # keeps its FP8 copy, and with flash the kernel also keeps its own bf16 output.
+    attention_out = (2 - fp8 + (2 * fp8 if training.attention == "flash" else 0)) * sbh
+    sliced = 2 * sbh + 4 * s * b * model.kv_dim + attention_out + mlp  # Q, K and V, out, MLP
     if training.attention == "flash":
         core = 4.0 * model.heads * s * b
     elif mode == "selective":

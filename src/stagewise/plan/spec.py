@@ -19,11 +19,13 @@ from stagewise.plan.models import ModelSpec
 
 __all__ = [
     "DP_SHARDING",
+    "LAYER_SPLITS",
     "PRECISIONS",
     "RECOMPUTE_MODES",
     "ParallelConfig",
     "TrainingSpec",
     "split_layers",
+    "stage_layers",
 ]
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -32,6 +34,11 @@ PRECISIONS = ("bf16", "fp8")
 # (ZeRO-1, Megatron's distributed optimizer); optimizer state and gradients (ZeRO-2); and
 # weights too (ZeRO-3, FSDP: the mesh's dp_shard).
 DP_SHARDING = ("none", "optimizer", "gradients", "weights")
+# How the layers split over the (virtual) stages: "balanced", as evenly as possible (the
+# extra layers in the middle stages); or "edges", the embedding and the loss each counted as
+# one layer of the first and the last stage (Megatron-LM's --account-for-embedding-in-
+# pipeline-split and --account-for-loss-in-pipeline-split; the Llama 3 405B split).
+LAYER_SPLITS = ("balanced", "edges")
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class ParallelConfig:
             ``optimizer`` (ZeRO-1, Megatron's distributed optimizer), ``gradients`` (ZeRO-2)
             or ``weights`` (ZeRO-3, FSDP).
         schedule: a stagewise schedule name (``1f1b``, ``interleaved-1f1b``, ...).
+        layer_split: how the layers split over the stages (:data:`LAYER_SPLITS`, see
+            :func:`stage_layers`).
 
     Raises:
         PlanError: a size that is not a positive integer, an unknown recompute or sharding
@@ -117,8 +126,13 @@ class ParallelConfig:
     sequence_parallel: bool = False
     dp_sharding: str = "none"
     schedule: str = "1f1b"
+    layer_split: str = "balanced"
 
     def __post_init__(self) -> None:
+        if self.layer_split not in LAYER_SPLITS:
+            raise PlanError(
+                f"layer_split must be one of {', '.join(LAYER_SPLITS)}, got {self.layer_split!r}"
+            )
         if not isinstance(self.mesh, Mesh):
             raise PlanError(f"mesh must be a stagewise.mesh.Mesh, got {self.mesh!r}")
         for label in ("num_chunks", "micro_batch_size"):
@@ -203,6 +217,8 @@ class ParallelConfig:
         if self.dp_sharding != "none":
             parts.append(_SHARDING_LABEL[self.dp_sharding])
         parts.append(self.schedule)
+        if self.layer_split != "balanced":
+            parts.append(f"{self.layer_split}-split")
         return " ".join(parts)
 
 
@@ -232,4 +248,34 @@ def split_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:
     start = (num_stages - extra) // 2
     for i in range(start, start + extra):
         counts[i] += 1
+    return tuple(counts)
+
+
+def stage_layers(num_layers: int, num_stages: int, split: str = "balanced") -> tuple[int, ...]:
+    """Layers per (virtual) stage under ``split`` (:data:`LAYER_SPLITS`).
+
+    ``balanced`` is :func:`split_layers`. ``edges`` splits num_layers + 2 slots the same way
+    and gives the first slot to the embedding and the last to the loss, so the first and the
+    last stages hold one layer fewer than their share (Megatron-LM's account-for-embedding
+    and account-for-loss split, which Llama 3 405B used: 126 layers + 2 over 16 stages).
+
+    Raises:
+        PlanError: an unknown split, or a stage left with no layer.
+
+    Example:
+        >>> stage_layers(80, 8), stage_layers(80, 8, "edges")
+        ((10, 10, 10, 10, 10, 10, 10, 10), (9, 10, 10, 11, 11, 10, 10, 9))
+    """
+    if split == "balanced":
+        return split_layers(num_layers, num_stages)
+    if split != "edges":
+        raise PlanError(f"layer split must be one of {', '.join(LAYER_SPLITS)}, got {split!r}")
+    counts = list(split_layers(num_layers + 2, num_stages))
+    counts[0] -= 1
+    counts[-1] -= 1
+    if min(counts) < 1:
+        raise PlanError(
+            f"the edges split of {num_layers} layers over {num_stages} stages leaves a stage "
+            "with no layer: use layer_split='balanced' or fewer stages"
+        )
     return tuple(counts)

@@ -16,7 +16,22 @@ from stagewise.plan.layer import BYTES, LayerSetup, LayerTime, gemm_time
 from stagewise.plan.models import ModelSpec
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 
-__all__ = ["EdgeTime", "edge_times", "hop_times", "node_of_rank", "stage_costs"]
+__all__ = [
+    "LOSS_BACKWARD_BYTES", "LOSS_FORWARD_BYTES", "EdgeTime", "edge_times", "hop_times",
+    "node_of_rank", "stage_costs",
+]
+
+# HBM bytes per logit (per vocabulary entry of the TP shard, per token) that Megatron-LM's
+# vocabulary-parallel cross-entropy moves (megatron/core/tensor_parallel/cross_entropy.py,
+# VocabParallelCrossEntropy), kernel by kernel. Forward: upcast the bf16 logits to fp32
+# (read 2, write 4), the max over the vocabulary (read 4), subtract it in place (read 4,
+# write 4), exp in place (4 + 4), the sum (read 4), divide by the sum in place into the
+# softmax saved for the backward (4 + 4): 38. Backward: subtract one at the target (one
+# element per token, not counted), scale the saved softmax by the loss gradient in place
+# (4 + 4), and the upcast's backward casts the fp32 gradient to bf16 (read 4, write 2): 14.
+# The per-token scalars (max, sum, target logit, loss) and their all-reduces are left out.
+LOSS_FORWARD_BYTES = (2 + 4) + 4 + (4 + 4) + (4 + 4) + 4 + (4 + 4)
+LOSS_BACKWARD_BYTES = (4 + 4) + (4 + 2)
 
 
 @dataclass(frozen=True)
@@ -39,8 +54,10 @@ def edge_times(
     """(embedding, head) costs for one micro-batch on one GPU of the TP group.
 
     The head is the final norm, the vocabulary-parallel output GEMM and the fp32 cross-entropy
-    over b·s x V/t logits; with TP the head's input is gathered (sequence parallel) or its
-    gradient all-reduced, and the embedding's output all-reduced (or reduce-scattered).
+    over b·s x V/t logits (:data:`LOSS_FORWARD_BYTES` and :data:`LOSS_BACKWARD_BYTES` per
+    logit, over HBM bandwidth, one launch per kernel); with TP the head's input is gathered
+    (sequence parallel) or its gradient all-reduced, and the embedding's output all-reduced
+    (or reduce-scattered).
     """
     gpu, t = cluster.gpu, config.tp
     tokens = config.micro_batch_size * training.seq_len
@@ -58,12 +75,14 @@ def edge_times(
     head_gemm = gemm_time(tokens, vocab, model.hidden, gpu, c)
     head_dgrad = gemm_time(tokens, model.hidden, vocab, gpu, c)
     head_wgrad = 0.0 if lora else gemm_time(model.hidden, vocab, tokens, gpu, c)
-    loss_bytes = tokens * vocab * (2 + 4 + 4)  # read bf16 logits, write fp32 softmax, read back
+    logits = tokens * vocab
     norm_bytes = 4.0 * tokens * model.hidden / shard
+    # Launches: forward the norm and the loss's six kernels, backward the norm and two.
     head = EdgeTime(
-        forward=head_gemm + tp_in + (loss_bytes + norm_bytes) / hbm + 3 * c.kernel_overhead_s,
-        backward=head_dgrad + head_wgrad + tp_back + (loss_bytes + 2 * norm_bytes) / hbm
-        + 3 * c.kernel_overhead_s,
+        forward=head_gemm + tp_in + (LOSS_FORWARD_BYTES * logits + norm_bytes) / hbm
+        + 7 * c.kernel_overhead_s,
+        backward=head_dgrad + head_wgrad + tp_back
+        + (LOSS_BACKWARD_BYTES * logits + 2 * norm_bytes) / hbm + 3 * c.kernel_overhead_s,
         weight=head_wgrad,
     )
     lookup = 2.0 * size / hbm + c.kernel_overhead_s
