@@ -4,10 +4,9 @@ They are the same for every model, GPU and plan; what differs between GPUs (peak
 GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``matmul_efficiency`` and ``fp8_efficiency`` are fitted to published runs, and
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
-the shipped values are the fit on the four sources before LLM Foundry's (the fit on all five,
-0.84 / 0.86, moves the wrong way for a reason README's accuracy section gives, so it is not
-shipped). The others come from the
-hardware and library behaviour named beside them. Measuring a GEMM table and one block on the
+the shipped values are the fit on every source but LLM Foundry's, a PyTorch FSDP stack whose
+eager kernels the planner does not model (README's accuracy section). The others come from
+the hardware and library behaviour named beside them. Measuring a GEMM table and one block on the
 target GPU (``benchmarks/gpu_layer.py``) and comparing with ``layer_time`` is the way to refine
 them.
 """
