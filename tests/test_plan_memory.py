@@ -15,8 +15,7 @@ from stagewise.plan import (
     get_model,
     layer_activation_bytes,
 )
-from stagewise.plan.memory import GIB
-from stagewise.plan.rank import lora_params_per_block
+from stagewise.plan.memory import GIB, lora_params_per_block
 
 GPT22 = get_model("gpt-22b")
 S, B, H, A, T = 2048, 4, 6144, 64, 8

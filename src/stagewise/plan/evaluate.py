@@ -20,7 +20,12 @@ from stagewise.plan.flops import (
 )
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.kernels import gemm_peak
-from stagewise.plan.memory import GIB, MemoryBreakdown, layer_state_bytes_per_param
+from stagewise.plan.memory import (
+    GIB,
+    MemoryBreakdown,
+    adapter_extra_weight_bytes,
+    layer_state_bytes_per_param,
+)
 from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.rank import (
@@ -269,7 +274,9 @@ def _most_loaded(
     """
     sizes_key, sizes = keyed_sizes
     state_bytes = layer_state_bytes_per_param(training, config)
-    per_param, weight_b = sum(state_bytes), state_bytes[0]
+    # a trainable parameter's states, LoRA's fp32 adapter bytes included (as rank_memory)
+    per_param = sum(state_bytes) + adapter_extra_weight_bytes(training, config)
+    weight_b = state_bytes[0]
     shape = (config.schedule, config.pp, m, config.num_chunks)
 
     def most_loaded() -> int:
