@@ -42,6 +42,8 @@ def test_fast_search_ranks_as_the_exact_one(
             continue
         exact[plan.config.describe()] = plan
     assert result.skipped == refused
+    # the exhaustive side enumerates the layer split too: both splits occur where pp > 1
+    assert {p.config.layer_split for p in exact.values()} == {"balanced", "edges"}
     fast = {plan.config.describe(): plan for plan in result.plans}
     assert fast.keys() == exact.keys()
     for key, plan in fast.items():  # every plan's memory and verdict, to the byte

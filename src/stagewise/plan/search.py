@@ -4,7 +4,9 @@ Valid means: TP divides the query and key/value heads and the MLP width and stay
 node; PP is at most the number of layers (uneven splits allowed); DP fills the rest;
 micro-batches m = G / (DP x micro-batch size) is whole, with micro-batch sizes 1, 2, 4, 8;
 interleaved schedules take num_chunks <= 8 per rank when the layers split evenly into PP x v
-stages. Knobs given in ``fixed`` are held (any micro-batch size, any schedule). GPipe,
+stages. Pipelined configurations also try the ``edges`` layer split (the embedding and the
+loss counted as a layer each) wherever it gives other stage layers than ``balanced``. Knobs
+given in ``fixed`` are held (any micro-batch size, any schedule, any layer split). GPipe,
 looped-bfs and ``auto`` are searched only when asked for (see ``NOT_SEARCHED``). With flash
 attention, selective recomputation (of the attention core) equals no recomputation, so only
 ``none`` and ``full`` are searched unless ``selective`` is asked for.
@@ -26,7 +28,7 @@ from stagewise.plan.evaluate import Plan, evaluate
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
-from stagewise.plan.spec import RECOMPUTE_MODES, ParallelConfig, TrainingSpec
+from stagewise.plan.spec import RECOMPUTE_MODES, ParallelConfig, TrainingSpec, stage_layers
 from stagewise.schedules import get, names
 from stagewise.schedules._gc import paused_gc
 
@@ -34,7 +36,7 @@ __all__ = ["SearchResult", "candidates", "search"]
 
 KNOBS = (
     "tp", "pp", "dp", "num_chunks", "micro_batch_size", "recompute", "sequence_parallel",
-    "dp_sharding", "schedule",
+    "dp_sharding", "schedule", "layer_split",
 )
 # Searched when dp > 1 and dp_sharding is not fixed: whole replicas, and Megatron's distributed
 # optimizer (ZeRO-1). ZeRO-2 and FSDP are evaluated when asked for (--dp-sharding).
@@ -166,8 +168,8 @@ def _layout_configs(
     modes: list[str],
     layout: tuple[int, int, int],
 ) -> Iterator[ParallelConfig]:
-    """Every configuration of one (tp, pp, dp) layout: schedule, micro-batch size, recompute
-    mode, sequence parallelism and data-parallel sharding."""
+    """Every configuration of one (tp, pp, dp) layout: schedule, layer split, micro-batch
+    size, recompute mode, sequence parallelism and data-parallel sharding."""
     tp, pp, dp = layout
     per_replica = training.global_batch // dp
     mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else [
@@ -180,12 +182,28 @@ def _layout_configs(
         list(SEARCHED_SHARDING) if dp > 1 else ["none"]
     )
     for schedule, v in _schedule_options(model, pp, fixed):
-        for mbs, recompute, sp, dopt in itertools.product(mbss, modes, sps, dopts):
-            yield ParallelConfig.of(
-                tp=tp, pp=pp, dp=dp, num_chunks=v, micro_batch_size=mbs,
-                recompute=recompute, sequence_parallel=sp and tp > 1,
-                dp_sharding=dopt, schedule=schedule,
-            )
+        for split in _split_options(model, pp, v, fixed):
+            for mbs, recompute, sp, dopt in itertools.product(mbss, modes, sps, dopts):
+                yield ParallelConfig.of(
+                    tp=tp, pp=pp, dp=dp, num_chunks=v, micro_batch_size=mbs,
+                    recompute=recompute, sequence_parallel=sp and tp > 1,
+                    dp_sharding=dopt, schedule=schedule, layer_split=split,
+                )
+
+
+def _split_options(model: ModelSpec, pp: int, v: int, fixed: dict[str, Any]) -> list[str]:
+    """The layer splits to try over pp x v stages: the fixed one, else ``balanced`` and, for a
+    pipeline whose ``edges`` split moves a layer and leaves every stage one, ``edges`` too."""
+    if "layer_split" in fixed:
+        return [fixed["layer_split"]]
+    if pp == 1:
+        return ["balanced"]
+    try:
+        balanced = stage_layers(model.layers, pp * v)
+        edges = stage_layers(model.layers, pp * v, "edges")
+    except PlanError:  # a stage left with no layer: evaluate says so for balanced
+        return ["balanced"]
+    return ["balanced"] if edges == balanced else ["balanced", "edges"]
 
 
 def _check_tp(model: ModelSpec, cluster: Cluster, tp: int) -> None:

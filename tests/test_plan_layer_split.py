@@ -1,0 +1,99 @@
+"""The search tries the ``edges`` layer split (embedding and loss counted as a layer each)
+where it moves a layer, and picks it exactly when it is faster."""
+
+from __future__ import annotations
+
+from stagewise.plan import Cluster, ModelSpec, TrainingSpec, evaluate, get_gpu, get_model
+from stagewise.plan.search import candidates, search
+
+H100 = get_gpu("h100")
+RUN = TrainingSpec(seq_len=1024, global_batch=16)
+# Everything but the layer split held: the search chooses between two plans.
+HELD = {"tp": 1, "pp": 4, "micro_batch_size": 1, "recompute": "none", "schedule": "1f1b"}
+
+
+def _model(vocab: int) -> ModelSpec:
+    """8 blocks of width 1024 over 4 stages: 2 blocks a stage balanced, (1, 3, 3, 1) edges."""
+    return ModelSpec(name=f"toy-{vocab}", layers=8, hidden=1024, heads=16, kv_heads=16,
+                     ffn=4096, vocab=vocab, max_seq_len=1024)
+
+
+def _head_over_block(model: ModelSpec) -> float:
+    """Forward matmul FLOPs of the output head over those of one block, per token, by hand:
+    the head is h x V; a block is 4 h^2 (q, k, v, o) + 3 h f (SwiGLU) plus 2 s h of
+    attention scores and values (causal: half of 4 s h)."""
+    h, f, s = model.hidden, model.ffn, RUN.seq_len
+    block = 2 * (4 * h * h + 3 * h * f) + 2 * s * h
+    return 2 * h * model.vocab / block
+
+
+def _both(model: ModelSpec) -> dict[str, float]:
+    """Step time of each split, each plan evaluated on its own (the reference)."""
+    return {
+        config.layer_split: evaluate(model, Cluster(H100, 1, 4), RUN, config).time.step_s
+        for config in candidates(model, Cluster(H100, 1, 4), RUN, HELD)
+    }
+
+
+def test_edges_split_wins_when_the_head_outweighs_a_block() -> None:
+    # The last stage runs its blocks and the head: balanced 2 blocks + head, edges
+    # max(3 blocks, 1 block + head). A head heavier than a block makes edges faster.
+    model = _model(vocab=256_000)
+    assert _head_over_block(model) > 5
+    result = search(model, Cluster(H100, 1, 4), RUN, HELD)
+    assert sorted(p.config.layer_split for p in result.plans) == ["balanced", "edges"]
+    best = result.best
+    assert best is not None
+    assert best.config.layer_split == "edges"
+    assert best.layers == (1, 3, 3, 1)
+    times = _both(model)
+    assert times["edges"] < times["balanced"]
+    assert best.time.step_s == times["edges"]
+    assert "edges-split" in best.config.describe()
+
+
+def test_balanced_split_wins_when_a_block_outweighs_the_head() -> None:
+    # Edges puts 3 blocks on the middle stages; balanced 2 blocks + a light head at most.
+    model = _model(vocab=8_000)
+    assert _head_over_block(model) < 0.5
+    result = search(model, Cluster(H100, 1, 4), RUN, HELD)
+    best = result.best
+    assert best is not None
+    assert best.config.layer_split == "balanced"
+    assert best.layers == (2, 2, 2, 2)
+    times = _both(model)
+    assert times["balanced"] < times["edges"]
+    assert best.time.step_s == times["balanced"]
+
+
+def test_edges_is_tried_only_where_it_moves_a_layer() -> None:
+    cluster = Cluster(H100, 1, 8)
+    run = TrainingSpec(seq_len=2048, global_batch=8)
+
+    def splits(model: ModelSpec, **held: object) -> set[tuple[int, int, str]]:
+        return {(c.pp, c.num_chunks, c.layer_split)
+                for c in candidates(model, cluster, run, {"tp": 1, **held})}
+
+    llama = get_model("llama-2-7b")  # 32 layers
+    found = splits(llama, schedule="1f1b")
+    # pp = 2: 34 slots split 17 + 17, less one each, is 16 + 16 again; pp = 4, 8 move a layer.
+    assert found == {(1, 1, "balanced"), (2, 1, "balanced"), (4, 1, "balanced"),
+                     (4, 1, "edges"), (8, 1, "balanced"), (8, 1, "edges")}
+    # 4 layers over 4 stages: edges would leave the first and last stage no layer.
+    four = ModelSpec(name="four", layers=4, hidden=512, heads=8, kv_heads=8, ffn=2048,
+                     vocab=1000)
+    assert splits(four, pp=4, schedule="1f1b") == {(4, 1, "balanced")}
+    # A fixed split is held, also where it is the same as the other.
+    assert {s for _, _, s in splits(llama, layer_split="edges")} == {"edges"}
+    assert {s for _, _, s in splits(llama, layer_split="balanced")} == {"balanced"}
+
+
+def test_a_fixed_edges_split_that_empties_a_stage_is_skipped_with_the_fix() -> None:
+    four = ModelSpec(name="four", layers=4, hidden=512, heads=8, kv_heads=8, ffn=2048,
+                     vocab=1000)
+    result = search(four, Cluster(H100, 1, 4), RUN, {**HELD, "layer_split": "edges"})
+    assert result.plans == []
+    ((config, reason),) = result.skipped
+    assert config.endswith("edges-split")
+    assert "no layer" in reason
+    assert "layer_split='balanced'" in reason
