@@ -386,3 +386,40 @@ def test_memory_margin_is_said_in_the_text_and_the_table(
     assert "at risk" in risky.split("top ")[-1]  # the table's note column
     assert cli([*LESSON, "--nodes", "4", *fixed, "--memory-margin-gib", "0"]) == 0
     assert "at risk" not in capsys.readouterr().out
+
+
+# Issue 14 item 2: 8 blocks over 4 stages with a 256k vocabulary; the head outweighs a block,
+# so the edges split (1, 3, 3, 1) beats the balanced one (tests/test_plan_layer_split.py).
+EDGES_CASE = ["plan", "--layers", "8", "--hidden", "1024", "--heads", "16", "--ffn", "4096",
+              "--vocab", "256000", "--gpu", "H100", "--gpus", "4", "--seq-len", "1024",
+              "--global-batch", "16", "--tp", "1", "--pp", "4", "--micro-batch-size", "1",
+              "--recompute", "none", "--schedule", "1f1b"]
+
+
+def test_layer_split_is_searched_and_said_in_json_and_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    doc = _json(capsys, [*EDGES_CASE, "--json"])
+    assert sorted(p["layer_split"] for p in doc["plans"]) == ["balanced", "edges"]
+    best = doc["recommended"]
+    assert (best["layer_split"], best["layers_per_stage"]) == ("edges", [1, 3, 3, 1])
+    assert cli(EDGES_CASE) == 0
+    out = capsys.readouterr().out
+    assert "edges-split" in out.split("top ")[0]  # the recommendation
+    rows = out.split("top ")[-1].splitlines()[2:4]
+    assert rows[0].endswith("edges split")  # the table's note column
+    assert "split" not in rows[1]
+
+
+@pytest.mark.parametrize(("split", "layers"), [("balanced", [2, 2, 2, 2]),
+                                                ("edges", [1, 3, 3, 1])])
+def test_layer_split_flag_fixes_the_knob(
+    capsys: pytest.CaptureFixture[str], split: str, layers: list[int]
+) -> None:
+    doc = _json(capsys, [*EDGES_CASE, "--layer-split", split, "--json"])
+    assert [(p["layer_split"], p["layers_per_stage"]) for p in doc["plans"]] == [(split, layers)]
+
+
+def test_unknown_layer_split_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli([*EDGES_CASE, "--layer-split", "ends"]) == 2
+    assert "--layer-split" in capsys.readouterr().err

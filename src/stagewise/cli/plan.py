@@ -32,7 +32,7 @@ from stagewise.plan.report import (
     table,
 )
 from stagewise.plan.search import SearchResult, search
-from stagewise.plan.spec import DP_SHARDING, PRECISIONS, RECOMPUTE_MODES
+from stagewise.plan.spec import DP_SHARDING, LAYER_SPLITS, PRECISIONS, RECOMPUTE_MODES
 
 __all__ = ["add_parser", "run"]
 
@@ -45,8 +45,8 @@ def add_parser(verbs: Any) -> None:
         help="3D-parallelism planner: memory, step time and launch arguments",
         description=(
             "Search TP x PP x DP (virtual stages, micro-batch size, recomputation, sequence "
-            "parallelism, distributed optimizer, schedule) for a model on a cluster; fix any "
-            "knob to evaluate one configuration."
+            "parallelism, distributed optimizer, schedule, layer split) for a model on a "
+            "cluster; fix any knob to evaluate one configuration."
         ),
     )
     what = parser.add_argument_group("model")
@@ -89,6 +89,11 @@ def add_parser(verbs: Any) -> None:
     knobs.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
                        help="Megatron-LM's name: --dp-sharding optimizer (no-: none)")
     knobs.add_argument("--schedule", help="a stagewise schedule name")
+    knobs.add_argument("--layer-split", choices=LAYER_SPLITS,
+                       help="how the layers split over the pipeline stages: balanced, or edges "
+                       "(the embedding and the loss count as one layer each of the first and "
+                       "last stage, Megatron-LM's --account-for-embedding/loss-in-pipeline-"
+                       "split); default: both searched")
     out = parser.add_argument_group("output")
     out.add_argument("--top", type=int, default=10, help="plans to list (default 10)")
     out.add_argument("--layouts", metavar="TPxPP,...",
@@ -156,7 +161,7 @@ def _cluster(args: argparse.Namespace) -> Cluster:
 
 def _fixed(args: argparse.Namespace) -> dict[str, Any]:
     names = ("tp", "pp", "dp", "num_chunks", "micro_batch_size", "recompute",
-             "sequence_parallel", "dp_sharding", "schedule")
+             "sequence_parallel", "dp_sharding", "schedule", "layer_split")
     fixed = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.distributed_optimizer is not None:
         sharding = "optimizer" if args.distributed_optimizer else "none"

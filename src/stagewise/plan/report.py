@@ -48,6 +48,7 @@ def plan_to_dict(
         "dp_sharding": cfg.dp_sharding,
         "mesh": cfg.mesh.text(),
         "schedule": cfg.schedule,
+        "layer_split": cfg.layer_split,
         "layers_per_stage": list(plan.layers),
         "fits": plan.fits,
         "at_risk": plan.at_risk(margin_gib),
@@ -170,7 +171,9 @@ def plan_row(
         )
     else:
         speed = f"{'':>9} {'':>10} {'':>7} {'':>6} "
-    note = "does not fit" if not plan.fits else "at risk" if plan.at_risk(margin_gib) else ""
+    verdict = "does not fit" if not plan.fits else "at risk" if plan.at_risk(margin_gib) else ""
+    split = f"{cfg.layer_split} split" if cfg.layer_split != "balanced" else ""
+    note = ", ".join(word for word in (split, verdict) if word)
     return head + speed + f"{plan.memory.total / GIB:>6.1f}  {note}"
 
 
