@@ -79,6 +79,10 @@ def test_edges_is_tried_only_where_it_moves_a_layer() -> None:
     # pp = 2: 34 slots split 17 + 17, less one each, is 16 + 16 again; pp = 4, 8 move a layer.
     assert found == {(1, 1, "balanced"), (2, 1, "balanced"), (4, 1, "balanced"),
                      (4, 1, "edges"), (8, 1, "balanced"), (8, 1, "edges")}
+    # Virtual stages: the edges split only when asked for.
+    assert {s for _, _, s in splits(llama, pp=4, schedule="interleaved-1f1b")} == {"balanced"}
+    assert {s for _, _, s in splits(llama, pp=4, schedule="interleaved-1f1b",
+                                    layer_split="edges")} == {"edges"}
     # 4 layers over 4 stages: edges would leave the first and last stage no layer.
     four = ModelSpec(name="four", layers=4, hidden=512, heads=8, kv_heads=8, ffn=2048,
                      vocab=1000)

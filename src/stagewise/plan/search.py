@@ -4,8 +4,9 @@ Valid means: TP divides the query and key/value heads and the MLP width and stay
 node; PP is at most the number of layers (uneven splits allowed); DP fills the rest;
 micro-batches m = G / (DP x micro-batch size) is whole, with micro-batch sizes 1, 2, 4, 8;
 interleaved schedules take num_chunks <= 8 per rank when the layers split evenly into PP x v
-stages. Pipelined configurations also try the ``edges`` layer split (the embedding and the
-loss counted as a layer each) wherever it gives other stage layers than ``balanced``. Knobs
+stages. Pipelines of one chunk per rank also try the ``edges`` layer split (the embedding and
+the loss counted as a layer each) wherever it gives other stage layers than ``balanced``;
+with virtual stages it is evaluated when asked for (see :func:`_split_options`). Knobs
 given in ``fixed`` are held (any micro-batch size, any schedule, any layer split). GPipe,
 looped-bfs and ``auto`` are searched only when asked for (see ``NOT_SEARCHED``). With flash
 attention, selective recomputation (of the attention core) equals no recomputation, so only
@@ -193,10 +194,18 @@ def _layout_configs(
 
 def _split_options(model: ModelSpec, pp: int, v: int, fixed: dict[str, Any]) -> list[str]:
     """The layer splits to try over pp x v stages: the fixed one, else ``balanced`` and, for a
-    pipeline whose ``edges`` split moves a layer and leaves every stage one, ``edges`` too."""
+    pipeline of one chunk per rank whose ``edges`` split moves a layer and leaves every stage
+    one, ``edges`` too.
+
+    With virtual stages (v > 1) the search tries v only where the layers split evenly into
+    pp x v stages, so the edges split there is never Megatron-LM's account-for split (that
+    needs layers + 2 divisible by pp x v as well, so pp x v dividing 2) and no launcher takes it
+    as flags; searching it would also cost about half as much search again. It is evaluated
+    when ``layer_split`` is fixed.
+    """
     if "layer_split" in fixed:
         return [fixed["layer_split"]]
-    if pp == 1:
+    if pp == 1 or v > 1:
         return ["balanced"]
     try:
         balanced = stage_layers(model.layers, pp * v)
