@@ -93,7 +93,8 @@ def add_parser(verbs: Any) -> None:
                        help="how the layers split over the pipeline stages: balanced, or edges "
                        "(the embedding and the loss count as one layer each of the first and "
                        "last stage, Megatron-LM's --account-for-embedding/loss-in-pipeline-"
-                       "split); default: both searched")
+                       "split); default: both searched for pipelines of one chunk per "
+                       "rank, balanced with virtual stages")
     out = parser.add_argument_group("output")
     out.add_argument("--top", type=int, default=10, help="plans to list (default 10)")
     out.add_argument("--layouts", metavar="TPxPP,...",
