@@ -154,3 +154,18 @@ def test_torchtitan_toml_parses_and_matches_the_plan() -> None:
     assert (config["model"]["name"], config["model"]["flavor"]) == ("llama2", "70B")
     plain = tomllib.loads(torchtitan_toml(_plan(dp_sharding="none")))
     assert plain["parallelism"]["data_parallel_replicate_degree"] == 2
+
+
+def test_one_chunk_uneven_splits_export_only_what_megatron_can_express() -> None:
+    """Megatron's first/last-stage flags leave the middle stages even; a split with unequal
+    middle stages gets no such flags, and a note, instead of a line Megatron refuses."""
+    cluster, training = Cluster.of_gpus(get_gpu("h100"), 64), TrainingSpec(seq_len=4096,
+                                                                           global_batch=64)
+    odd = evaluate(get_model("llama-2-70b"), cluster, training,
+                   ParallelConfig.of(tp=8, pp=8, dp=1, layer_split="edges"))
+    middle = odd.layers[1:-1]
+    assert len(set(middle)) > 1  # 80 layers + 2 do not divide by 8
+    ns = _megatron_parser().parse_args(megatron_args(odd))
+    assert ns.decoder_first_pipeline_num_layers is None
+    assert not ns.account_for_loss_in_pipeline_split
+    assert any("by hand" in note for note in export_notes(odd))

@@ -31,6 +31,12 @@ def _uneven_layers(plan: Plan) -> tuple[int, int] | None:
     return None if len(set(layers)) == 1 else (layers[0], layers[-1])
 
 
+def _even_middle(plan: Plan) -> bool:
+    """Whether every stage but the first and the last holds the same layers: the only uneven
+    split Megatron's ``--decoder-first/last-pipeline-num-layers`` can express."""
+    return len(set(plan.layers[1:-1])) <= 1
+
+
 def _edges_split(plan: Plan) -> bool:
     """Whether the layers are Megatron's account-for-embedding-and-loss split: layers + 2
     slots even over the stages, the first and the last giving one slot to the embedding and
@@ -77,7 +83,7 @@ def _layout_args(plan: Plan) -> list[str]:
                  "--account-for-loss-in-pipeline-split"]
     elif cfg.num_chunks > 1 and uneven is None:
         args += ["--num-layers-per-virtual-pipeline-stage", str(plan.layers[0])]
-    elif uneven is not None and cfg.num_chunks == 1:
+    elif uneven is not None and cfg.num_chunks == 1 and _even_middle(plan):
         args += ["--decoder-first-pipeline-num-layers", str(uneven[0]),
                  "--decoder-last-pipeline-num-layers", str(uneven[1])]
     return args
@@ -166,6 +172,10 @@ def export_notes(plan: Plan) -> list[str]:
         )
     if cfg.num_chunks > 1 and _uneven_layers(plan) is not None and not _edges_split(plan):
         notes.append("layers do not split evenly into virtual stages: set the split by hand")
+    elif cfg.num_chunks == 1 and _uneven_layers(plan) is not None and not _even_middle(plan):
+        notes.append(f"the middle stages hold unequal layers {plan.layers[1:-1]}, which "
+                     "Megatron-LM's --decoder-first/last-pipeline-num-layers cannot express: "
+                     "set the split by hand")
     if cfg.tp > 1 and not cfg.sequence_parallel:
         notes.append("torchtitan always shards the sequence over TP (sequence parallel)")
     if not re.fullmatch(r"llama-\d(?:\.\d)?-\d+b", plan.model.name):
