@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from operator import ge, mul
 
 from stagewise.schedules import Op, Schedule
+from stagewise.sim.closed_form import peak_activations
+from stagewise.sim.closed_form_zb import zb_h1_peak_activations, zb_h2_peak_activations
 
 __all__ = [
     "SINGLE_STAGE_LIVE", "V_SHAPED_LIVE", "LiveCounts", "closed_form", "counted", "peak",
@@ -40,13 +42,13 @@ class LiveCounts:
     points: tuple[Points, ...]
 
 
-# Peak live micro-batches of rank r for schedules that give each rank one stage, as
-# functions of (p, m, r): 1F1B holds min(p - r, m) (sim/closed_form.py), ZB-H1 min(m, p) and
-# ZB-H2 min(m, 2p - 1) on every rank (sim/closed_form_zb.py).
-SINGLE_STAGE_LIVE: dict[str, Callable[[int, int, int], int]] = {
-    "1f1b": lambda p, m, r: min(p - r, m),
-    "zb-h1": lambda p, m, r: min(m, p),
-    "zb-h2": lambda p, m, r: min(m, 2 * p - 1),
+# Peak live micro-batches of every rank for schedules that give each rank one stage, as
+# functions of (p, m): the simulator's closed forms (1F1B min(p - r, m), ZB-H1 min(m, p)
+# and ZB-H2 min(m, 2p - 1) on every rank).
+SINGLE_STAGE_LIVE: dict[str, Callable[[int, int], list[float]]] = {
+    "1f1b": lambda p, m: peak_activations("1f1b", p, m),
+    "zb-h1": lambda p, m: [zb_h1_peak_activations(p, m)] * p,
+    "zb-h2": lambda p, m: [zb_h2_peak_activations(p, m)] * p,
 }
 
 
@@ -96,10 +98,8 @@ def closed_form(name: str, p: int, m: int, v: int) -> LiveCounts | None:
     """The live counts of schedule ``name`` at (p, m, v) without building it, or None where
     no closed form holds (build the schedule and use :func:`counted`)."""
     if name in SINGLE_STAGE_LIVE:
-        single = SINGLE_STAGE_LIVE[name]
-        return LiveCounts(
-            tuple((r,) for r in range(p)), tuple([(float(single(p, m, r)),)] for r in range(p))
-        )
+        peaks = SINGLE_STAGE_LIVE[name](p, m)
+        return LiveCounts(tuple((r,) for r in range(p)), tuple([(peak,)] for peak in peaks))
     if name in V_SHAPED_LIVE and v == 2 and m >= V_SHAPED_LIVE[name][0](p):
         v_shaped = V_SHAPED_LIVE[name][1]
         return LiveCounts(
