@@ -112,6 +112,19 @@ def test_nothing_valid_is_a_plan_error() -> None:
                TrainingSpec(seq_len=2048, global_batch=3), {"dp": 2})
 
 
+@pytest.mark.parametrize(("fixed", "named"), [
+    ({"pp": 4, "num_chunks": 16}, r"pp x num_chunks = 4 x 16 = 64 exceeds .*32 layers.*at most 8"),
+    ({"pp": 64}, r"PP=64 exceeds .*32 layers"),
+    ({"tp": 2, "pp": 2, "dp": 4}, r"= 16 but the cluster has 8 GPUs"),
+])
+def test_nothing_valid_names_the_knob_that_rules_every_layout_out(
+    fixed: dict[str, int], named: str
+) -> None:
+    with pytest.raises(PlanError, match=named):
+        search(get_model("llama-2-7b"), Cluster(H100, 1, 8),
+               TrainingSpec(seq_len=2048, global_batch=16), fixed)
+
+
 def test_evaluate_rejects_bad_configurations_with_the_fix() -> None:
     model = get_model("llama-2-70b")
     cluster = Cluster(H100, 1, 8)

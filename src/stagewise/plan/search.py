@@ -314,12 +314,28 @@ def _rank_fitting(plans: list[Plan], exact_top: int) -> list[Plan]:
 def _nothing_valid(
     model: ModelSpec, cluster: Cluster, training: TrainingSpec, fixed: dict[str, Any]
 ) -> str:
+    """Why no configuration holds ``fixed``: the first held knob that rules every layout out."""
     n = cluster.num_gpus
-    if "tp" in fixed and n % fixed["tp"]:
-        return f"TP={fixed['tp']} does not divide the {n} GPUs"
+    tp, pp, dp = fixed.get("tp"), fixed.get("pp"), fixed.get("dp")
+    if tp is not None and n % tp:
+        return f"TP={tp} does not divide the {n} GPUs: choose a TP that divides {n}"
+    if tp is not None and pp is not None and (n % (tp * pp)):
+        return f"tp x pp = {tp} x {pp} does not divide the {n} GPUs: change --tp or --pp"
+    if pp is not None and pp > model.layers:
+        return f"PP={pp} exceeds {model.name}'s {model.layers} layers: lower --pp"
+    chunks = fixed.get("num_chunks")
+    if pp is not None and chunks is not None and pp * chunks > model.layers:
+        return (f"pp x num_chunks = {pp} x {chunks} = {pp * chunks} exceeds {model.name}'s "
+                f"{model.layers} layers: lower num_chunks to at most {model.layers // pp}")
+    if tp is not None and pp is not None and dp is not None and tp * pp * dp != n:
+        return (f"tp x pp x dp = {tp} x {pp} x {dp} = {tp * pp * dp} but the cluster has {n} "
+                f"GPUs: make the product equal {n}")
+    if dp is not None and training.global_batch % dp:
+        return (f"DP={dp} does not divide the global batch {training.global_batch}: change "
+                "--global-batch or DP")
     return (
         f"no configuration of {n} GPUs fits the constraints for global batch "
         f"{training.global_batch} with {fixed or 'no fixed knobs'}: the data-parallel size "
-        f"must divide the global batch and TP must divide {model.kv_heads} key/value heads; "
-        "change --global-batch or the fixed knobs"
+        f"must divide the global batch, TP must divide {model.kv_heads} key/value heads and "
+        "pp x num_chunks must not exceed the layers; change --global-batch or the fixed knobs"
     )
