@@ -329,3 +329,33 @@ def test_the_fast_search_stays_exact_with_an_overlapped_parameter_gather() -> No
         if plan.fits:
             exact.append(plan.time.step_s)
     assert [p.time.step_s for p in fast[:k]] == sorted(exact)[:k]
+
+
+def test_fsdp_gathers_and_reduce_scatters_in_every_micro_batch() -> None:
+    """FULL_SHARD over a slow network: each micro-batch gathers every block's weights before
+    its forward and its backward and reduce-scatters its gradients; the step is bound by
+    those collectives (computed here from the ring formula by hand), not by one reduction
+    at the end of the step, and grows with the number of micro-batches."""
+    model = get_model("llama-2-7b")
+    slow = replace(H100, network_bandwidth=1e9)  # 1 GB/s between nodes: comm-bound
+    cluster = Cluster(slow, 2, 8)
+    c = DEFAULT_CONSTANTS
+
+    def plan(global_batch: int):  # type: ignore[no-untyped-def]
+        cfg = ParallelConfig.of(tp=8, pp=1, dp=2, micro_batch_size=1, dp_sharding="weights")
+        return evaluate(model, cluster, TrainingSpec(seq_len=2048, global_batch=global_batch),
+                        cfg, c)
+
+    one, four = plan(2), plan(8)
+    assert (one.num_microbatches, four.num_microbatches) == (1, 4)
+    rate = 1e9 * c.link_efficiency  # 8 GPUs per node over TP 8: one NIC per DP ring member
+    block = model.layer_params / 8  # the TP slice's parameters
+    gather = 0.5 * block * 2 / rate + c.collective_latency_s  # ring of 2: (d - 1) / d
+    scatter = 0.5 * block * 4 / rate + c.collective_latency_s  # fp32 gradients
+    per_microbatch = (model.layers + 1) * gather + model.layers * (gather + scatter) + gather
+    for p in (one, four):
+        assert p.time.dp_exposed_s == 0.0  # nothing left for the end of the step
+        assert p.time.step_s == pytest.approx(
+            p.num_microbatches * per_microbatch + p.time.optimizer_s, rel=0.01)
+        assert p.time.dp_total_s == pytest.approx(
+            p.num_microbatches * model.layers * (2 * gather + scatter))

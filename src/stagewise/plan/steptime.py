@@ -14,6 +14,14 @@ layers of a virtual pipeline stage with pipeline parallelism, one chunk exposed)
 distributed optimizer's parameter all-gather is exposed whole, or with
 ``Constants.param_gather_overlap`` only what outlasts one micro-batch's forward through the
 rank's layers, and at least one layer's bucket (the first layer waits for its own).
+
+With the weights sharded too (``dp_sharding="weights"``: FSDP FULL_SHARD, ZeRO-3) nothing of
+this runs at the end of the step: every micro-batch gathers each block's parameters before
+its forward and again before its backward, and reduce-scatters its gradients after the
+backward (PyTorch FSDP and FSDP2, DeepSpeed ZeRO-3 with gradient accumulation), each layer's
+collectives prefetched behind the previous layer's compute (:func:`fsdp_layer_comm`). A
+stage's forward then takes max(compute, its layers' gathers) plus the first layer's gather,
+which nothing hides; its backward max(compute, gathers + reduce-scatters) plus one gather.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from stagewise.plan.comm import all_gather_time, all_reduce_time, group_bandwidt
 from stagewise.plan.constants import Constants
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.layer import BYTES, LayerSetup, LayerTime, block_time
+from stagewise.plan.memory import lora_params_per_block
 from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.rank import RankSizes
@@ -33,7 +42,8 @@ from stagewise.plan.stages import edge_times, hop_times, node_of_rank, stage_cos
 from stagewise.sim import Bubble
 
 __all__ = [
-    "StageProfile", "StepTime", "embedding_sync_time", "stage_profile", "step_time", "tail_floor",
+    "StageProfile", "StepTime", "embedding_sync_time", "fsdp_layer_comm", "stage_profile",
+    "step_time", "tail_floor",
 ]
 
 ADAM_BYTES_PER_PARAM = 34.0  # fp32 grad, master, m, v read; master, m, v, bf16 weight written; norm
@@ -74,12 +84,48 @@ class StepTime:
     block: LayerTime
 
 
+def fsdp_layer_comm(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, config: ParallelConfig,
+    c: Constants,
+) -> tuple[float, float]:
+    """(parameter all-gather, gradient reduce-scatter) seconds of one block's FSDP collectives
+    over the DP group, once per micro-batch each way (0, 0 unless the weights are sharded).
+
+    The gather moves the block's bf16 parameters (its TP slice); the reduce-scatter its
+    trainable ones (LoRA: the adapters) in ``grad_bytes``.
+    """
+    if not (config.shards("weights") and config.dp > 1):
+        return 0.0, 0.0
+    bandwidth = group_bandwidth(cluster, config.dp, config.tp)
+    params = model.layer_params / config.tp
+    trainable = params
+    if training.mode == "lora" and training.lora_rank is not None:
+        trainable = lora_params_per_block(model, training.lora_rank) / config.tp
+    gather = all_gather_time(params * BYTES, config.dp, bandwidth, c)
+    scatter = all_gather_time(trainable * training.grad_bytes, config.dp, bandwidth, c)
+    return gather, scatter
+
+
+def _with_fsdp(
+    layers: tuple[int, ...], forward: list[float], backward: list[float], gather: float,
+    scatter: float,
+) -> tuple[list[float], list[float]]:
+    """Stage costs with each micro-batch's FSDP collectives overlapped layer by layer."""
+    if gather == 0.0 and scatter == 0.0:
+        return forward, backward
+    f = [max(cost, n * gather) + (gather if n else 0.0)
+         for n, cost in zip(layers, forward, strict=True)]
+    b = [max(cost, n * (gather + scatter)) + (gather if n else 0.0)
+         for n, cost in zip(layers, backward, strict=True)]
+    return f, b
+
+
 def _dp_reduce(
     cluster: Cluster, config: ParallelConfig, training: TrainingSpec, trainable: float,
     c: Constants,
 ) -> tuple[float, float]:
     """(gradient reduction, parameter gather) seconds over the DP group of one GPU."""
-    if config.dp == 1:
+    if config.dp == 1 or config.shards("weights"):  # FSDP: inside every micro-batch
         return 0.0, 0.0
     bandwidth = group_bandwidth(cluster, config.dp, config.tp)
     grads = trainable * training.grad_bytes
@@ -207,6 +253,8 @@ def stage_profile(
     block = block_time(model, cluster.gpu, setup, c)
     embed, head = edge_times(model, cluster, training, config, setup, c)
     forward, backward, weight = stage_costs(layers, block, embed, head)
+    gather, scatter = fsdp_layer_comm(model, cluster, training, config, c)
+    forward, backward = _with_fsdp(layers, forward, backward, gather, scatter)
     hops = hop_times(model, cluster, training, config, placement, c)
     return StageProfile(block, forward, backward, weight, hops)
 
@@ -262,6 +310,10 @@ def step_time(
         if exposed + gather_s + optimizer > sum(tail):
             tail = (exposed + gather_s, optimizer)
     embedding_sync = embedding_sync_time(model, cluster, training, config, c)
+    gather, scatter = fsdp_layer_comm(model, cluster, training, config, c)
+    if gather or scatter:  # all of it inside the micro-batches (hidden or not)
+        rank_layers = max(sum(layers[s] for s in size.stages) for size in sizes)
+        dp_total = m * rank_layers * (2 * gather + scatter)
 
     busiest = max(range(config.pp), key=lambda r: run.busy[r])
     tp_per_block = block.tp_comm + (block.forward_tp_comm if config.recompute == "full" else 0.0)
