@@ -59,8 +59,9 @@ def test_gemm_time_is_waves_of_tiles_at_the_sustained_rate() -> None:
     c = DEFAULT_CONSTANTS
     # 8192^3 on H100: 64 x 64 = 4096 tiles of 128 x 128 on 132 SMs: 31.03 -> 32 waves, each
     # tile 2 x 128 x 128 x (8192 + 128) FLOPs at matmul_efficiency of the measured 794.5
-    # TFLOP/s (not the 989.4 peak) / 132 SMs.
-    per_sm = 794.5e12 * c.matmul_efficiency / 132
+    # TFLOP/s burst rate (not the 989.4 peak) x 0.905 sustained at 700 W / 132 SMs.
+    assert H100.sustained_share == 0.905
+    per_sm = 794.5e12 * 0.905 * c.matmul_efficiency / 132
     expected = 32 * 2 * 128 * 128 * (8192 + c.tile_k_overhead) / per_sm
     assert c.gemm_tile == 128
     assert gemm_time(8192, 8192, 8192, H100, c) == pytest.approx(expected + c.kernel_overhead_s)
@@ -92,10 +93,11 @@ def test_layer_time_of_a_tp_slice() -> None:
         # two GEMMs per forward GEMM, flash backward 2.5x; element-wise backward lighter
         assert 1.8 < bwd / fwd < 2.6
     # 2 x 0.87e9 weights x 4096 tokens of GEMMs and 2 x 4096^2 x 8192 of causal attention,
-    # at the sustained share of H100's measured 794.5 TFLOP/s, plus a little element-wise
-    # work and tile/wave rounding: at most 15 % above the pure FLOP time.
+    # at the sustained share of H100's measured 794.5 TFLOP/s (x 0.905 at the power limit),
+    # plus a little element-wise work and tile/wave rounding: at most 15 % above the pure
+    # FLOP time.
     flops = 2 * 0.87e9 * 4096 + 2 * 4096**2 * 8192
-    ideal = flops / (DEFAULT_CONSTANTS.matmul_efficiency * 794.5e12)
+    ideal = flops / (DEFAULT_CONSTANTS.matmul_efficiency * 794.5e12 * 0.905)
     assert ideal < alone[1][0] < 1.15 * ideal
 
 
@@ -359,3 +361,13 @@ def test_fsdp_gathers_and_reduce_scatters_in_every_micro_batch() -> None:
             p.num_microbatches * per_microbatch + p.time.optimizer_s, rel=0.01)
         assert p.time.dp_total_s == pytest.approx(
             p.num_microbatches * model.layers * (2 * gather + scatter))
+
+
+def test_sustained_share_scales_the_gemm_rate_and_is_checked() -> None:
+    """The power-limited share multiplies both data types' measured rates; A100 keeps its
+    burst rate (its peak is defined at its top clock); a share outside (0, 1] is refused."""
+    assert H100.achievable_gemm_flops() == pytest.approx(794.5e12 * 0.905)
+    assert H100.achievable_gemm_flops(fp8=True) == pytest.approx(1402.6e12 * 0.905)
+    assert A100.achievable_gemm_flops() == pytest.approx(271.2e12)
+    with pytest.raises(PlanError, match="sustained_share must be in"):
+        replace(H100, sustained_share=1.2)

@@ -5,7 +5,9 @@ GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``matmul_efficiency`` and ``fp8_efficiency`` are fitted to published runs, and
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
 the shipped values are the fit on every source but LLM Foundry's, a PyTorch FSDP stack whose
-eager kernels the planner does not model (README's accuracy section). The others come from
+eager kernels the planner does not model (0.82 / 1.02; ``fp8_efficiency`` shipped at the prior
+1.0: FP8 keeps the same share of its sustained rate as BF16); README's accuracy section. GEMM rates are the GPU's sustained ones (``GpuSpec.sustained_share``: H100 and H200
+lose about 9.5 % of their burst rate at the 700 W limit). The others come from
 the hardware and library behaviour named beside them. Measuring a GEMM table and one block on the
 target GPU (``benchmarks/gpu_layer.py``) and comparing with ``layer_time`` is the way to refine
 them.
@@ -27,8 +29,9 @@ class Constants:
     """Efficiencies, overheads and memory reserves.
 
     Attributes:
-        matmul_efficiency: share of the GPU's measured large-GEMM rate (``gemm_tflops`` in
-            ``data/gpus.json``: cuBLAS on an idle GPU, 80-87 % of the peak) one SM sustains
+        matmul_efficiency: share of the GPU's sustained large-GEMM rate (``gemm_tflops`` x
+            ``sustained_share`` in ``data/gpus.json``: cuBLAS, 80-87 % of the peak in a burst,
+            about 9.5 % less on H100/H200 saturated at their power limit) one SM sustains
             on a full output tile inside a training step (clocks under sustained power,
             GEMMs sharing the GPU with communication kernels); fitted to published runs
             leaving each source out.
@@ -74,7 +77,7 @@ class Constants:
     """
 
     matmul_efficiency: float = 0.82
-    fp8_efficiency: float = 0.90
+    fp8_efficiency: float = 1.00
     gemm_tile: int = 128
     tile_k_overhead: float = 128.0
     flash_efficiency: float = 0.75

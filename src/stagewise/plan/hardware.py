@@ -48,6 +48,11 @@ class GpuSpec:
         fp8_gemm_flops: achievable dense FP8 rate of a large GEMM, FLOP/s (0: the FP8 peak x
             ``UNMEASURED_GEMM_SHARE``).
         gemm_source: where the achievable rates come from.
+        sustained_share: the share of the measured (burst) GEMM rate a GPU keeps when it is
+            saturated at its power limit for a whole training step: the sustained rate over the
+            burst rate (stas00/ml-engineering's MSMF over MAMF); 1.0 where the datasheet peak is
+            defined at the GPU's top clock (no burst headroom to lose) or nothing is measured.
+        sustained_source: where ``sustained_share`` comes from.
     """
 
     name: str
@@ -63,6 +68,8 @@ class GpuSpec:
     gemm_flops: float = 0.0
     fp8_gemm_flops: float = 0.0
     gemm_source: str = ""
+    sustained_share: float = 1.0
+    sustained_source: str = ""
 
     @property
     def has_fp8(self) -> bool:
@@ -70,18 +77,25 @@ class GpuSpec:
         return self.fp8_peak_flops > 0
 
     def achievable_gemm_flops(self, fp8: bool = False) -> float:
-        """The measured large-GEMM rate (BF16 or FP8), FLOP/s; see ``gemm_flops``."""
+        """The large-GEMM rate (BF16 or FP8) sustained at the power limit, FLOP/s: the measured
+        burst rate (``gemm_flops``) x ``sustained_share`` (the power-limited clock applies to
+        both data types)."""
         peak, measured = (
             (self.fp8_peak_flops, self.fp8_gemm_flops) if fp8
             else (self.peak_flops, self.gemm_flops)
         )
-        return measured if measured > 0 else peak * UNMEASURED_GEMM_SHARE
+        burst = measured if measured > 0 else peak * UNMEASURED_GEMM_SHARE
+        return burst * self.sustained_share
 
     def __post_init__(self) -> None:
         for label in ("peak_flops", "memory_gib", "hbm_bandwidth", "nvlink_bandwidth",
                       "network_bandwidth"):
             if getattr(self, label) <= 0:
                 raise PlanError(f"gpu {self.name}: {label} must be > 0, got {getattr(self, label)}")
+        if not 0 < self.sustained_share <= 1:
+            raise PlanError(
+                f"gpu {self.name}: sustained_share must be in (0, 1], got {self.sustained_share}"
+            )
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,9 @@ def get_gpu(name: str) -> GpuSpec:
                 fp8_gemm_flops=entry.get("fp8_gemm_tflops", 0.0) * 1e12,
                 gemm_source=entry.get("gemm_source", "not measured: "
                                       f"{UNMEASURED_GEMM_SHARE:g} x the dense peak"),
+                sustained_share=entry.get("sustained_share", 1.0),
+                sustained_source=entry.get("sustained_source", "no burst-to-sustained loss "
+                                           "measured: 1.0"),
             )
     raise PlanError(
         f"unknown GPU {name!r}: choose one of {', '.join(catalog_gpus())} (or "
