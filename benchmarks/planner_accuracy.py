@@ -6,7 +6,7 @@ sources that are NOT held out: ``matmul_efficiency`` (the share of each GPU's me
 sustained in training) on their BF16 runs (minimising the median |error|), then
 ``fp8_efficiency`` on their FP8 runs, each measured against its own source's BF16 level where
 that source also publishes BF16 runs (``fp8_relative_errors``), ``FP8_PRIOR``, 1.0, when they
-have none: never the shipped value. The held-out
+have none (whatever the shipped value is). The held-out
 source is predicted with those; every other constant is physical and never fitted. Printed per
 source and overall: median |error|, worst |error| and mean signed error (negative: predicted
 faster than published), out of sample and in sample; then every run, the rows kept out of the
@@ -33,8 +33,8 @@ from stagewise.plan.memory import GIB
 
 FP8_PRIOR = 1.0
 """fp8_efficiency where the fitting sources hold no FP8 run: an FP8 GEMM sustains the same share
-of its measured rate as a BF16 one. Not the shipped value, which is fitted with NeMo's FP8
-runs included and so may not predict NeMo held out."""
+of its sustained rate as a BF16 one. The shipped value is this prior too (the fit with NeMo's
+FP8 runs in, 1.02, rounds to it), but the held-out fits never read the shipped value."""
 MATMUL_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(16))  # 0.70 ... 1.00, at most measured
 FP8_GRID = tuple(round(0.80 + 0.02 * i, 2) for i in range(16))  # 0.80 ... 1.10
 Key = tuple[float, float]

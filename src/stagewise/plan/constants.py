@@ -37,9 +37,9 @@ class Constants:
             leaving each source out.
         fp8_efficiency: an FP8 GEMM's share of the measured FP8 rate relative to the BF16
             share ``matmul_efficiency`` (the measured rates already hold FP8's 1.77x, not
-            2x, on H100; sustained, FP8 loses more to the power limit); fitted on the FP8
-            runs of all sources (NeMo's H100 tables, the only FP8 source, so its held-out
-            score in ``benchmarks/planner_accuracy.py`` uses the prior 1.0 instead).
+            2x, on H100; both are scaled by the same ``sustained_share``); fitted on the FP8
+            runs of NeMo's tables and LLM Foundry's FP8 gain over its BF16 runs (1.02 without
+            LLM Foundry's level), shipped at the prior 1.0.
         gemm_tile: edge of a GEMM output tile in elements (cuBLAS and CUTLASS BF16 and FP8
             kernels on sm80 and sm90 use 128-wide tiles): the unit of tile and wave
             quantisation (``kernels.gemm_time``).
