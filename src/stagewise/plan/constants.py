@@ -6,8 +6,9 @@ GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
 the shipped values are the fit on every source but LLM Foundry's, a PyTorch FSDP stack whose
 eager kernels the planner does not model (0.82 / 1.02; ``fp8_efficiency`` shipped at the prior
-1.0: FP8 keeps the same share of its sustained rate as BF16); README's accuracy section. GEMM rates are the GPU's sustained ones (``GpuSpec.sustained_share``: H100 and H200
-lose about 9.5 % of their burst rate at the 700 W limit). The others come from
+1.0: FP8 keeps the same share of its sustained rate as BF16); README's accuracy section. GEMM
+rates are the GPU's sustained ones (``GpuSpec.sustained_share``: H100 and H200 lose about
+9.5 % of their burst rate at the 700 W limit). The others come from
 the hardware and library behaviour named beside them. Measuring a GEMM table and one block on the
 target GPU (``benchmarks/gpu_layer.py``) and comparing with ``layer_time`` is the way to refine
 them.
