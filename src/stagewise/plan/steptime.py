@@ -137,13 +137,15 @@ def _dp_reduce(
 
 @dataclass(frozen=True)
 class StageProfile:
-    """One micro-batch's costs per stage and transfer times per boundary, in seconds."""
+    """One micro-batch's costs per stage and transfer times per boundary, in seconds;
+    ``fsdp``: one block's FSDP (gather, reduce-scatter), already inside forward and backward."""
 
     block: LayerTime
     forward: list[float]
     backward: list[float]
     weight: list[float]
     hops: list[float]
+    fsdp: tuple[float, float] = (0.0, 0.0)
 
     def busiest(
         self, rank_stages: Sequence[tuple[int, ...]], num_microbatches: int, splits: bool
@@ -253,10 +255,10 @@ def stage_profile(
     block = block_time(model, cluster.gpu, setup, c)
     embed, head = edge_times(model, cluster, training, config, setup, c)
     forward, backward, weight = stage_costs(layers, block, embed, head)
-    gather, scatter = fsdp_layer_comm(model, cluster, training, config, c)
-    forward, backward = _with_fsdp(layers, forward, backward, gather, scatter)
+    fsdp = fsdp_layer_comm(model, cluster, training, config, c)
+    forward, backward = _with_fsdp(layers, forward, backward, *fsdp)
     hops = hop_times(model, cluster, training, config, placement, c)
-    return StageProfile(block, forward, backward, weight, hops)
+    return StageProfile(block, forward, backward, weight, hops, fsdp)
 
 
 def step_time(
@@ -310,7 +312,7 @@ def step_time(
         if exposed + gather_s + optimizer > sum(tail):
             tail = (exposed + gather_s, optimizer)
     embedding_sync = embedding_sync_time(model, cluster, training, config, c)
-    gather, scatter = fsdp_layer_comm(model, cluster, training, config, c)
+    gather, scatter = profile.fsdp
     if gather or scatter:  # all of it inside the micro-batches (hidden or not)
         rank_layers = max(sum(layers[s] for s in size.stages) for size in sizes)
         dp_total = m * rank_layers * (2 * gather + scatter)
