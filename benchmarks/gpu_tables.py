@@ -145,10 +145,10 @@ def attention_table(args: argparse.Namespace) -> list[dict[str, Any]]:
 def fitted_efficiency(path: Path, base: Constants = DEFAULT_CONSTANTS) -> Constants:
     """``base`` with the matmul (and FP8) efficiency that best fits a measured GEMM table.
 
-    A BF16 GEMM's planner time scales as 1 / ``matmul_efficiency`` where it is compute-bound,
-    so every compute-bound row gives its own efficiency; their median is the fitted value.
-    Then each FP8 row's ``fp8_efficiency`` is solved for (bisection: an FP8 tile's fill and
-    write-out run at the BF16 rate, so its time is not simply proportional); their median.
+    Each compute-bound row's efficiency is solved for (bisection: a tile's fixed
+    ``tile_overhead_s`` does not scale with the efficiency, so the time is not simply
+    proportional to its inverse); the BF16 rows' median is the fitted ``matmul_efficiency``.
+    Then each FP8 row's ``fp8_efficiency`` is solved for the same way; their median.
     """
     table = json.loads(path.read_text())
     gpu = get_gpu(table["catalog_gpu"])
@@ -157,9 +157,10 @@ def fitted_efficiency(path: Path, base: Constants = DEFAULT_CONSTANTS) -> Consta
     rows = [(row, row["seconds"] - base.kernel_overhead_s) for row in table["gemm"]]
     for row, seconds in rows:
         if row["dtype"] != "fp8" and seconds > 0:
-            ideal = gemm_time(row["m"], row["n"], row["k"], gpu,
-                              replace(compute_bound, matmul_efficiency=1.0))
-            fitted[row["dtype"]].append(ideal / seconds)
+            def plain_model(efficiency: float, row: dict[str, Any] = row) -> float:
+                return gemm_time(row["m"], row["n"], row["k"], gpu,
+                                 replace(compute_bound, matmul_efficiency=efficiency))
+            fitted[row["dtype"]].append(_solve_decreasing(plain_model, seconds))
     plain = fitted["bf16"] or fitted["fp32"]  # fp32: the CPU check of this script
     matmul = statistics.median(plain) if plain else base.matmul_efficiency
     for row, seconds in rows:

@@ -44,9 +44,11 @@ class Constants:
         gemm_tile: edge of a GEMM output tile in elements (cuBLAS and CUTLASS BF16 and FP8
             kernels on sm80 and sm90 use 128-wide tiles): the unit of tile and wave
             quantisation (``kernels.gemm_time``).
-        tile_k_overhead: K elements an output tile costs on top of K: the K loop's
-            prologue (filling the shared-memory pipeline, 2-4 stages of 64) and epilogue
-            (writing the tile out).
+        tile_overhead_s: seconds an output tile costs on top of its K loop: the loop's
+            prologue (filling the shared-memory pipeline) and epilogue (writing the tile
+            out), a latency the same for BF16 and FP8. Fitted to cuBLAS's BF16 rates by
+            shape on H100 (OpenXLA's sm_90 matmul table, M, N, K from 256 to 4096:
+            ``benchmarks/gemm_shape_fit.py``, data in ``benchmarks/data/gemm_shapes.json``).
         flash_efficiency: fused attention's forward rate relative to the sustained
             large-GEMM rate (softmax and masking inside the kernel; FlashAttention-2 reports
             50-73 % of A100 peak).
@@ -80,7 +82,7 @@ class Constants:
     matmul_efficiency: float = 0.82
     fp8_efficiency: float = 1.00
     gemm_tile: int = 128
-    tile_k_overhead: float = 128.0
+    tile_overhead_s: float = 1.4e-6
     flash_efficiency: float = 0.75
     flash_backward_share: float = 0.86
     hbm_efficiency: float = 0.80

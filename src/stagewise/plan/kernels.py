@@ -5,10 +5,12 @@ A GEMM (m x k) @ (k x n) is cut into output tiles of ``gemm_tile`` x ``gemm_tile
 GPU's streaming multiprocessors in waves, so a GEMM with 1.1 waves of tiles takes as long as
 one with 2. Each SM computes its tile at ``matmul_efficiency`` of its share of the GPU's
 achievable GEMM rate (``GpuSpec.gemm_flops``: the best large-GEMM throughput measured with
-cuBLAS, about 80-87 % of the datasheet peak, cited in ``data/gpus.json``), for ``k`` plus
-``tile_k_overhead`` elements (the K loop's prologue and epilogue: loading the
-first stages, writing the tile out). When there are fewer tiles than SMs the K dimension is
-split over the idle SMs (split-K), at the price of writing and reading the fp32 partial sums.
+cuBLAS, about 80-87 % of the datasheet peak, cited in ``data/gpus.json``) for its ``k``
+elements, plus ``tile_overhead_s`` (the K loop's prologue and epilogue: loading the first
+stages, writing the tile out; a latency, so the same time whatever the SM's rate: 1.4 us
+fitted to cuBLAS's rates by shape on H100, ``benchmarks/gemm_shape_fit.py``). When there are
+fewer tiles than SMs the K dimension is split over the idle SMs (split-K), at the price of
+writing and reading the fp32 partial sums.
 Then the roofline: a GEMM can never run faster than its operands and result move through HBM
 at ``hbm_efficiency`` of the bandwidth. Thin tensor-parallel slices (n or k = h/t) and short
 token counts (m = b·s) therefore lose efficiency, and tiny GEMMs become memory-bound.
@@ -16,7 +18,7 @@ token counts (m = b·s) therefore lose efficiency, and tiny GEMMs become memory-
 FP8 GEMMs (Transformer Engine style) run at ``fp8_efficiency`` x ``matmul_efficiency`` of the
 GPU's measured FP8 GEMM rate (1.77x the BF16 one on H100, not the datasheet's 2x), read one-byte
 operands and write bf16 results. Only the K loop runs faster: a tile's prologue and its bf16
-write-out take as long as in BF16, so ``tile_k_overhead`` is timed at the BF16 rate.
+write-out take the same ``tile_overhead_s``.
 """
 
 from __future__ import annotations
@@ -69,13 +71,11 @@ def gemm_time(
     tile = c.gemm_tile
     tiles = batch * math.ceil(m / tile) * math.ceil(n / tile)
     per_sm = gemm_rate(gpu, c, fp8) / gpu.sms
-    bf16_per_sm = gemm_rate(gpu, c) / gpu.sms  # the K loop's fill and the bf16 write-out
     splits = 1
     if tiles < gpu.sms:
         splits = max(1, min(gpu.sms // tiles, int(k // MIN_SPLIT_K)))
     waves = math.ceil(tiles * splits / gpu.sms)
-    per_tile = k / splits / per_sm + c.tile_k_overhead / bf16_per_sm
-    compute = waves * 2.0 * tile * tile * per_tile
+    compute = waves * (2.0 * tile * tile * k / splits / per_sm + c.tile_overhead_s)
     operand = 1 if fp8 else 2
     moved = batch * (operand * (m * k + k * n) + OUT_BYTES * m * n)
     if splits > 1:
