@@ -99,7 +99,7 @@ def _best_of_search(
         options = [{"schedule": "1f1b", "num_chunks": 1}]
         if fixed.get("pp", 1) > 1:  # uneven stages allowed, as Megatron allows them
             options += [{"schedule": "interleaved-1f1b", "num_chunks": v} for v in (2, 4, 8)
-                        if fixed["pp"] * v <= model.layers]
+                        if fixed["pp"] * v <= model.layers + 2]
     best = float("inf")
     for option in options:
         try:
@@ -174,6 +174,8 @@ def published_inputs(run: dict[str, Any]) -> Inputs:
     if isinstance(run["num_chunks"], int):
         fixed["num_chunks"] = run["num_chunks"]
         fixed["schedule"] = "interleaved-1f1b" if run["num_chunks"] > 1 else "1f1b"
+    if "layer_split" in run:
+        fixed["layer_split"] = str(run["layer_split"]).split(" ")[0]
     sharding = str(run.get("dp_sharding", "optimizer")).split(" ")[0]
     fixed["dp_sharding"] = sharding if run["dp"] > 1 else "none"
     for stated in ("none", "full"):

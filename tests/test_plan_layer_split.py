@@ -3,7 +3,21 @@ where it moves a layer, and picks it exactly when it is faster."""
 
 from __future__ import annotations
 
-from stagewise.plan import Cluster, ModelSpec, TrainingSpec, evaluate, get_gpu, get_model
+from dataclasses import replace
+
+import pytest
+
+from stagewise.errors import PlanError
+from stagewise.plan import (
+    Cluster,
+    ModelSpec,
+    ParallelConfig,
+    TrainingSpec,
+    evaluate,
+    get_gpu,
+    get_model,
+)
+from stagewise.plan.export import megatron_args
 from stagewise.plan.search import candidates, search
 
 H100 = get_gpu("h100")
@@ -79,7 +93,7 @@ def test_edges_is_tried_only_where_it_moves_a_layer() -> None:
     # pp = 2: 34 slots split 17 + 17, less one each, is 16 + 16 again; pp = 4, 8 move a layer.
     assert found == {(1, 1, "balanced"), (2, 1, "balanced"), (4, 1, "balanced"),
                      (4, 1, "edges"), (8, 1, "balanced"), (8, 1, "edges")}
-    # Virtual stages: the edges split only when asked for.
+    # Virtual stages: edges only where the layers + 2 split evenly (32 + 2 over 4 x v never).
     assert {s for _, _, s in splits(llama, pp=4, schedule="interleaved-1f1b")} == {"balanced"}
     assert {s for _, _, s in splits(llama, pp=4, schedule="interleaved-1f1b",
                                     layer_split="edges")} == {"edges"}
@@ -101,3 +115,35 @@ def test_a_fixed_edges_split_that_empties_a_stage_is_skipped_with_the_fix() -> N
     assert config.endswith("edges-split")
     assert "no layer" in reason
     assert "layer_split='balanced'" in reason
+
+
+def test_virtual_stages_try_the_edges_split_where_the_layers_plus_two_divide() -> None:
+    # Llama 3 405B: 126 layers over pp = 16 split evenly into no v > 1, but 126 + 2 slots
+    # do into 16 x 2, 16 x 4 and 16 x 8 (one slot a chunk: the first only the embedding).
+    model = get_model("llama-3-405b")
+    cluster = Cluster.of_gpus(H100, 8192)
+    run = TrainingSpec(seq_len=8192, global_batch=2048)
+    held = {"tp": 8, "pp": 16, "dp": 64, "micro_batch_size": 1, "recompute": "none",
+            "schedule": "interleaved-1f1b", "sequence_parallel": True,
+            "dp_sharding": "gradients"}
+    found = {(c.num_chunks, c.layer_split) for c in candidates(model, cluster, run, held)}
+    assert found == {(2, "edges"), (4, "edges"), (8, "edges")}
+    plan = search(model, cluster, run, {**held, "num_chunks": 8}, exact_top=1).best
+    assert plan is not None
+    assert plan.layers == (0,) + (1,) * 126 + (0,)
+    args = megatron_args(plan)
+    assert "--account-for-embedding-in-pipeline-split" in args
+    assert args[args.index("--num-virtual-stages-per-pipeline-rank") + 1] == "8"
+
+
+def test_more_virtual_stages_than_layers_and_edges_is_refused_with_the_limit() -> None:
+    model = get_model("llama-3-405b")
+    config = ParallelConfig.of(tp=8, pp=16, dp=64, num_chunks=9, micro_batch_size=1,
+                               schedule="interleaved-1f1b", layer_split="edges")
+    with pytest.raises(PlanError, match=r"16 x 9 exceeds 126 layers \+ the embedding and the"):
+        evaluate(model, Cluster.of_gpus(H100, 8192), TrainingSpec(seq_len=8192,
+                 global_batch=2048), config)
+    with pytest.raises(PlanError, match="exceeds 126 layers: lower pp"):
+        evaluate(model, Cluster.of_gpus(H100, 8192), TrainingSpec(
+            seq_len=8192, global_batch=2048), replace(config, num_chunks=8,
+                                                      layer_split="balanced"))

@@ -118,7 +118,7 @@ def _configs(row: Row, model: ModelSpec) -> Iterator[ParallelConfig]:
         pipelines = [(chunks, "interleaved-1f1b" if chunks > 1 else "1f1b")]
     else:
         pipelines = [(1, "1f1b")] + [(v, "interleaved-1f1b") for v in (2, 4, 8)
-                                     if pp > 1 and pp * v <= model.layers]
+                                     if pp > 1 and pp * v <= model.layers + 2]
     batch = run.get("micro_batch_size")
     micro = [batch] if isinstance(batch, int) else [1, 2, 4]
     if "sequence_parallel" in run:
@@ -130,13 +130,15 @@ def _configs(row: Row, model: ModelSpec) -> Iterator[ParallelConfig]:
         shards = [sharding.split(" ")[0]]
     else:  # replicated in Megatron 2022; NeMo's recipes use the distributed optimizer
         shards = ["none"] if row.megatron_2022 else ["optimizer", "none"]
-    for (v, schedule), b, recompute, sp, shard in itertools.product(
-        pipelines, micro, _recompute(run.get("recompute")), parallel, shards
+    stated_split = run.get("layer_split")
+    splits = [str(stated_split).split(" ")[0]] if stated_split else ["balanced", "edges"]
+    for (v, schedule), b, recompute, sp, shard, split in itertools.product(
+        pipelines, micro, _recompute(run.get("recompute")), parallel, shards, splits
     ):
         yield ParallelConfig.of(
             tp=tp, pp=pp, dp=dp, num_chunks=v, schedule=schedule, micro_batch_size=b,
             recompute=recompute, sequence_parallel=sp and tp > 1,
-            dp_sharding=shard if dp > 1 else "none",
+            dp_sharding=shard if dp > 1 else "none", layer_split=split,
         )
 
 

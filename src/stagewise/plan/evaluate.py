@@ -171,10 +171,12 @@ def check_config(
             f"{cluster.gpus_per_node} and use PP across nodes"
         )
     config.num_microbatches(training)
-    if config.pp * config.num_chunks > model.layers:
+    edges = config.layer_split == "edges" and config.num_chunks > 1
+    if config.pp * config.num_chunks > model.layers + (2 if edges else 0):
+        slots = f"{model.layers} layers" + (" + the embedding and the loss" if edges else "")
         raise PlanError(
-            f"pp x num_chunks = {config.pp} x {config.num_chunks} exceeds {model.layers} "
-            "layers: lower pp or num_chunks"
+            f"pp x num_chunks = {config.pp} x {config.num_chunks} exceeds {slots}: lower pp "
+            "or num_chunks"
         )
     generator = get(config.schedule)
     if generator.fixed_chunks is not None and config.num_chunks != generator.fixed_chunks:
@@ -212,7 +214,8 @@ def evaluate(
     cache = cache or PipelineCache()
     cache.bind((model, cluster, training, constants))
     m = config.num_microbatches(training)
-    layers = stage_layers(model.layers, config.pp * config.num_chunks, config.layer_split)
+    layers = stage_layers(model.layers, config.pp * config.num_chunks, config.layer_split,
+                          config.num_chunks)
     shape = (config.schedule, config.pp, m, config.num_chunks)
     placement, stages = cache.placement(*shape), cache.stages(*shape)
     # Memo keys name exactly the knobs each quantity reads (model, cluster, training and

@@ -4,9 +4,10 @@ Valid means: TP divides the query and key/value heads and the MLP width and stay
 node; PP is at most the number of layers (uneven splits allowed); DP fills the rest;
 micro-batches m = G / (DP x micro-batch size) is whole, with micro-batch sizes 1, 2, 4, 8;
 interleaved schedules take num_chunks <= 8 per rank when the layers split evenly into PP x v
-stages. Pipelines of one chunk per rank also try the ``edges`` layer split (the embedding and
-the loss counted as a layer each) wherever it gives other stage layers than ``balanced``;
-with virtual stages it is evaluated when asked for (see :func:`_split_options`). Knobs
+stages, or the layers + 2 do with the ``edges`` split (the embedding and the loss counted as
+a layer each, Megatron-LM's account-for split: Llama 3 405B's 126 layers over 16 x 8).
+Pipelines of one chunk per rank also try ``edges`` wherever it gives other stage layers than
+``balanced`` (see :func:`_split_options`). Knobs
 given in ``fixed`` are held (any micro-batch size, any schedule, any layer split). GPipe,
 looped-bfs and ``auto`` are searched only when asked for (see ``NOT_SEARCHED``). With flash
 attention, selective recomputation (of the attention core) equals no recomputation, so only
@@ -102,15 +103,26 @@ def _schedule_options(
         elif "num_chunks" in fixed:
             chunks = [fixed["num_chunks"]]
         else:
-            chunks = [
-                v for v in range(2, MAX_CHUNKS + 1)
-                if pp * v <= model.layers and model.layers % (pp * v) == 0
-            ]
+            chunks = [v for v in range(2, MAX_CHUNKS + 1) if _even_chunks(model, pp, v)]
         options.extend(
             (name, v) for v in chunks
-            if ("num_chunks" not in fixed or v == fixed["num_chunks"]) and pp * v <= model.layers
+            if ("num_chunks" not in fixed or v == fixed["num_chunks"])
+            and pp * v <= model.layers + (2 if v > 1 and _edges_divide(model, pp, v) else 0)
         )
     return options
+
+
+def _edges_divide(model: ModelSpec, pp: int, v: int) -> bool:
+    """Whether the layers + embedding + loss split evenly into pp x v stages (Megatron-LM's
+    account-for-embedding-and-loss split with virtual stages)."""
+    return (model.layers + 2) % (pp * v) == 0
+
+
+def _even_chunks(model: ModelSpec, pp: int, v: int) -> bool:
+    """Whether v chunks per rank split evenly: the layers alone, or with the embedding and
+    the loss counted as a layer each."""
+    return (pp * v <= model.layers and model.layers % (pp * v) == 0) or _edges_divide(
+        model, pp, v)
 
 
 def candidates(
@@ -193,20 +205,19 @@ def _layout_configs(
 
 
 def _split_options(model: ModelSpec, pp: int, v: int, fixed: dict[str, Any]) -> list[str]:
-    """The layer splits to try over pp x v stages: the fixed one, else ``balanced`` and, for a
-    pipeline of one chunk per rank whose ``edges`` split moves a layer and leaves every stage
-    one, ``edges`` too.
-
-    With virtual stages (v > 1) the search tries v only where the layers split evenly into
-    pp x v stages, so the edges split there is never Megatron-LM's account-for split (that
-    needs layers + 2 divisible by pp x v as well, so pp x v dividing 2) and no launcher takes it
-    as flags; searching it would also cost about half as much search again. It is evaluated
-    when ``layer_split`` is fixed.
+    """The layer splits to try over pp x v stages: the fixed one; else, for a pipeline of one
+    chunk per rank, ``balanced`` and, where it moves a layer and leaves every stage one,
+    ``edges``; with virtual stages the split that makes them even: ``edges`` where the layers
+    + 2 divide into pp x v stages (Megatron-LM's account-for split, ``--num-virtual-stages-
+    per-pipeline-rank``; its first and last stages may then hold only the embedding and
+    the loss), else ``balanced``.
     """
     if "layer_split" in fixed:
         return [fixed["layer_split"]]
-    if pp == 1 or v > 1:
+    if pp == 1:
         return ["balanced"]
+    if v > 1:
+        return ["edges"] if _edges_divide(model, pp, v) else ["balanced"]
     try:
         balanced = stage_layers(model.layers, pp * v)
         edges = stage_layers(model.layers, pp * v, "edges")
@@ -325,8 +336,12 @@ def _nothing_valid(
         return f"PP={pp} exceeds {model.name}'s {model.layers} layers: lower --pp"
     chunks = fixed.get("num_chunks")
     if pp is not None and chunks is not None and pp * chunks > model.layers:
-        return (f"pp x num_chunks = {pp} x {chunks} = {pp * chunks} exceeds {model.name}'s "
-                f"{model.layers} layers: lower num_chunks to at most {model.layers // pp}")
+        edges = fixed.get("layer_split", "edges") == "edges" and chunks > 1
+        if not (edges and _edges_divide(model, pp, chunks) and pp * chunks <= model.layers + 2):
+            return (f"pp x num_chunks = {pp} x {chunks} = {pp * chunks} exceeds "
+                    f"{model.name}'s {model.layers} layers: lower num_chunks to at most "
+                    f"{model.layers // pp} (or to where the layers + 2 divide evenly into "
+                    "pp x num_chunks, with the embedding and the loss a chunk each)")
     if tp is not None and pp is not None and dp is not None and tp * pp * dp != n:
         return (f"tp x pp x dp = {tp} x {pp} x {dp} = {tp * pp * dp} but the cluster has {n} "
                 f"GPUs: make the product equal {n}")

@@ -251,29 +251,43 @@ def split_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def stage_layers(num_layers: int, num_stages: int, split: str = "balanced") -> tuple[int, ...]:
-    """Layers per (virtual) stage under ``split`` (:data:`LAYER_SPLITS`).
+def stage_layers(
+    num_layers: int, num_stages: int, split: str = "balanced", chunks: int = 1
+) -> tuple[int, ...]:
+    """Layers per (virtual) stage under ``split`` (:data:`LAYER_SPLITS`), ``chunks`` stages
+    per pipeline rank.
 
     ``balanced`` is :func:`split_layers`. ``edges`` splits num_layers + 2 slots the same way
     and gives the first slot to the embedding and the last to the loss, so the first and the
     last stages hold one layer fewer than their share (Megatron-LM's account-for-embedding
-    and account-for-loss split, which Llama 3 405B used: 126 layers + 2 over 16 stages).
+    and account-for-loss split). With virtual stages a share of one slot leaves the first
+    stage only the embedding and the last only the head and loss, as Llama 3 405B ran: 126
+    layers + 2 over 16 ranks x 8 chunks (Grattafiori et al. 2024, sec. 3.3.2). A rank of
+    one stage must hold a layer.
 
     Raises:
-        PlanError: an unknown split, or a stage left with no layer.
+        PlanError: an unknown split, or a stage left with no layer (other than the first or
+            last of several chunks per rank).
 
     Example:
         >>> stage_layers(80, 8), stage_layers(80, 8, "edges")
         ((10, 10, 10, 10, 10, 10, 10, 10), (9, 10, 10, 11, 11, 10, 10, 9))
+        >>> stage_layers(126, 128, "edges", chunks=8)[:3]
+        (0, 1, 1)
     """
     if split == "balanced":
         return split_layers(num_layers, num_stages)
     if split != "edges":
         raise PlanError(f"layer split must be one of {', '.join(LAYER_SPLITS)}, got {split!r}")
+    if num_stages > num_layers + 2:
+        raise PlanError(
+            f"cannot split {num_layers} layers, the embedding and the loss over {num_stages} "
+            "(virtual) stages: lower pp or num_chunks"
+        )
     counts = list(split_layers(num_layers + 2, num_stages))
     counts[0] -= 1
     counts[-1] -= 1
-    if min(counts) < 1:
+    if chunks == 1 and min(counts) < 1:
         raise PlanError(
             f"the edges split of {num_layers} layers over {num_stages} stages leaves a stage "
             "with no layer: use layer_split='balanced' or fewer stages"
