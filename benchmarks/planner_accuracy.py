@@ -3,7 +3,8 @@
 Leave-one-source-out over every scored run in ``benchmarks/data`` (``planner_runs.py`` turns
 each row into planner inputs). Two constants are fitted, each on a grid of 0.02 steps, on the
 sources that are NOT held out: ``matmul_efficiency`` (the share of each GPU's measured GEMM rate
-sustained in training) on their BF16 runs (minimising the median |error|), then
+sustained in training) on their BF16 runs (the value whose median signed error is nearest
+zero: a scale on time, calibrated to leave its runs unbiased), then
 ``fp8_efficiency`` on their FP8 runs, each measured against its own source's BF16 level where
 that source also publishes BF16 runs (``fp8_relative_errors``), ``FP8_PRIOR``, 1.0, when they
 have none (whatever the shipped value is). The held-out
@@ -86,15 +87,21 @@ def fp8_relative_errors(errors: Errors, key: Key, keep: set[str]) -> list[float]
     return relative
 
 
+def _median_bias(errors: list[float]) -> float:
+    return abs(statistics.median(errors)) if errors else 0.0
+
+
 def fit(errors: Errors, keep: set[str]) -> Key:
     """(matmul, fp8) efficiencies fitted on the runs of the sources in ``keep``: matmul on
     their BF16 runs, then fp8 on their FP8 runs, each against its source's BF16 level
-    (:func:`fp8_relative_errors`; ``FP8_PRIOR`` when they have no FP8 run)."""
+    (:func:`fp8_relative_errors`; ``FP8_PRIOR`` when they have no FP8 run). Each is a scale
+    on time, so each is the grid value that centres its runs: the median signed error
+    nearest zero (a median-unbiased calibration; ties to the lower value)."""
     default_fp8 = FP8_PRIOR
-    me = min(MATMUL_GRID, key=lambda v: _median_abs(errors.select((v, default_fp8), keep, False)))
+    me = min(MATMUL_GRID, key=lambda v: _median_bias(errors.select((v, default_fp8), keep, False)))
     if not errors.select((me, default_fp8), keep, True):
         return me, default_fp8
-    fe = min(FP8_GRID, key=lambda v: _median_abs(fp8_relative_errors(errors, (me, v), keep)))
+    fe = min(FP8_GRID, key=lambda v: _median_bias(fp8_relative_errors(errors, (me, v), keep)))
     return me, fe
 
 

@@ -17,7 +17,7 @@ Sources (``benchmarks/data/README.md`` says what each file holds):
   A row's ``tp_comm_overlap`` (NeMo's TP > 1 rows: ``"all"``, Transformer Engine's userbuffers,
   cited in the row) sets ``Constants.tp_overlap``, its ``param_gather_overlap`` (NeMo's rows:
   ``overlap_param_sync``) ``Constants.param_gather_overlap``, its ``attention_kernel``
-  (LLM Foundry's: flash-attn 2) the flash rate (:func:`with_attention_kernel`).
+  (LLM Foundry's: the Triton flash kernel of 2023) the flash rate (:func:`with_attention_kernel`).
 
 Each case knows its source family: leave-one-source-out leaves a family out.
 """
@@ -190,15 +190,29 @@ achieves only 35% utilization on H100 GPUs" (Shah et al. 2024, "FlashAttention-3
 arXiv:2407.08608, abstract; FlashAttention-3 reaches 75 %). The planner's own flash rate
 stands for the Hopper kernels NeMo and Megatron run (cuDNN, FlashAttention-3)."""
 
+TRITON_2023_SLOWDOWN = (1.4, 2.0)
+"""How much slower than FlashAttention-2 the Triton flash-attention kernel of 2023 (MPT's
+``attn_impl: triton``, the pre-MLIR Triton fork) runs, forward and backward: "around
+1.3-1.5x faster than FlashAttention in Triton in the forward pass and around 2x faster in the
+backward pass" (Dao 2023, "FlashAttention-2", arXiv:2307.08691, sec. 4.1, on A100; neither
+kernel uses Hopper's wgmma or TMA, so the ratios are taken to hold on H100)."""
+
 
 def with_attention_kernel(c: Constants, kernel: str | None, gpu: GpuSpec) -> Constants:
     """``c`` with the flash rate of the attention kernel a row names, where it differs from the
-    planner's: flash-attn 2 on a Hopper GPU (FP8 tensor cores) runs at
-    ``FLASH_ATTN_2_HOPPER_SHARE`` of the peak, whatever ``matmul_efficiency`` is fitted to."""
-    if kernel != "flash-attn-2" or not gpu.has_fp8:
+    planner's, on a Hopper GPU (FP8 tensor cores): ``flash-attn-2`` forward at
+    ``FLASH_ATTN_2_HOPPER_SHARE`` of the peak, whatever ``matmul_efficiency`` is fitted to,
+    its backward at the planner's share of that; ``triton-2023`` slower than that by
+    ``TRITON_2023_SLOWDOWN`` (forward, backward). Other GPUs and kernels keep ``c``."""
+    if kernel not in ("flash-attn-2", "triton-2023") or not gpu.has_fp8:
         return c
     sustained = c.matmul_efficiency * gpu.achievable_gemm_flops()
-    return replace(c, flash_efficiency=FLASH_ATTN_2_HOPPER_SHARE * gpu.peak_flops / sustained)
+    fa2 = replace(c, flash_efficiency=FLASH_ATTN_2_HOPPER_SHARE * gpu.peak_flops / sustained)
+    if kernel == "flash-attn-2":
+        return fa2
+    forward, backward = TRITON_2023_SLOWDOWN
+    return replace(fa2, flash_efficiency=fa2.flash_efficiency / forward,
+                   flash_backward_share=fa2.flash_backward_share * forward / backward)
 
 
 def _published_cases() -> list[Case]:

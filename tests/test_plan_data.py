@@ -155,3 +155,10 @@ def test_flash_attn_2_on_hopper_runs_at_its_published_share_of_the_peak(matmul: 
     assert gemm_rate(h100, fa2) * fa2.flash_efficiency == pytest.approx(0.35 * 989.4e12)
     assert with_attention_kernel(c, "flash-attn-2", a100) == c
     assert with_attention_kernel(c, None, h100) == c
+    # The Triton kernel of 2023: FlashAttention-2 is 1.3-1.5x faster forward and about 2x
+    # backward (FlashAttention-2 paper, sec. 4.1): forward 0.35 / 1.4, backward 0.35 x 0.86 / 2.
+    tri = with_attention_kernel(c, "triton-2023", h100)
+    assert gemm_rate(h100, tri) * tri.flash_efficiency == pytest.approx(0.25 * 989.4e12)
+    backward = gemm_rate(h100, tri) * tri.flash_efficiency * tri.flash_backward_share
+    assert backward == pytest.approx(0.35 * 0.86 / 2 * 989.4e12)
+    assert with_attention_kernel(c, "triton-2023", a100) == c

@@ -4,9 +4,8 @@ They are the same for every model, GPU and plan; what differs between GPUs (peak
 GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``matmul_efficiency`` and ``fp8_efficiency`` are fitted to published runs, and
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
-the shipped values are the fit on every source but LLM Foundry's, a PyTorch FSDP stack whose
-eager kernels the planner does not model (0.82 / 1.02; ``fp8_efficiency`` shipped at the prior
-1.0: FP8 keeps the same share of its sustained rate as BF16); README's accuracy section. GEMM
+the shipped values are their fit on every source (0.82 / 1.00, each the value that leaves its
+runs' median signed error nearest zero); README's accuracy section. GEMM
 rates are the GPU's sustained ones (``GpuSpec.sustained_share``: H100 and H200 lose about
 9.5 % of their burst rate at the 700 W limit). The others come from
 the hardware and library behaviour named beside them. Measuring a GEMM table and one block on the
@@ -39,8 +38,8 @@ class Constants:
         fp8_efficiency: an FP8 GEMM's share of the measured FP8 rate relative to the BF16
             share ``matmul_efficiency`` (the measured rates already hold FP8's 1.77x, not
             2x, on H100; both are scaled by the same ``sustained_share``); fitted on the FP8
-            runs of NeMo's tables and LLM Foundry's FP8 gain over its BF16 runs (1.02 without
-            LLM Foundry's level), shipped at the prior 1.0.
+            runs of NeMo's tables and LLM Foundry's FP8 gain over its BF16 runs: 1.00, the
+            prior (FP8 keeps the same share of its sustained rate as BF16).
         gemm_tile: edge of a GEMM output tile in elements (cuBLAS and CUTLASS BF16 and FP8
             kernels on sm80 and sm90 use 128-wide tiles): the unit of tile and wave
             quantisation (``kernels.gemm_time``).
