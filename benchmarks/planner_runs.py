@@ -200,14 +200,18 @@ kernel uses Hopper's wgmma or TMA, so the ratios are taken to hold on H100)."""
 
 def with_attention_kernel(c: Constants, kernel: str | None, gpu: GpuSpec) -> Constants:
     """``c`` with the flash rate of the attention kernel a row names, where it differs from the
-    planner's, on a Hopper GPU (FP8 tensor cores): ``flash-attn-2`` forward at
+    planner's. ``flash-attn-2``: on a Hopper GPU (FP8 tensor cores) forward at
     ``FLASH_ATTN_2_HOPPER_SHARE`` of the peak, whatever ``matmul_efficiency`` is fitted to,
-    its backward at the planner's share of that; ``triton-2023`` slower than that by
-    ``TRITON_2023_SLOWDOWN`` (forward, backward). Other GPUs and kernels keep ``c``."""
-    if kernel not in ("flash-attn-2", "triton-2023") or not gpu.has_fp8:
+    its backward at the planner's share of that; elsewhere the planner's own flash rate (its
+    ``flash_efficiency`` is FlashAttention-2's on A100). ``triton-2023``: slower than
+    FlashAttention-2 on the same GPU by ``TRITON_2023_SLOWDOWN`` (forward, backward). Other
+    kernels keep ``c``."""
+    if kernel not in ("flash-attn-2", "triton-2023"):
         return c
-    sustained = c.matmul_efficiency * gpu.achievable_gemm_flops()
-    fa2 = replace(c, flash_efficiency=FLASH_ATTN_2_HOPPER_SHARE * gpu.peak_flops / sustained)
+    fa2 = c
+    if gpu.has_fp8:
+        sustained = c.matmul_efficiency * gpu.achievable_gemm_flops()
+        fa2 = replace(c, flash_efficiency=FLASH_ATTN_2_HOPPER_SHARE * gpu.peak_flops / sustained)
     if kernel == "flash-attn-2":
         return fa2
     forward, backward = TRITON_2023_SLOWDOWN

@@ -161,4 +161,8 @@ def test_flash_attn_2_on_hopper_runs_at_its_published_share_of_the_peak(matmul: 
     assert gemm_rate(h100, tri) * tri.flash_efficiency == pytest.approx(0.25 * 989.4e12)
     backward = gemm_rate(h100, tri) * tri.flash_efficiency * tri.flash_backward_share
     assert backward == pytest.approx(0.35 * 0.86 / 2 * 989.4e12)
-    assert with_attention_kernel(c, "triton-2023", a100) == c
+    # On A100 the planner's own flash rate is FlashAttention-2's; Triton's is slower by the same.
+    slow = with_attention_kernel(c, "triton-2023", a100)
+    assert slow.flash_efficiency == pytest.approx(c.flash_efficiency / 1.4)
+    assert slow.flash_efficiency * slow.flash_backward_share == pytest.approx(
+        c.flash_efficiency * c.flash_backward_share / 2)

@@ -206,3 +206,57 @@ def test_the_tile_overhead_reproduces_cublas_rates_by_shape_on_h100() -> None:
     per_sm = 800e12 / 132
     assert median_error(C.tile_overhead_s) < 0.05
     assert median_error(2 * 128 * 128 * 128 / per_sm) > 1.5 * median_error(C.tile_overhead_s)
+
+
+def test_flash_block_share_counts_each_query_blocks_overhead_and_the_causal_diagonal() -> None:
+    from stagewise.plan.kernels import flash_block_share
+
+    # 512 tokens: 4 query blocks of 128. Without a mask each visits 4 key blocks plus the
+    # overhead; causal, block i visits i + 1 (10 in all) for 8 blocks' counted FLOPs, plus
+    # 4 overheads: 8 / (10 + 4 x 0.7).
+    assert flash_block_share(512, 0.7, 128, causal=False) == pytest.approx(4 / 4.7)
+    assert flash_block_share(512, 0.7, 128) == pytest.approx(8 / (10 + 4 * 0.7))
+    assert flash_block_share(100, 0.7, 128) == pytest.approx(1 / (2 + 1.4))  # one block
+    assert flash_block_share(65536, 0.7, 128) > 0.99
+
+
+def test_flash_attention_runs_slower_per_flop_at_short_sequences() -> None:
+    from stagewise.plan.kernels import flash_block_share
+
+    def per_flop(seq: int) -> tuple[float, float]:
+        setup = LayerSetup(tp=1, micro_batch_size=16384 // seq, seq_len=seq)
+        t = block_time(get_model("llama-2-7b"), H100, setup, C)
+        flops = 4.0 * 16384 * seq * 4096 * 0.5  # causal half, 16k tokens either way
+        return ((t.forward_attention - C.kernel_overhead_s) / flops,
+                (t.backward_attention - 2 * C.kernel_overhead_s) / flops)
+
+    short, long = per_flop(512), per_flop(8192)
+    forward = flash_block_share(8192, C.flash_forward_block_overhead, 128) / flash_block_share(
+        512, C.flash_forward_block_overhead, 128)
+    backward = flash_block_share(8192, C.flash_backward_block_overhead, 128) / (
+        flash_block_share(512, C.flash_backward_block_overhead, 128))
+    assert short[0] / long[0] == pytest.approx(forward, rel=1e-6)
+    assert short[1] / long[1] == pytest.approx(backward, rel=1e-6)
+    assert forward > 1.3
+    assert backward > 1.7
+
+
+def test_the_block_overheads_reproduce_flash_attention_2s_h100_rates_by_length() -> None:
+    # The non-causal FlashAttention-2 curves (benchmarks/data/attention_rates.json): with the
+    # shipped overheads and each curve's 16k rate, every length within 6 %.
+    import json
+    from pathlib import Path
+
+    from stagewise.plan.kernels import flash_block_share
+
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "attention_rates.json"
+    curves = [c for c in json.loads(data.read_text())["curves"] if c["rows"]]
+    assert len(curves) >= 3
+    for curve in curves:
+        overhead = (C.flash_forward_block_overhead if curve["pass"] == "forward"
+                    else C.flash_backward_block_overhead)
+        seq, rate = curve["rows"][-1]
+        top = rate / flash_block_share(seq, overhead, 128, causal=False)
+        for s, r in curve["rows"]:
+            model = top * flash_block_share(s, overhead, 128, causal=False)
+            assert model == pytest.approx(r, rel=0.06), (curve["id"], s)

@@ -4,7 +4,7 @@ They are the same for every model, GPU and plan; what differs between GPUs (peak
 GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``matmul_efficiency`` and ``fp8_efficiency`` are fitted to published runs, and
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
-the shipped values are their fit on every source (0.82 / 1.00, each the value that leaves its
+the shipped values are their fit on every source (0.84 / 1.00, each the value that leaves its
 runs' median signed error nearest zero); README's accuracy section. GEMM
 rates are the GPU's sustained ones (``GpuSpec.sustained_share``: H100 and H200 lose about
 9.5 % of their burst rate at the 700 W limit). The others come from
@@ -48,9 +48,17 @@ class Constants:
             out), a latency the same for BF16 and FP8. Fitted to cuBLAS's BF16 rates by
             shape on H100 (OpenXLA's sm_90 matmul table, M, N, K from 256 to 4096:
             ``benchmarks/gemm_shape_fit.py``, data in ``benchmarks/data/gemm_shapes.json``).
-        flash_efficiency: fused attention's forward rate relative to the sustained
-            large-GEMM rate (softmax and masking inside the kernel; FlashAttention-2 reports
-            50-73 % of A100 peak).
+        flash_efficiency: fused attention's forward rate at long sequences, causal, relative
+            to the sustained large-GEMM rate: FlashAttention-2 reaches 230 TFLOP/s forward on
+            A100 at its best (Dao 2023, sec. 4: 73 % of the peak), about 0.93 of that with the
+            causal mask (its H100 curves, causal 345 against 372 TFLOP/s at 16k), 214 over
+            the planner's A100 GEMM rate of 222: 0.95 (on H100 that is 560 TFLOP/s, between
+            cuDNN's and FlashAttention-3's published causal rates, 540 and 616).
+        flash_forward_block_overhead, flash_backward_block_overhead: a query block's fixed
+            cost in the forward and the backward, in key blocks' time
+            (:func:`stagewise.plan.kernels.flash_block_share`): fitted to FlashAttention-2's
+            published H100 rates by sequence length (``benchmarks/attention_fit.py``, data in
+            ``benchmarks/data/attention_rates.json``).
         flash_backward_share: the fused attention backward's rate as a share of its
             forward's (FlashAttention-2, Dao 2023: up to 73 % of A100 peak forward, 63 %
             backward; 63 / 73).
@@ -83,11 +91,13 @@ class Constants:
             instead (``--memory-margin-gib``, 2 GiB by default).
     """
 
-    matmul_efficiency: float = 0.82
+    matmul_efficiency: float = 0.84
     fp8_efficiency: float = 1.00
     gemm_tile: int = 128
     tile_overhead_s: float = 1.4e-6
-    flash_efficiency: float = 0.75
+    flash_efficiency: float = 0.95
+    flash_forward_block_overhead: float = 0.7
+    flash_backward_block_overhead: float = 2.15
     flash_backward_share: float = 0.86
     hbm_efficiency: float = 0.80
     kernel_overhead_s: float = 4e-6

@@ -29,7 +29,10 @@ from stagewise.errors import PlanError
 from stagewise.plan.constants import Constants
 from stagewise.plan.hardware import GpuSpec
 
-__all__ = ["attention_waves", "elementwise_time", "gemm_peak", "gemm_rate", "gemm_time"]
+__all__ = [
+    "attention_waves", "elementwise_time", "flash_block_share", "gemm_peak", "gemm_rate",
+    "gemm_time",
+]
 
 OUT_BYTES = 2  # GEMM results are written in bf16
 PARTIAL_BYTES = 4  # split-K partial sums are fp32
@@ -82,6 +85,23 @@ def gemm_time(
         moved += 2 * batch * PARTIAL_BYTES * m * n * splits
     memory = moved / (gpu.hbm_bandwidth * c.hbm_efficiency)
     return max(compute, memory) + c.kernel_overhead_s
+
+
+def flash_block_share(seq_len: int, overhead_blocks: float, block: int, causal: bool = True
+                      ) -> float:
+    """The share of a fused attention kernel's long-sequence rate it reaches at ``seq_len``.
+
+    Each query block of ``block`` rows loops over its key blocks and costs ``overhead_blocks``
+    key blocks' time on top (loading its queries, the softmax's last rescale, writing its
+    output and log-sum-exp). Without a mask every query block visits all n = s / block key
+    blocks: n / (n + overhead). With the causal mask the counted FLOPs are half of the n^2
+    blocks, but query block i visits i + 1 of them, the diagonal one whole: n / (n + 1 +
+    2 overhead). Short sequences therefore run far below the long-sequence rate.
+    """
+    n = max(1.0, math.ceil(seq_len / block))
+    if causal:
+        return n / (n + 1.0 + 2.0 * overhead_blocks)
+    return n / (n + overhead_blocks)
 
 
 def attention_waves(blocks: float, gpu: GpuSpec) -> float:

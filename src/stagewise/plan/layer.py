@@ -7,11 +7,12 @@ Every kernel is timed from the hardware table and the global constants (``consta
   peak on one-byte operands, and every GEMM input (forward) and output gradient (backward)
   is cast first: read bf16, write FP8 and its transpose (4 bytes per element).
 - Attention core: ``flash`` runs the causal half of the 4·b·s²·h/t FLOPs at
-  ``flash_efficiency`` of the GEMM rate, quantised to waves of b·(a/t)·s/128 query blocks
-  (backward 2.5x the forward FLOPs: it recomputes the scores, at ``flash_backward_share`` of
-  the forward's rate); ``unfused`` runs two batched
-  GEMMs with K or N = head_dim plus softmax (and dropout) kernels over the b·(a/t)·s² scores,
-  bandwidth-bound.
+  ``flash_efficiency`` of the GEMM rate at long sequences, quantised to waves of b·(a/t)·s/128
+  query blocks, and at a share of that at shorter ones (each query block's fixed cost and the
+  causal diagonal, :func:`stagewise.plan.kernels.flash_block_share`; backward 2.5x the forward
+  FLOPs: it recomputes the scores, at ``flash_backward_share`` of the forward's rate);
+  ``unfused`` runs two batched GEMMs with K or N = head_dim plus softmax (and dropout) kernels
+  over the b·(a/t)·s² scores, bandwidth-bound.
 - Element-wise kernels (norms, residual adds with dropout, activation, rotary) move the bytes
   Megatron's fused kernels read and write (:func:`elementwise_bytes`) at ``hbm_efficiency`` of
   HBM bandwidth. Without sequence parallelism the norms and residuals are replicated on every
@@ -41,7 +42,13 @@ from dataclasses import dataclass
 from stagewise.plan.comm import all_gather_time, all_reduce_time
 from stagewise.plan.constants import DEFAULT_CONSTANTS, Constants
 from stagewise.plan.hardware import GpuSpec
-from stagewise.plan.kernels import attention_waves, elementwise_time, gemm_rate, gemm_time
+from stagewise.plan.kernels import (
+    attention_waves,
+    elementwise_time,
+    flash_block_share,
+    gemm_rate,
+    gemm_time,
+)
 from stagewise.plan.models import ModelSpec
 
 # gemm_time: see kernels
@@ -153,8 +160,11 @@ def _attention(
         flops = 4.0 * b * s * s * model.hidden / t * 0.5
         waves = attention_waves(b * heads * math.ceil(s / c.gemm_tile), gpu)
         rate = gemm_rate(gpu, c) * c.flash_efficiency / waves
-        backward = 2.5 * flops / (rate * c.flash_backward_share)
-        return flops / rate + c.kernel_overhead_s, backward + 2 * c.kernel_overhead_s
+        forward = flops / (rate * flash_block_share(s, c.flash_forward_block_overhead,
+                                                    c.gemm_tile))
+        backward = 2.5 * flops / (rate * c.flash_backward_share * flash_block_share(
+            s, c.flash_backward_block_overhead, c.gemm_tile))
+        return forward + c.kernel_overhead_s, backward + 2 * c.kernel_overhead_s
     dh, batch = model.head_dim, max(1, round(b * heads))
     scores = gemm_time(s, s, dh, gpu, c, batch) + gemm_time(s, dh, s, gpu, c, batch)
     elements = b * heads * s * s
