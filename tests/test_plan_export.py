@@ -147,6 +147,10 @@ def test_torchtitan_toml_parses_and_matches_the_plan() -> None:
     assert par["data_parallel_replicate_degree"] == 1
     assert par["pipeline_parallel_schedule"] == "Interleaved1F1B"
     assert par["pipeline_parallel_layers_per_stage"] == 4
+    # torchtitan counts the embedding and the output as layers unless told not to: 0 and 0
+    # keep its stages at 80 / 4 = 20 = pp x v, the plan's even split.
+    assert par["pipeline_parallel_first_stage_less_layers"] == 0
+    assert par["pipeline_parallel_last_stage_less_layers"] == 0
     assert par["pipeline_parallel_microbatch_size"] == 1
     assert config["training"] == {"local_batch_size": 32, "global_batch_size": 64,
                                   "seq_len": 4096}
@@ -169,3 +173,21 @@ def test_one_chunk_uneven_splits_export_only_what_megatron_can_express() -> None
     assert ns.decoder_first_pipeline_num_layers is None
     assert not ns.account_for_loss_in_pipeline_split
     assert any("by hand" in note for note in export_notes(odd))
+
+
+def test_the_llama_3_layout_exports_one_slot_a_chunk_to_torchtitan_and_megatron() -> None:
+    # 126 layers + embedding + loss over 16 x 8 chunks: torchtitan's ceil((126 + 1 + 1) / 1)
+    # = 128 stages, 8 a rank; Megatron's virtual stages with the account-for flags.
+    model = get_model("llama-3-405b")
+    config = ParallelConfig.of(tp=8, pp=16, dp=64, num_chunks=8, micro_batch_size=1,
+                               schedule="interleaved-1f1b", layer_split="edges",
+                               sequence_parallel=True, dp_sharding="optimizer")
+    plan = evaluate(model, Cluster.of_gpus(get_gpu("h100"), 8192),
+                    TrainingSpec(seq_len=8192, global_batch=2048), config)
+    par = tomllib.loads(torchtitan_toml(plan))["parallelism"]
+    slots = (par["pipeline_parallel_first_stage_less_layers"] + 126
+             + par["pipeline_parallel_last_stage_less_layers"])
+    assert slots / par["pipeline_parallel_layers_per_stage"] == 16 * 8
+    args = megatron_args(plan)
+    assert args[args.index("--num-virtual-stages-per-pipeline-rank") + 1] == "8"
+    assert not any("cannot express" in note for note in export_notes(plan))

@@ -47,13 +47,15 @@ class Constants:
             prologue (filling the shared-memory pipeline) and epilogue (writing the tile
             out), a latency the same for BF16 and FP8. Fitted to cuBLAS's BF16 rates by
             shape on H100 (OpenXLA's sm_90 matmul table, M, N, K from 256 to 4096:
-            ``benchmarks/gemm_shape_fit.py``, data in ``benchmarks/data/gemm_shapes.json``).
+            ``benchmarks/gemm_shape_fit.py``, data in ``benchmarks/data/gemm_shapes.json``)
+            and used on every GPU: no per-shape table for A100 or others was found.
         flash_efficiency: fused attention's forward rate at long sequences, causal, relative
             to the sustained large-GEMM rate: FlashAttention-2 reaches 230 TFLOP/s forward on
             A100 at its best (Dao 2023, sec. 4: 73 % of the peak), about 0.93 of that with the
-            causal mask (its H100 curves, causal 345 against 372 TFLOP/s at 16k), 214 over
-            the planner's A100 GEMM rate of 222: 0.95 (on H100 that is 560 TFLOP/s, between
-            cuDNN's and FlashAttention-3's published causal rates, 540 and 616).
+            causal mask (its H100 curves, causal 345 against 372 TFLOP/s at 16k): 214 over
+            the planner's A100 GEMM rate (271.2 x 0.84 = 228), 0.94 (on H100, 0.94 x 603 =
+            567 TFLOP/s, between cuDNN's and FlashAttention-3's published causal rates, 540
+            and 616).
         flash_forward_block_overhead, flash_backward_block_overhead: a query block's fixed
             cost in the forward and the backward, in key blocks' time
             (:func:`stagewise.plan.kernels.flash_block_share`): fitted to FlashAttention-2's
@@ -86,16 +88,16 @@ class Constants:
             allocator's fragmentation and short-lived peaks. 0 by default: no published
             figure gives it, and Llama 3 405B ran 8K tokens without recomputation at 16 x 8
             virtual stages where the modelled bytes (weights, states, activations, the
-            reserve) leave 3 % of an H100's 80 GB, so the 5 % once charged here was more than
-            a tuned stack loses; plans within the margin of the limit are flagged
-            instead (``--memory-margin-gib``, 2 GiB by default).
+            reserve) come to 78.0 of an H100's 79.6 GiB, so the 5 % once charged here was
+            more than a tuned stack loses. Plans within ``--memory-margin-gib`` (2 GiB by
+            default) of the limit are flagged at risk instead; that Llama 3 layout is.
     """
 
     matmul_efficiency: float = 0.84
     fp8_efficiency: float = 1.00
     gemm_tile: int = 128
     tile_overhead_s: float = 1.4e-6
-    flash_efficiency: float = 0.95
+    flash_efficiency: float = 0.94
     flash_forward_block_overhead: float = 0.7
     flash_backward_block_overhead: float = 2.15
     flash_backward_share: float = 0.86

@@ -174,9 +174,12 @@ def check_config(
     edges = config.layer_split == "edges" and config.num_chunks > 1
     if config.pp * config.num_chunks > model.layers + (2 if edges else 0):
         slots = f"{model.layers} layers" + (" + the embedding and the loss" if edges else "")
+        hint = "" if edges or config.num_chunks == 1 else (
+            " (or use layer_split='edges': the embedding and the loss then take a chunk each, "
+            f"up to {model.layers + 2} stages)")
         raise PlanError(
             f"pp x num_chunks = {config.pp} x {config.num_chunks} exceeds {slots}: lower pp "
-            "or num_chunks"
+            f"or num_chunks{hint}"
         )
     generator = get(config.schedule)
     if generator.fixed_chunks is not None and config.num_chunks != generator.fixed_chunks:

@@ -176,6 +176,9 @@ def export_notes(plan: Plan) -> list[str]:
         notes.append(f"the middle stages hold unequal layers {plan.layers[1:-1]}, which "
                      "Megatron-LM's --decoder-first/last-pipeline-num-layers cannot express: "
                      "set the split by hand")
+    if cfg.pp > 1 and not _torchtitan_split(plan):
+        notes.append(f"torchtitan's layers_per_stage cannot express the layers {plan.layers}: "
+                     "list them in parallelism.module_fqns_per_model_part")
     if cfg.tp > 1 and not cfg.sequence_parallel:
         notes.append("torchtitan always shards the sequence over TP (sequence parallel)")
     if not re.fullmatch(r"llama-\d(?:\.\d)?-\d+b", plan.model.name):
@@ -196,6 +199,27 @@ def _torchtitan_model(plan: Plan) -> tuple[str, str]:
     if found:
         return f"llama{found.group(1)}", f"{found.group(2)}B"
     return "llama3", plan.model.name
+
+
+def _torchtitan_split(plan: Plan) -> dict[str, object]:
+    """torchtitan's keys for the plan's layer split, where they express it exactly.
+
+    torchtitan makes ceil((layers + first + last) / layers_per_stage) stages, the embedding
+    and the output counted as ``pipeline_parallel_first/last_stage_less_layers`` layers (1 by
+    default): the ``edges`` split with its slots even is layers_per_stage = (layers + 2) /
+    stages with both at 1; an even ``balanced`` split is layers / stages with both at 0.
+    Other splits get no keys (``export_notes`` says so)."""
+    layers, stages = plan.layers, len(plan.layers)
+    if _edges_split(plan):
+        share = (plan.model.layers + 2) // stages
+        return {"pipeline_parallel_layers_per_stage": share,
+                "pipeline_parallel_first_stage_less_layers": 1,
+                "pipeline_parallel_last_stage_less_layers": 1}
+    if len(set(layers)) == 1:
+        return {"pipeline_parallel_layers_per_stage": layers[0],
+                "pipeline_parallel_first_stage_less_layers": 0,
+                "pipeline_parallel_last_stage_less_layers": 0}
+    return {}
 
 
 def _toml_value(value: object) -> str:
@@ -219,8 +243,7 @@ def torchtitan_toml(plan: Plan) -> str:
     }
     if cfg.pp > 1:
         parallelism["pipeline_parallel_microbatch_size"] = cfg.micro_batch_size
-        if len(set(plan.layers)) == 1:
-            parallelism["pipeline_parallel_layers_per_stage"] = plan.layers[0]
+        parallelism.update(_torchtitan_split(plan))
         if cfg.schedule in TORCH_SCHEDULES:
             parallelism["pipeline_parallel_schedule"] = TORCH_SCHEDULES[cfg.schedule]
         else:

@@ -103,11 +103,12 @@ def _schedule_options(
         elif "num_chunks" in fixed:
             chunks = [fixed["num_chunks"]]
         else:
-            chunks = [v for v in range(2, MAX_CHUNKS + 1) if _even_chunks(model, pp, v)]
+            chunks = [v for v in range(2, MAX_CHUNKS + 1)
+                      if _even_chunks(model, pp, v, fixed.get("layer_split"))]
         options.extend(
             (name, v) for v in chunks
             if ("num_chunks" not in fixed or v == fixed["num_chunks"])
-            and pp * v <= model.layers + (2 if v > 1 and _edges_divide(model, pp, v) else 0)
+            and pp * v <= _stage_slots(model, pp, v, fixed.get("layer_split"))
         )
     return options
 
@@ -118,11 +119,21 @@ def _edges_divide(model: ModelSpec, pp: int, v: int) -> bool:
     return (model.layers + 2) % (pp * v) == 0
 
 
-def _even_chunks(model: ModelSpec, pp: int, v: int) -> bool:
-    """Whether v chunks per rank split evenly: the layers alone, or with the embedding and
-    the loss counted as a layer each."""
-    return (pp * v <= model.layers and model.layers % (pp * v) == 0) or _edges_divide(
-        model, pp, v)
+def _stage_slots(model: ModelSpec, pp: int, v: int, split: str | None) -> int:
+    """How many (virtual) stages pp x v may reach: the layers, or with virtual stages and the
+    ``edges`` split (asked for, or searched where it divides evenly) the layers + 2, the
+    embedding and the loss then taking a first and a last chunk of their own."""
+    edges = split == "edges" or (split is None and _edges_divide(model, pp, v))
+    return model.layers + (2 if v > 1 and edges else 0)
+
+
+def _even_chunks(model: ModelSpec, pp: int, v: int, split: str | None) -> bool:
+    """Whether v chunks per rank are searched: where the layers alone split evenly, or the
+    layers with the embedding and the loss counted as a layer each (``edges``), unless
+    ``balanced`` is asked for (an ``edges`` split asked for is evaluated at either, even
+    where it is then uneven)."""
+    balanced = pp * v <= model.layers and model.layers % (pp * v) == 0
+    return balanced or (split != "balanced" and _edges_divide(model, pp, v))
 
 
 def candidates(
@@ -335,13 +346,16 @@ def _nothing_valid(
     if pp is not None and pp > model.layers:
         return f"PP={pp} exceeds {model.name}'s {model.layers} layers: lower --pp"
     chunks = fixed.get("num_chunks")
-    if pp is not None and chunks is not None and pp * chunks > model.layers:
-        edges = fixed.get("layer_split", "edges") == "edges" and chunks > 1
-        if not (edges and _edges_divide(model, pp, chunks) and pp * chunks <= model.layers + 2):
-            return (f"pp x num_chunks = {pp} x {chunks} = {pp * chunks} exceeds "
-                    f"{model.name}'s {model.layers} layers: lower num_chunks to at most "
-                    f"{model.layers // pp} (or to where the layers + 2 divide evenly into "
-                    "pp x num_chunks, with the embedding and the loss a chunk each)")
+    if pp is not None and chunks is not None and pp * chunks > _stage_slots(
+            model, pp, chunks, fixed.get("layer_split")):
+        edges = fixed.get("layer_split") == "edges" and chunks > 1
+        limit = (model.layers + 2) // pp if edges else model.layers // pp
+        what = f"{model.layers} layers" + (" + the embedding and the loss" if edges else "")
+        hint = "" if edges or fixed.get("layer_split") == "balanced" else (
+            f", or to {(model.layers + 2) // pp} with layer_split='edges' (the embedding and "
+            "the loss a chunk each)")
+        return (f"pp x num_chunks = {pp} x {chunks} = {pp * chunks} exceeds {model.name}'s "
+                f"{what}: lower num_chunks to at most {limit}{hint}")
     if tp is not None and pp is not None and dp is not None and tp * pp * dp != n:
         return (f"tp x pp x dp = {tp} x {pp} x {dp} = {tp * pp * dp} but the cluster has {n} "
                 f"GPUs: make the product equal {n}")
