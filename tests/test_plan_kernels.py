@@ -243,8 +243,10 @@ def test_flash_attention_runs_slower_per_flop_at_short_sequences() -> None:
 
 def test_the_block_overheads_reproduce_flash_attention_2s_h100_rates_by_length() -> None:
     # The non-causal FlashAttention-2 curves (benchmarks/data/attention_rates.json): with the
-    # shipped overheads and each curve's 16k rate, every length within 6 %.
+    # shipped overheads and each curve's own long-sequence rate (the geometric mean of rate /
+    # share, the least-squares choice), every length within 3.5 %.
     import json
+    import math
     from pathlib import Path
 
     from stagewise.plan.kernels import flash_block_share
@@ -255,8 +257,9 @@ def test_the_block_overheads_reproduce_flash_attention_2s_h100_rates_by_length()
     for curve in curves:
         overhead = (C.flash_forward_block_overhead if curve["pass"] == "forward"
                     else C.flash_backward_block_overhead)
-        seq, rate = curve["rows"][-1]
-        top = rate / flash_block_share(seq, overhead, 128, causal=False)
+        logs = [math.log(r / flash_block_share(s, overhead, 128, causal=False))
+                for s, r in curve["rows"]]
+        top = math.exp(sum(logs) / len(logs))
         for s, r in curve["rows"]:
             model = top * flash_block_share(s, overhead, 128, causal=False)
-            assert model == pytest.approx(r, rel=0.06), (curve["id"], s)
+            assert model == pytest.approx(r, rel=0.035), (curve["id"], s)

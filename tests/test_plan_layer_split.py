@@ -147,3 +147,36 @@ def test_more_virtual_stages_than_layers_and_edges_is_refused_with_the_limit() -
         evaluate(model, Cluster.of_gpus(H100, 8192), TrainingSpec(
             seq_len=8192, global_batch=2048), replace(config, num_chunks=8,
                                                       layer_split="balanced"))
+
+
+def test_the_split_asked_for_decides_how_many_virtual_stages_the_search_tries() -> None:
+    # 405B over pp = 16: layers + 2 = 128 divide 16 x 2, 4, 8, the layers alone none. Held
+    # balanced, no v > 1 is even and none is tried; nothing held, v = 8 is valid (edges) and
+    # the search does not call it too many.
+    model = get_model("llama-3-405b")
+    cluster = Cluster.of_gpus(H100, 8192)
+    run = TrainingSpec(seq_len=8192, global_batch=2048)
+    held = {"tp": 8, "pp": 16, "dp": 64, "micro_batch_size": 1, "recompute": "none",
+            "schedule": "interleaved-1f1b", "sequence_parallel": True, "dp_sharding": "gradients"}
+    assert list(candidates(model, cluster, run, {**held, "layer_split": "balanced"})) == []
+    with pytest.raises(PlanError, match=r"at most 7$"):
+        search(model, cluster, run, {**held, "layer_split": "balanced", "num_chunks": 8})
+    assert search(model, cluster, run, {**held, "num_chunks": 8}, exact_top=1).best is not None
+
+
+def test_an_uneven_edges_split_asked_for_is_searched_as_evaluate_takes_it() -> None:
+    # 31 layers + 2 over 4 x 8 stages is uneven (one stage holds 2); evaluate takes it when
+    # asked for, and so does the search; without the split held it names the fix.
+    model = ModelSpec(name="m31", layers=31, hidden=1024, heads=16, kv_heads=16, ffn=4096,
+                      vocab=1000)
+    cluster = Cluster.of_gpus(H100, 4)
+    run = TrainingSpec(seq_len=1024, global_batch=32)
+    held = {"tp": 1, "pp": 4, "num_chunks": 8, "schedule": "interleaved-1f1b",
+            "micro_batch_size": 1, "recompute": "none"}
+    plan = search(model, cluster, run, {**held, "layer_split": "edges"}, exact_top=1).best
+    assert plan is not None
+    assert (plan.layers[0], plan.layers[-1], sum(plan.layers)) == (0, 0, 31)
+    direct = evaluate(model, cluster, run, plan.config)
+    assert direct.time.step_s == pytest.approx(plan.time.step_s)
+    with pytest.raises(PlanError, match="or to 8 with layer_split='edges'"):
+        search(model, cluster, run, held)

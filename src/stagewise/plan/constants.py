@@ -60,7 +60,8 @@ class Constants:
             cost in the forward and the backward, in key blocks' time
             (:func:`stagewise.plan.kernels.flash_block_share`): fitted to FlashAttention-2's
             published H100 rates by sequence length (``benchmarks/attention_fit.py``, data in
-            ``benchmarks/data/attention_rates.json``).
+            ``benchmarks/data/attention_rates.json``): the forward on two curves (head dim 128
+            and 64), the backward on one (head dim 128).
         flash_backward_share: the fused attention backward's rate as a share of its
             forward's (FlashAttention-2, Dao 2023: up to 73 % of A100 peak forward, 63 %
             backward; 63 / 73).

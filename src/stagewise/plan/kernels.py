@@ -96,7 +96,8 @@ def flash_block_share(seq_len: int, overhead_blocks: float, block: int, causal: 
     output and log-sum-exp). Without a mask every query block visits all n = s / block key
     blocks: n / (n + overhead). With the causal mask the counted FLOPs are half of the n^2
     blocks, but query block i visits i + 1 of them, the diagonal one whole: n / (n + 1 +
-    2 overhead). Short sequences therefore run far below the long-sequence rate.
+    2 overhead). Short sequences therefore run far below the long-sequence rate. A sequence
+    that is not a multiple of ``block`` counts its last, partial block as a whole one.
     """
     n = max(1.0, math.ceil(seq_len / block))
     if causal:
