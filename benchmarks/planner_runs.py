@@ -97,9 +97,9 @@ def _best_of_search(
     options: list[dict[str, Any]] = [{}]
     if "schedule" not in fixed:
         options = [{"schedule": "1f1b", "num_chunks": 1}]
-        if fixed.get("pp", 1) > 1:  # uneven stages allowed, as Megatron allows them
-            options += [{"schedule": "interleaved-1f1b", "num_chunks": v} for v in (2, 4, 8)
-                        if fixed["pp"] * v <= model.layers + 2]
+        if fixed.get("pp", 1) > 1:  # uneven stages allowed, as Megatron allows them; a v
+            # no split can take is refused by the search (PlanError, skipped below)
+            options += [{"schedule": "interleaved-1f1b", "num_chunks": v} for v in (2, 4, 8)]
     best = float("inf")
     for option in options:
         try:

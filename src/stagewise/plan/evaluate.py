@@ -35,7 +35,7 @@ from stagewise.plan.rank import (
     rank_memory,
     rank_sizes,
 )
-from stagewise.plan.spec import ParallelConfig, TrainingSpec, stage_layers
+from stagewise.plan.spec import ParallelConfig, TrainingSpec, stage_layers, stage_slots
 from stagewise.plan.steptime import (
     StageProfile,
     StepTime,
@@ -172,7 +172,8 @@ def check_config(
         )
     config.num_microbatches(training)
     edges = config.layer_split == "edges" and config.num_chunks > 1
-    if config.pp * config.num_chunks > model.layers + (2 if edges else 0):
+    if config.pp * config.num_chunks > stage_slots(model.layers, config.layer_split,
+                                                    config.num_chunks):
         slots = f"{model.layers} layers" + (" + the embedding and the loss" if edges else "")
         hint = "" if edges or config.num_chunks == 1 else (
             " (or use layer_split='edges': the embedding and the loss then take a chunk each, "

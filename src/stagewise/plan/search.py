@@ -30,7 +30,13 @@ from stagewise.plan.evaluate import Plan, evaluate
 from stagewise.plan.hardware import Cluster
 from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
-from stagewise.plan.spec import RECOMPUTE_MODES, ParallelConfig, TrainingSpec, stage_layers
+from stagewise.plan.spec import (
+    RECOMPUTE_MODES,
+    ParallelConfig,
+    TrainingSpec,
+    stage_layers,
+    stage_slots,
+)
 from stagewise.schedules import get, names
 from stagewise.schedules._gc import paused_gc
 
@@ -120,11 +126,11 @@ def _edges_divide(model: ModelSpec, pp: int, v: int) -> bool:
 
 
 def _stage_slots(model: ModelSpec, pp: int, v: int, split: str | None) -> int:
-    """How many (virtual) stages pp x v may reach: the layers, or with virtual stages and the
-    ``edges`` split (asked for, or searched where it divides evenly) the layers + 2, the
-    embedding and the loss then taking a first and a last chunk of their own."""
-    edges = split == "edges" or (split is None and _edges_divide(model, pp, v))
-    return model.layers + (2 if v > 1 and edges else 0)
+    """:func:`stage_slots` for the split asked for; with none, for the one the search takes
+    (``edges`` where it divides evenly, see :func:`_split_options`)."""
+    if split is None:
+        split = "edges" if _edges_divide(model, pp, v) else "balanced"
+    return stage_slots(model.layers, split, v)
 
 
 def _even_chunks(model: ModelSpec, pp: int, v: int, split: str | None) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "TrainingSpec",
     "split_layers",
     "stage_layers",
+    "stage_slots",
 ]
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -249,6 +250,13 @@ def split_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:
     for i in range(start, start + extra):
         counts[i] += 1
     return tuple(counts)
+
+
+def stage_slots(num_layers: int, split: str, chunks: int) -> int:
+    """The most (virtual) stages ``split`` can give ``num_layers``: one layer each, or with
+    virtual stages (``chunks`` > 1) and the ``edges`` split two more, the first holding only
+    the embedding and the last only the head and loss."""
+    return num_layers + (2 if split == "edges" and chunks > 1 else 0)
 
 
 def stage_layers(

@@ -314,8 +314,7 @@ def step_time(
     embedding_sync = embedding_sync_time(model, cluster, training, config, c)
     gather, scatter = profile.fsdp
     if gather or scatter:  # all of it inside the micro-batches (hidden or not)
-        rank_layers = max(sum(layers[s] for s in size.stages) for size in sizes)
-        dp_total = m * rank_layers * (2 * gather + scatter)
+        dp_total = m * max(size.blocks for size in sizes) * (2 * gather + scatter)
 
     busiest = max(range(config.pp), key=lambda r: run.busy[r])
     tp_per_block = block.tp_comm + (block.forward_tp_comm if config.recompute == "full" else 0.0)
