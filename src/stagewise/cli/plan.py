@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from stagewise.plan.report import (
     table,
 )
 from stagewise.plan.search import SearchResult, search
-from stagewise.plan.spec import DP_SHARDING, LAYER_SPLITS, PRECISIONS, RECOMPUTE_MODES
+from stagewise.plan.spec import DP_SHARDING, ENGINES, LAYER_SPLITS, PRECISIONS, RECOMPUTE_MODES
 
 __all__ = ["add_parser", "run"]
 
@@ -64,6 +65,10 @@ def add_parser(verbs: Any) -> None:
     where.add_argument("--nodes", type=int, help="nodes")
     where.add_argument("--gpus-per-node", type=int, help="GPUs per node (default the GPU's)")
     where.add_argument("--gpus", type=int, help="total GPUs (instead of --nodes)")
+    where.add_argument("--node-network-gbps", type=float, metavar="GBPS",
+                       help="inter-node bandwidth per node, Gbit/s each way, all its NICs "
+                            "together (e.g. 400 for 4 x 100 Gb/s; default the GPU's reference "
+                            "node: one 200 Gb/s NIC per A100, 400 per H100)")
     how = parser.add_argument_group("training")
     how.add_argument("--seq-len", type=int, help="tokens per sequence (required)")
     add_deprecated(how, "--seq", "--seq-len", type=int)
@@ -73,6 +78,10 @@ def add_parser(verbs: Any) -> None:
     how.add_argument("--attention", choices=("flash", "unfused"), default="flash")
     how.add_argument("--precision", choices=PRECISIONS, default="bf16",
                      help="bf16, or fp8 block GEMMs (H100, H200, B200)")
+    how.add_argument("--engine", choices=ENGINES, default="megatron",
+                     help="whose runtime runs the step: megatron (Megatron-LM, torchtitan, "
+                          "stagewise) or deepspeed (DeepSpeed's pipeline engine, "
+                          "Megatron-DeepSpeed: 1F1B only, blocking transfers, bf16 optimizer)")
     how.add_argument("--no-dp-overlap", action="store_true",
                      help="the DP gradient reduction does not overlap the backward")
     knobs = parser.add_argument_group("fixed knobs (each one narrows the search)")
@@ -154,10 +163,19 @@ def _cluster(args: argparse.Namespace) -> Cluster:
             raise PlanError("give --gpus or --nodes, not both")
         if args.gpus < 1:
             raise PlanError(f"--gpus must be >= 1, got {args.gpus}")
-        return Cluster.of_gpus(gpu, args.gpus, args.gpus_per_node)
-    if args.nodes is None:
+        cluster = Cluster.of_gpus(gpu, args.gpus, args.gpus_per_node)
+    elif args.nodes is None:
         raise PlanError("give --nodes N (with --gpus-per-node K) or --gpus N")
-    return Cluster(gpu, args.nodes, args.gpus_per_node or gpu.gpus_per_node)
+    else:
+        cluster = Cluster(gpu, args.nodes, args.gpus_per_node or gpu.gpus_per_node)
+    if args.node_network_gbps is not None:
+        if not 0 < args.node_network_gbps < math.inf:
+            raise PlanError(
+                f"--node-network-gbps must be > 0, got {args.node_network_gbps:g}: give the "
+                "sum of a node's NICs in Gbit/s, e.g. 400 for 4 x 100 Gb/s"
+            )
+        cluster = cluster.with_node_network(args.node_network_gbps)
+    return cluster
 
 
 def _fixed(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, global_batch=args.global_batch,
         mode="full" if args.lora is None else "lora", lora_rank=args.lora or 16,
         attention=args.attention, dp_overlap=not args.no_dp_overlap, precision=args.precision,
+        engine=args.engine,
     )
     fixed = _fixed(args)
     result = search(model, cluster, training, fixed, progress=_progress_for(args, model, cluster),
@@ -305,7 +324,8 @@ def _print_text(
         f"{model.name} ({model.num_params / 1e9:.1f}B parameters), {recipe}, "
         f"{training.precision} + Adam, on {cluster.nodes} x {cluster.gpus_per_node} {gpu.name} "
         f"({gpu.memory_gib:g} GiB, "
-        f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16); seq_len {training.seq_len}, global batch "
+        f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16, {cluster.node_network_gbps:g} Gb/s per node "
+        f"between nodes); seq_len {training.seq_len}, global batch "
         f"{training.global_batch}"
     )
     fitting = len(result.fitting)

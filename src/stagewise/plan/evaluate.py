@@ -182,11 +182,31 @@ def check_config(
             f"pp x num_chunks = {config.pp} x {config.num_chunks} exceeds {slots}: lower pp "
             f"or num_chunks{hint}"
         )
+    if training.engine == "deepspeed":
+        _check_deepspeed(config)
     generator = get(config.schedule)
     if generator.fixed_chunks is not None and config.num_chunks != generator.fixed_chunks:
         raise PlanError(
             f"schedule {config.schedule} runs {generator.fixed_chunks} chunk(s) per rank, "
             f"got num_chunks={config.num_chunks}: pick interleaved-1f1b for num_chunks > 1"
+        )
+
+
+def _check_deepspeed(config: ParallelConfig) -> None:
+    """Raise PlanError for what DeepSpeed's pipeline engine cannot run: a schedule other
+    than its 1F1B ``TrainSchedule`` with one chunk per rank, or ZeRO-2/3 with pipeline
+    parallelism ("ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism")."""
+    if config.pp > 1 and (config.schedule != "1f1b" or config.num_chunks != 1):
+        raise PlanError(
+            f"DeepSpeed's pipeline engine runs only 1F1B with one chunk per rank, got "
+            f"{config.schedule} with num_chunks={config.num_chunks}: use --schedule 1f1b "
+            "--num-chunks 1, or --engine megatron"
+        )
+    if config.pp > 1 and (config.shards("gradients") or config.shards("weights")):
+        raise PlanError(
+            f"DeepSpeed's pipeline engine rejects ZeRO-2 and ZeRO-3 with pipeline parallelism, "
+            f"got dp_sharding={config.dp_sharding!r} with PP={config.pp}: use "
+            "--dp-sharding optimizer or none"
         )
 
 

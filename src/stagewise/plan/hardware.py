@@ -14,7 +14,8 @@ planner can lay out toy runs on one machine); :func:`catalog_gpus` lists only re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -115,6 +116,29 @@ class Cluster:
     @property
     def num_gpus(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def node_network_gbps(self) -> float:
+        """Inter-node bandwidth of one node, Gbit/s each way (its GPUs' NICs together)."""
+        return self.gpu.network_bandwidth * self.gpus_per_node * 8 / 1e9
+
+    def with_node_network(self, gbps: float) -> Cluster:
+        """This cluster with ``gbps`` Gbit/s of inter-node bandwidth per node each way (the sum
+        over its NICs, e.g. 400 for 4 x 100 Gb/s), shared evenly by its GPUs: for clusters
+        whose network is not the GPU's reference node's (``data/gpus.json``: DGX/HGX nodes
+        with one 200 or 400 Gb/s NIC per GPU).
+
+        Raises:
+            PlanError: a bandwidth that is not a positive number.
+        """
+        if isinstance(gbps, bool) or not isinstance(gbps, int | float) or not 0 < gbps < math.inf:
+            raise PlanError(
+                f"node network bandwidth must be > 0 Gbit/s, got {gbps!r}: give the sum of a "
+                "node's NICs, e.g. 400 for 4 x 100 Gb/s"
+            )
+        per_gpu = gbps * 1e9 / 8 / self.gpus_per_node
+        return Cluster(replace(self.gpu, network_bandwidth=per_gpu), self.nodes,
+                       self.gpus_per_node)
 
     @classmethod
     def of_gpus(cls, gpu: GpuSpec, num_gpus: int, gpus_per_node: int | None = None) -> Cluster:

@@ -219,7 +219,8 @@ def layer_state_bytes_per_param(
     """(weight, gradient, optimizer) bytes per trainable parameter on one GPU.
 
     bf16 weights (2), fp32 main gradients (``grad_bytes``, 4), and Adam's fp32 master weights,
-    first and second moments (12): Megatron's 18 bytes. Each part is divided by dp when the
+    first and second moments (12): Megatron's 18 bytes (DeepSpeed's bf16 optimizer, which
+    keeps the bf16 gradients beside its fp32 buffer: 20). Each part is divided by dp when the
     replicas shard it (``config.dp_sharding``): ZeRO-1 (Megatron's distributed optimizer)
     gives 6 + 12/d (Megatron-LM ``docs/distrib_optimizer.md``), ZeRO-2 2 + 16/d, FSDP 18/d
     (the gathered weights of the blocks being computed are counted separately).
@@ -233,6 +234,8 @@ def layer_state_bytes_per_param(
     d = config.dp
     weights = 2.0 / (d if config.shards("weights") else 1)
     gradients = float(training.grad_bytes) / (d if config.shards("gradients") else 1)
+    if training.bf16_grad_copy:  # DeepSpeed's bf16 optimizer: the bf16 gradients beside
+        gradients += 2.0  # its unsharded fp32 buffer
     moments = 8.0 if training.mode == "lora" else 12.0
     optimizer = moments / (d if config.shards("optimizer") else 1)
     return weights, gradients, optimizer

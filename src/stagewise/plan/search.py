@@ -94,9 +94,9 @@ def _divisors(n: int) -> list[int]:
 
 
 def _schedule_options(
-    model: ModelSpec, pp: int, fixed: dict[str, Any]
+    model: ModelSpec, pp: int, fixed: dict[str, Any], engine: str = "megatron"
 ) -> list[tuple[str, int]]:
-    if pp == 1:
+    if pp == 1 or engine == "deepspeed":  # DeepSpeed's engine runs its 1F1B TrainSchedule
         return [(fixed.get("schedule", "1f1b"), fixed.get("num_chunks", 1))]
     wanted = [fixed["schedule"]] if "schedule" in fixed else [
         n for n in names() if n not in NOT_SEARCHED
@@ -211,7 +211,7 @@ def _layout_configs(
     dopts = [fixed["dp_sharding"]] if "dp_sharding" in fixed else (
         list(SEARCHED_SHARDING) if dp > 1 else ["none"]
     )
-    for schedule, v in _schedule_options(model, pp, fixed):
+    for schedule, v in _schedule_options(model, pp, fixed, training.engine):
         for split in _split_options(model, pp, v, fixed):
             for mbs, recompute, sp, dopt in itertools.product(mbss, modes, sps, dopts):
                 yield ParallelConfig.of(

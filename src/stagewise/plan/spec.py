@@ -19,6 +19,7 @@ from stagewise.plan.models import ModelSpec
 
 __all__ = [
     "DP_SHARDING",
+    "ENGINES",
     "LAYER_SPLITS",
     "PRECISIONS",
     "RECOMPUTE_MODES",
@@ -40,6 +41,9 @@ DP_SHARDING = ("none", "optimizer", "gradients", "weights")
 # one layer of the first and the last stage (Megatron-LM's --account-for-embedding-in-
 # pipeline-split and --account-for-loss-in-pipeline-split; the Llama 3 405B split).
 LAYER_SPLITS = ("balanced", "edges")
+# Whose pipeline runtime runs the step, which decides how transfers, gradient accumulation and
+# the data-parallel reduction are timed (:class:`TrainingSpec`'s ``engine``).
+ENGINES = ("megatron", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,16 @@ class TrainingSpec:
         dp_overlap: the data-parallel gradient reduction overlaps the last backward.
         precision: ``"bf16"``, or ``"fp8"`` (the block GEMMs in FP8 with bf16 weights kept,
             Transformer Engine style; GPUs without FP8 tensor cores refuse it).
+        engine: whose runtime runs the step (:data:`ENGINES`). ``"megatron"``: Megatron-LM's
+            schedules (torchtitan's and stagewise's behave alike here): each boundary's
+            send and receive posted together and asynchronous, weight gradients accumulated
+            in fp32 by the GEMM itself, the DP reduction overlapping the backward when
+            ``dp_overlap``. ``"deepspeed"``: DeepSpeed's ``PipelineEngine`` (Megatron-DeepSpeed,
+            as BLOOM and MT-NLG ran): 1F1B only, every send blocking and the two directions
+            in series, the stage's own output all-gathered over TP before its backward, the
+            DP reduction after the last backward; with bf16 its ``BF16_Optimizer`` casts and
+            adds each micro-batch's bf16 weight gradients into an fp32 buffer and all-reduces
+            that buffer (``steptime``'s module doc gives the sources).
     """
 
     seq_len: int
@@ -70,6 +84,7 @@ class TrainingSpec:
     grad_bytes: int = 4
     dp_overlap: bool = True
     precision: str = "bf16"
+    engine: str = "megatron"
 
     def __post_init__(self) -> None:
         for label in ("seq_len", "global_batch", "lora_rank", "grad_bytes"):
@@ -84,6 +99,14 @@ class TrainingSpec:
             raise PlanError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.engine not in ENGINES:
+            raise PlanError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+    @property
+    def bf16_grad_copy(self) -> bool:
+        """Whether each micro-batch's bf16 weight gradients are copied into fp32 buffers
+        (DeepSpeed's ``BF16_Optimizer``: full training on the DeepSpeed engine)."""
+        return self.engine == "deepspeed" and self.mode == "full"
 
     def uses_dropout(self, model: ModelSpec) -> bool:
         """Whether the run applies dropout (its own setting, else the model's)."""

@@ -17,7 +17,8 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 
 __all__ = [
-    "LOSS_BACKWARD_BYTES", "LOSS_FORWARD_BYTES", "EdgeTime", "edge_times", "hop_times",
+    "LOSS_BACKWARD_BYTES", "LOSS_FORWARD_BYTES", "EdgeTime", "edge_times", "hop_parts",
+    "hop_times",
     "node_of_rank", "stage_costs",
 ]
 
@@ -99,6 +100,41 @@ def node_of_rank(cluster: Cluster, config: ParallelConfig, rank: int) -> int:
     return rank * config.tp * config.dp // cluster.gpus_per_node
 
 
+def hop_parts(
+    model: ModelSpec,
+    cluster: Cluster,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    placement: tuple[int, ...],
+    c: Constants,
+) -> tuple[list[float], float]:
+    """(transfer seconds over each stage boundary, the receiver's TP all-gather seconds).
+
+    Each GPU of the TP group sends its 1/t share of the b·s·h activation or gradient
+    (Megatron's scatter/gather, DeepSpeed's partitioned tensors; with sequence parallelism
+    the tensor is already sharded) over its own NIC when the boundary crosses nodes, over
+    NVLink otherwise; without sequence parallelism the receiver all-gathers the shares over
+    NVLink. The last stage sends nothing, nor a stage to the next one on its own rank.
+    """
+    t = config.tp
+    size = BYTES * config.micro_batch_size * training.seq_len * model.hidden
+    gpu = cluster.gpu
+    regather = 0.0
+    if not config.sequence_parallel:
+        regather = all_gather_time(size, t, gpu.nvlink_bandwidth, c)
+    sends = []
+    for stage in range(len(placement)):
+        if stage == len(placement) - 1 or placement[stage] == placement[stage + 1]:
+            sends.append(0.0)
+            continue
+        crosses = node_of_rank(cluster, config, placement[stage]) != node_of_rank(
+            cluster, config, placement[stage + 1]
+        )
+        bandwidth = gpu.network_bandwidth if crosses else gpu.nvlink_bandwidth
+        sends.append(p2p_time(size / t, bandwidth, c))
+    return sends, regather
+
+
 def hop_times(
     model: ModelSpec,
     cluster: Cluster,
@@ -107,30 +143,10 @@ def hop_times(
     placement: tuple[int, ...],
     c: Constants,
 ) -> list[float]:
-    """Seconds to send one micro-batch's activation (or its gradient) over each stage boundary.
-
-    Each GPU of the TP group sends its 1/t share of the b·s·h activation (Megatron's scatter/
-    gather; with sequence parallelism the tensor is already sharded) over its own NIC when the
-    boundary crosses nodes, over NVLink otherwise; without sequence parallelism the receiver
-    all-gathers the shares over NVLink. The last stage sends nothing.
-    """
-    t = config.tp
-    size = BYTES * config.micro_batch_size * training.seq_len * model.hidden
-    gpu = cluster.gpu
-    regather = 0.0
-    if not config.sequence_parallel:
-        regather = all_gather_time(size, t, gpu.nvlink_bandwidth, c)
-    hops = []
-    for stage in range(len(placement)):
-        if stage == len(placement) - 1 or placement[stage] == placement[stage + 1]:
-            hops.append(0.0)
-            continue
-        crosses = node_of_rank(cluster, config, placement[stage]) != node_of_rank(
-            cluster, config, placement[stage + 1]
-        )
-        bandwidth = gpu.network_bandwidth if crosses else gpu.nvlink_bandwidth
-        hops.append(p2p_time(size / t, bandwidth, c) + regather)
-    return hops
+    """Seconds to send one micro-batch's activation (or its gradient) over each stage boundary
+    and gather it on the receiver (:func:`hop_parts`)."""
+    sends, regather = hop_parts(model, cluster, training, config, placement, c)
+    return [send + regather if send else 0.0 for send in sends]
 
 
 def stage_costs(

@@ -38,7 +38,7 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.pipeline_cache import PipelineCache
 from stagewise.plan.rank import RankSizes
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
-from stagewise.plan.stages import edge_times, hop_times, node_of_rank, stage_costs
+from stagewise.plan.stages import edge_times, hop_parts, node_of_rank, stage_costs
 from stagewise.sim import Bubble
 
 __all__ = [
@@ -47,6 +47,10 @@ __all__ = [
 ]
 
 ADAM_BYTES_PER_PARAM = 34.0  # fp32 grad, master, m, v read; master, m, v, bf16 weight written; norm
+# DeepSpeed BF16_Optimizer.update_hp_grads, after every micro-batch's backward, per trainable
+# parameter: ``hp_grad.add_(lp.grad.to(torch.float32))``, a cast (read 2 bytes, write 4) and an
+# add (read 4 + 4, write 4).
+BF16_GRAD_COPY_BYTES = 18.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ def _dp_reduce(
     grads = trainable * training.grad_bytes
     if config.shards("optimizer"):
         gather = all_gather_time(trainable * BYTES, config.dp, bandwidth, c)
+        if training.bf16_grad_copy:  # BF16_Optimizer all-reduces its whole fp32 buffer
+            return all_reduce_time(grads, config.dp, bandwidth, c), gather
         return all_gather_time(grads, config.dp, bandwidth, c), gather
     return all_reduce_time(grads, config.dp, bandwidth, c), 0.0
 
@@ -169,6 +175,13 @@ class StageProfile:
             + m * sum(self.forward[s] + self.backward[s] for s in stages)
             for stages in rank_stages
         )
+
+
+def _overlaps_dp(training: TrainingSpec) -> bool:
+    """Whether the DP reduction overlaps the backward: asked for, and not on DeepSpeed's
+    pipeline engine (it reduces after the last backward, and turns ZeRO's ``overlap_comm``
+    off: "Pipeline parallelism does not support overlapped communication")."""
+    return training.dp_overlap and training.engine != "deepspeed"
 
 
 def _rank_tail(
@@ -224,7 +237,7 @@ def tail_floor(
     floor = 0.0
     for size in sizes:
         reduce_s, gather_s, optimizer = _rank_tail(cluster, config, training, size.trainable, c)
-        exposed = 0.0 if training.dp_overlap else reduce_s
+        exposed = 0.0 if _overlaps_dp(training) else reduce_s
         gather = 0.0 if c.param_gather_overlap else gather_s  # overlapped: >= 0 exposed
         floor = max(floor, exposed + gather + optimizer)
     return floor + embedding_sync_time(model, cluster, training, config, c)
@@ -257,8 +270,56 @@ def stage_profile(
     forward, backward, weight = stage_costs(layers, block, embed, head)
     fsdp = fsdp_layer_comm(model, cluster, training, config, c)
     forward, backward = _with_fsdp(layers, forward, backward, *fsdp)
-    hops = hop_times(model, cluster, training, config, placement, c)
+    sends, regather = hop_parts(model, cluster, training, config, placement, c)
+    hops = [send + regather if send else 0.0 for send in sends]
+    if training.engine == "deepspeed":
+        forward, backward = _deepspeed_costs(model, cluster, training, config, layers,
+                                             forward, backward, sends, regather, c)
     return StageProfile(block, forward, backward, weight, hops, fsdp)
+
+
+def stage_trainable(
+    model: ModelSpec, training: TrainingSpec, config: ParallelConfig, layers: tuple[int, ...]
+) -> list[float]:
+    """Trainable parameters of each stage on one GPU of its TP group: its blocks (LoRA: their
+    adapters), the embedding on the first, the head (with tied embeddings, its own copy of the
+    embedding matrix) on the last; the count :func:`rank.rank_sizes` makes per rank when each
+    rank holds one stage."""
+    t = config.tp
+    if training.mode == "lora":
+        return [n * lora_params_per_block(model, training.lora_rank) / t for n in layers]
+    counts = [n * model.layer_params / t for n in layers]
+    counts[0] += model.embedding_params(t) / t
+    counts[-1] += model.head_params(t) / t
+    if model.tied_embeddings and len(layers) > 1:
+        counts[-1] += model.padded_vocab(t) * model.hidden / t
+    return counts
+
+
+def _deepspeed_costs(
+    model: ModelSpec, cluster: Cluster, training: TrainingSpec, config: ParallelConfig,
+    layers: tuple[int, ...], forward: list[float], backward: list[float], sends: list[float],
+    regather: float, c: Constants,
+) -> tuple[list[float], list[float]]:
+    """Stage costs on DeepSpeed's pipeline engine (``TrainingSpec.engine``): every send blocks
+    the stage that sends (``p2p.send`` asserts ``async_op == False``), so a stage's forward
+    also sends its activation and its backward its input gradient, each after the other; before
+    its backward a stage all-gathers its own partitioned output over TP (``PartitionedTensor
+    .full()``); with the bf16 optimizer each backward ends copying the stage's weight gradients
+    into fp32 (:data:`BF16_GRAD_COPY_BYTES` per trainable parameter over HBM)."""
+    last = len(layers) - 1
+    hbm = cluster.gpu.hbm_bandwidth * c.hbm_efficiency
+    trainable = stage_trainable(model, training, config, layers)
+    forward = [f + sends[s] for s, f in enumerate(forward)]
+    out = []
+    for s, b in enumerate(backward):
+        b += sends[s - 1] if s > 0 else 0.0
+        if s < last and config.tp > 1 and not config.sequence_parallel:
+            b += regather
+        if training.bf16_grad_copy:
+            b += BF16_GRAD_COPY_BYTES * trainable[s] / hbm + c.kernel_overhead_s
+        out.append(b)
+    return forward, out
 
 
 def step_time(
@@ -295,7 +356,7 @@ def step_time(
         dp_total = max(dp_total, reduce_s + gather_s)
         if c.param_gather_overlap and gather_s > 0:
             gather_s = _exposed_gather(gather_s, size, layers, profile)
-        if training.dp_overlap:
+        if _overlaps_dp(training):
             total_layers = sum(layers[s] for s in size.stages) or 1
             free = -run.makespan  # times relative to the end of the pipeline
             last_chunk = 0.0
