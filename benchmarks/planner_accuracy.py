@@ -91,6 +91,32 @@ def _median_bias(errors: list[float]) -> float:
     return abs(statistics.median(errors)) if errors else 0.0
 
 
+def weighted_median(values: list[float], weights: list[float]) -> float:
+    """The value below and above which half the total weight lies (the lower one on a tie)."""
+    pairs = sorted(zip(values, weights, strict=True))
+    half, running = sum(weights) / 2, 0.0
+    for value, weight in pairs:
+        running += weight
+        if running >= half:
+            return value
+    return pairs[-1][0]
+
+
+def _source_bias(errors: Errors, key: Key, keep: set[str]) -> float:
+    """|weighted median signed error| of the BF16 runs of ``keep``, each source weighing as
+    much as any other (a run weighs 1 / its source's runs): a source of 61 runs does not
+    outvote one of 2."""
+    values: list[float] = []
+    weights: list[float] = []
+    for source in sorted(keep):
+        own = errors.select(key, {source}, False)
+        if not own:
+            continue
+        values += own
+        weights += [1.0 / len(own)] * len(own)
+    return abs(weighted_median(values, weights)) if values else 0.0
+
+
 def fit(errors: Errors, keep: set[str]) -> Key:
     """(matmul, fp8) efficiencies fitted on the runs of the sources in ``keep``: matmul on
     their BF16 runs, then fp8 on their FP8 runs, each against its source's BF16 level
@@ -98,7 +124,7 @@ def fit(errors: Errors, keep: set[str]) -> Key:
     on time, so each is the grid value that centres its runs: the median signed error
     nearest zero (a median-unbiased calibration; ties to the lower value)."""
     default_fp8 = FP8_PRIOR
-    me = min(MATMUL_GRID, key=lambda v: _median_bias(errors.select((v, default_fp8), keep, False)))
+    me = min(MATMUL_GRID, key=lambda v: _source_bias(errors, (v, default_fp8), keep))
     if not errors.select((me, default_fp8), keep, True):
         return me, default_fp8
     fe = min(FP8_GRID, key=lambda v: _median_bias(fp8_relative_errors(errors, (me, v), keep)))

@@ -164,11 +164,14 @@ def published_inputs(run: dict[str, Any]) -> Inputs:
     """Model, cluster, run and the knobs the row states (the search chooses the others)."""
     model = published_model(run)
     cluster = Cluster.of_gpus(get_gpu(run["gpu"]), run["num_gpus"])
+    if "node_network_gbps" in run:  # a cluster whose network is not the reference node's
+        cluster = cluster.with_node_network(run["node_network_gbps"])
     training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
-                            attention="flash", precision=run["precision"],
-                            grad_bytes=run.get("grad_bytes", 4))
+                            attention=run.get("attention", "flash"),
+                            precision=run["precision"], grad_bytes=run.get("grad_bytes", 4),
+                            engine=run.get("engine", "megatron"))
     fixed: dict[str, Any] = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"],
-                             "sequence_parallel": run["tp"] > 1}
+                             "sequence_parallel": run.get("sequence_parallel", run["tp"] > 1)}
     if isinstance(run["micro_batch_size"], int):
         fixed["micro_batch_size"] = run["micro_batch_size"]
     if isinstance(run["num_chunks"], int):

@@ -69,6 +69,9 @@ def _cannot_express(row: Row) -> str | None:
         return f"{row.id}: the source does not give its TP/PP/DP split"
     if int(run.get("cp") or 1) > 1:
         return f"{row.id}: context parallelism (cp={run['cp']}) is not in the planner"
+    layers = run.get("architecture", {}).get("layers")
+    if layers is not None and run["pp"] > layers:
+        return f"{row.id}: {run['pp']} stages for {layers} layers (a stage of no layer)"
     return None
 
 
@@ -149,9 +152,9 @@ def _plans(row: Row) -> Iterator[Plan]:
     training = TrainingSpec(
         seq_len=run["seq_len"], global_batch=int(run.get("global_batch")
                                                  or run["global_batch_size"]),
-        attention="unfused" if row.megatron_2022 else "flash",
+        attention=run.get("attention", "unfused" if row.megatron_2022 else "flash"),
         precision="fp8" if run["precision"] == "fp8" else "bf16",
-        grad_bytes=run.get("grad_bytes", 4),
+        grad_bytes=run.get("grad_bytes", 4), engine=run.get("engine", "megatron"),
     )
     cache = PipelineCache()
     for config in _configs(row, model):

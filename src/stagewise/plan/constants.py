@@ -94,11 +94,11 @@ class Constants:
             default) of the limit are flagged at risk instead; that Llama 3 layout is.
     """
 
-    matmul_efficiency: float = 0.84
-    fp8_efficiency: float = 1.00
+    matmul_efficiency: float = 0.82
+    fp8_efficiency: float = 1.02
     gemm_tile: int = 128
     tile_overhead_s: float = 1.4e-6
-    flash_efficiency: float = 0.94
+    flash_efficiency: float = 0.96
     flash_forward_block_overhead: float = 0.7
     flash_backward_block_overhead: float = 2.15
     flash_backward_share: float = 0.86

@@ -18,6 +18,7 @@ from typing import Any
 from stagewise.errors import PlanError
 
 __all__ = [
+    "POSITIONS",
     "ModelSpec",
     "catalog_models",
     "get_model",
@@ -25,6 +26,9 @@ __all__ = [
     "model_from_hf_config",
     "toy_model",
 ]
+
+
+POSITIONS = ("rope", "learned", "alibi")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,9 @@ class ModelSpec:
         mlp: ``"swiglu"`` (gate, up, down) or ``"gelu"`` (up, down).
         norm: ``"rmsnorm"`` (weight only) or ``"layernorm"`` (weight and bias).
         tied_embeddings: output head shares the input embedding matrix.
-        position: ``"rope"`` (no parameters) or ``"learned"`` (a max_seq_len x h table).
+        position: ``"rope"`` (no parameters, rotary kernels on q and k), ``"learned"`` (a
+            max_seq_len x h table) or ``"alibi"`` (BLOOM's: a bias added to the attention
+            scores, no parameters, no kernels of its own).
         bias: linear layers carry biases (GPT-2 style).
         dropout: the model trains with dropout (masks are stored for backward).
         max_seq_len: longest sequence the model was built for (learned positions need it).
@@ -86,9 +92,10 @@ class ModelSpec:
             raise PlanError(
                 f"model {self.name}: norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"
             )
-        if self.position not in ("rope", "learned"):
+        if self.position not in POSITIONS:
             raise PlanError(
-                f"model {self.name}: position must be 'rope' or 'learned', got {self.position!r}"
+                f"model {self.name}: position must be one of {', '.join(POSITIONS)}, got "
+                f"{self.position!r}"
             )
 
     # --- shapes ----------------------------------------------------------------------------
