@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -169,3 +170,26 @@ def test_flash_attn_2_on_hopper_runs_at_its_published_share_of_the_peak(matmul: 
     assert slow.flash_efficiency == pytest.approx(c.flash_efficiency / 1.4)
     assert slow.flash_efficiency * slow.flash_backward_share == pytest.approx(
         c.flash_efficiency * c.flash_backward_share / 2)
+
+
+BLOOM = [r for r in RUNS if r["source_family"] == "bigscience-bloom"]
+
+
+@pytest.mark.parametrize("run", BLOOM, ids=[r["id"] for r in BLOOM])
+def test_bigscience_rows_agree_with_their_logged_tflops(run: dict[str, Any]) -> None:
+    # The logs print Sec/it and Megatron-DeepSpeed's hardware TFLOP/s, 24 x 4 x B s l h^2
+    # (1 + s/6h + V/16lh) / (t x GPUs) with the padded vocabulary: where the cited text has
+    # both, they must agree with the row's sizes and step time.
+    assert f"{run['step_time_s']:.2f}" in run["source"]
+    arch = run["architecture"]
+    layers, h, s, b = arch["layers"], arch["hidden"], run["seq_len"], run["global_batch"]
+    assert run["dp"] * run["tp"] * run["pp"] == run["num_gpus"]
+    logged = re.findall(r"TFLOPs: ([0-9.]+)", run["source"]) or re.findall(
+        rf"\| {run['step_time_s']:.2f} \| ([0-9.]+) \|", run["source"])
+    if not logged:
+        assert run["id"].startswith("bloom-176b-reshape-")  # only seconds quoted there
+        return
+    v = 250880
+    flops = 96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
+    tflops = flops / (run["step_time_s"] * run["num_gpus"] * 1e12)
+    assert tflops == pytest.approx(float(logged[0]), abs=0.011)
