@@ -27,7 +27,7 @@ from stagewise.plan import (
 from stagewise.plan.comm import all_gather_time, all_reduce_time
 from stagewise.plan.memory import layer_state_bytes_per_param
 from stagewise.plan.spec import stage_layers
-from stagewise.plan.steptime import stage_profile
+from stagewise.plan.steptime import StageProfile, stage_profile
 
 A100 = get_gpu("a100-80gb")
 C = DEFAULT_CONSTANTS
@@ -36,7 +36,9 @@ MODEL = ModelSpec(name="gpt-small", layers=8, hidden=1024, heads=16, kv_heads=16
                   position="alibi", bias=True, max_seq_len=2048)
 
 
-def _profiles(cluster: Cluster, config: ParallelConfig, seq: int = 2048, batch: int = 16):
+def _profiles(
+    cluster: Cluster, config: ParallelConfig, seq: int = 2048, batch: int = 16
+) -> list[StageProfile]:
     out = []
     for engine in ("megatron", "deepspeed"):
         run = TrainingSpec(seq_len=seq, global_batch=batch, attention="unfused", engine=engine)

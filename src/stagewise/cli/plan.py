@@ -15,16 +15,25 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from stagewise.cli._deprecated import add_deprecated
 from stagewise.errors import ConfigError, PlanError
-from stagewise.plan import Cluster, ModelSpec, TrainingSpec, get_gpu, get_model
+from stagewise.plan import (
+    DEFAULT_CONSTANTS,
+    Cluster,
+    ModelSpec,
+    TrainingSpec,
+    get_gpu,
+    get_model,
+)
 from stagewise.plan.advice import check_claim, what_would_fit
+from stagewise.plan.constants import TP_OVERLAPS
 from stagewise.plan.emit import TOY_SEQ, run_config
 from stagewise.plan.export import export_notes, megatron_command, torchtitan_toml
-from stagewise.plan.models import model_from_hf_config
+from stagewise.plan.models import POSITIONS, model_from_hf_config
 from stagewise.plan.report import (
     AT_RISK_GIB,
     best_per_layout,
@@ -50,16 +59,7 @@ def add_parser(verbs: Any) -> None:
             "cluster; fix any knob to evaluate one configuration."
         ),
     )
-    what = parser.add_argument_group("model")
-    which = what.add_mutually_exclusive_group()
-    which.add_argument("--model", help="catalog model, e.g. llama-2-70b")
-    which.add_argument("--model-config", metavar="CONFIG.json",
-                       help="a Hugging Face config.json (llama, mistral or gpt2 model types)")
-    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
-        what.add_argument(f"--{flag}", type=int, help=f"model from flags: {flag}")
-    what.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",
-                      help="model from flags: MLP kind")
-    what.add_argument("--tied-embeddings", action="store_true", help="model from flags")
+    _add_model_flags(parser)
     where = parser.add_argument_group("cluster")
     where.add_argument("--gpu", required=True, help="catalog GPU, e.g. H100 or A100-80GB")
     where.add_argument("--nodes", type=int, help="nodes")
@@ -78,6 +78,10 @@ def add_parser(verbs: Any) -> None:
     how.add_argument("--attention", choices=("flash", "unfused"), default="flash")
     how.add_argument("--precision", choices=PRECISIONS, default="bf16",
                      help="bf16, or fp8 block GEMMs (H100, H200, B200)")
+    how.add_argument("--tp-overlap", choices=TP_OVERLAPS, default=DEFAULT_CONSTANTS.tp_overlap,
+                     help="which TP collectives hide behind GEMMs: backward (Megatron-LM since "
+                          "late 2021, the default), all (Transformer Engine userbuffers, NeMo), "
+                          "none (synchronous: Megatron-LM of early 2021, Megatron-DeepSpeed)")
     how.add_argument("--engine", choices=ENGINES, default="megatron",
                      help="whose runtime runs the step: megatron (Megatron-LM, torchtitan, "
                           "stagewise) or deepspeed (DeepSpeed's pipeline engine, "
@@ -134,6 +138,27 @@ def add_parser(verbs: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model group: a catalog name, a Hugging Face config, or the shape from flags."""
+    what = parser.add_argument_group("model")
+    which = what.add_mutually_exclusive_group()
+    which.add_argument("--model", help="catalog model, e.g. llama-2-70b")
+    which.add_argument("--model-config", metavar="CONFIG.json",
+                       help="a Hugging Face config.json (llama, mistral or gpt2 model types)")
+    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
+        what.add_argument(f"--{flag}", type=int, help=f"model from flags: {flag}")
+    what.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",
+                      help="model from flags: MLP kind")
+    what.add_argument("--tied-embeddings", action="store_true", help="model from flags")
+    what.add_argument("--position", choices=POSITIONS,
+                      help="model from flags: position encoding (default rope for swiglu, "
+                           "learned for gelu)")
+    what.add_argument("--bias", action="store_true",
+                      help="model from flags: linear layers carry biases (GPT-2, BLOOM)")
+    what.add_argument("--dropout", action="store_true",
+                      help="model from flags: trains with dropout (masks kept for backward)")
+
+
 def _model(args: argparse.Namespace) -> ModelSpec:
     if args.model:
         return get_model(args.model)
@@ -151,8 +176,8 @@ def _model(args: argparse.Namespace) -> ModelSpec:
         kv_heads=args.kv_heads or args.heads, ffn=args.ffn, vocab=args.vocab, mlp=args.mlp,
         norm="rmsnorm" if args.mlp == "swiglu" else "layernorm",
         tied_embeddings=args.tied_embeddings,
-        position="rope" if args.mlp == "swiglu" else "learned",
-        max_seq_len=args.seq_len,
+        position=args.position or ("rope" if args.mlp == "swiglu" else "learned"),
+        bias=args.bias, dropout=args.dropout, max_seq_len=args.seq_len,
     )
 
 
@@ -220,8 +245,9 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
     )
     fixed = _fixed(args)
-    result = search(model, cluster, training, fixed, progress=_progress_for(args, model, cluster),
-                    exact_top=max(1, args.top))
+    constants = replace(DEFAULT_CONSTANTS, tp_overlap=args.tp_overlap)
+    result = search(model, cluster, training, fixed, constants,
+                    progress=_progress_for(args, model, cluster), exact_top=max(1, args.top))
     if not result.plans:
         reason = result.skipped[0][1] if result.skipped else "no candidate"
         raise PlanError(reason)

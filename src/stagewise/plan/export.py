@@ -164,6 +164,13 @@ def export_notes(plan: Plan) -> list[str]:
     cfg = plan.config
     if not plan.fits:
         notes.append(f"this plan does NOT fit and will run out of memory: {plan.reason}")
+    if plan.training.engine == "deepspeed":
+        notes.append("timed for DeepSpeed's pipeline engine (--engine deepspeed): Megatron-LM "
+                     "and torchtitan run the same layout faster (asynchronous transfers, fused "
+                     "fp32 gradient accumulation, overlapped DP reduction)")
+    if plan.model.position == "alibi":
+        notes.append("Megatron-LM and torchtitan have no ALiBi: the lines use their own "
+                     "position embedding (Megatron-DeepSpeed: --position-embedding-type alibi)")
     if cfg.schedule not in ("1f1b", "interleaved-1f1b") and cfg.pp > 1:
         nearest = "interleaved 1F1B" if cfg.num_chunks > 1 else "1F1B"
         notes.append(
