@@ -128,10 +128,12 @@ def _a100_case(run: dict[str, Any]) -> Case:
     came late that year); a row that names its schedule holds it."""
     model = gpt_model(run, run["id"])
     cluster = Cluster.of_gpus(get_gpu("A100-SXM4-80GB"), run["num_gpus"])
+    engine = run.get("engine", "megatron")
     training = TrainingSpec(seq_len=run["seq_len"], global_batch=run["global_batch"],
-                            attention="unfused", dp_overlap=False)
+                            attention="unfused", dp_overlap=False, engine=engine)
     fixed = {"tp": run["tp"], "pp": run["pp"], "dp": run["dp"], "recompute": "full",
-             "sequence_parallel": False, "dp_sharding": "none"}
+             "sequence_parallel": False,
+             "dp_sharding": "optimizer" if engine == "deepspeed" else "none"}
     if "schedule" in run:
         fixed.update(schedule=run["schedule"], num_chunks=run["num_chunks"])
 

@@ -4,8 +4,9 @@ They are the same for every model, GPU and plan; what differs between GPUs (peak
 GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``matmul_efficiency`` and ``fp8_efficiency`` are fitted to published runs, and
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
-the shipped values are their fit on every source (0.84 / 1.00, each the value that leaves its
-runs' median signed error nearest zero); README's accuracy section. GEMM
+the shipped values are their fit on every source (0.82 / 1.02, each the value that leaves the
+runs' median signed error nearest zero, every source weighing the same); README's accuracy
+section. GEMM
 rates are the GPU's sustained ones (``GpuSpec.sustained_share``: H100 and H200 lose about
 9.5 % of their burst rate at the 700 W limit). The others come from
 the hardware and library behaviour named beside them. Measuring a GEMM table and one block on the
@@ -38,8 +39,8 @@ class Constants:
         fp8_efficiency: an FP8 GEMM's share of the measured FP8 rate relative to the BF16
             share ``matmul_efficiency`` (the measured rates already hold FP8's 1.77x, not
             2x, on H100; both are scaled by the same ``sustained_share``); fitted on the FP8
-            runs of NeMo's tables and LLM Foundry's FP8 gain over its BF16 runs: 1.00, the
-            prior (FP8 keeps the same share of its sustained rate as BF16).
+            runs of NeMo's tables and LLM Foundry's FP8 gain over its BF16 runs: 1.02 (the
+            prior, 1.00, is FP8 keeping the same share of its sustained rate as BF16).
         gemm_tile: edge of a GEMM output tile in elements (cuBLAS and CUTLASS BF16 and FP8
             kernels on sm80 and sm90 use 128-wide tiles): the unit of tile and wave
             quantisation (``kernels.gemm_time``).
@@ -53,8 +54,8 @@ class Constants:
             to the sustained large-GEMM rate: FlashAttention-2 reaches 230 TFLOP/s forward on
             A100 at its best (Dao 2023, sec. 4: 73 % of the peak), about 0.93 of that with the
             causal mask (its H100 curves, causal 345 against 372 TFLOP/s at 16k): 214 over
-            the planner's A100 GEMM rate (271.2 x 0.84 = 228), 0.94 (on H100, 0.94 x 603 =
-            567 TFLOP/s, between cuDNN's and FlashAttention-3's published causal rates, 540
+            the planner's A100 GEMM rate (271.2 x 0.82 = 222), 0.96 (on H100, 0.96 x 590 =
+            566 TFLOP/s, between cuDNN's and FlashAttention-3's published causal rates, 540
             and 616).
         flash_forward_block_overhead, flash_backward_block_overhead: a query block's fixed
             cost in the forward and the backward, in key blocks' time
