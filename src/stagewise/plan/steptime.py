@@ -15,6 +15,14 @@ distributed optimizer's parameter all-gather is exposed whole, or with
 ``Constants.param_gather_overlap`` only what outlasts one micro-batch's forward through the
 rank's layers, and at least one layer's bucket (the first layer waits for its own).
 
+On DeepSpeed's pipeline engine (``TrainingSpec.engine == "deepspeed"``, Megatron-DeepSpeed)
+the reduction runs after the last backward whatever ``dp_overlap`` says (the engine turns
+ZeRO's ``overlap_comm`` off: "Pipeline parallelism does not support overlapped
+communication"), its bf16 optimizer all-reduces its whole fp32 gradient buffer even with the
+optimizer state sharded, and each stage's costs carry what the engine adds per micro-batch
+(:func:`_deepspeed_costs`: blocking sends, the own-output gather, the fp32 gradient copy;
+deepspeed/runtime/pipe/engine.py, p2p.py and bf16_optimizer.py).
+
 With the weights sharded too (``dp_sharding="weights"``: FSDP FULL_SHARD, ZeRO-3) nothing of
 this runs at the end of the step: every micro-batch gathers each block's parameters before
 its forward and again before its backward, and reduce-scatters its gradients after the
