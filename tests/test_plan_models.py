@@ -90,6 +90,21 @@ def test_hf_gpt2_config_is_gelu_layernorm_learned_positions() -> None:
     assert model.num_params == 124_439_808  # GPT-2 small, the published count
 
 
+def test_hf_bloom_config_is_alibi_with_biases_and_the_model_cards_parameters() -> None:
+    # bigscience/bloom's config.json fields; its model card counts 176,247,271,424
+    # parameters, which includes the embedding LayerNorm (2 h) the planner leaves out.
+    bloom = model_from_hf_config({"model_type": "bloom", "n_layer": 70, "hidden_size": 14336,
+                                  "n_head": 112, "vocab_size": 250880,
+                                  "attention_dropout": 0.0, "hidden_dropout": 0.0})
+    assert (bloom.position, bloom.mlp, bloom.norm, bloom.bias) == ("alibi", "gelu",
+                                                                    "layernorm", True)
+    assert bloom.tied_embeddings
+    assert not bloom.dropout
+    assert bloom.ffn == 4 * 14336
+    assert bloom.num_params + 2 * 14336 == 176_247_271_424
+    assert bloom.embedding_params() == 250880 * 14336  # ALiBi: no position table
+
+
 def test_bad_configs_are_plan_errors(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="model_type"):
         model_from_hf_config({"model_type": "bert"})

@@ -144,7 +144,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     which = what.add_mutually_exclusive_group()
     which.add_argument("--model", help="catalog model, e.g. llama-2-70b")
     which.add_argument("--model-config", metavar="CONFIG.json",
-                       help="a Hugging Face config.json (llama, mistral or gpt2 model types)")
+                       help="a Hugging Face config.json (llama, mistral, gpt2 or bloom "
+                            "model types)")
     for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
         what.add_argument(f"--{flag}", type=int, help=f"model from flags: {flag}")
     what.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",

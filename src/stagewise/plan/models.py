@@ -192,7 +192,8 @@ def get_model(name: str) -> ModelSpec:
 
 
 def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = None) -> ModelSpec:
-    """Read a Hugging Face ``config.json`` (``llama``/``mistral`` or ``gpt2`` model types).
+    """Read a Hugging Face ``config.json`` (``llama``/``mistral``, ``gpt2`` or ``bloom`` model
+    types; ``bloom`` for planning only: ``stagewise train`` builds the first two families).
 
     Raises:
         PlanError: unreadable file, unsupported model type or missing fields.
@@ -246,11 +247,33 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
                 max_seq_len=int(config.get("n_positions", 1024)),
                 source="Hugging Face config (gpt2)",
             )
+        if kind == "bloom":
+            hidden = int(config.get("hidden_size") or config["n_embed"])
+            dropout = max(float(config.get("hidden_dropout", 0.0) or 0.0),
+                          float(config.get("attention_dropout", 0.0) or 0.0))
+            return ModelSpec(
+                name=label,
+                layers=int(config["n_layer"]),
+                hidden=hidden,
+                heads=int(config["n_head"]),
+                kv_heads=int(config["n_head"]),
+                ffn=4 * hidden,  # BloomMLP: dense_h_to_4h, dense_4h_to_h
+                vocab=int(config["vocab_size"]),
+                mlp="gelu",
+                norm="layernorm",
+                tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+                position="alibi",
+                bias=True,
+                dropout=dropout > 0,
+                max_seq_len=int(config.get("seq_length", 2048)),
+                source="Hugging Face config (bloom)",
+            )
     except KeyError as err:
         raise PlanError(f"model config {label!r} lacks field {err} for type {kind!r}") from None
     raise PlanError(
-        f"model config {label!r} has model_type {kind!r}: supported are llama, mistral "
-        "and gpt2; describe other models with --layers/--hidden/... flags"
+        f"model config {label!r} has model_type {kind!r}: supported are llama, mistral, "
+        "gpt2 and bloom (bloom: planning only); describe other models with "
+        "--layers/--hidden/... flags"
     )
 
 
