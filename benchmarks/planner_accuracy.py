@@ -3,8 +3,8 @@
 Leave-one-source-out over every scored run in ``benchmarks/data`` (``planner_runs.py`` turns
 each row into planner inputs). Two constants are fitted, each on a grid of 0.02 steps, on the
 sources that are NOT held out: ``matmul_efficiency`` (the share of each GPU's measured GEMM rate
-sustained in training) on their BF16 runs (the value whose median signed error is nearest
-zero: a scale on time, calibrated to leave its runs unbiased), then
+sustained in training) on their BF16 runs (the value whose median signed error, every source
+weighing the same, is nearest zero: a scale on time, calibrated to leave its runs unbiased), then
 ``fp8_efficiency`` on their FP8 runs, each measured against its own source's BF16 level where
 that source also publishes BF16 runs (``fp8_relative_errors``), ``FP8_PRIOR``, 1.0, when they
 have none (whatever the shipped value is). The held-out
@@ -34,8 +34,8 @@ from stagewise.plan.memory import GIB
 
 FP8_PRIOR = 1.0
 """fp8_efficiency where the fitting sources hold no FP8 run: an FP8 GEMM sustains the same share
-of its sustained rate as a BF16 one. The shipped value is this prior too (the fit with NeMo's
-FP8 runs in, 1.02, rounds to it), but the held-out fits never read the shipped value."""
+of its sustained rate as a BF16 one. The shipped value is the fit on every source (1.02); the
+held-out fits never read it."""
 MATMUL_GRID = tuple(round(0.70 + 0.02 * i, 2) for i in range(16))  # 0.70 ... 1.00, at most measured
 FP8_GRID = tuple(round(0.80 + 0.02 * i, 2) for i in range(16))  # 0.80 ... 1.10
 Key = tuple[float, float]
@@ -87,10 +87,6 @@ def fp8_relative_errors(errors: Errors, key: Key, keep: set[str]) -> list[float]
     return relative
 
 
-def _median_bias(errors: list[float]) -> float:
-    return abs(statistics.median(errors)) if errors else 0.0
-
-
 def weighted_median(values: list[float], weights: list[float]) -> float:
     """The value below and above which half the total weight lies (the lower one on a tie)."""
     pairs = sorted(zip(values, weights, strict=True))
@@ -102,19 +98,27 @@ def weighted_median(values: list[float], weights: list[float]) -> float:
     return pairs[-1][0]
 
 
-def _source_bias(errors: Errors, key: Key, keep: set[str]) -> float:
-    """|weighted median signed error| of the BF16 runs of ``keep``, each source weighing as
-    much as any other (a run weighs 1 / its source's runs): a source of 61 runs does not
-    outvote one of 2."""
+def _weighted_bias(groups: list[list[float]]) -> float:
+    """|weighted median| of the signed errors of several sources, each source weighing as much
+    as any other (a run weighs 1 / its source's runs): a source of 61 runs does not outvote
+    one of 2. Empty groups are left out."""
     values: list[float] = []
     weights: list[float] = []
-    for source in sorted(keep):
-        own = errors.select(key, {source}, False)
-        if not own:
-            continue
+    for own in (group for group in groups if group):
         values += own
         weights += [1.0 / len(own)] * len(own)
     return abs(weighted_median(values, weights)) if values else 0.0
+
+
+def _source_bias(errors: Errors, key: Key, keep: set[str]) -> float:
+    """:func:`_weighted_bias` of the BF16 runs of the sources in ``keep``."""
+    return _weighted_bias([errors.select(key, {s}, False) for s in sorted(keep)])
+
+
+def _fp8_bias(errors: Errors, key: Key, keep: set[str]) -> float:
+    """:func:`_weighted_bias` of the FP8 runs of the sources in ``keep``, each against its own
+    source's BF16 level (:func:`fp8_relative_errors`)."""
+    return _weighted_bias([fp8_relative_errors(errors, key, {s}) for s in sorted(keep)])
 
 
 def fit(errors: Errors, keep: set[str]) -> Key:
@@ -122,12 +126,13 @@ def fit(errors: Errors, keep: set[str]) -> Key:
     their BF16 runs, then fp8 on their FP8 runs, each against its source's BF16 level
     (:func:`fp8_relative_errors`; ``FP8_PRIOR`` when they have no FP8 run). Each is a scale
     on time, so each is the grid value that centres its runs: the median signed error
-    nearest zero (a median-unbiased calibration; ties to the lower value)."""
+    nearest zero, every source weighing the same (:func:`_weighted_bias`; a median-unbiased
+    calibration; ties to the lower value)."""
     default_fp8 = FP8_PRIOR
     me = min(MATMUL_GRID, key=lambda v: _source_bias(errors, (v, default_fp8), keep))
     if not errors.select((me, default_fp8), keep, True):
         return me, default_fp8
-    fe = min(FP8_GRID, key=lambda v: _median_bias(fp8_relative_errors(errors, (me, v), keep)))
+    fe = min(FP8_GRID, key=lambda v: _fp8_bias(errors, (me, v), keep))
     return me, fe
 
 

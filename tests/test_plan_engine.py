@@ -66,8 +66,10 @@ def test_deepspeed_sends_block_the_sender_both_ways() -> None:
     megatron, deepspeed = _profiles(cluster, config)
     activation = 2 * 2 * 2048 * MODEL.hidden  # bf16, b x s x h
     send = C.p2p_latency_s + activation / (100e9 / 8 * C.link_efficiency)
-    assert megatron.hops[0] == pytest.approx(send, rel=1e-9)  # both engines wait for it
-    assert deepspeed.hops == megatron.hops
+    assert megatron.hops[0] == pytest.approx(send, rel=1e-9)  # the receiver waits for it
+    # DeepSpeed's send blocks the sender until the data is there: the sender pays it, the
+    # receiver waits for nothing more (no TP shares to gather at TP = 1)
+    assert deepspeed.hops == [0.0, 0.0]
     assert deepspeed.forward[0] - megatron.forward[0] == pytest.approx(send, rel=1e-9)
     assert deepspeed.forward[1] == megatron.forward[1]  # the last stage sends no activation
     copy_1 = deepspeed.backward[1] - megatron.backward[1] - send  # the input gradient's send
@@ -84,6 +86,7 @@ def test_deepspeed_gathers_its_own_partitioned_output_before_the_backward() -> N
     gather = all_gather_time(activation, 2, A100.nvlink_bandwidth, C)
     send = C.p2p_latency_s + activation / 2 / (A100.network_bandwidth * C.link_efficiency)
     assert megatron.hops[0] == pytest.approx(send + gather, rel=1e-9)
+    assert deepspeed.hops[0] == pytest.approx(gather, rel=1e-9)
     hbm = A100.hbm_bandwidth * C.hbm_efficiency
     stage_0 = (4 * MODEL.layer_params + MODEL.embedding_params(2)) / 2
     extra = deepspeed.backward[0] - megatron.backward[0]
@@ -162,3 +165,59 @@ def test_the_cli_takes_a_node_network_and_an_engine() -> None:
                         "--num-chunks", "2", "--pp", "2")
     assert refused.returncode == 2
     assert "only 1F1B" in refused.stderr
+
+
+def test_what_would_fit_keeps_the_constants_and_the_network() -> None:
+    from stagewise.plan import get_model
+    from stagewise.plan.advice import what_would_fit
+
+    model = get_model("llama-2-70b")
+    cluster = Cluster(get_gpu("a100-40gb"), 1, 8).with_node_network(100)
+    run = TrainingSpec(seq_len=4096, global_batch=64)
+    constants = replace(C, tp_overlap="none")
+    suggestions = what_would_fit(model, cluster, run, constants)
+    assert suggestions
+    for suggestion in suggestions:
+        plan = suggestion.plan
+        assert plan.cluster.node_network_gbps == pytest.approx(100)
+        again = evaluate(model, plan.cluster, plan.training, plan.config, constants)
+        assert plan.time.step_s == pytest.approx(again.time.step_s, rel=1e-9)
+    assert any(s.plan.cluster.gpu.name != cluster.gpu.name for s in suggestions)
+
+
+def test_model_flags_and_the_tp_overlap_reach_the_plan() -> None:
+    import json
+
+    shape = ["--layers", "8", "--hidden", "1024", "--heads", "16", "--ffn", "4096",
+             "--vocab", "50304", "--mlp", "gelu", "--tied-embeddings"]
+    fixed = ["--tp", "8", "--pp", "1", "--micro-batch-size", "4", "--recompute", "none",
+             "--no-sequence-parallel", "--attention", "unfused"]
+
+    def plan(*flags: str) -> dict[str, object]:
+        done = subprocess.run(
+            [sys.executable, "-m", "stagewise", "plan", *shape, "--gpu", "a100", "--gpus", "8",
+             "--seq-len", "2048", "--global-batch", "32", "--json", *fixed, *flags],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        document: dict[str, object] = json.loads(done.stdout)
+        return document
+
+    plain = plan()
+    assert plain["num_params"] == ModelSpec(
+        name="x", layers=8, hidden=1024, heads=16, kv_heads=16, ffn=4096, vocab=50304,
+        mlp="gelu", norm="layernorm", tied_embeddings=True, position="learned",
+        max_seq_len=2048).num_params
+    bloomish = plan("--position", "alibi", "--bias", "--dropout")
+    assert bloomish["num_params"] == ModelSpec(
+        name="x", layers=8, hidden=1024, heads=16, kv_heads=16, ffn=4096, vocab=50304,
+        mlp="gelu", norm="layernorm", tied_embeddings=True, position="alibi", bias=True,
+        dropout=True, max_seq_len=2048).num_params
+    steps = {}
+    for overlap in ("none", "backward"):
+        document = plan("--tp-overlap", overlap)
+        assert document["tp_overlap"] == overlap
+        steps[overlap] = document["recommended"]["step_time_s"]  # type: ignore[index]
+    assert steps["none"] > steps["backward"]  # TP 8: the backward all-reduces are exposed
+    deepspeed = plan("--engine", "deepspeed")
+    assert (deepspeed["engine"], deepspeed["tp_overlap"]) == ("deepspeed", "none")
+    assert plan()["node_network_gbps"] == pytest.approx(1600)

@@ -78,10 +78,11 @@ def add_parser(verbs: Any) -> None:
     how.add_argument("--attention", choices=("flash", "unfused"), default="flash")
     how.add_argument("--precision", choices=PRECISIONS, default="bf16",
                      help="bf16, or fp8 block GEMMs (H100, H200, B200)")
-    how.add_argument("--tp-overlap", choices=TP_OVERLAPS, default=DEFAULT_CONSTANTS.tp_overlap,
+    how.add_argument("--tp-overlap", choices=TP_OVERLAPS,
                      help="which TP collectives hide behind GEMMs: backward (Megatron-LM since "
-                          "late 2021, the default), all (Transformer Engine userbuffers, NeMo), "
-                          "none (synchronous: Megatron-LM of early 2021, Megatron-DeepSpeed)")
+                          "late 2021; the default), all (Transformer Engine userbuffers, NeMo), "
+                          "none (synchronous: Megatron-LM of early 2021, Megatron-DeepSpeed; "
+                          "the default with --engine deepspeed)")
     how.add_argument("--engine", choices=ENGINES, default="megatron",
                      help="whose runtime runs the step: megatron (Megatron-LM, torchtitan, "
                           "stagewise) or deepspeed (DeepSpeed's pipeline engine, "
@@ -246,14 +247,17 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
     )
     fixed = _fixed(args)
+    args.tp_overlap = args.tp_overlap or ("none" if args.engine == "deepspeed" else "backward")
     constants = replace(DEFAULT_CONSTANTS, tp_overlap=args.tp_overlap)
     result = search(model, cluster, training, fixed, constants,
-                    progress=_progress_for(args, model, cluster), exact_top=max(1, args.top))
+                    progress=_progress_for(args, model, cluster, training),
+                    exact_top=max(1, args.top))
     if not result.plans:
         reason = result.skipped[0][1] if result.skipped else "no candidate"
         raise PlanError(reason)
     best = result.best
-    suggestions = what_would_fit(model, cluster, training) if best is None and not fixed else []
+    suggestions = (what_would_fit(model, cluster, training, constants)
+                   if best is None and not fixed else [])
     claim = None
     if args.claim_steps_per_s is not None:
         claim = check_claim(model, cluster, training, args.claim_steps_per_s, best)
@@ -315,10 +319,11 @@ def _print_emitted(args: argparse.Namespace, config: Any, cluster: Cluster) -> N
               f"... -m stagewise train --config {path}")
 
 
-def _progress_for(args: argparse.Namespace, model: ModelSpec, cluster: Cluster) -> Any:
+def _progress_for(
+    args: argparse.Namespace, model: ModelSpec, cluster: Cluster, training: TrainingSpec
+) -> Any:
     from stagewise.plan.search import candidates
 
-    training = TrainingSpec(seq_len=args.seq_len, global_batch=args.global_batch)
     count = sum(1 for _ in candidates(model, cluster, training, _fixed(args)))
     return _progress if count >= PROGRESS_FROM else None
 
@@ -414,6 +419,9 @@ def _print_json(
         "gpu": cluster.gpu.name,
         "nodes": cluster.nodes,
         "gpus_per_node": cluster.gpus_per_node,
+        "node_network_gbps": cluster.node_network_gbps,
+        "engine": training.engine,
+        "tp_overlap": args.tp_overlap,
         "seq_len": training.seq_len,
         "global_batch": training.global_batch,
         "mode": training.mode,

@@ -116,11 +116,15 @@ def what_would_fit(
                 f"LoRA fine-tuning (rank {training.lora_rank}, frozen base weights) on the "
                 f"same {cluster.num_gpus} GPUs", best,
             ))
+    own_network = cluster.gpu.network_bandwidth != get_gpu(cluster.gpu.name).network_bandwidth
     for name in catalog_gpus():
         gpu = get_gpu(name)
         if gpu.memory_gib <= cluster.gpu.memory_gib:
             continue
-        best = _best(model, replace(cluster, gpu=gpu), training, constants)
+        other = replace(cluster, gpu=gpu)
+        if own_network:  # the cluster's network stays when its GPUs change
+            other = other.with_node_network(cluster.node_network_gbps)
+        best = _best(model, other, training, constants)
         if best is not None:
             found.append(Suggestion(
                 f"{cluster.nodes} node(s) of {cluster.gpus_per_node} {gpu.name} "

@@ -124,6 +124,9 @@ def run_notes(plan: Plan, family: str) -> list[str]:
                      "zero-bubble schedules or tied embeddings)")
     if training.mode == "lora":
         notes.append("planned as LoRA fine-tuning; stagewise train trains every weight")
+    if training.engine == "deepspeed":
+        notes.append("timed for DeepSpeed's pipeline engine; stagewise train's own runtime "
+                     "(asynchronous transfers, no fp32 gradient copy) runs it faster")
     if len(set(plan.layers)) > 1:
         notes.append("the planned layers per stage are uneven; stagewise train cuts the "
                      "layers by its --partition rule (embedding and head included)")

@@ -183,7 +183,7 @@ def check_config(
             f"or num_chunks{hint}"
         )
     if training.engine == "deepspeed":
-        _check_deepspeed(config)
+        _check_deepspeed(config, training)
     generator = get(config.schedule)
     if generator.fixed_chunks is not None and config.num_chunks != generator.fixed_chunks:
         raise PlanError(
@@ -192,21 +192,29 @@ def check_config(
         )
 
 
-def _check_deepspeed(config: ParallelConfig) -> None:
-    """Raise PlanError for what DeepSpeed's pipeline engine cannot run: a schedule other
-    than its 1F1B ``TrainSchedule`` with one chunk per rank, or ZeRO-2/3 with pipeline
-    parallelism ("ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism")."""
+def _check_deepspeed(config: ParallelConfig, training: TrainingSpec) -> None:
+    """Raise PlanError for what the deepspeed engine (DeepSpeed's ``PipelineEngine`` with its
+    bf16 optimizer, ``TrainingSpec.engine``) does not run: a schedule other than its 1F1B
+    ``TrainSchedule`` with one chunk per rank; ZeRO-2/3 ("ZeRO-2 and ZeRO-3 are incompatible
+    with pipeline parallelism"); or, training in full over several replicas, a replicated
+    optimizer state (``BF16_Optimizer`` shards it over DP: "it implements its own zero stage
+    1 equivalent")."""
     if config.pp > 1 and (config.schedule != "1f1b" or config.num_chunks != 1):
         raise PlanError(
             f"DeepSpeed's pipeline engine runs only 1F1B with one chunk per rank, got "
             f"{config.schedule} with num_chunks={config.num_chunks}: use --schedule 1f1b "
             "--num-chunks 1, or --engine megatron"
         )
-    if config.pp > 1 and (config.shards("gradients") or config.shards("weights")):
+    if config.shards("gradients"):
         raise PlanError(
-            f"DeepSpeed's pipeline engine rejects ZeRO-2 and ZeRO-3 with pipeline parallelism, "
-            f"got dp_sharding={config.dp_sharding!r} with PP={config.pp}: use "
-            "--dp-sharding optimizer or none"
+            f"DeepSpeed's pipeline engine rejects ZeRO-2 and ZeRO-3, got "
+            f"dp_sharding={config.dp_sharding!r}: use --dp-sharding optimizer, or --engine "
+            "megatron"
+        )
+    if training.mode == "full" and config.dp > 1 and not config.shards("optimizer"):
+        raise PlanError(
+            "DeepSpeed's bf16 optimizer shards the optimizer state over DP (its own ZeRO-1), "
+            "got dp_sharding='none': use --dp-sharding optimizer"
         )
 
 
@@ -253,7 +261,7 @@ def evaluate(
         model, training, config, layers, (sizes_key, sizes), cache, m, constants,
         cluster.gpu.memory_gib,
     )
-    profile_key = ("profile", *knobs, config.dp, layers, placement)
+    profile_key = ("profile", *knobs, config.dp, config.dp_sharding, layers, placement)
 
     def costs() -> StageProfile:
         return cache.memo(profile_key, lambda: stage_profile(

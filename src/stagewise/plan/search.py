@@ -205,11 +205,14 @@ def _layout_configs(
     mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else [
         b for b in MICRO_BATCH_SIZES if per_replica % b == 0
     ]
+    deepspeed = training.engine == "deepspeed"  # no sequence parallelism in Megatron-
+    # DeepSpeed of BLOOM's time; its bf16 optimizer always shards the optimizer state
     sps = [fixed["sequence_parallel"]] if "sequence_parallel" in fixed else (
-        [False, True] if tp > 1 else [False]
+        [False, True] if tp > 1 and not deepspeed else [False]
     )
     dopts = [fixed["dp_sharding"]] if "dp_sharding" in fixed else (
-        list(SEARCHED_SHARDING) if dp > 1 else ["none"]
+        ["none"] if dp == 1 else
+        ["optimizer"] if deepspeed and training.mode == "full" else list(SEARCHED_SHARDING)
     )
     for schedule, v in _schedule_options(model, pp, fixed, training.engine):
         for split in _split_options(model, pp, v, fixed):

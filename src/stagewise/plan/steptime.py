@@ -283,6 +283,9 @@ def stage_profile(
     if training.engine == "deepspeed":
         forward, backward = _deepspeed_costs(model, cluster, training, config, layers,
                                              forward, backward, sends, regather, c)
+        # a blocking send returns when its data has arrived: the receiver waits only for
+        # its TP all-gather of the shares
+        hops = [regather if send else 0.0 for send in sends]
     return StageProfile(block, forward, backward, weight, hops, fsdp)
 
 
