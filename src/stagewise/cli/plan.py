@@ -158,7 +158,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--bias", action="store_true",
                       help="model from flags: linear layers carry biases (GPT-2, BLOOM)")
     what.add_argument("--dropout", action="store_true",
-                      help="model from flags: trains with dropout (masks kept for backward)")
+                      help="train with dropout (masks kept for backward), whatever the model's "
+                           "own setting (a Hugging Face config often says 0)")
 
 
 def _model(args: argparse.Namespace) -> ModelSpec:
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, global_batch=args.global_batch,
         mode="full" if args.lora is None else "lora", lora_rank=args.lora or 16,
         attention=args.attention, dp_overlap=not args.no_dp_overlap, precision=args.precision,
-        engine=args.engine,
+        engine=args.engine, dropout=True if args.dropout else None,
     )
     fixed = _fixed(args)
     args.tp_overlap = args.tp_overlap or ("none" if args.engine == "deepspeed" else "backward")
