@@ -230,44 +230,17 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
             )
         if kind == "gpt2":
             hidden = int(config["n_embd"])
-            return ModelSpec(
-                name=label,
-                layers=int(config["n_layer"]),
-                hidden=hidden,
-                heads=int(config["n_head"]),
-                kv_heads=int(config["n_head"]),
-                ffn=int(config.get("n_inner") or 4 * hidden),
-                vocab=int(config["vocab_size"]),
-                mlp="gelu",
-                norm="layernorm",
-                tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-                position="learned",
-                bias=True,
-                dropout=float(config.get("resid_pdrop", 0.1) or 0.0) > 0,
-                max_seq_len=int(config.get("n_positions", 1024)),
-                source="Hugging Face config (gpt2)",
-            )
-        if kind == "bloom":
+            return _gpt_style(config, label, hidden, int(config.get("n_inner") or 4 * hidden),
+                              position="learned",
+                              dropout=float(config.get("resid_pdrop", 0.1) or 0.0) > 0,
+                              max_seq_len=int(config.get("n_positions", 1024)))
+        if kind == "bloom":  # BloomMLP: dense_h_to_4h, dense_4h_to_h; ALiBi, no table
             hidden = int(config.get("hidden_size") or config["n_embed"])
             dropout = max(float(config.get("hidden_dropout", 0.0) or 0.0),
                           float(config.get("attention_dropout", 0.0) or 0.0))
-            return ModelSpec(
-                name=label,
-                layers=int(config["n_layer"]),
-                hidden=hidden,
-                heads=int(config["n_head"]),
-                kv_heads=int(config["n_head"]),
-                ffn=4 * hidden,  # BloomMLP: dense_h_to_4h, dense_4h_to_h
-                vocab=int(config["vocab_size"]),
-                mlp="gelu",
-                norm="layernorm",
-                tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-                position="alibi",
-                bias=True,
-                dropout=dropout > 0,
-                max_seq_len=int(config.get("seq_length", 2048)),
-                source="Hugging Face config (bloom)",
-            )
+            return _gpt_style(config, label, hidden, 4 * hidden, position="alibi",
+                              dropout=dropout > 0,
+                              max_seq_len=int(config.get("seq_length", 2048)))
     except KeyError as err:
         raise PlanError(f"model config {label!r} lacks field {err} for type {kind!r}") from None
     raise PlanError(
@@ -276,6 +249,31 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
         "--layers/--hidden/... flags"
     )
 
+
+
+def _gpt_style(
+    config: dict[str, Any], label: str, hidden: int, ffn: int, *, position: str, dropout: bool,
+    max_seq_len: int,
+) -> ModelSpec:
+    """A GPT-2-style block (GeLU MLP, LayerNorm, biases, full multi-head attention) from a
+    Hugging Face config's ``n_layer``, ``n_head`` and ``vocab_size`` (gpt2, bloom)."""
+    return ModelSpec(
+        name=label,
+        layers=int(config["n_layer"]),
+        hidden=hidden,
+        heads=int(config["n_head"]),
+        kv_heads=int(config["n_head"]),
+        ffn=ffn,
+        vocab=int(config["vocab_size"]),
+        mlp="gelu",
+        norm="layernorm",
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        position=position,
+        bias=True,
+        dropout=dropout,
+        max_seq_len=max_seq_len,
+        source=f"Hugging Face config ({config.get('model_type')})",
+    )
 
 def hf_family_and_config(model: ModelSpec) -> tuple[str, dict[str, Any]]:
     """The Hugging Face family and config fields that build ``model`` (the inverse of

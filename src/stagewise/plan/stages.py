@@ -18,7 +18,6 @@ from stagewise.plan.spec import ParallelConfig, TrainingSpec
 
 __all__ = [
     "LOSS_BACKWARD_BYTES", "LOSS_FORWARD_BYTES", "EdgeTime", "edge_times", "hop_parts",
-    "hop_times",
     "node_of_rank", "stage_costs",
 ]
 
@@ -133,20 +132,6 @@ def hop_parts(
         bandwidth = gpu.network_bandwidth if crosses else gpu.nvlink_bandwidth
         sends.append(p2p_time(size / t, bandwidth, c))
     return sends, regather
-
-
-def hop_times(
-    model: ModelSpec,
-    cluster: Cluster,
-    training: TrainingSpec,
-    config: ParallelConfig,
-    placement: tuple[int, ...],
-    c: Constants,
-) -> list[float]:
-    """Seconds to send one micro-batch's activation (or its gradient) over each stage boundary
-    and gather it on the receiver (:func:`hop_parts`)."""
-    sends, regather = hop_parts(model, cluster, training, config, placement, c)
-    return [send + regather if send else 0.0 for send in sends]
 
 
 def stage_costs(
