@@ -221,3 +221,32 @@ def test_model_flags_and_the_tp_overlap_reach_the_plan() -> None:
     deepspeed = plan("--engine", "deepspeed")
     assert (deepspeed["engine"], deepspeed["tp_overlap"]) == ("deepspeed", "none")
     assert plan()["node_network_gbps"] == pytest.approx(1600)
+
+
+def test_deepspeed_refuses_other_schedules_at_any_depth_and_emitted_runs_keep_dropout(
+    tmp_path: object,
+) -> None:
+    from pathlib import Path
+
+    cluster = Cluster(A100, 1, 8)
+    run = TrainingSpec(seq_len=2048, global_batch=64, engine="deepspeed")
+    with pytest.raises(PlanError, match="only 1F1B"):
+        evaluate(MODEL, cluster, run, ParallelConfig.of(tp=1, pp=1, dp=8, schedule="gpipe",
+                                                          dp_sharding="optimizer"))
+    out = Path(str(tmp_path)) / "run.toml"
+    done = subprocess.run(
+        [sys.executable, "-m", "stagewise", "plan", "--model", "tiny-llama", "--gpu", "cpu",
+         "--gpus", "4", "--seq-len", "32", "--global-batch", "8", "--pp", "2", "--tp", "2",
+         "--attention", "unfused", "--dropout", "--emit-config", str(out)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "attention_dropout = 0.1" in out.read_text()
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly() -> None:
+    shell = (f"{sys.executable} -m stagewise plan --model llama-2-7b --gpu a100 --gpus 16 "
+             "--seq-len 4096 --global-batch 64 | head -c 10")
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert len(done.stdout) == 10
+    assert "Traceback" not in done.stderr

@@ -105,6 +105,24 @@ def test_hf_bloom_config_is_alibi_with_biases_and_the_model_cards_parameters() -
     assert bloom.embedding_params() == 250880 * 14336  # ALiBi: no position table
 
 
+def test_hf_bloom_configs_with_the_older_field_names_read_alike(tmp_path: Path) -> None:
+    # bloom-560m's config.json names its width n_embed and its heads num_attention_heads
+    old = model_from_hf_config({"model_type": "bloom", "n_embed": 1024, "n_layer": 24,
+                                "num_attention_heads": 16, "vocab_size": 250880,
+                                "seq_length": 2048})
+    new = model_from_hf_config({"model_type": "bloom", "hidden_size": 1024, "n_layer": 24,
+                                "n_head": 16, "vocab_size": 250880})
+    assert old == new
+    assert (old.layers, old.heads, old.hidden) == (24, 16, 1024)
+    with pytest.raises(PlanError, match="not a number"):
+        model_from_hf_config({"model_type": "bloom", "hidden_size": 1024, "n_layer": 24,
+                              "n_head": "sixteen", "vocab_size": 8})
+    listed = tmp_path / "config.json"
+    listed.write_text(json.dumps(["not", "an", "object"]))
+    with pytest.raises(PlanError, match="not a JSON object"):
+        model_from_hf_config(listed)
+
+
 def test_bad_configs_are_plan_errors(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="model_type"):
         model_from_hf_config({"model_type": "bert"})

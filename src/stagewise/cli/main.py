@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -77,5 +78,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    """Console entry point."""
-    sys.exit(cli())
+    """Console entry point. A reader that stops early (``stagewise plan ... | head``) ends the
+    output quietly, as other command-line tools do, not with a traceback."""
+    try:
+        code = cli()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+        code = 141  # 128 + SIGPIPE, as a shell reports a piped command cut short
+    sys.exit(code)

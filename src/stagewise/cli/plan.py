@@ -99,7 +99,7 @@ def add_parser(verbs: Any) -> None:
     knobs.add_argument("--dp-sharding", choices=DP_SHARDING,
                        help="what the data-parallel replicas shard: none, optimizer (ZeRO-1), "
                        "gradients (ZeRO-2) or weights (FSDP); default: none and optimizer "
-                       "searched")
+                       "searched (optimizer only with --engine deepspeed)")
     knobs.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction,
                        help="Megatron-LM's name: --dp-sharding optimizer (no-: none)")
     knobs.add_argument("--schedule", help="a stagewise schedule name")
@@ -347,6 +347,9 @@ def _layouts(args: argparse.Namespace, result: SearchResult) -> list[tuple[int, 
     return chosen
 
 
+_ENGINE_NAMES = {"megatron": "Megatron-LM's runtime", "deepspeed": "DeepSpeed's pipeline engine"}
+
+
 def _print_text(
     args: argparse.Namespace, model: ModelSpec, cluster: Cluster, training: TrainingSpec,
     result: SearchResult, shown: list[Any], suggestions: list[Any], claim: Any,
@@ -359,7 +362,8 @@ def _print_text(
         f"({gpu.memory_gib:g} GiB, "
         f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16, {cluster.node_network_gbps:g} Gb/s per node "
         f"between nodes); seq_len {training.seq_len}, global batch "
-        f"{training.global_batch}"
+        f"{training.global_batch}; timed for {_ENGINE_NAMES[training.engine]}, TP overlap "
+        f"{args.tp_overlap}"
     )
     fitting = len(result.fitting)
     print(

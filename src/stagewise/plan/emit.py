@@ -15,6 +15,7 @@ runtime differs from what was planned (sequence parallelism, the distributed opt
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from stagewise.errors import PlanError
@@ -70,7 +71,8 @@ def run_config(
             f"the plan recomputes {cfg.recompute!r}, but stagewise train recomputes whole "
             "layers only: plan again with --recompute none or --recompute full"
         )
-    model: ModelSpec = plan.model
+    # the run's dropout (--dropout) is what was planned, whatever the model's own setting
+    model: ModelSpec = replace(plan.model, dropout=training.uses_dropout(plan.model))
     seq = training.seq_len
     if toy:
         model = toy_model(model, cfg.pp * cfg.num_chunks, cfg.tp)

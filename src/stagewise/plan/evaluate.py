@@ -199,7 +199,7 @@ def _check_deepspeed(config: ParallelConfig, training: TrainingSpec) -> None:
     with pipeline parallelism"); or, training in full over several replicas, a replicated
     optimizer state (``BF16_Optimizer`` shards it over DP: "it implements its own zero stage
     1 equivalent")."""
-    if config.pp > 1 and (config.schedule != "1f1b" or config.num_chunks != 1):
+    if config.schedule != "1f1b" or config.num_chunks != 1:
         raise PlanError(
             f"DeepSpeed's pipeline engine runs only 1F1B with one chunk per rank, got "
             f"{config.schedule} with num_chunks={config.num_chunks}: use --schedule 1f1b "

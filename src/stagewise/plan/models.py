@@ -206,6 +206,8 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
         except (OSError, json.JSONDecodeError) as err:
             raise PlanError(f"cannot read model config {str(path)!r}: {err}") from None
         label = name or Path(path).parent.name or Path(path).stem
+    if not isinstance(config, dict):
+        raise PlanError(f"model config {label!r} is not a JSON object: give a config.json")
     kind = config.get("model_type", "")
     try:
         if kind in ("llama", "mistral"):
@@ -235,14 +237,19 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
                               dropout=float(config.get("resid_pdrop", 0.1) or 0.0) > 0,
                               max_seq_len=int(config.get("n_positions", 1024)))
         if kind == "bloom":  # BloomMLP: dense_h_to_4h, dense_4h_to_h; ALiBi, no table
+            # BloomConfig also reads the older names (bloom-560m's n_embed, num_attention_heads)
             hidden = int(config.get("hidden_size") or config["n_embed"])
-            dropout = max(float(config.get("hidden_dropout", 0.0) or 0.0),
-                          float(config.get("attention_dropout", 0.0) or 0.0))
+            dropout = max(float(config.get("hidden_dropout") or 0.0),
+                          float(config.get("attention_dropout") or 0.0))
             return _gpt_style(config, label, hidden, 4 * hidden, position="alibi",
                               dropout=dropout > 0,
-                              max_seq_len=int(config.get("seq_length", 2048)))
+                              max_seq_len=int(config.get("seq_length") or 2048),
+                              heads=int(config.get("n_head") or config["num_attention_heads"]),
+                              layers=int(config.get("n_layer") or config["num_hidden_layers"]))
     except KeyError as err:
         raise PlanError(f"model config {label!r} lacks field {err} for type {kind!r}") from None
+    except (TypeError, ValueError) as err:
+        raise PlanError(f"model config {label!r} has a field that is not a number: {err}") from None
     raise PlanError(
         f"model config {label!r} has model_type {kind!r}: supported are llama, mistral, "
         "gpt2 and bloom (bloom: planning only); describe other models with "
@@ -250,19 +257,20 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
     )
 
 
-
 def _gpt_style(
     config: dict[str, Any], label: str, hidden: int, ffn: int, *, position: str, dropout: bool,
-    max_seq_len: int,
+    max_seq_len: int, heads: int | None = None, layers: int | None = None,
 ) -> ModelSpec:
     """A GPT-2-style block (GeLU MLP, LayerNorm, biases, full multi-head attention) from a
-    Hugging Face config's ``n_layer``, ``n_head`` and ``vocab_size`` (gpt2, bloom)."""
+    Hugging Face config (gpt2, bloom): ``heads`` and ``layers`` default to its ``n_head``
+    and ``n_layer``."""
+    heads = int(config["n_head"]) if heads is None else heads
     return ModelSpec(
         name=label,
-        layers=int(config["n_layer"]),
+        layers=int(config["n_layer"]) if layers is None else layers,
         hidden=hidden,
-        heads=int(config["n_head"]),
-        kv_heads=int(config["n_head"]),
+        heads=heads,
+        kv_heads=heads,
         ffn=ffn,
         vocab=int(config["vocab_size"]),
         mlp="gelu",
@@ -274,6 +282,7 @@ def _gpt_style(
         max_seq_len=max_seq_len,
         source=f"Hugging Face config ({config.get('model_type')})",
     )
+
 
 def hf_family_and_config(model: ModelSpec) -> tuple[str, dict[str, Any]]:
     """The Hugging Face family and config fields that build ``model`` (the inverse of
