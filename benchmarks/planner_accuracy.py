@@ -27,9 +27,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from planner_runs import DATA, Case, calibration_inputs, load_cases, reference_cases
+from planner_runs import (
+    DATA,
+    Case,
+    calibration_inputs,
+    load_cases,
+    published_inputs,
+    reference_cases,
+)
 
-from stagewise.plan import DEFAULT_CONSTANTS, Constants, evaluate
+from stagewise.plan import DEFAULT_CONSTANTS, Constants, evaluate, search
 from stagewise.plan.memory import GIB
 
 FP8_PRIOR = 1.0
@@ -190,6 +197,25 @@ def memory_check(path: Path = DATA / "calibration_runs.json") -> list[dict[str, 
     return rows
 
 
+def logged_memory_check() -> dict[str, Any]:
+    """The planner's memory of the most loaded rank against BigScience's logged nvidia-smi
+    memory (``memory_gb_logged``: the first node, allocator reserve and CUDA context in), and
+    what it says of the layouts that ran out of memory (``outcome``)."""
+    ratios, oom = [], []
+    for run in json.loads((DATA / "published_runs.json").read_text())["runs"]:
+        if "memory_gb_logged" not in run and run.get("outcome") != "out of memory":
+            continue
+        model, cluster, training, fixed = published_inputs(run)
+        constants = replace(DEFAULT_CONSTANTS, tp_overlap=run.get("tp_comm_overlap", "backward"))
+        plan = search(model, cluster, training, fixed, constants, exact_top=1).plans[0]
+        planned = plan.memory.total / GIB
+        if "memory_gb_logged" in run:
+            ratios.append(run["memory_gb_logged"] * 1e9 / GIB / planned)
+        else:
+            oom.append({"id": run["id"], "planned_gib": planned, "fits": plan.fits})
+    return {"logged_over_planned": ratios, "out_of_memory": oom}
+
+
 def _line(label: str, s: dict[str, Any]) -> str:
     fitted = s.get("fitted")
     pair = f"fitted {fitted[0]:.2f}/{fitted[1]:.2f}  " if fitted else " " * 19
@@ -200,6 +226,7 @@ def _line(label: str, s: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     result = leave_one_source_out(load_cases())
     result["memory"] = memory_check()
+    result["logged_memory"] = logged_memory_check()
     if "--json" in argv:
         print(json.dumps(result, indent=1))
         return 0
@@ -224,6 +251,13 @@ def main(argv: list[str]) -> int:
               if r.get(k) is not None]
     print(f"memory (Korthikanti Fig. 1): worst |error| {max(memory):.1%} over {len(memory)} "
           "figures")
+    logged = result["logged_memory"]
+    ratios = logged["logged_over_planned"]
+    print(f"memory (BigScience's nvidia-smi logs, n={len(ratios)}): logged / planned median "
+          f"{statistics.median(ratios):.2f}, {min(ratios):.2f} to {max(ratios):.2f}")
+    for r in logged["out_of_memory"]:
+        verdict = "fits" if r["fits"] else "does not fit"
+        print(f"  ran out of memory: {r['id']:42} planned {r['planned_gib']:5.1f} GiB, {verdict}")
     constants = ", ".join(f"{name}={getattr(DEFAULT_CONSTANTS, name)}"
                           for name in Constants.__dataclass_fields__)
     print(f"shipped constants: {constants}")

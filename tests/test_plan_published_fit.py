@@ -69,6 +69,8 @@ def _cannot_express(row: Row) -> str | None:
         return f"{row.id}: the source does not give its TP/PP/DP split"
     if int(run.get("cp") or 1) > 1:
         return f"{row.id}: context parallelism (cp={run['cp']}) is not in the planner"
+    if run.get("outcome") == "out of memory":
+        return f"{row.id}: ran out of memory (planner_accuracy.py prints the planner's view)"
     layers = run.get("architecture", {}).get("layers")
     if layers is not None and run["pp"] > layers:
         return f"{row.id}: {run['pp']} stages for {layers} layers (a stage of no layer)"
