@@ -289,7 +289,7 @@ def stage_profile(
     return StageProfile(block, forward, backward, weight, hops, fsdp)
 
 
-def stage_trainable(
+def _stage_trainable(
     model: ModelSpec, training: TrainingSpec, config: ParallelConfig, layers: tuple[int, ...]
 ) -> list[float]:
     """Trainable parameters of each stage on one GPU of its TP group: its blocks (LoRA: their
@@ -320,7 +320,7 @@ def _deepspeed_costs(
     into fp32 (:data:`BF16_GRAD_COPY_BYTES` per trainable parameter over HBM)."""
     last = len(layers) - 1
     hbm = cluster.gpu.hbm_bandwidth * c.hbm_efficiency
-    trainable = stage_trainable(model, training, config, layers)
+    trainable = _stage_trainable(model, training, config, layers)
     forward = [f + sends[s] for s, f in enumerate(forward)]
     out = []
     for s, b in enumerate(backward):
