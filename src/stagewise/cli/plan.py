@@ -145,10 +145,14 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     which = what.add_mutually_exclusive_group()
     which.add_argument("--model", help="catalog model, e.g. llama-2-70b")
     which.add_argument("--model-config", metavar="CONFIG.json",
-                       help="a Hugging Face config.json (llama, mistral, gpt2 or bloom "
-                            "model types)")
+                       help="a Hugging Face config.json of a dense decoder (llama, mistral, "
+                            "qwen2, qwen3, phi3, gemma, gpt2, bloom, gpt_neox, mpt, opt, ...; "
+                            "an unsupported type's error lists them all)")
     for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
         what.add_argument(f"--{flag}", type=int, help=f"model from flags: {flag}")
+    what.add_argument("--head-dim", type=int,
+                      help="model from flags: width of one attention head when it is not "
+                           "hidden / heads")
     what.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",
                       help="model from flags: MLP kind")
     what.add_argument("--tied-embeddings", action="store_true", help="model from flags")
@@ -162,7 +166,21 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                            "own setting (a Hugging Face config often says 0)")
 
 
+SHAPE_FLAGS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "position")
+
+
 def _model(args: argparse.Namespace) -> ModelSpec:
+    if args.model or args.model_config:
+        given = [f"--{n.replace('_', '-')}" for n in SHAPE_FLAGS if getattr(args, n) is not None]
+        given += [f"--{n.replace('_', '-')}" for n in ("tied_embeddings", "bias")
+                  if getattr(args, n)]
+        if given:
+            source = "--model" if args.model else "--model-config"
+            raise PlanError(
+                f"{', '.join(given)} {'describe' if len(given) > 1 else 'describes'} a model "
+                f"from flags, but {source} already gives the model: drop "
+                f"{'them' if len(given) > 1 else 'it'}, or drop {source}"
+            )
     if args.model:
         return get_model(args.model)
     if args.model_config:
@@ -181,6 +199,7 @@ def _model(args: argparse.Namespace) -> ModelSpec:
         tied_embeddings=args.tied_embeddings,
         position=args.position or ("rope" if args.mlp == "swiglu" else "learned"),
         bias=args.bias, dropout=args.dropout, max_seq_len=args.seq_len,
+        kv_channels=args.head_dim,
     )
 
 

@@ -86,6 +86,11 @@ def run_config(
             fields[key] = max(fields[key], seq)
     time = plan.time.step_s if plan.fits else 0.0
     notes = run_notes(plan, family)
+    kind = (hf_config or {}).get("model_type")
+    if kind not in (None, family, "mistral" if family == "llama" else family):
+        notes.append(f"the run builds Hugging Face {family} blocks of the planned shapes, not "
+                     f"{kind}'s own (its norms, activation and biases may differ); to fine-tune "
+                     f"the {kind} model itself give stagewise train its folder (--model PATH)")
     if toy:
         notes.insert(0, f"toy run: {plan.model.name} shrunk to {model.layers} layers of width "
                      f"{model.hidden}, sequences of {seq} tokens; the predictions above are "

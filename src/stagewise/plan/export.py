@@ -12,6 +12,7 @@ import re
 import shlex
 
 from stagewise.plan.evaluate import Plan
+from stagewise.plan.models import ModelSpec
 
 __all__ = ["export_notes", "megatron_args", "megatron_command", "torchtitan_toml"]
 
@@ -131,6 +132,8 @@ def _architecture_args(plan: Plan) -> list[str]:
     args = []
     if model.kv_heads != model.heads:
         args += ["--group-query-attention", "--num-query-groups", str(model.kv_heads)]
+    if model.head_dim * model.heads != model.hidden:
+        args += ["--kv-channels", str(model.head_dim)]
     if model.mlp == "swiglu":
         args.append("--swiglu")
     if model.norm == "rmsnorm":
@@ -158,6 +161,22 @@ def megatron_command(plan: Plan) -> str:
     return shlex.join(launcher + megatron_args(plan))
 
 
+def _model_notes(model: ModelSpec) -> list[str]:
+    """What of ``model`` the launch lines cannot say."""
+    notes = []
+    if model.position == "alibi":
+        notes.append("Megatron-LM and torchtitan have no ALiBi: the lines use their own "
+                     "position embedding (Megatron-DeepSpeed: --position-embedding-type alibi)")
+    if model.q_dim != model.hidden:
+        notes.append(f"heads {model.head_dim} wide, not hidden / heads: Megatron-LM's "
+                     "--kv-channels carries it; torchtitan's Llama derives the head width from "
+                     "dim / n_heads, so it needs a model of its own")
+    if not re.fullmatch(r"llama-\d(?:\.\d)?-\d+b", model.name):
+        notes.append(f"torchtitan has no flavor {model.name!r}: register the model's "
+                     "arguments under that name")
+    return notes
+
+
 def export_notes(plan: Plan) -> list[str]:
     """Caveats of the exported launch arguments for ``plan`` (empty when exact)."""
     notes = []
@@ -168,9 +187,7 @@ def export_notes(plan: Plan) -> list[str]:
         notes.append("timed for DeepSpeed's pipeline engine (--engine deepspeed): Megatron-LM "
                      "and torchtitan run the same layout faster (asynchronous transfers, fused "
                      "fp32 gradient accumulation, overlapped DP reduction)")
-    if plan.model.position == "alibi":
-        notes.append("Megatron-LM and torchtitan have no ALiBi: the lines use their own "
-                     "position embedding (Megatron-DeepSpeed: --position-embedding-type alibi)")
+    notes += _model_notes(plan.model)
     if cfg.schedule not in ("1f1b", "interleaved-1f1b") and cfg.pp > 1:
         nearest = "interleaved 1F1B" if cfg.num_chunks > 1 else "1F1B"
         notes.append(
@@ -188,9 +205,6 @@ def export_notes(plan: Plan) -> list[str]:
                      "list them in parallelism.module_fqns_per_model_part")
     if cfg.tp > 1 and not cfg.sequence_parallel:
         notes.append("torchtitan always shards the sequence over TP (sequence parallel)")
-    if not re.fullmatch(r"llama-\d(?:\.\d)?-\d+b", plan.model.name):
-        notes.append(f"torchtitan has no flavor {plan.model.name!r}: register the model's "
-                     "arguments under that name")
     if cfg.dp_sharding == "gradients":
         notes.append("Megatron-LM's distributed optimizer shards the optimizer state only "
                      "(ZeRO-1): the line keeps whole fp32 gradients, more memory than planned")

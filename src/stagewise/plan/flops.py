@@ -2,7 +2,8 @@
 
 Model FLOPs (what MFU divides) follow Korthikanti et al. 2022, eq. 7, generalised to grouped-
 query attention and SwiGLU: per token, forward = 2 x (matmul weights of all blocks)
-+ 4·L·s·h (attention scores and scores x values over the full, non-causal s x s square)
++ 4·L·s·h (attention scores and scores x values over the full, non-causal s x s square; h is
+the query width a x head_dim, the model width unless the heads are wider or narrower)
 + 2·h·V (the output head); a training step is 3x forward (backward is twice the forward).
 For GPT shapes (12h² weights per block, f = 4h) this is exactly
 72·B·L·s·h²·(1 + s/6h + V/12hL) per step. LoRA fine-tuning computes no weight gradients of the
@@ -35,7 +36,7 @@ def _forward_per_token(
     model: ModelSpec, seq_len: int, causal: bool = False
 ) -> tuple[float, float]:
     """(block FLOPs, head FLOPs) of one token's forward pass."""
-    attention = 4.0 * seq_len * model.hidden * (0.5 if causal else 1.0)
+    attention = 4.0 * seq_len * model.q_dim * (0.5 if causal else 1.0)
     blocks = model.layers * (2.0 * model.layer_matmul_params + attention)
     head = 2.0 * model.hidden * model.vocab
     return blocks, head
@@ -70,7 +71,7 @@ def hardware_flops_per_token(
     if recompute == "full":
         extra = blocks
     elif recompute == "selective":
-        extra = model.layers * 4.0 * seq_len * model.hidden
+        extra = model.layers * 4.0 * seq_len * model.q_dim
     return _passes(mode) * (blocks + head) + extra
 
 

@@ -114,10 +114,10 @@ class LayerTime:
 
 def _gemm_shapes(model: ModelSpec, tokens: int, tp: int) -> list[tuple[float, float, float]]:
     """(M, N, K) of the block's forward GEMMs on one TP rank."""
-    h, f = model.hidden, model.ffn
+    h, q, f = model.hidden, model.q_dim, model.ffn
     return [
-        (tokens, (h + 2 * model.kv_dim) / tp, h),  # fused QKV
-        (tokens, h, h / tp),  # attention output projection
+        (tokens, (q + 2 * model.kv_dim) / tp, h),  # fused QKV
+        (tokens, h, q / tp),  # attention output projection
         (tokens, (model.mlp_matrices - 1) * f / tp, h),  # up (and gate, fused)
         (tokens, h, f / tp),  # down
     ]
@@ -157,7 +157,7 @@ def _attention(
     b, s, t = setup.micro_batch_size, setup.seq_len, setup.tp
     heads = model.heads / t
     if setup.attention == "flash":
-        flops = 4.0 * b * s * s * model.hidden / t * 0.5
+        flops = 4.0 * b * s * s * model.q_dim / t * 0.5
         waves = attention_waves(b * heads * math.ceil(s / c.gemm_tile), gpu)
         rate = gemm_rate(gpu, c) * c.flash_efficiency / waves
         forward = flops / (rate * flash_block_share(s, c.flash_forward_block_overhead,
@@ -205,7 +205,7 @@ def elementwise_bytes(model: ModelSpec, setup: LayerSetup) -> tuple[float, float
     else:
         forward, backward = forward + 4 * f, backward + 6 * f
     if model.position == "rope":
-        rotary = 4 * (model.hidden + model.kv_dim) / t
+        rotary = 4 * (model.q_dim + model.kv_dim) / t
         forward, backward = forward + rotary, backward + rotary
     return tokens * forward, tokens * backward
 

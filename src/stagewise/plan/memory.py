@@ -30,7 +30,7 @@ test_plan_lora_memory_fit.py`` repeats the count) and differs from the Megatron 
   adapted linear saves its own bf16 copy of its input (peft casts the input to the adapter's
   float32, autocast casts it back for the GEMM), so Q, K and V keep three copies of the norm
   output (2·s·b·h each), gate and up two more, the output projection and the MLP's down
-  projection one each (2·s·b·h, 2·s·b·f);
+  projection one each (2·s·b·q, 2·s·b·f; q = a x head_dim, h unless the heads say otherwise);
 - each norm saves its fp32 input and 1/rms (4·s·b·h + 4·s·b: Hugging Face's RMSNorm upcasts
   to fp32; LayerNorm is counted the same, as CUDA autocast runs it in fp32);
 - each adapter saves A·x (2·s·b·r) and autocast's bf16 casts of A and B (2 bytes per adapter
@@ -38,9 +38,9 @@ test_plan_lora_memory_fit.py`` repeats the count) and differs from the Megatron 
 - the MLP keeps gate, SiLU(gate) and up (6·s·b·f; GELU: its input, 2·s·b·f);
 - attention: fused (PyTorch SDPA's flash kernel) keeps Q, K, V, its output and the fp32
   log-sum-exp; eager (``attention="unfused"``) keeps Q, and K and V repeated to every head
-  (2·s·b·h each), the fp32 softmax (4·a·s²·b) and its bf16 copy (2·a·s²·b), with attention
+  (2·s·b·q each), the fp32 softmax (4·a·s²·b) and its bf16 copy (2·a·s²·b), with attention
   dropout its mask and output (3·a·s²·b);
-- rotary models: each block recomputes its cos and sin (2 x 2·s·b·h/a); with dropout, the
+- rotary models: each block recomputes its cos and sin (2 x 2·s·b·head_dim); with dropout, the
   two residual dropout masks (2·s·b·h, one byte each).
 
 On the first stage the embedding is frozen, so the first block's input needs no gradient and
@@ -159,8 +159,9 @@ def layer_activation_bytes(
     mlp = ((6 if model.mlp == "swiglu" else 4) - fp8) * s * b * f
     # The attention output: one bf16 tensor read by both backwards; under FP8 the projection
     # keeps its FP8 copy, and with flash the kernel also keeps its own bf16 output.
-    attention_out = (2 - fp8 + (2 * fp8 if training.attention == "flash" else 0)) * sbh
-    sliced = 2 * sbh + 4 * s * b * model.kv_dim + attention_out + mlp  # Q, K and V, out, MLP
+    sbq = s * b * model.q_dim  # the query and the attention output are heads x head_dim wide
+    attention_out = (2 - fp8 + (2 * fp8 if training.attention == "flash" else 0)) * sbq
+    sliced = 2 * sbq + 4 * s * b * model.kv_dim + attention_out + mlp  # Q, K and V, out, MLP
     if training.attention == "flash":
         core = 4.0 * model.heads * s * b
     elif mode == "selective":
@@ -172,8 +173,8 @@ def layer_activation_bytes(
 
 def lora_params_per_block(model: ModelSpec, lora_rank: int) -> int:
     """Adapter parameters of one block: r x (in + out) for Q, K, V, O and the MLP matrices."""
-    h, k, f = model.hidden, model.kv_dim, model.ffn
-    attention = (h + h) + 2 * (h + k) + (h + h)
+    h, q, k, f = model.hidden, model.q_dim, model.kv_dim, model.ffn
+    attention = (h + q) + 2 * (h + k) + (q + h)
     mlp = (model.mlp_matrices - 1) * (h + f) + (f + h)
     return lora_rank * (attention + mlp)
 
@@ -184,7 +185,7 @@ def _lora_block_bytes(
     """One block's saved bytes under peft LoRA on a Hugging Face block (module docstring)."""
     b, s, t = config.micro_batch_size, training.seq_len, config.tp
     h, k, f, a, r = model.hidden, model.kv_dim, model.ffn, model.heads, training.lora_rank
-    sb, sbh = s * b, s * b * h
+    sb, sbh, sbq = s * b, s * b * h, s * b * model.q_dim
     shard = t if config.sequence_parallel else 1
     column_inputs = 3 + model.mlp_matrices - 1  # Q, K, V and the MLP's up (and gate)
     adapters = 4 + model.mlp_matrices
@@ -194,11 +195,11 @@ def _lora_block_bytes(
         replicated += 2 * 2 * sb * model.head_dim
     unsharded = adapters * 2 * sb * r  # A·x: the adapter rank is not split over TP
     mlp = (6 if model.mlp == "swiglu" else 2) * sb * f
-    sliced = 2 * sbh + 2 * sb * f + mlp + 2.0 * lora_params_per_block(model, r)
+    sliced = 2 * sbq + 2 * sb * f + mlp + 2.0 * lora_params_per_block(model, r)
     if training.attention == "flash":
-        core = 2 * sbh + 4 * sb * k + 2 * sbh + 4 * a * sb
+        core = 2 * sbq + 4 * sb * k + 2 * sbq + 4 * a * sb
     else:
-        core = 3 * 2 * sbh
+        core = 3 * 2 * sbq
         if mode != "selective":
             core += (4 + 2 + (3 if dropout else 0)) * a * s * s * b
     return replicated / shard + unsharded + (sliced + core) / t

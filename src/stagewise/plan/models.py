@@ -4,7 +4,9 @@ A :class:`ModelSpec` is a decoder-only transformer described by the numbers the 
 time models need: layers, hidden size, attention heads (query and key/value heads, so grouped
 query attention is covered), the MLP kind (``swiglu``: three matrices, or ``gelu``: two), the
 vocabulary, whether input and output embeddings are tied, and whether linear layers carry biases
-and dropout is used. Parameter counts here are exact for Llama- and GPT-2-style blocks.
+and dropout is used. The head width is h / a unless a model says otherwise (``kv_channels``:
+Mistral-NeMo, Qwen3 and Gemma project to heads x 128 or 256 whatever their width). Parameter
+counts here are exact for Llama- and GPT-2-style blocks.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class ModelSpec:
         bias: linear layers carry biases (GPT-2 style).
         dropout: the model trains with dropout (masks are stored for backward).
         max_seq_len: longest sequence the model was built for (learned positions need it).
+        kv_channels: width of one attention head where it is not h / a (Hugging Face's
+            ``head_dim``, Megatron-LM's ``--kv-channels``); None: h / a.
     """
 
     name: str
@@ -69,6 +73,7 @@ class ModelSpec:
     dropout: bool = False
     max_seq_len: int = 4096
     source: str = ""
+    kv_channels: int | None = None
 
     def __post_init__(self) -> None:
         for label in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_seq_len"):
@@ -77,9 +82,19 @@ class ModelSpec:
                 raise PlanError(
                     f"model {self.name}: {label} must be a positive integer, got {value!r}"
                 )
-        if self.hidden % self.heads:
+        if self.kv_channels is not None and (
+            isinstance(self.kv_channels, bool) or not isinstance(self.kv_channels, int)
+            or self.kv_channels < 1
+        ):
             raise PlanError(
-                f"model {self.name}: hidden {self.hidden} is not a multiple of heads {self.heads}"
+                f"model {self.name}: kv_channels (the head width) must be a positive integer, "
+                f"got {self.kv_channels!r}"
+            )
+        if self.kv_channels is None and self.hidden % self.heads:
+            raise PlanError(
+                f"model {self.name}: hidden {self.hidden} is not a multiple of heads "
+                f"{self.heads}; give the head width (head_dim, --head-dim) if the model's "
+                "heads are not hidden / heads wide"
             )
         if self.heads % self.kv_heads:
             raise PlanError(
@@ -102,8 +117,13 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        """Width of one attention head, h / a."""
-        return self.hidden // self.heads
+        """Width of one attention head: ``kv_channels``, or h / a."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection (and of the attention output): heads x head_dim."""
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -126,7 +146,7 @@ class ModelSpec:
     def layer_matmul_params(self) -> int:
         """Weights of one block's matrix multiplies: Q, K, V, output, and the MLP."""
         h = self.hidden
-        attention = 2 * h * h + 2 * h * self.kv_dim
+        attention = 2 * h * self.q_dim + 2 * h * self.kv_dim
         return attention + self.mlp_matrices * h * self.ffn
 
     @property
@@ -136,7 +156,7 @@ class ModelSpec:
         norms = 2 * h * (2 if self.norm == "layernorm" else 1)
         biases = 0
         if self.bias:
-            biases = (h + 2 * self.kv_dim) + h + (self.mlp_matrices - 1) * self.ffn + h
+            biases = (self.q_dim + 2 * self.kv_dim) + h + (self.mlp_matrices - 1) * self.ffn + h
         return self.layer_matmul_params + norms + biases
 
     def embedding_params(self, tp: int = 1) -> int:
@@ -192,8 +212,18 @@ def get_model(name: str) -> ModelSpec:
 
 
 def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = None) -> ModelSpec:
-    """Read a Hugging Face ``config.json`` (``llama``/``mistral``, ``gpt2`` or ``bloom`` model
-    types; ``bloom`` for planning only: ``stagewise train`` builds the first two families).
+    """Read a Hugging Face ``config.json`` of a dense decoder-only model.
+
+    Llama-shaped families (gated MLP, RMSNorm, rotary positions): ``llama``, ``mistral``,
+    ``qwen2``, ``qwen3``, ``phi3``, ``granite``, ``olmo2``, ``gemma``, ``gemma2``,
+    ``gemma3_text``; GPT-shaped ones (two-matrix MLP, LayerNorm): ``gpt2``, ``bloom``,
+    ``gpt_neox``, ``starcoder2``, ``phi``, ``mpt``, ``opt``. A ``head_dim`` that is not
+    hidden / heads (Mistral-NeMo, Qwen3, Gemma) is kept as ``kv_channels``. What the shape
+    leaves out is small and said in ``source``: Qwen2's biases on Q, K and V only (under
+    0.01 % of the parameters, counted as none), Gemma 2/3's sliding-window layers (timed as
+    full attention: slower than they run at sequences past the window), partial rotary
+    (Pythia, Phi). Mixture-of-experts families are refused. ``stagewise train --model hf:``
+    builds the ``llama`` and ``gpt2`` families; the rest are for planning and MFU.
 
     Raises:
         PlanError: unreadable file, unsupported model type or missing fields.
@@ -209,27 +239,15 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
     if not isinstance(config, dict):
         raise PlanError(f"model config {label!r} is not a JSON object: give a config.json")
     kind = config.get("model_type", "")
+    if kind in MOE_TYPES or config.get("num_local_experts") or config.get("num_experts"):
+        raise PlanError(
+            f"model config {label!r} ({kind!r}) is a mixture of experts: the planner models "
+            "dense blocks only (every token through every weight), so its memory and time would "
+            "be wrong; describe a dense model instead"
+        )
     try:
-        if kind in ("llama", "mistral"):
-            heads = int(config["num_attention_heads"])
-            act = config.get("hidden_act", "silu")
-            return ModelSpec(
-                name=label,
-                layers=int(config["num_hidden_layers"]),
-                hidden=int(config["hidden_size"]),
-                heads=heads,
-                kv_heads=int(config.get("num_key_value_heads") or heads),
-                ffn=int(config["intermediate_size"]),
-                vocab=int(config["vocab_size"]),
-                mlp="swiglu" if act in ("silu", "swish") else "gelu",
-                norm="rmsnorm",
-                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                position="rope",
-                bias=bool(config.get("attention_bias", False)),
-                dropout=float(config.get("attention_dropout", 0.0) or 0.0) > 0,
-                max_seq_len=int(config.get("max_position_embeddings", 4096)),
-                source=f"Hugging Face config ({kind})",
-            )
+        if kind in LLAMA_TYPES:
+            return _llama_style(config, label, kind)
         if kind == "gpt2":
             hidden = int(config["n_embd"])
             return _gpt_style(config, label, hidden, int(config.get("n_inner") or 4 * hidden),
@@ -246,14 +264,113 @@ def model_from_hf_config(path: str | Path | dict[str, Any], name: str | None = N
                               max_seq_len=int(config.get("seq_length") or 2048),
                               heads=int(config.get("n_head") or config["num_attention_heads"]),
                               layers=int(config.get("n_layer") or config["num_hidden_layers"]))
+        if kind in GPT_TYPES:
+            return _gpt_family(config, label, kind)
     except KeyError as err:
         raise PlanError(f"model config {label!r} lacks field {err} for type {kind!r}") from None
     except (TypeError, ValueError) as err:
         raise PlanError(f"model config {label!r} has a field that is not a number: {err}") from None
     raise PlanError(
-        f"model config {label!r} has model_type {kind!r}: supported are llama, mistral, "
-        "gpt2 and bloom (bloom: planning only); describe other models with "
-        "--layers/--hidden/... flags"
+        f"model config {label!r} has model_type {kind!r}: supported are "
+        f"{', '.join(sorted((*LLAMA_TYPES, *GPT_TYPES, 'gpt2', 'bloom')))}; describe other "
+        "models with --layers/--hidden/... flags"
+    )
+
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "gemma",
+               "gemma2", "gemma3_text")
+"""Hugging Face model types whose blocks are Llama's: gate, up and down projections, RMSNorm,
+rotary positions (the activation, SiLU or GELU, does not change the shapes)."""
+GPT_TYPES = ("gpt_neox", "starcoder2", "phi", "mpt", "opt")
+"""Further types with a two-matrix MLP and LayerNorm (``gpt2`` and ``bloom`` read above)."""
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx",
+             "olmoe", "phimoe", "jamba", "granitemoe", "llama4", "llama4_text", "gpt_oss")
+
+
+def _llama_style(config: dict[str, Any], label: str, kind: str) -> ModelSpec:
+    """A Llama-shaped block from its Hugging Face config."""
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    notes = []
+    head_dim = config.get("head_dim")
+    kv_channels = None
+    if head_dim is not None and int(head_dim) * heads != hidden:
+        kv_channels = int(head_dim)
+    elif kind.startswith("gemma") and head_dim is None:
+        kv_channels = 256  # GemmaConfig's default head_dim
+    bias = bool(config.get("attention_bias", False))
+    if kind == "qwen2":
+        notes.append("biases on Q, K and V not counted")
+    if kind in ("gemma2", "gemma3_text"):
+        notes.append("sliding-window layers timed as full attention")
+    tied = config.get("tie_word_embeddings")
+    if tied is None:
+        tied = kind.startswith("gemma")  # their configs' default; Llama's is False
+    return ModelSpec(
+        name=label,
+        layers=int(config["num_hidden_layers"]),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        ffn=int(config["intermediate_size"]),
+        vocab=int(config["vocab_size"]),
+        mlp="swiglu",
+        norm="rmsnorm",
+        tied_embeddings=bool(tied),
+        position="rope",
+        bias=bias,
+        dropout=float(config.get("attention_dropout", 0.0) or 0.0) > 0,
+        max_seq_len=int(config.get("max_position_embeddings", 4096)),
+        kv_channels=kv_channels,
+        source=f"Hugging Face config ({kind}{'; ' if notes else ''}{'; '.join(notes)})",
+    )
+
+
+def _gpt_family(config: dict[str, Any], label: str, kind: str) -> ModelSpec:
+    """A two-matrix-MLP, LayerNorm block from its Hugging Face config (``GPT_TYPES``)."""
+    if kind == "mpt":
+        hidden = int(config["d_model"])
+        attn = config.get("attn_config") or {}
+        alibi = bool(attn.get("alibi", False))
+        learned = bool(config.get("learned_pos_emb", True)) and not alibi
+        dropout = max(float(config.get("resid_pdrop") or 0.0),
+                      float(attn.get("attn_pdrop") or 0.0))
+        return ModelSpec(
+            name=label, layers=int(config["n_layers"]), hidden=hidden,
+            heads=int(config["n_heads"]), kv_heads=int(attn.get("kv_n_heads") or
+                                                          config["n_heads"]),
+            ffn=int(float(config.get("expansion_ratio", 4)) * hidden),
+            vocab=int(config["vocab_size"]), mlp="gelu", norm="layernorm",
+            tied_embeddings=True, position="alibi" if alibi else "learned" if learned else "rope",
+            bias=not bool(config.get("no_bias", True)), dropout=dropout > 0,
+            max_seq_len=int(config.get("max_seq_len", 2048)), source="Hugging Face config (mpt)",
+        )
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    position, notes = "rope", []
+    if kind == "opt":
+        ffn, position = int(config["ffn_dim"]), "learned"
+        bias = bool(config.get("enable_bias", True))
+        tied = config.get("tie_word_embeddings", True)
+        dropout = float(config.get("dropout") or 0.0)
+        if int(config.get("word_embed_proj_dim") or hidden) != hidden:
+            notes.append("embedding projections not counted")
+    else:
+        ffn = int(config.get("intermediate_size") or 4 * hidden)
+        bias = bool(config.get("use_bias", config.get("attention_bias", True)))
+        tied = config.get("tie_word_embeddings", kind == "starcoder2")
+        dropout = max(float(config.get("hidden_dropout") or config.get("resid_pdrop") or 0.0),
+                      float(config.get("attention_dropout") or 0.0))
+        partial = config.get("rotary_pct", config.get("partial_rotary_factor", 1.0))
+        if partial is not None and float(partial) < 1.0:
+            notes.append(f"rotary on {float(partial):.0%} of each head, timed as on all of it")
+    return ModelSpec(
+        name=label, layers=int(config["num_hidden_layers"]), hidden=hidden, heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads), ffn=ffn,
+        vocab=int(config["vocab_size"]), mlp="gelu", norm="layernorm",
+        tied_embeddings=bool(tied), position=position, bias=bias, dropout=dropout > 0,
+        max_seq_len=int(config.get("max_position_embeddings", 2048)),
+        source=f"Hugging Face config ({kind}{'; ' if notes else ''}{'; '.join(notes)})",
     )
 
 
@@ -316,8 +433,10 @@ def hf_family_and_config(model: ModelSpec) -> tuple[str, dict[str, Any]]:
             "attention_bias": model.bias,
             "mlp_bias": model.bias,
             "attention_dropout": 0.1 if model.dropout else 0.0,
+            "head_dim": model.head_dim,
         }
-    if shape == ("gelu", "layernorm", "learned") and model.bias and model.kv_heads == model.heads:
+    if (shape == ("gelu", "layernorm", "learned") and model.bias and model.kv_heads == model.heads
+            and model.q_dim == model.hidden):
         dropout = 0.1 if model.dropout else 0.0
         return "gpt2", {
             "n_embd": model.hidden,
@@ -334,8 +453,8 @@ def hf_family_and_config(model: ModelSpec) -> tuple[str, dict[str, Any]]:
     raise PlanError(
         f"model {model.name} ({model.mlp}, {model.norm}, {model.position} positions, "
         f"{'' if model.bias else 'no '}biases, {model.kv_heads} of {model.heads} key/value "
-        "heads) is neither a Llama nor a GPT-2 shape, so stagewise train cannot build it: "
-        "describe it as one of those families"
+        f"heads {model.head_dim} wide) is neither a Llama nor a GPT-2 shape, so stagewise "
+        "train cannot build it: describe it as one of those families"
     )
 
 
@@ -360,6 +479,6 @@ def toy_model(model: ModelSpec, num_stages: int, tp: int) -> ModelSpec:
     hidden = 16 * heads
     return replace(
         model, name=f"{model.name}-toy", layers=max(2, num_stages), hidden=hidden, heads=heads,
-        kv_heads=kv_heads, ffn=2 * hidden, vocab=256, max_seq_len=128,
+        kv_heads=kv_heads, ffn=2 * hidden, vocab=256, max_seq_len=128, kv_channels=None,
         source=f"toy of {model.name} (stagewise toy_model)",
     )
