@@ -13,7 +13,13 @@ import pytest
 
 from stagewise.cli.main import cli
 from stagewise.errors import PlanError
-from stagewise.plan import ParallelConfig, TrainingSpec, get_gpu, hf_family_and_config
+from stagewise.plan import (
+    DEFAULT_CONSTANTS,
+    ParallelConfig,
+    TrainingSpec,
+    get_gpu,
+    hf_family_and_config,
+)
 from stagewise.plan.export import export_notes, megatron_args
 from stagewise.plan.flops import model_flops_per_token
 from stagewise.plan.layer import LayerSetup, block_time
@@ -193,3 +199,17 @@ def test_megatron_line_carries_kv_channels_only_when_heads_are_not_hidden_over_h
     plain = search(square, cluster, run, {"tp": 8, "pp": 1}).best
     assert plain is not None
     assert "--kv-channels" not in megatron_args(plain)
+
+
+def test_flash_attention_costs_the_kernels_head_width() -> None:
+    # FlashAttention-2 runs an 80-wide head in its 96-wide kernel: 32 heads of 80 cost what 32
+    # heads of 96 do, and 96 / 80 of what the 80-wide FLOPs would at the same rate
+    def attention(head_dim: int) -> float:
+        model = ModelSpec(f"d{head_dim}", layers=2, hidden=32 * head_dim, heads=32,
+                          kv_heads=32, ffn=4096, vocab=1000)
+        setup = LayerSetup(micro_batch_size=1, seq_len=4096, tp=1)
+        return block_time(model, get_gpu("A100"), setup).forward_attention
+
+    launch = DEFAULT_CONSTANTS.kernel_overhead_s  # the one launch outside the FLOPs
+    assert attention(80) == pytest.approx(attention(96), rel=1e-12)
+    assert (attention(64) - launch) * 96 / 64 == pytest.approx(attention(96) - launch, rel=1e-9)

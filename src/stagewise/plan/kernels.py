@@ -30,7 +30,8 @@ from stagewise.plan.constants import Constants
 from stagewise.plan.hardware import GpuSpec
 
 __all__ = [
-    "attention_waves", "elementwise_time", "flash_block_share", "gemm_peak", "gemm_rate",
+    "FLASH_HEAD_DIMS", "attention_waves", "elementwise_time", "flash_block_share",
+    "flash_head_dim", "gemm_peak", "gemm_rate",
     "gemm_time",
 ]
 
@@ -103,6 +104,27 @@ def flash_block_share(seq_len: int, overhead_blocks: float, block: int, causal: 
     if causal:
         return n / (n + 1.0 + 2.0 * overhead_blocks)
     return n / (n + overhead_blocks)
+
+
+FLASH_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+"""Head widths FlashAttention-2 compiles kernels for (``HEADDIM_SWITCH`` in its
+``csrc/flash_attn/src/static_switch.h``): a head runs in the narrowest that holds it, its
+matrix products over the whole width (an 80-wide head costs what a 96-wide one does)."""
+
+
+def flash_head_dim(head_dim: int) -> int:
+    """The width a fused attention kernel computes over for heads ``head_dim`` wide: the
+    narrowest of :data:`FLASH_HEAD_DIMS` that holds it; past 256 (no such kernel: PyTorch falls
+    back to another), the width itself rounded up to a multiple of 32.
+
+    Example:
+        >>> flash_head_dim(80), flash_head_dim(128), flash_head_dim(112), flash_head_dim(300)
+        (96, 128, 128, 320)
+    """
+    for width in FLASH_HEAD_DIMS:
+        if head_dim <= width:
+            return width
+    return -(-head_dim // 32) * 32
 
 
 def attention_waves(blocks: float, gpu: GpuSpec) -> float:

@@ -6,7 +6,8 @@ Every kernel is timed from the hardware table and the global constants (``consta
   (:func:`stagewise.plan.kernels.gemm_time`); with FP8 the block's GEMMs run at the FP8
   peak on one-byte operands, and every GEMM input (forward) and output gradient (backward)
   is cast first: read bf16, write FP8 and its transpose (4 bytes per element).
-- Attention core: ``flash`` runs the causal half of the 4·b·s²·h/t FLOPs at
+- Attention core: ``flash`` runs the causal half of the 4·b·s²·(a/t)·d FLOPs, d the head width
+  padded to the kernel's (FlashAttention-2 compiles 32, 64, 96, 128, 160, 192, 256), at
   ``flash_efficiency`` of the GEMM rate at long sequences, quantised to waves of b·(a/t)·s/128
   query blocks, and at a share of that at shorter ones (each query block's fixed cost and the
   causal diagonal, :func:`stagewise.plan.kernels.flash_block_share`; backward 2.5x the forward
@@ -46,6 +47,7 @@ from stagewise.plan.kernels import (
     attention_waves,
     elementwise_time,
     flash_block_share,
+    flash_head_dim,
     gemm_rate,
     gemm_time,
 )
@@ -157,7 +159,8 @@ def _attention(
     b, s, t = setup.micro_batch_size, setup.seq_len, setup.tp
     heads = model.heads / t
     if setup.attention == "flash":
-        flops = 4.0 * b * s * s * model.q_dim / t * 0.5
+        # the matrix products run over the kernel's head width (kernels.flash_head_dim)
+        flops = 4.0 * b * s * s * heads * flash_head_dim(model.head_dim) * 0.5
         waves = attention_waves(b * heads * math.ceil(s / c.gemm_tile), gpu)
         rate = gemm_rate(gpu, c) * c.flash_efficiency / waves
         forward = flops / (rate * flash_block_share(s, c.flash_forward_block_overhead,
