@@ -157,6 +157,13 @@ def test_the_cli_takes_a_node_network_and_an_engine() -> None:
     deepspeed = _plan_cli("--engine", "deepspeed", "--pp", "2", "--tp", "8")
     assert deepspeed.returncode == 0, deepspeed.stderr
     assert " 1f1b " in deepspeed.stdout
+    # the header names how the DP reduction and the attention are timed, so a published run's
+    # own settings can be checked against it
+    assert "DP reduction overlapped with the backward" in fast.stdout
+    assert "flash attention" in fast.stdout
+    assert "DP reduction after the last backward (the engine's)" in deepspeed.stdout
+    exposed = _plan_cli("--pp", "2", "--tp", "8", "--no-dp-overlap", "--attention", "unfused")
+    assert "DP reduction after the last backward, unfused attention" in exposed.stdout
     bad = _plan_cli("--node-network-gbps", "-5")
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0

@@ -369,6 +369,15 @@ def _layouts(args: argparse.Namespace, result: SearchResult) -> list[tuple[int, 
 _ENGINE_NAMES = {"megatron": "Megatron-LM's runtime", "deepspeed": "DeepSpeed's pipeline engine"}
 
 
+def _dp_words(training: TrainingSpec) -> str:
+    """How the header says the DP gradient reduction is timed, and the flag that changes it."""
+    if training.engine == "deepspeed":
+        return "DP reduction after the last backward (the engine's)"
+    if training.dp_overlap:
+        return "DP reduction overlapped with the backward (--no-dp-overlap: after it)"
+    return "DP reduction after the last backward"
+
+
 def _print_text(
     args: argparse.Namespace, model: ModelSpec, cluster: Cluster, training: TrainingSpec,
     result: SearchResult, shown: list[Any], suggestions: list[Any], claim: Any,
@@ -382,7 +391,7 @@ def _print_text(
         f"{gpu.peak_flops / 1e12:g} TFLOP/s BF16, {cluster.node_network_gbps:g} Gb/s per node "
         f"between nodes); seq_len {training.seq_len}, global batch "
         f"{training.global_batch}; timed for {_ENGINE_NAMES[training.engine]}, TP overlap "
-        f"{args.tp_overlap}"
+        f"{args.tp_overlap}, {_dp_words(training)}, {training.attention} attention"
     )
     fitting = len(result.fitting)
     print(
