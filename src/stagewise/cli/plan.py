@@ -81,12 +81,15 @@ def add_parser(verbs: Any) -> None:
     how.add_argument("--tp-overlap", choices=TP_OVERLAPS,
                      help="which TP collectives hide behind GEMMs: backward (Megatron-LM since "
                           "late 2021; the default), all (Transformer Engine userbuffers, NeMo), "
-                          "none (synchronous: Megatron-LM of early 2021, Megatron-DeepSpeed; "
-                          "the default with --engine deepspeed)")
+                          "none (synchronous: Megatron-LM of early 2021, Megatron-DeepSpeed, "
+                          "PyTorch's DTensor TP; the default with --engine deepspeed or "
+                          "pytorch)")
     how.add_argument("--engine", choices=ENGINES, default="megatron",
-                     help="whose runtime runs the step: megatron (Megatron-LM, torchtitan, "
-                          "stagewise) or deepspeed (DeepSpeed's pipeline engine, "
-                          "Megatron-DeepSpeed: 1F1B only, blocking transfers, bf16 optimizer)")
+                     help="whose runtime runs the step: megatron (Megatron-LM, NeMo), "
+                          "deepspeed (DeepSpeed's pipeline engine, Megatron-DeepSpeed: 1F1B "
+                          "only, blocking transfers, bf16 optimizer) or pytorch (FSDP/DDP "
+                          "stacks: torchtitan, Composer, Hugging Face, stagewise train; "
+                          "PyTorch's own cross-entropy)")
     how.add_argument("--no-dp-overlap", action="store_true",
                      help="the DP gradient reduction does not overlap the backward")
     knobs = parser.add_argument_group("fixed knobs (each one narrows the search)")
@@ -267,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine, dropout=True if args.dropout else None,
     )
     fixed = _fixed(args)
-    args.tp_overlap = args.tp_overlap or ("none" if args.engine == "deepspeed" else "backward")
+    args.tp_overlap = args.tp_overlap or ("backward" if args.engine == "megatron" else "none")
     constants = replace(DEFAULT_CONSTANTS, tp_overlap=args.tp_overlap)
     result = search(model, cluster, training, fixed, constants,
                     progress=_progress_for(args, model, cluster, training),
@@ -366,7 +369,8 @@ def _layouts(args: argparse.Namespace, result: SearchResult) -> list[tuple[int, 
     return chosen
 
 
-_ENGINE_NAMES = {"megatron": "Megatron-LM's runtime", "deepspeed": "DeepSpeed's pipeline engine"}
+_ENGINE_NAMES = {"megatron": "Megatron-LM's runtime", "deepspeed": "DeepSpeed's pipeline engine",
+                 "pytorch": "a PyTorch-native runtime"}
 
 
 def _dp_words(training: TrainingSpec) -> str:

@@ -4,7 +4,7 @@ They are the same for every model, GPU and plan; what differs between GPUs (peak
 GEMM rates, SMs, bandwidths) is in the hardware table (``data/gpus.json``). Only
 ``matmul_efficiency`` and ``fp8_efficiency`` are fitted to published runs, and
 ``benchmarks/planner_accuracy.py`` fits them leaving each source out (``benchmarks/data``);
-the shipped values are their fit on every source (0.82 / 1.02, each the value that leaves the
+the shipped values are their fit on every source (0.80 / 1.02, each the value that leaves the
 runs' median signed error nearest zero, every source weighing the same); README's accuracy
 section. GEMM
 rates are the GPU's sustained ones (``GpuSpec.sustained_share``: H100 and H200 lose about
@@ -54,8 +54,8 @@ class Constants:
             to the sustained large-GEMM rate: FlashAttention-2 reaches 230 TFLOP/s forward on
             A100 at its best (Dao 2023, sec. 4: 73 % of the peak), about 0.93 of that with the
             causal mask (its H100 curves, causal 345 against 372 TFLOP/s at 16k): 214 over
-            the planner's A100 GEMM rate (271.2 x 0.82 = 222), 0.96 (on H100, 0.96 x 590 =
-            566 TFLOP/s, between cuDNN's and FlashAttention-3's published causal rates, 540
+            the planner's A100 GEMM rate (271.2 x 0.80 = 217), 0.99 (on H100, 0.99 x 575 =
+            569 TFLOP/s, between cuDNN's and FlashAttention-3's published causal rates, 540
             and 616).
         flash_forward_block_overhead, flash_backward_block_overhead: a query block's fixed
             cost in the forward and the backward, in key blocks' time
@@ -95,11 +95,11 @@ class Constants:
             default) of the limit are flagged at risk instead; that Llama 3 layout is.
     """
 
-    matmul_efficiency: float = 0.82
+    matmul_efficiency: float = 0.80
     fp8_efficiency: float = 1.02
     gemm_tile: int = 128
     tile_overhead_s: float = 1.4e-6
-    flash_efficiency: float = 0.96
+    flash_efficiency: float = 0.99
     flash_forward_block_overhead: float = 0.7
     flash_backward_block_overhead: float = 2.15
     flash_backward_share: float = 0.86

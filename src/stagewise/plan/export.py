@@ -187,6 +187,10 @@ def export_notes(plan: Plan) -> list[str]:
         notes.append("timed for DeepSpeed's pipeline engine (--engine deepspeed): Megatron-LM "
                      "and torchtitan run the same layout faster (asynchronous transfers, fused "
                      "fp32 gradient accumulation, overlapped DP reduction)")
+    if plan.training.engine == "pytorch":
+        notes.append("timed for a PyTorch-native runtime (--engine pytorch): Megatron-LM's "
+                     "vocabulary-parallel loss moves more bytes per logit, so its head runs a "
+                     "little slower than planned")
     notes += _model_notes(plan.model)
     if cfg.schedule not in ("1f1b", "interleaved-1f1b") and cfg.pp > 1:
         nearest = "interleaved 1F1B" if cfg.num_chunks > 1 else "1F1B"

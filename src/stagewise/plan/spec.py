@@ -43,7 +43,7 @@ DP_SHARDING = ("none", "optimizer", "gradients", "weights")
 LAYER_SPLITS = ("balanced", "edges")
 # Whose pipeline runtime runs the step, which decides how transfers, gradient accumulation and
 # the data-parallel reduction are timed (:class:`TrainingSpec`'s ``engine``).
-ENGINES = ("megatron", "deepspeed")
+ENGINES = ("megatron", "deepspeed", "pytorch")
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,14 @@ class TrainingSpec:
         precision: ``"bf16"``, or ``"fp8"`` (the block GEMMs in FP8 with bf16 weights kept,
             Transformer Engine style; GPUs without FP8 tensor cores refuse it).
         engine: whose runtime runs the step (:data:`ENGINES`). ``"megatron"``: Megatron-LM's
-            schedules (torchtitan's and stagewise's behave alike here): each boundary's
-            send and receive posted together and asynchronous, weight gradients accumulated
-            in fp32 by the GEMM itself, the DP reduction overlapping the backward when
-            ``dp_overlap``. ``"deepspeed"``: DeepSpeed's ``PipelineEngine`` (Megatron-DeepSpeed,
+            schedules (NeMo's): each boundary's send and receive posted together and
+            asynchronous, weight gradients accumulated in fp32 by the GEMM itself, the DP
+            reduction overlapping the backward when ``dp_overlap``, the loss Megatron's
+            vocabulary-parallel cross-entropy. ``"pytorch"``: the same pipeline and
+            reduction timing, with PyTorch's own cross-entropy (one fused log-softmax kernel
+            each way; ``stages.LOSS_BYTES``), as PyTorch FSDP/DDP stacks run it (torchtitan,
+            Composer and LLM Foundry, Hugging Face, stagewise train). ``"deepspeed"``:
+            DeepSpeed's ``PipelineEngine`` (Megatron-DeepSpeed,
             as BLOOM and MT-NLG ran): 1F1B only, every send blocking and the two directions
             in series, the stage's own output all-gathered over TP before its backward, the
             DP reduction after the last backward; with bf16 its ``BF16_Optimizer`` casts and

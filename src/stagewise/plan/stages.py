@@ -17,7 +17,8 @@ from stagewise.plan.models import ModelSpec
 from stagewise.plan.spec import ParallelConfig, TrainingSpec
 
 __all__ = [
-    "LOSS_BACKWARD_BYTES", "LOSS_FORWARD_BYTES", "EdgeTime", "edge_times", "hop_parts",
+    "LOSS_BACKWARD_BYTES", "LOSS_BYTES", "LOSS_FORWARD_BYTES", "LOSS_LAUNCHES", "EdgeTime",
+    "edge_times", "hop_parts",
     "node_of_rank", "stage_costs",
 ]
 
@@ -32,6 +33,25 @@ __all__ = [
 # The per-token scalars (max, sum, target logit, loss) and their all-reduces are left out.
 LOSS_FORWARD_BYTES = (2 + 4) + 4 + (4 + 4) + (4 + 4) + 4 + (4 + 4)
 LOSS_BACKWARD_BYTES = (4 + 4) + (4 + 2)
+# PyTorch's ``F.cross_entropy`` (log_softmax, then nll_loss) under bf16 autocast, which runs it
+# in fp32 (aten/src/ATen/native/cuda/SoftMax.cu, LossNLL.cu). Forward: autocast's upcast
+# (read 2, write 4), one log-softmax kernel reading each row and writing its log-probabilities
+# (4 + 4; the kernel's max and sum passes re-read the row it holds in shared memory or L2):
+# 14. Backward: nll_loss's zero-filled gradient (write 4), one log-softmax backward reading
+# that gradient and the saved output and writing the input gradient (4 + 4 + 4), the upcast's
+# backward (read 4, write 2): 22.
+PYTORCH_LOSS_FORWARD_BYTES = (2 + 4) + (4 + 4)
+PYTORCH_LOSS_BACKWARD_BYTES = 4 + (4 + 4 + 4) + (4 + 2)
+LOSS_BYTES = {
+    "megatron": (LOSS_FORWARD_BYTES, LOSS_BACKWARD_BYTES),
+    "deepspeed": (LOSS_FORWARD_BYTES, LOSS_BACKWARD_BYTES),  # Megatron-DeepSpeed's loss
+    "pytorch": (PYTORCH_LOSS_FORWARD_BYTES, PYTORCH_LOSS_BACKWARD_BYTES),
+}
+"""(forward, backward) HBM bytes per logit of the loss each engine runs."""
+LOSS_LAUNCHES = {"megatron": (6, 2), "deepspeed": (6, 2), "pytorch": (3, 4)}
+"""(forward, backward) kernels of each engine's loss: Megatron's six and two above; PyTorch's
+upcast, log-softmax and nll_loss, then the zero fill, nll_loss's scatter, the log-softmax
+backward and the cast."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +74,8 @@ def edge_times(
     """(embedding, head) costs for one micro-batch on one GPU of the TP group.
 
     The head is the final norm, the vocabulary-parallel output GEMM and the fp32 cross-entropy
-    over b·s x V/t logits (:data:`LOSS_FORWARD_BYTES` and :data:`LOSS_BACKWARD_BYTES` per
-    logit, over HBM bandwidth, one launch per kernel); with TP the head's input is gathered
+    over b·s x V/t logits (:data:`LOSS_BYTES` per logit for the engine's loss, over HBM
+    bandwidth, one launch per kernel); with TP the head's input is gathered
     (sequence parallel) or its gradient all-reduced, and the embedding's output all-reduced
     (or reduce-scattered).
     """
@@ -77,12 +97,15 @@ def edge_times(
     head_wgrad = 0.0 if lora else gemm_time(model.hidden, vocab, tokens, gpu, c)
     logits = tokens * vocab
     norm_bytes = 4.0 * tokens * model.hidden / shard
-    # Launches: forward the norm and the loss's six kernels, backward the norm and two.
+    loss_forward, loss_backward = LOSS_BYTES[training.engine]
+    launches_forward, launches_backward = LOSS_LAUNCHES[training.engine]
+    # Launches: the norm's and the loss's, each way.
     head = EdgeTime(
-        forward=head_gemm + tp_in + (LOSS_FORWARD_BYTES * logits + norm_bytes) / hbm
-        + 7 * c.kernel_overhead_s,
+        forward=head_gemm + tp_in + (loss_forward * logits + norm_bytes) / hbm
+        + (1 + launches_forward) * c.kernel_overhead_s,
         backward=head_dgrad + head_wgrad + tp_back
-        + (LOSS_BACKWARD_BYTES * logits + 2 * norm_bytes) / hbm + 3 * c.kernel_overhead_s,
+        + (loss_backward * logits + 2 * norm_bytes) / hbm
+        + (1 + launches_backward) * c.kernel_overhead_s,
         weight=head_wgrad,
     )
     lookup = 2.0 * size / hbm + c.kernel_overhead_s
