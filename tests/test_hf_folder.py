@@ -44,6 +44,8 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2-tied": ("gpt2", GPT2),
     "qwen2-tied": ("qwen2", {**LLAMA, "tie_word_embeddings": True}),
     "mistral": ("mistral", {**LLAMA, "sliding_window": 16}),
+    # per-head q/k norms, and heads 16 wide where hidden / heads is 8
+    "qwen3": ("qwen3", {**LLAMA, "head_dim": 16, "tie_word_embeddings": False}),
 }
 
 
@@ -297,3 +299,16 @@ def test_seq_len_beyond_positions_or_window(folders: dict[str, Path]) -> None:
         folder_parts(folders["llama"], seq_len=65)
     with pytest.raises(ConfigError, match="sliding window 16"):
         folder_parts(folders["mistral"], seq_len=17)
+
+
+def test_qwen3_blocks_refuse_tensor_parallelism_by_name(folders: dict[str, Path]) -> None:
+    """Qwen3's q/k norms share one weight over every head: tp > 1 is refused, not run wrong."""
+    from stagewise.errors import ConfigError
+    from stagewise.runtime.models.tp_plans import llama_plan
+
+    parts = folder_parts(folders["qwen3"], seq_len=8, empty=False)
+    block: Any = parts.layers[1]
+    with pytest.raises(ConfigError, match=r"q_norm and k_norm.*tp=1"):
+        llama_plan(block.block)
+    llama: Any = folder_parts(folders["llama"], seq_len=8, empty=False).layers[1]
+    assert llama_plan(llama.block) is not None  # the same layout without the norms shards

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 # model_type -> the layout stagewise cuts it by (see hf_models.hf_layers).
-LAYOUTS = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+LAYOUTS = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
 # Config keys each layout needs (alternatives: either name), never filled from defaults.
 REQUIRED = {
     "llama": ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
@@ -68,7 +68,8 @@ class FolderInfo:
     Attributes:
         path: the folder.
         config: ``config.json`` as a dict.
-        model_type: the config's ``model_type`` (``llama``, ``mistral``, ``qwen2``, ``gpt2``).
+        model_type: the config's ``model_type`` (``llama``, ``mistral``, ``qwen2``, ``qwen3``,
+            ``gpt2``).
         layout: how it is cut: ``"llama"`` or ``"gpt2"``.
         weight_files: the safetensors files, in order.
         tensors: tensor name in the files -> its file, shape and dtype.
@@ -345,10 +346,11 @@ def _seq_len(info: FolderInfo, config: Any, seq_len: int | None) -> int:
 
 
 def _sliding_window(config: Any) -> int | None:
-    """The attention window a Mistral or Qwen2 config applies, or None for full attention."""
+    """The attention window a Mistral or Qwen2/3 config applies, or None for full attention."""
     window = getattr(config, "sliding_window", None)
     if window is None or config.model_type == "llama":
         return None
-    if config.model_type == "qwen2" and "sliding_attention" not in (config.layer_types or ()):
+    if (config.model_type in ("qwen2", "qwen3")
+            and "sliding_attention" not in (config.layer_types or ())):
         return None
     return int(window)

@@ -40,7 +40,7 @@ __all__ = ["FAMILIES", "build_hf_model", "hf_config", "hf_layers", "hf_parts"]
 
 FAMILIES = ("llama", "gpt2")
 # Decoders with Llama's module layout (model.embed_tokens, model.layers, model.norm, lm_head).
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTIONS = ("sdpa", "eager")  # deterministic on CPU; the first is the default
 DEFAULT_SEQ_LEN = 32
 

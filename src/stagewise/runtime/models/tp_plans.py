@@ -3,7 +3,8 @@
 ``llama_plan``: a decoder layer with ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``
 (Llama; Qwen2 and Mistral share the layout, only Llama is tested): q/k/v and gate/up
 column-parallel, o and down row-parallel, the two norms ``shared``. GPT-2 blocks are refused:
-their fused ``Conv1D`` attention mixes q, k and v in one weight, not shardable by head.
+their fused ``Conv1D`` attention mixes q, k and v in one weight, not shardable by head; so are
+blocks with per-head q/k norms (Qwen3), whose one weight would see each rank's heads only.
 ``known_blocks_plan`` (for ``py:`` models, whose blocks stagewise does not know in advance)
 takes the tiny GPT's blocks and Llama-style layers.
 """
@@ -39,6 +40,14 @@ def llama_plan(module: nn.Module) -> BlockPlan | None:
         and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _MLP)
     ):
         return None
+    norms_per_head = [n for n in ("q_norm", "k_norm") if getattr(attention, n, None) is not None]
+    if norms_per_head:
+        raise ConfigError(
+            f"tensor parallelism is not supported for {type(module).__name__} (its "
+            f"{' and '.join(norms_per_head)} normalise every head with one shared weight, whose "
+            "gradient each tp rank would see only for its own heads): use tp=1 for this model "
+            "(pp, dp and fsdp still apply)"
+        )
     config = getattr(attention, "config", None)
     head_dim = int(getattr(attention, "head_dim", 0)) or None
     heads = _heads(config, "num_attention_heads", module, attention.q_proj, head_dim)
