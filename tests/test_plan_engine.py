@@ -257,3 +257,27 @@ def test_a_reader_that_stops_early_ends_the_output_quietly() -> None:
                           text=True, timeout=120, check=False)
     assert len(done.stdout) == 10
     assert "Traceback" not in done.stderr
+
+
+def test_a_pytorch_stack_casts_fp8_weights_every_micro_batch() -> None:
+    # Transformer Engine modules called without is_first_microbatch (a PyTorch stack) cast each
+    # linear's bf16 weight to FP8 and its transpose every forward: read 2, write 1 + 1 bytes
+    # per weight of the TP shard, four launches per block; Megatron-LM casts once per step.
+    h100 = get_gpu("h100")
+    cluster, config = Cluster(h100, 1, 8), ParallelConfig.of(tp=2, pp=2, dp=2,
+                                                             micro_batch_size=1)
+    layers, placement = stage_layers(MODEL.layers, 2), (0, 1)
+    profiles = {}
+    for engine in ("megatron", "pytorch"):
+        run = TrainingSpec(seq_len=2048, global_batch=8, precision="fp8", engine=engine)
+        profiles[engine] = stage_profile(MODEL, cluster, run, config, layers, placement, C)
+    megatron, pytorch = profiles["megatron"], profiles["pytorch"]
+    weights = MODEL.layer_matmul_params / 2  # one GPU's half of the block's matrices
+    cast = 4 * weights / (h100.hbm_bandwidth * C.hbm_efficiency) + 4 * C.kernel_overhead_s
+    # the first stage: its blocks and the embedding (the engines' losses differ on the last)
+    assert pytorch.forward[0] - megatron.forward[0] == pytest.approx(layers[0] * cast, rel=1e-9)
+    bf16 = TrainingSpec(seq_len=2048, global_batch=8, engine="pytorch")
+    plain = stage_profile(MODEL, cluster, bf16, config, layers, placement, C)
+    same = TrainingSpec(seq_len=2048, global_batch=8, engine="megatron")
+    assert plain.forward[0] == stage_profile(MODEL, cluster, same, config, layers, placement,
+                                             C).forward[0]

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from stagewise.plan.comm import all_gather_time, all_reduce_time, group_bandwidth
 from stagewise.plan.constants import Constants
 from stagewise.plan.hardware import Cluster
+from stagewise.plan.kernels import elementwise_time
 from stagewise.plan.layer import BYTES, LayerSetup, LayerTime, block_time
 from stagewise.plan.memory import lora_params_per_block
 from stagewise.plan.models import ModelSpec
@@ -59,6 +60,12 @@ ADAM_BYTES_PER_PARAM = 34.0  # fp32 grad, master, m, v read; master, m, v, bf16 
 # parameter: ``hp_grad.add_(lp.grad.to(torch.float32))``, a cast (read 2 bytes, write 4) and an
 # add (read 4 + 4, write 4).
 BF16_GRAD_COPY_BYTES = 18.0
+# Transformer Engine casts a linear's bf16 weight to FP8 and its transpose (read 2 bytes, write
+# 1 + 1) in the forward. Megatron-LM and NeMo pass ``is_first_microbatch`` so the cast runs once
+# per step (negligible beside the optimizer's 34 bytes); TE modules called without it, as a
+# PyTorch stack does (LLM Foundry's ``te.Linear`` under FSDP, which also re-gathers the bf16
+# weights every micro-batch), cast every micro-batch (the pytorch engine).
+FP8_WEIGHT_CAST_BYTES = 4.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +283,10 @@ def stage_profile(
     block = block_time(model, cluster.gpu, setup, c)
     embed, head = edge_times(model, cluster, training, config, setup, c)
     forward, backward, weight = stage_costs(layers, block, embed, head)
+    if setup.fp8 and training.engine == "pytorch":
+        cast = elementwise_time(FP8_WEIGHT_CAST_BYTES * model.layer_matmul_params / config.tp,
+                                4, cluster.gpu, c)
+        forward = [cost + n * cast for n, cost in zip(layers, forward, strict=True)]
     fsdp = fsdp_layer_comm(model, cluster, training, config, c)
     forward, backward = _with_fsdp(layers, forward, backward, *fsdp)
     sends, regather = hop_parts(model, cluster, training, config, placement, c)
